@@ -1,0 +1,3 @@
+"""lkm, the Local Key Manager."""
+
+__version__ = "0.1.0"

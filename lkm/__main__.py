@@ -1,0 +1,3 @@
+from lkm.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,375 @@
+"""Key store in a directory: one JSON file per key, the private half sealed with AES-256-GCM.
+
+Layout:
+    DIR/keystore.json      salt and scrypt parameters, plus a sealed check value (wrong passphrase = clear error)
+    DIR/keys/ID.json       metadata, public key, and the sealed PKCS#8 private key (null once destroyed)
+    DIR/.lock              serializes writers across processes (server, CLI)
+
+The master key is derived once per process (scrypt), so start-up does not pay a KDF per key. Each private key
+is bound to its id by the GCM associated data: a file copied under another name does not open. Private keys
+are decrypted lazily on first use; the RSA consistency check (about 140 ms a key) runs when a key is created
+or imported, not when a key that lkm sealed itself is loaded again.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import json
+import os
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+
+from lkm import fsutil
+from lkm.errors import Conflict, DecryptionFailed, KeyNotFound, KeyStoreError, KeyUnusable
+from lkm.keys import (
+    Algorithm,
+    KeyRecord,
+    KeyState,
+    check_rsa_policy,
+    format_time,
+    generate_private_key,
+    new_key_id,
+    parse_key_id,
+    parse_time,
+    public_der_pkcs1,
+    utcnow,
+)
+
+FORMAT = "lkm-file-keystore"
+KEY_FORMAT = "lkm-key"
+_CHECK_PLAINTEXT = b"lkm keystore passphrase check"
+_SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**15, 8, 1
+
+PADDINGS: dict[Algorithm, padding.AsymmetricPadding] = {
+    Algorithm.RSA_OAEP_SHA1: padding.OAEP(mgf=padding.MGF1(hashes.SHA1()), algorithm=hashes.SHA1(), label=None),  # noqa: S303
+    Algorithm.RSA_OAEP_SHA256: padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(),
+                                            label=None),
+    Algorithm.RSA_PKCS1_V1_5: padding.PKCS1v15(),
+}
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.b64decode(text, validate=True)
+
+
+class FileKeyStore:
+    backend = "file"
+
+    def __init__(self, path: Path, passphrase: bytes, *, create: bool = True) -> None:
+        self.path = path
+        self.keys_dir = path / "keys"
+        self._lock_path = path / ".lock"
+        self._lock = threading.Lock()
+        self._records: dict[str, KeyRecord] = {}
+        self._signatures: dict[str, tuple[int, int, int]] = {}
+        self._private: dict[str, rsa.RSAPrivateKey] = {}
+        self._dir_mtime: int | None = None
+        self._scan_started = 0
+        if create:
+            fsutil.ensure_private_dir(path)
+            fsutil.ensure_private_dir(self.keys_dir)
+        elif not path.is_dir():
+            raise KeyStoreError(f"key store directory {path} does not exist", transient=False)
+        for directory in (path, self.keys_dir):
+            problem = fsutil.loose_permissions(directory)
+            if problem:
+                raise KeyStoreError(f"refusing to use the key store: {problem}", transient=False)
+        self._aead = AESGCM(self._master_key(passphrase))
+        self.refresh()
+
+    # --- master key ----------------------------------------------------------------------------------------
+
+    def _master_key(self, passphrase: bytes) -> bytes:
+        if not passphrase:
+            raise KeyStoreError("the key store passphrase is empty", transient=False)
+        header_path = self.path / "keystore.json"
+        with self._writer():
+            if not header_path.exists():
+                salt = secrets.token_bytes(16)
+                key = self._derive(passphrase, salt, _SCRYPT_N, _SCRYPT_R, _SCRYPT_P)
+                nonce = secrets.token_bytes(12)
+                header = {"format": FORMAT, "version": 1,
+                          "kdf": {"name": "scrypt", "salt": _b64(salt), "n": _SCRYPT_N, "r": _SCRYPT_R,
+                                  "p": _SCRYPT_P},
+                          "check": {"nonce": _b64(nonce),
+                                    "ciphertext": _b64(AESGCM(key).encrypt(nonce, _CHECK_PLAINTEXT, None))}}
+                fsutil.atomic_create(header_path, json.dumps(header, indent=1).encode())
+        try:
+            header = json.loads(header_path.read_bytes())
+            kdf = header["kdf"]
+            key = self._derive(passphrase, _unb64(kdf["salt"]), int(kdf["n"]), int(kdf["r"]), int(kdf["p"]))
+            check = header["check"]
+            plain = AESGCM(key).decrypt(_unb64(check["nonce"]), _unb64(check["ciphertext"]), None)
+        except InvalidTag:
+            raise KeyStoreError(f"wrong passphrase for the key store {self.path}", transient=False) from None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise KeyStoreError(f"unreadable key store header {header_path}: {exc}", transient=False) from None
+        if not hmac.compare_digest(plain, _CHECK_PLAINTEXT):
+            raise KeyStoreError(f"wrong passphrase for the key store {self.path}", transient=False)
+        return key
+
+    @staticmethod
+    def _derive(passphrase: bytes, salt: bytes, n: int, r: int, p: int) -> bytes:
+        return Scrypt(salt=salt, length=32, n=n, r=r, p=p).derive(passphrase)
+
+    # --- reading -------------------------------------------------------------------------------------------
+
+    def supported_algorithms(self) -> frozenset[Algorithm]:
+        return frozenset(Algorithm)
+
+    def list_keys(self) -> list[KeyRecord]:
+        return sorted(self._records.values(), key=lambda r: (r.created, r.id))
+
+    def get_key(self, key_id: str) -> KeyRecord:
+        record = self._records.get(key_id)
+        if record is None:
+            # A key written a moment ago by another process: look before saying no.
+            self._load_file(self._key_path(key_id))
+            record = self._records.get(key_id)
+            if record is None:
+                raise KeyNotFound()
+        return record
+
+    def refresh(self) -> bool:
+        try:
+            dir_stat = self.keys_dir.stat()
+        except OSError as exc:
+            raise KeyStoreError(f"cannot read {self.keys_dir}: {exc.strerror}") from None
+        now = dir_stat.st_mtime_ns
+        # Every write renames into keys/, which moves the directory's mtime. Rescan only when it moved, or when
+        # the last scan began within a second of that change (mtime granularity).
+        if self._dir_mtime == now and self._scan_started > now + 1_000_000_000:
+            return False
+        self._scan_started = time.time_ns()
+        self._dir_mtime = now
+        changed = False
+        seen: set[str] = set()
+        with os.scandir(self.keys_dir) as entries:
+            for entry in entries:
+                if entry.name.startswith(".") or not entry.name.endswith(".json"):
+                    continue
+                key_id = entry.name[:-5]
+                seen.add(key_id)
+                st = entry.stat()
+                signature = (st.st_mtime_ns, st.st_size, st.st_ino)
+                if self._signatures.get(key_id) != signature:
+                    changed |= self._load_file(Path(entry.path))
+        for gone in set(self._records) - seen:
+            with self._lock:
+                self._records.pop(gone, None)
+                self._private.pop(gone, None)
+                self._signatures.pop(gone, None)
+            changed = True
+        return changed
+
+    def _key_path(self, key_id: str) -> Path:
+        return self.keys_dir / f"{parse_key_id(key_id)}.json"
+
+    def _load_file(self, path: Path) -> bool:
+        try:
+            st = path.stat()
+            doc = json.loads(path.read_bytes())
+            record = _record_from_doc(doc)
+        except FileNotFoundError:
+            return False
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise KeyStoreError(f"unreadable key file {path}: {exc}") from None
+        if f"{record.id}.json" != path.name:
+            raise KeyStoreError(f"key file {path} holds key {record.id}; refusing a renamed file")
+        with self._lock:
+            old = self._records.get(record.id)
+            self._records[record.id] = record
+            self._signatures[record.id] = (st.st_mtime_ns, st.st_size, st.st_ino)
+            if doc.get("private_key") is None or (old and old.public_key_der != record.public_key_der):
+                self._private.pop(record.id, None)
+        return True
+
+    def _read_doc(self, key_id: str) -> dict[str, Any]:
+        path = self._key_path(key_id)
+        try:
+            doc: dict[str, Any] = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            raise KeyNotFound() from None
+        except (OSError, ValueError) as exc:
+            raise KeyStoreError(f"unreadable key file {path}: {exc}") from None
+        return doc
+
+    def _private_key(self, key_id: str) -> rsa.RSAPrivateKey:
+        key = self._private.get(key_id)
+        if key is not None:
+            return key
+        record = self.get_key(key_id)
+        sealed = self._read_doc(key_id).get("private_key")
+        if sealed is None:
+            raise KeyUnusable("key has been destroyed", code="key_destroyed")
+        try:
+            der = self._aead.decrypt(_unb64(sealed["nonce"]), _unb64(sealed["ciphertext"]), _aad(key_id))
+        except (InvalidTag, KeyError, ValueError, TypeError):
+            raise KeyStoreError(f"key {key_id}: sealed private key does not open (tampered or other store)",
+                                transient=False) from None
+        loaded = serialization.load_der_private_key(der, password=None, unsafe_skip_rsa_key_validation=True)
+        if not isinstance(loaded, rsa.RSAPrivateKey) or public_der_pkcs1(loaded.public_key()) != \
+                record.public_key_der:
+            raise KeyStoreError(f"key {key_id}: private key does not match its public key", transient=False)
+        with self._lock:
+            self._private[key_id] = loaded
+        return loaded
+
+    def decrypt(self, key_id: str, ciphertext: bytes, algorithm: Algorithm) -> bytes:
+        key = self._private_key(key_id)
+        if len(ciphertext) != key.key_size // 8:
+            raise DecryptionFailed()
+        try:
+            return key.decrypt(ciphertext, PADDINGS[algorithm])
+        except ValueError:
+            raise DecryptionFailed() from None
+
+    def check(self) -> None:
+        if not self.keys_dir.is_dir():
+            raise KeyStoreError(f"key directory {self.keys_dir} is missing")
+        if not os.access(self.keys_dir, os.W_OK | os.R_OK | os.X_OK):
+            raise KeyStoreError(f"key directory {self.keys_dir} is not readable and writable")
+
+    def close(self) -> None:
+        with self._lock:
+            self._private.clear()
+
+    # --- writing -------------------------------------------------------------------------------------------
+
+    @contextmanager
+    def _writer(self) -> Iterator[None]:
+        with fsutil.file_lock(self._lock_path):
+            yield
+
+    def lock(self) -> Any:
+        """Cross-process exclusive section for read-check-write sequences (rotation)."""
+        return self._writer()
+
+    def _seal(self, key_id: str, key: rsa.RSAPrivateKey) -> dict[str, str]:
+        der = key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+        nonce = secrets.token_bytes(12)
+        return {"alg": "A256GCM", "nonce": _b64(nonce), "ciphertext": _b64(self._aead.encrypt(nonce, der,
+                                                                                             _aad(key_id)))}
+
+    def _write_new(self, key_id: str, key: rsa.RSAPrivateKey, state: KeyState, label: str) -> KeyRecord | None:
+        now = utcnow()
+        record = KeyRecord(id=key_id, state=state, created=now, updated=now,
+                           public_key_der=public_der_pkcs1(key.public_key()), backend=self.backend, label=label)
+        doc = _doc_from_record(record)
+        doc["private_key"] = self._seal(key_id, key)
+        if not fsutil.atomic_create(self._key_path(key_id), _dump(doc)):
+            return None
+        self._load_file(self._key_path(key_id))
+        with self._lock:
+            self._private[key_id] = key
+        return self._records[key_id]
+
+    def create_key(self, *, state: KeyState, label: str = "") -> KeyRecord:
+        key = generate_private_key()
+        with self._writer():
+            for _ in range(3):
+                record = self._write_new(new_key_id(), key, state, label)
+                if record is not None:
+                    return record
+        raise KeyStoreError("could not allocate a key id")
+
+    def import_key(self, key_id: str, private_key: rsa.RSAPrivateKey, *, state: KeyState,
+                   label: str = "") -> KeyRecord:
+        key_id = parse_key_id(key_id)
+        check_rsa_policy(private_key)
+        with self._writer():
+            record = self._write_new(key_id, private_key, state, label)
+            if record is not None:
+                return record
+            existing = self.get_key(key_id)
+            if existing.public_key_der != public_der_pkcs1(private_key.public_key()):
+                raise Conflict(f"key {key_id} already exists with different key material", code="key_exists")
+            return existing
+
+    def save_record(self, record: KeyRecord) -> KeyRecord:
+        with self._writer():
+            doc = self._read_doc(record.id)
+            current = _record_from_doc(doc)
+            if current.public_key_der != record.public_key_der:
+                raise KeyStoreError(f"key {record.id}: refusing to change the public key of a stored key")
+            updated = record.with_changes(updated=utcnow())
+            new_doc = _doc_from_record(updated)
+            new_doc["private_key"] = doc.get("private_key")
+            fsutil.atomic_write(self._key_path(record.id), _dump(new_doc))
+            self._load_file(self._key_path(record.id))
+            return self._records[record.id]
+
+    def destroy_private(self, key_id: str) -> KeyRecord:
+        with self._writer():
+            doc = self._read_doc(key_id)
+            record = _record_from_doc(doc).with_changes(state=KeyState.DESTROYED, updated=utcnow())
+            new_doc = _doc_from_record(record)
+            new_doc["private_key"] = None
+            fsutil.atomic_write(self._key_path(key_id), _dump(new_doc))
+            with self._lock:
+                self._private.pop(key_id, None)
+            self._load_file(self._key_path(key_id))
+            return self._records[key_id]
+
+
+def _aad(key_id: str) -> bytes:
+    return f"{KEY_FORMAT}:v1:{key_id}".encode()
+
+
+def _dump(doc: dict[str, Any]) -> bytes:
+    return json.dumps(doc, indent=1, sort_keys=True).encode() + b"\n"
+
+
+def _doc_from_record(record: KeyRecord) -> dict[str, Any]:
+    return {
+        "format": KEY_FORMAT,
+        "version": 1,
+        "id": record.id,
+        "state": record.state.value,
+        "created": format_time(record.created),
+        "updated": format_time(record.updated) if record.updated else None,
+        "destroy_after": format_time(record.destroy_after) if record.destroy_after else None,
+        "registered": format_time(record.registered) if record.registered else None,
+        "label": record.label,
+        "extra": record.extra,
+        "public_key": _b64(record.public_key_der),
+    }
+
+
+def _record_from_doc(doc: dict[str, Any]) -> KeyRecord:
+    if doc.get("format") != KEY_FORMAT:
+        raise ValueError("not an lkm key file")
+
+    def time_or_none(name: str) -> Any:
+        value = doc.get(name)
+        return parse_time(value) if value else None
+
+    return KeyRecord(
+        id=parse_key_id(doc["id"]),
+        state=KeyState(doc["state"]),
+        created=parse_time(doc["created"]),
+        updated=time_or_none("updated"),
+        destroy_after=time_or_none("destroy_after"),
+        registered=time_or_none("registered"),
+        label=str(doc.get("label") or ""),
+        extra=dict(doc.get("extra") or {}),
+        public_key_der=_unb64(doc["public_key"]),
+        backend=FileKeyStore.backend,
+    )

@@ -1,0 +1,278 @@
+"""Prometheus collectors of lkm, on a registry owned by one `Metrics` instance.
+
+Nothing here is global: every app (and every test) makes its own `Metrics()`, and `render()` serves the
+operations listener's `/metrics`. prometheus_client is imported by this module only.
+
+Label values are closed sets (the tuples below) or key ids of keys that exist in the store; request ids, raw
+paths, user ids and unknown key ids never become labels. The `observe_*`/`set_*` helpers enforce that and
+are what the rest of lkm calls; the collectors stay public attributes for the rare direct use.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Callable, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+LISTENERS = ("platform", "native", "ops")
+UNWRAP_ROUTES = ("platform", "native", "batch")
+UNWRAP_OUTCOMES = (
+    "ok",
+    "decryption_failed",
+    "key_not_found",
+    "key_unusable",
+    "unsupported_algorithm",
+    "invalid_request",
+    "unavailable",
+    "error",
+)
+AUTH_METHODS = ("mtls", "hawk", "cli")
+AUTH_REASONS = (
+    "unknown_id",
+    "bad_mac",
+    "bad_hash",
+    "stale_timestamp",
+    "replay",
+    "malformed",
+    "missing",
+    "no_certificate",
+    "unknown_client",
+    "forbidden_role",
+)
+# The pairs that can happen, created at 0 on start so that alerts see the first failure of each.
+AUTH_FAILURE_PAIRS = (
+    *(("hawk", reason) for reason in ("unknown_id", "bad_mac", "bad_hash", "stale_timestamp", "replay",
+                                       "malformed", "missing", "forbidden_role")),
+    *(("mtls", reason) for reason in ("no_certificate", "unknown_client", "forbidden_role", "malformed")),
+    ("cli", "forbidden_role"),
+)
+KEY_STATES = ("active", "retired", "disabled", "pending_destruction", "destroyed")
+KEYSTORE_BACKENDS = ("file", "pkcs11")
+KEYSTORE_OPERATIONS = ("decrypt", "create", "list", "refresh", "check")
+READINESS_CHECKS = ("keystore", "active_key", "certificates", "audit", "canary")
+OUTCOMES = ("ok", "failed")
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+NO_KEY = "none"
+"""The key_id label when no existing key is involved (unknown id, request rejected before the lookup)."""
+OTHER_ROUTE = "other"
+"""The route label of requests that matched no route template (404s, probes of random paths)."""
+
+# From 1 ms (an RSA-3072 private operation in software) to 1 s, past the platform's 250 ms-ish budget.
+LATENCY_BUCKETS = (.001, .0025, .005, .0075, .01, .025, .05, .075, .1, .25, .5, 1.0, 2.5)
+# Key-store operations also include key generation (RSA-3072 takes up to seconds) and HSM round trips.
+KEYSTORE_BUCKETS = (.0005, .001, .0025, .005, .0075, .01, .025, .05, .1, .25, .5, 1.0, 2.5, 5.0, 10.0)
+
+
+def _check(value: str, allowed: tuple[str, ...], label: str) -> str:
+    if value not in allowed:
+        raise ValueError(f"metrics label {label}={value!r} is not one of {', '.join(allowed)}")
+    return value
+
+
+class Metrics:
+    """All lkm metrics on one explicit registry."""
+
+    def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._clock = clock
+        self._active_key_created: float | None = None
+        self._next_rotation_due: float | None = None
+        r = self.registry
+
+        # Unwraps: the product.
+        self.unwraps: Counter = Counter(
+            "lkm_unwraps_total",
+            "Unwrap (RSA decrypt) requests by route, key id and outcome. key_id is 'none' when no existing "
+            "key was involved.",
+            ["route", "key_id", "outcome"], registry=r)
+        self.unwrap_duration: Histogram = Histogram(
+            "lkm_unwrap_duration_seconds",
+            "Time to answer an unwrap request, from authenticated request to response, by route.",
+            ["route"], buckets=LATENCY_BUCKETS, registry=r)
+
+        # HTTP.
+        self.http_requests: Counter = Counter(
+            "lkm_http_requests_total",
+            "HTTP requests by listener, route template ('other' when none matched), method and status.",
+            ["listener", "route", "method", "status"], registry=r)
+        self.http_duration: Histogram = Histogram(
+            "lkm_http_request_duration_seconds",
+            "HTTP request duration by listener and route template.",
+            ["listener", "route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.auth_failures: Counter = Counter(
+            "lkm_auth_failures_total",
+            "Rejected authentication or authorization attempts by method (mtls, hawk, cli) and reason.",
+            ["method", "reason"], registry=r)
+        self.inflight: Gauge = Gauge(
+            "lkm_inflight_requests", "Requests being handled now, by listener.", ["listener"], registry=r)
+        self.shed: Counter = Counter(
+            "lkm_requests_shed_total",
+            "Requests refused because the listener was at its concurrency limit, by listener.",
+            ["listener"], registry=r)
+
+        # Keys and their lifecycle.
+        self.keys: Gauge = Gauge("lkm_keys", "Keys in the key store by state.", ["state"], registry=r)
+        self.active_key_age: Gauge = Gauge(
+            "lkm_active_key_age_seconds", "Seconds since the active key was created (0 when there is none).",
+            registry=r)
+        self.next_rotation: Gauge = Gauge(
+            "lkm_next_rotation_seconds",
+            "Seconds until the next scheduled rotation; negative when overdue, 0 when no schedule.",
+            registry=r)
+        self.rotation_period: Gauge = Gauge(
+            "lkm_rotation_period_seconds", "Configured rotation period in seconds (0 when no schedule).",
+            registry=r)
+        self.rotations: Counter = Counter(
+            "lkm_rotations_total", "Key rotations (manual and scheduled) by outcome.", ["outcome"],
+            registry=r)
+        self.registrations: Counter = Counter(
+            "lkm_platform_registrations_total",
+            "Attempts to register a public key with the platform API, by outcome.", ["outcome"], registry=r)
+
+        # Key store.
+        self.keystore_up: Gauge = Gauge(
+            "lkm_keystore_up", "1 if the key store answered its last check, else 0, by backend.",
+            ["backend"], registry=r)
+        self.keystore_duration: Histogram = Histogram(
+            "lkm_keystore_operation_duration_seconds",
+            "Key-store operation duration by backend and operation.",
+            ["backend", "operation"], buckets=KEYSTORE_BUCKETS, registry=r)
+
+        # TLS, audit, readiness.
+        self.tls_expiry: Gauge = Gauge(
+            "lkm_tls_certificate_expiry_timestamp_seconds",
+            "Unix time at which the listener's server certificate expires (notAfter).",
+            ["listener"], registry=r)
+        self.audit_records: Counter = Counter(
+            "lkm_audit_records_total", "Audit records written.", registry=r)
+        self.audit_failures: Counter = Counter(
+            "lkm_audit_write_failures_total", "Audit records that could not be written.", registry=r)
+        self.ready: Gauge = Gauge("lkm_ready", "1 if /readyz answers ready, else 0.", registry=r)
+        self.readiness_check: Gauge = Gauge(
+            "lkm_readiness_check", "Result of each readiness check: 1 passing, 0 failing.", ["check"],
+            registry=r)
+
+        # Info.
+        self.build_info: Gauge = Gauge(
+            "lkm_build_info", "Always 1; the labels name the lkm version and Python version.",
+            ["version", "python"], registry=r)
+        self.config_info: Gauge = Gauge(
+            "lkm_config_info",
+            "Always 1; the labels say which key store and which optional features are configured.",
+            ["keystore", "rotation", "platform_registration"], registry=r)
+
+        self.active_key_age.set_function(self._active_key_age_now)
+        self.next_rotation.set_function(self._next_rotation_now)
+        self._initialize_series()
+
+    def _initialize_series(self) -> None:
+        # Counters that alerts take increase() of must exist at 0 before their first event, or that event
+        # is lost to the rate functions.
+        for route in UNWRAP_ROUTES:
+            self.unwrap_duration.labels(route)
+        for method, reason in AUTH_FAILURE_PAIRS:
+            self.auth_failures.labels(method, reason)
+        for outcome in OUTCOMES:
+            self.rotations.labels(outcome)
+            self.registrations.labels(outcome)
+        for listener in LISTENERS:
+            self.inflight.labels(listener)
+            self.shed.labels(listener)
+        for check in READINESS_CHECKS:
+            self.readiness_check.labels(check)
+        self.set_key_states({})
+
+    def _active_key_age_now(self) -> float:
+        created = self._active_key_created
+        return 0.0 if created is None else max(0.0, self._clock() - created)
+
+    def _next_rotation_now(self) -> float:
+        due = self._next_rotation_due
+        return 0.0 if due is None else due - self._clock()
+
+    # --- exposition -----------------------------------------------------------------------------------
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    # --- info ---------------------------------------------------------------------------------------------
+
+    def set_build_info(self, version: str) -> None:
+        self.build_info.clear()
+        self.build_info.labels(version, platform.python_version()).set(1)
+
+    def set_config_info(self, keystore: str, rotation: bool, registration: bool) -> None:
+        _check(keystore, KEYSTORE_BACKENDS, "keystore")
+        self.config_info.clear()
+        self.config_info.labels(keystore, "on" if rotation else "off", "on" if registration else "off").set(1)
+
+    # --- events -------------------------------------------------------------------------------------------
+
+    def observe_unwrap(self, route: str, outcome: str, seconds: float, key_id: str | None = None) -> None:
+        """Count one unwrap. Pass key_id only for a key that exists in the store, never a caller's guess."""
+        _check(route, UNWRAP_ROUTES, "route")
+        _check(outcome, UNWRAP_OUTCOMES, "outcome")
+        label = NO_KEY if key_id is None or outcome == "key_not_found" else key_id
+        self.unwraps.labels(route, label, outcome).inc()
+        self.unwrap_duration.labels(route).observe(seconds)
+
+    def observe_http(self, listener: str, route: str | None, method: str, status: int,
+                     seconds: float) -> None:
+        """route: the matched route template (e.g. '/v1/keys/{id}/unwrap'), None when nothing matched."""
+        _check(listener, LISTENERS, "listener")
+        template = route or OTHER_ROUTE
+        verb = method.upper() if method.upper() in HTTP_METHODS else "other"
+        self.http_requests.labels(listener, template, verb, str(status)).inc()
+        self.http_duration.labels(listener, template).observe(seconds)
+
+    def auth_failed(self, method: str, reason: str) -> None:
+        self.auth_failures.labels(_check(method, AUTH_METHODS, "method"),
+                                  _check(reason, AUTH_REASONS, "reason")).inc()
+
+    def observe_keystore(self, backend: str, operation: str, seconds: float) -> None:
+        self.keystore_duration.labels(_check(backend, KEYSTORE_BACKENDS, "backend"),
+                                      _check(operation, KEYSTORE_OPERATIONS, "operation")).observe(seconds)
+
+    def rotation_done(self, ok: bool) -> None:
+        self.rotations.labels("ok" if ok else "failed").inc()
+
+    def registration_done(self, ok: bool) -> None:
+        self.registrations.labels("ok" if ok else "failed").inc()
+
+    # --- state ----------------------------------------------------------------------------------------------
+
+    def set_key_states(self, counts: Mapping[str, int]) -> None:
+        unknown = set(counts) - set(KEY_STATES)
+        if unknown:
+            raise ValueError(f"unknown key states {sorted(unknown)}; expected {', '.join(KEY_STATES)}")
+        for state in KEY_STATES:
+            self.keys.labels(state).set(counts.get(state, 0))
+
+    def set_active_key(self, created_timestamp: float | None) -> None:
+        """Unix time the active key was created, or None; its age is computed at each scrape."""
+        self._active_key_created = created_timestamp
+
+    def set_rotation_schedule(self, period_seconds: float | None, next_due_timestamp: float | None) -> None:
+        """The schedule (None: no schedule) and the unix time of the next rotation; the countdown is live."""
+        self.rotation_period.set(period_seconds or 0)
+        self._next_rotation_due = next_due_timestamp if period_seconds else None
+
+    def set_keystore_up(self, backend: str, up: bool) -> None:
+        self.keystore_up.labels(_check(backend, KEYSTORE_BACKENDS, "backend")).set(1 if up else 0)
+
+    def set_certificate_expiry(self, listener: str, not_after_timestamp: float) -> None:
+        self.tls_expiry.labels(_check(listener, LISTENERS, "listener")).set(not_after_timestamp)
+
+    def set_readiness(self, checks: Mapping[str, bool]) -> None:
+        """Every check's result; a check missing from `checks` counts as failing, and so does lkm_ready."""
+        unknown = set(checks) - set(READINESS_CHECKS)
+        if unknown:
+            expected = ", ".join(READINESS_CHECKS)
+            raise ValueError(f"unknown readiness checks {sorted(unknown)}; expected {expected}")
+        for check in READINESS_CHECKS:
+            self.readiness_check.labels(check).set(1 if checks.get(check, False) else 0)
+        self.ready.set(1 if all(checks.get(c, False) for c in READINESS_CHECKS) else 0)

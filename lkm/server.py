@@ -1,0 +1,317 @@
+"""Composition: key store, audit trail, metrics, service, TLS contexts, listeners, background tasks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from lkm import __version__
+from lkm.audit import AuditLog
+from lkm.auth import Actor, ClientPolicy
+from lkm.config import Settings
+from lkm.errors import KeyStoreError, LkmError
+from lkm.hawk import CredentialSource, HawkCredential, HawkVerifier
+from lkm.keys import Algorithm, KeyState, utcnow
+from lkm.keystore import KeyStore
+from lkm.keystore.file import PADDINGS
+from lkm.keystore.open import open_keystore
+from lkm.metrics import Metrics
+from lkm.pki import load_cert_expiry
+from lkm.service import KeyService, RequestContext
+from lkm.tlsconf import server_context
+from lkm.web import (
+    PlatformRoutes,
+    ReadinessView,
+    WebContext,
+    WebObserver,
+    native_app,
+    ops_app,
+    platform_app,
+)
+
+log = logging.getLogger("lkm.server")
+
+CANARY_INTERVAL_SECONDS = 30.0
+READINESS_INTERVAL_SECONDS = 5.0
+
+
+class MetricsObserver(WebObserver):
+    """Feeds the web layer's and the service's events into Prometheus collectors."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def request_done(self, listener: str, route: str, method: str, status: int, seconds: float) -> None:
+        self.metrics.http_requests.labels(listener, route, method, str(status)).inc()
+        self.metrics.http_duration.labels(listener, route).observe(seconds)
+
+    def inflight(self, listener: str, delta: int) -> None:
+        self.metrics.inflight.labels(listener).inc(delta)
+
+    def auth_failure(self, method: str, reason: str) -> None:
+        self.metrics.auth_failures.labels(method, reason).inc()
+
+    def unwrap_done(self, route: str, key_id: str, outcome: str, seconds: float) -> None:
+        self.metrics.unwraps.labels(route, key_id, outcome).inc()
+        self.metrics.unwrap_duration.labels(route).observe(seconds)
+
+    def keystore_op(self, backend: str, operation: str, seconds: float) -> None:
+        self.metrics.keystore_duration.labels(backend, operation).observe(seconds)
+
+
+@dataclass
+class Listener:
+    name: str
+    site: web.BaseSite
+    host: str
+    port: int
+    tls: bool
+
+
+class LkmServer:
+    """One running lkm: start() brings every listener up, stop() takes everything down in order."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.observer = MetricsObserver(self.metrics)
+        self.readiness = ReadinessView()
+        self.listeners: dict[str, Listener] = {}
+        self._runners: list[web.AppRunner] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._executor = ThreadPoolExecutor(max_workers=settings.limits.worker_threads,
+                                            thread_name_prefix="lkm-worker")
+        self.store: KeyStore | None = None
+        self.audit: AuditLog | None = None
+        self.service: KeyService | None = None
+        self.hawk_source: CredentialSource | None = None
+        self._last_canary = 0.0
+
+    # --- life cycle ----------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        settings = self.settings
+        loop = asyncio.get_running_loop()
+        self.store = await loop.run_in_executor(self._executor, open_keystore, settings.keystore)
+        settings.audit.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.audit = AuditLog(settings.audit.path, max_bytes=settings.audit.max_bytes,
+                              keep_files=settings.audit.keep_files,
+                              on_failure=self.metrics.audit_failures.inc)
+        await self.audit.start()
+        self.service = KeyService(self.store, self.audit, self._executor, observer=self.observer,
+                                  fail_closed=settings.audit.fail_closed)
+        self.metrics.set_build_info(__version__)
+        self.metrics.set_config_info(keystore=self.store.backend, rotation=False, registration=False)
+        wctx = WebContext(service=self.service, observer=self.observer,
+                          max_body_bytes=settings.limits.max_body_bytes, audit_denials=self._audit_denial)
+
+        if settings.platform.enabled:
+            hawk = settings.platform.hawk
+            extra = {ref.id: HawkCredential(id=ref.id, key=ref.key.read_text()) for ref in hawk.credentials}
+            self.hawk_source = CredentialSource(hawk.credentials_file, extra)
+            verifier = HawkVerifier(lookup=self.hawk_source.get, skew_seconds=hawk.timestamp_skew_seconds,
+                                    replay_check=hawk.replay_check, nonce_cache_size=hawk.nonce_cache_size)
+            tls = settings.platform.tls
+            ssl_ctx = server_context(tls, require_client_cert=False, source=settings.source,
+                                     setting="platform.tls") if tls else None
+            routes = PlatformRoutes(settings.platform, verifier, default_port=443 if ssl_ctx else 80)
+            await self._listen("platform", platform_app(wctx, routes), settings.platform.listen.host,
+                               settings.platform.listen.port, ssl_ctx)
+        if settings.native is not None:
+            ssl_ctx = server_context(settings.native.tls, require_client_cert=True, source=settings.source,
+                                     setting="native.tls")
+            await self._listen("native", native_app(wctx, ClientPolicy(settings.native.clients)),
+                               settings.native.listen.host, settings.native.listen.port, ssl_ctx)
+        if settings.ops.enabled:
+            await self._listen("ops", ops_app(wctx, self.readiness, self.metrics.render),
+                               settings.ops.listen.host, settings.ops.listen.port, None)
+        await self.update_readiness(force_canary=True)
+        self._tasks.append(asyncio.create_task(self._refresh_loop(), name="lkm-refresh"))
+        self._tasks.append(asyncio.create_task(self._readiness_loop(), name="lkm-readiness"))
+        log.info("lkm started", extra={"listeners": {n: f"{lst.host}:{lst.port}"
+                                                      for n, lst in self.listeners.items()}})
+
+    async def _listen(self, name: str, app: web.Application, host: str, port: int, ssl_ctx: Any) -> None:
+        runner = web.AppRunner(app, access_log=None,
+                               keepalive_timeout=float(self.settings.limits.keep_alive_seconds),
+                               handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port, ssl_context=ssl_ctx, backlog=1024, reuse_address=True)
+        await site.start()
+        self._runners.append(runner)
+        bound_port = port
+        sockets = getattr(site._server, "sockets", None)  # aiohttp exposes the bound sockets only here
+        if sockets:
+            bound_port = sockets[0].getsockname()[1]
+        self.listeners[name] = Listener(name, site, host, bound_port, ssl_ctx is not None)
+
+    def url(self, name: str) -> str:
+        listener = self.listeners[name]
+        host = "localhost" if listener.host in ("0.0.0.0", "127.0.0.1", "::", "::1") else listener.host  # noqa: S104
+        return f"{'https' if listener.tls else 'http'}://{host}:{listener.port}"
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for runner in reversed(self._runners):
+            await runner.cleanup()
+        if self.audit is not None:
+            await self.audit.close()
+        if self.store is not None:
+            self.store.close()
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    # --- background work -----------------------------------------------------------------------------------
+
+    async def _refresh_loop(self) -> None:
+        """Keys and Hawk credentials that the CLI or another server changed show up within seconds."""
+        interval = self.settings.limits.refresh_seconds
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.refresh()
+            except Exception:
+                log.exception("refresh failed")
+
+    async def refresh(self) -> None:
+        assert self.store is not None
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        try:
+            await loop.run_in_executor(self._executor, self.store.refresh)
+        except KeyStoreError as exc:
+            log.error("key store refresh failed: %s", exc)
+        self.observer.keystore_op(self.store.backend, "refresh", time.perf_counter() - started)
+        if self.hawk_source is not None:
+            try:
+                self.hawk_source.reload_if_changed()
+            except (OSError, ValueError) as exc:
+                log.error("Hawk credentials reload failed: %s", exc)
+        self._update_key_gauges()
+
+    def _update_key_gauges(self) -> None:
+        assert self.store is not None
+        keys = self.store.list_keys()
+        self.metrics.set_key_states(Counter(k.state.value for k in keys))
+        active = [k for k in keys if k.state is KeyState.ACTIVE]
+        if active:
+            newest = max(active, key=lambda k: k.created)
+            self.metrics.active_key_age.set((utcnow() - newest.created).total_seconds())
+
+    async def _readiness_loop(self) -> None:
+        while True:
+            await asyncio.sleep(READINESS_INTERVAL_SECONDS)
+            try:
+                await self.update_readiness()
+            except Exception:
+                log.exception("readiness check failed")
+
+    async def update_readiness(self, *, force_canary: bool = False) -> None:
+        assert self.store is not None and self.audit is not None
+        store = self.store
+        loop = asyncio.get_running_loop()
+        checks: dict[str, tuple[bool, str]] = {}
+        try:
+            await loop.run_in_executor(self._executor, store.check)
+            checks["keystore"] = (True, store.backend)
+        except KeyStoreError as exc:
+            log.error("key store check failed: %s", exc)
+            checks["keystore"] = (False, "key store not available")
+        keys = store.list_keys() if checks["keystore"][0] else []
+        active = [k for k in keys if k.state is KeyState.ACTIVE]
+        checks["active_key"] = (bool(active), f"{len(active)} active key(s)" if active else "no active key")
+        checks["certificates"] = self._certificate_check()
+        writable = await loop.run_in_executor(self._executor, self.audit.check_writable)
+        audit_ok = writable and self.audit.healthy
+        checks["audit"] = (audit_ok, "writable" if audit_ok else "audit trail not writable")
+        now = time.monotonic()
+        if active and checks["keystore"][0] and (force_canary or now - self._last_canary >= CANARY_INTERVAL_SECONDS):
+            newest = max(active, key=lambda k: k.created)
+            checks["canary"] = await self._canary(newest.id)
+            self._last_canary = now
+        elif "canary" in self.readiness.checks and active:
+            checks["canary"] = self.readiness.checks["canary"]
+        else:
+            checks["canary"] = (False, "no active key to test")
+        self.readiness.checks = checks
+        self.metrics.ready.set(1 if self.readiness.ready else 0)
+        for name, (ok, _) in checks.items():
+            self.metrics.readiness_check.labels(name).set(1 if ok else 0)
+        self.metrics.keystore_up.labels(store.backend).set(1 if checks["keystore"][0] else 0)
+
+    async def _canary(self, key_id: str) -> tuple[bool, str]:
+        """A real unwrap with the active key: proves the private half is usable, not merely present."""
+        assert self.store is not None
+        store = self.store
+        probe = secrets.token_bytes(32)
+
+        def roundtrip() -> bool:
+            wrapped = store.get_key(key_id).public_key.encrypt(probe, PADDINGS[Algorithm.RSA_OAEP_SHA1])
+            return secrets.compare_digest(store.decrypt(key_id, wrapped, Algorithm.RSA_OAEP_SHA1), probe)
+
+        try:
+            ok = await asyncio.get_running_loop().run_in_executor(self._executor, roundtrip)
+        except (KeyStoreError, LkmError) as exc:
+            log.error("canary unwrap failed: %s", exc)
+            ok = False
+        return (ok, f"unwrap with {key_id} {'ok' if ok else 'failed'}")
+
+    def _certificate_check(self) -> tuple[bool, str]:
+        now = utcnow()
+        problems = []
+        for name, tls in (("platform", self.settings.platform.tls),
+                          ("native", self.settings.native.tls if self.settings.native else None)):
+            if tls is None or name not in self.listeners:
+                continue
+            try:
+                expiry = load_cert_expiry(tls.cert_file)
+            except (OSError, ValueError):
+                problems.append(f"{name}: certificate unreadable")
+                continue
+            self.metrics.tls_expiry.labels(name).set(expiry.timestamp())
+            if expiry <= now:
+                problems.append(f"{name}: certificate expired")
+        return (not problems, "; ".join(problems) or "valid")
+
+    async def _audit_denial(self, ctx: RequestContext, action: str, error: LkmError) -> None:
+        assert self.audit is not None
+        event = ctx.audit_fields()
+        event.update({"action": action, "outcome": "denied", "error_code": error.code, "key_id": None})
+        try:
+            await self.audit.record(event)
+        except Exception as exc:
+            log.error("audit write failed: %s", exc)
+
+
+def system_actor() -> Actor:
+    return Actor(kind="system", name=f"lkm-server:{os.getpid()}")
+
+
+async def serve_forever(settings: Settings, *, on_started: Any = None) -> None:
+    server = LkmServer(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    try:
+        if on_started is not None:
+            on_started(server)
+        await stop.wait()
+    finally:
+        log.info("lkm stopping")
+        await server.stop()

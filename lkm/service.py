@@ -1,0 +1,196 @@
+"""The use cases: authorize, run key-store work off the event loop, audit, count.
+
+Free of HTTP: routes turn wire formats into these calls and LkmErrors back into wire errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+from lkm.auth import Actor
+from lkm.config import Role
+from lkm.errors import (
+    InternalError,
+    InvalidRequest,
+    KeyStoreError,
+    KeyUnusable,
+    LkmError,
+    Unavailable,
+    UnsupportedAlgorithm,
+)
+from lkm.keys import CIPHERTEXT_BYTES, Algorithm, KeyRecord, KeyState
+from lkm.keystore import KeyStore
+
+log = logging.getLogger("lkm.service")
+T = TypeVar("T")
+
+
+class AuditSink(Protocol):
+    async def record(self, event: dict[str, Any]) -> None: ...
+
+
+class UnwrapObserver(Protocol):
+    def unwrap_done(self, route: str, key_id: str, outcome: str, seconds: float) -> None: ...
+    def keystore_op(self, backend: str, operation: str, seconds: float) -> None: ...
+
+
+@dataclass(frozen=True)
+class RequestContext:
+    request_id: str
+    actor: Actor
+    client: str | None = None
+    platform_user_id: str | None = None
+    route: str = "native"
+
+    def audit_fields(self) -> dict[str, Any]:
+        fields: dict[str, Any] = {"request_id": self.request_id, "actor": self.actor.to_audit(),
+                                  "route": self.route}
+        if self.client:
+            fields["client"] = self.client
+        if self.platform_user_id:
+            fields["platform_user_id"] = self.platform_user_id
+        return fields
+
+
+UNWRAPPABLE_STATES = frozenset({KeyState.ACTIVE, KeyState.RETIRED})
+
+
+def outcome_of(error: BaseException | None) -> str:
+    if error is None:
+        return "ok"
+    if isinstance(error, LkmError):
+        return error.code
+    return "error"
+
+
+class KeyService:
+    def __init__(self, store: KeyStore, audit: AuditSink, executor: Executor, *,
+                 observer: UnwrapObserver | None = None, fail_closed: bool = True) -> None:
+        self.store = store
+        self.audit = audit
+        self.executor = executor
+        self.observer = observer
+        self.fail_closed = fail_closed
+
+    async def run(self, func: Callable[..., T], *args: Any) -> T:
+        """Runs blocking key-store work in the worker pool, translating backend trouble to 503."""
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self.executor, func, *args)
+        except KeyStoreError as exc:
+            log.error("key store error: %s", exc)
+            raise Unavailable("key store unavailable", code="keystore_unavailable") from None
+
+    async def _audit(self, ctx: RequestContext, action: str, *, key_id: str | None, error: BaseException | None,
+                     started: float, extra: dict[str, Any] | None = None) -> None:
+        event = ctx.audit_fields()
+        event.update({"action": action, "key_id": key_id, "outcome": "ok" if error is None else "error",
+                      "latency_ms": round((time.perf_counter() - started) * 1000, 3)})
+        if error is not None:
+            event["error_code"] = outcome_of(error)
+        if extra:
+            event.update(extra)
+        try:
+            await self.audit.record(event)
+        except Exception as exc:
+            log.error("audit write failed: %s", exc)
+            if self.fail_closed:
+                raise Unavailable("audit trail unavailable; refusing to act unaudited",
+                                  code="audit_unavailable") from None
+
+    # --- unwrap --------------------------------------------------------------------------------------------
+
+    def _unwrap_sync(self, key_id: str, ciphertext: bytes, algorithm: Algorithm) -> bytes:
+        record = self.store.get_key(key_id)
+        if record.state not in UNWRAPPABLE_STATES:
+            raise key_unusable(record)
+        if algorithm not in self.store.supported_algorithms():
+            raise UnsupportedAlgorithm(f"this key store does not support {algorithm.value}")
+        started = time.perf_counter()
+        try:
+            return self.store.decrypt(key_id, ciphertext, algorithm)
+        finally:
+            if self.observer:
+                self.observer.keystore_op(self.store.backend, "decrypt", time.perf_counter() - started)
+
+    async def unwrap(self, ctx: RequestContext, key_id: str, ciphertext: bytes, algorithm: Algorithm) -> bytes:
+        started = time.perf_counter()
+        error: BaseException | None = None
+        try:
+            ctx.actor.require(Role.UNWRAP)
+            if len(ciphertext) != CIPHERTEXT_BYTES:
+                raise InvalidRequest(f"wrapped key must be {CIPHERTEXT_BYTES} bytes (RSA-3072), "
+                                     f"got {len(ciphertext)}", code="invalid_ciphertext_length")
+            return await self.run(self._unwrap_sync, key_id, ciphertext, algorithm)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            await self._finish_unwrap(ctx, key_id, algorithm, error, started)
+
+    async def _finish_unwrap(self, ctx: RequestContext, key_id: str, algorithm: Algorithm,
+                             error: BaseException | None, started: float) -> None:
+        if isinstance(error, asyncio.CancelledError):
+            return
+        if self.observer:
+            self.observer.unwrap_done(ctx.route, key_id, outcome_of(error), time.perf_counter() - started)
+        # The response waits for its record to be durable: no unaudited unwrap leaves the server.
+        await self._audit(ctx, "unwrap", key_id=key_id, error=error, started=started,
+                          extra={"algorithm": algorithm.value})
+
+    # --- reading keys --------------------------------------------------------------------------------------
+
+    async def list_keys(self, ctx: RequestContext) -> list[KeyRecord]:
+        ctx.actor.require(Role.READ)
+        return await self.run(self.store.list_keys)
+
+    async def get_key(self, ctx: RequestContext, key_id: str) -> KeyRecord:
+        ctx.actor.require(Role.READ)
+        return await self.run(self.store.get_key, key_id)
+
+    async def active_key(self) -> KeyRecord | None:
+        keys = await self.run(self.store.list_keys)
+        active = [k for k in keys if k.state is KeyState.ACTIVE]
+        return max(active, key=lambda k: k.created) if active else None
+
+    # --- changing keys -------------------------------------------------------------------------------------
+
+    async def audited(self, ctx: RequestContext, action: str, key_id: str | None,
+                      func: Callable[..., T], *args: Any) -> T:
+        """Runs a key change off the loop and audits it, success or failure."""
+        started = time.perf_counter()
+        error: BaseException | None = None
+        result: T | None = None
+        try:
+            ctx.actor.require(Role.ADMIN)
+            result = await self.run(func, *args)
+            if key_id is None and isinstance(result, KeyRecord):
+                key_id = result.id
+            return result
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            if not isinstance(error, asyncio.CancelledError):
+                await self._audit(ctx, action, key_id=key_id, error=error, started=started)
+
+    async def create_key(self, ctx: RequestContext, *, state: KeyState = KeyState.RETIRED,
+                         label: str = "") -> KeyRecord:
+        return await self.audited(ctx, "create_key", None, lambda: self.store.create_key(state=state,
+                                                                                           label=label))
+
+
+def key_unusable(record: KeyRecord) -> KeyUnusable:
+    if record.state is KeyState.DESTROYED:
+        return KeyUnusable("key has been destroyed", code="key_destroyed")
+    if record.state is KeyState.PENDING_DESTRUCTION:
+        return KeyUnusable("key is disabled and scheduled for destruction", code="key_disabled")
+    if record.state is KeyState.DISABLED:
+        return KeyUnusable("key is disabled", code="key_disabled")
+    raise InternalError(f"state {record.state} is unwrappable")

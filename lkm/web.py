@@ -1,0 +1,422 @@
+"""aiohttp routes and middleware. Wire formats live here and only here.
+
+Three applications, one per listener:
+  platform  the platform's contract (Hawk; `{"body"}` / `{"message", "status"}`), byte-exact to its sample
+  native    lkm's JSON API behind mutual TLS (`{"error": {"code", "message"}, "request_id"}`)
+  ops       health, readiness and metrics on a plain-HTTP operations listener
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from lkm.auth import Actor, ClientPolicy, platform_actor
+from lkm.config import PlatformSettings, Role
+from lkm.errors import (
+    Forbidden,
+    InvalidRequest,
+    LkmError,
+    PayloadTooLarge,
+    Unauthenticated,
+    UnsupportedAlgorithm,
+)
+from lkm.hawk import HawkError, HawkVerifier
+from lkm.keys import Algorithm, KeyRecord, parse_key_id, public_key_views
+from lkm.service import KeyService, RequestContext
+
+log = logging.getLogger("lkm.web")
+access_log = logging.getLogger("lkm.access")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class WebObserver:
+    """What the web layer reports; the server plugs metrics in. The base class reports nothing."""
+
+    def request_done(self, listener: str, route: str, method: str, status: int, seconds: float) -> None:
+        pass
+
+    def inflight(self, listener: str, delta: int) -> None:
+        pass
+
+    def auth_failure(self, method: str, reason: str) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class WebContext:
+    service: KeyService
+    observer: WebObserver
+    max_body_bytes: int
+    audit_denials: Callable[[RequestContext, str, LkmError], Awaitable[None]] | None = None
+
+
+SERVICE = web.AppKey("service", WebContext)
+LISTENER = web.AppKey("listener", str)
+ERROR_STYLE = web.AppKey("error_style", str)
+REQUEST_ID = web.RequestKey("request_id", str)
+ACTOR = web.RequestKey("actor", Actor)
+
+
+# --- shared plumbing ---------------------------------------------------------------------------------------
+
+def _route_name(request: web.Request) -> str:
+    info = request.match_info.route.resource
+    return info.canonical if info is not None else "other"
+
+
+def render_error(request: web.Request, error: LkmError) -> web.Response:
+    style = request.app[ERROR_STYLE]
+    headers = {}
+    if error.retry_after is not None:
+        headers["Retry-After"] = str(error.retry_after)
+    if style == "platform":
+        # The sample's shape. The platform treats 4xx as the caller's problem; unknown key is 400 by contract.
+        status = 400 if error.status in (404, 409) else error.status
+        body: dict[str, Any] = {"message": error.message, "status": status}
+    else:
+        status = error.status
+        body = {"error": {"code": error.code, "message": error.message},
+                "request_id": request.get(REQUEST_ID)}
+    return web.json_response(body, status=status, headers=headers)
+
+
+@web.middleware
+async def context_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Request id, one access-log line, metrics, and error rendering for every request."""
+    request_id = uuid.uuid4().hex
+    request[REQUEST_ID] = request_id
+    listener = request.app[LISTENER]
+    ctx = request.app[SERVICE]
+    started = time.perf_counter()
+    ctx.observer.inflight(listener, 1)
+    status = 500
+    try:
+        try:
+            response = await handler(request)
+        except LkmError as exc:
+            response = render_error(request, exc)
+        except web.HTTPRequestEntityTooLarge:
+            response = render_error(request, PayloadTooLarge())
+        except web.HTTPException as exc:
+            response = _http_exception(request, exc)
+        except Exception:
+            log.exception("unhandled error", extra={"request_id": request_id})
+            response = render_error(request, LkmError())
+        status = response.status
+        response.headers["X-Request-Id"] = request_id
+        return response
+    finally:
+        elapsed = time.perf_counter() - started
+        ctx.observer.inflight(listener, -1)
+        route = _route_name(request)
+        ctx.observer.request_done(listener, route, request.method, status, elapsed)
+        access_log.info("request", extra={
+            "request_id": request_id, "listener": listener, "method": request.method, "route": route,
+            "path": request.path, "status": status, "latency_ms": round(elapsed * 1000, 3),
+            "client": request.remote, "actor": getattr(request.get(ACTOR), "name", None)})
+
+
+def _http_exception(request: web.Request, exc: web.HTTPException) -> web.Response:
+    codes = {404: "not_found", 405: "method_not_allowed"}
+    error = LkmError(exc.reason, code=codes.get(exc.status, "http_error"))
+    error.status = exc.status
+    response = render_error(request, error)
+    if exc.status == 405 and "Allow" in exc.headers:
+        response.headers["Allow"] = exc.headers["Allow"]
+    return response
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"request body larger than {limit} bytes")
+    body = await request.content.read(limit + 1)
+    if len(body) > limit:
+        raise PayloadTooLarge(f"request body larger than {limit} bytes")
+    return body
+
+
+def parse_json_object(body: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidRequest("request body must be valid JSON", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("request body must be a JSON object", code="invalid_json")
+    return data
+
+
+def decode_b64(value: object, field: str) -> bytes:
+    if not isinstance(value, str) or not value:
+        raise InvalidRequest(f"{field} must be a non-empty base64 string", code="invalid_base64")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequest(f"{field} is not valid base64", code="invalid_base64") from None
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _client_address(request: web.Request) -> str | None:
+    return request.remote
+
+
+# --- the platform's route ----------------------------------------------------------------------------------
+
+OPTIONS_BODY = {"encryptBody": {"keypairId": None, "body": None, "decryptType": None},
+                "decryptResponse": {"body": "Decrypted Response"}}
+
+
+class PlatformRoutes:
+    """`OPTIONS` and `POST` on the registered path, Hawk-authenticated, in the sample's wire format."""
+
+    def __init__(self, settings: PlatformSettings, verifier: HawkVerifier, default_port: int) -> None:
+        self.settings = settings
+        self.verifier = verifier
+        self.default_port = default_port
+
+    def authenticate(self, request: web.Request, body: bytes) -> Actor:
+        ctx = request.app[SERVICE]
+        try:
+            credential = self.verifier.verify(
+                method=request.method, path=request.rel_url.raw_path, query=request.rel_url.raw_query_string,
+                host_header=request.headers.get("Host"), public_host=self.settings.public_host,
+                public_port=self.settings.public_port, default_port=self.default_port,
+                authorization=request.headers.get("Authorization"),
+                content_type=request.headers.get("Content-Type"), body=body)
+        except HawkError as exc:
+            ctx.observer.auth_failure("hawk", exc.reason)
+            error = Unauthenticated(str(exc), code=f"hawk_{exc.reason}")
+            response = render_error(request, error)
+            if exc.www_authenticate:
+                response.headers["WWW-Authenticate"] = exc.www_authenticate
+            else:
+                response.headers["WWW-Authenticate"] = "Hawk"
+            raise _Respond(response) from None
+        actor = platform_actor(credential.id)
+        request[ACTOR] = actor
+        return actor
+
+    async def options(self, request: web.Request) -> web.StreamResponse:
+        body = await read_body(request, request.app[SERVICE].max_body_bytes)
+        self.authenticate(request, body)
+        return web.json_response(OPTIONS_BODY, headers={"Allow": "POST, OPTIONS"})
+
+    async def decrypt(self, request: web.Request) -> web.StreamResponse:
+        ctx = request.app[SERVICE]
+        body = await read_body(request, ctx.max_body_bytes)
+        actor = self.authenticate(request, body)
+        data = parse_json_object(body)
+        key_id = data.get("keypairId")
+        if key_id is None:
+            raise InvalidRequest("keypairId is required", code="missing_field")
+        key_id = parse_key_id(key_id)
+        if data.get("body") is None:
+            raise InvalidRequest("body is required", code="missing_field")
+        ciphertext = decode_b64(data.get("body"), "body")
+        algorithm = self.algorithm(request.query.get("decryptType"), data.get("decryptType"))
+        rctx = RequestContext(request_id=request[REQUEST_ID], actor=actor, client=_client_address(request),
+                              platform_user_id=_platform_user(request), route="platform")
+        plaintext = await ctx.service.unwrap(rctx, key_id, ciphertext, algorithm)
+        return web.json_response({"body": b64(plaintext)})
+
+    def algorithm(self, from_query: str | None, from_body: object) -> Algorithm:
+        # The query parameter wins; older platform versions sent decryptType in the body.
+        value = from_query if from_query is not None else from_body
+        if value is None or value == "":
+            return Algorithm.RSA_OAEP_SHA1
+        if not isinstance(value, str) or value.lower() != "pkcs1":
+            raise InvalidRequest("decryptType must be absent (RSA-OAEP) or pkcs1", code="invalid_decrypt_type")
+        if not self.settings.allow_pkcs1:
+            raise UnsupportedAlgorithm("decryptType pkcs1 is disabled on this server")
+        return Algorithm.RSA_PKCS1_V1_5
+
+
+def _platform_user(request: web.Request) -> str | None:
+    value = request.headers.get("PureCloud-User-Id")
+    if value is None:
+        return None
+    value = value.strip()
+    # Recorded in the audit trail: keep it to something UUID-like, never arbitrary text.
+    if len(value) > 64 or not all(c.isalnum() or c == "-" for c in value):
+        return "invalid"
+    return value
+
+
+class _Respond(Exception):
+    """Lets a helper hand a finished response (with extra headers) back through the handler."""
+
+    def __init__(self, response: web.Response) -> None:
+        self.response = response
+
+
+@web.middleware
+async def respond_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except _Respond as exc:
+        return exc.response
+
+
+async def health_text(_: web.Request) -> web.StreamResponse:
+    return web.Response(text="OK")
+
+
+def platform_app(wctx: WebContext, routes: PlatformRoutes) -> web.Application:
+    app = web.Application(middlewares=[context_middleware, respond_middleware],
+                          client_max_size=wctx.max_body_bytes)
+    app[SERVICE] = wctx
+    app[LISTENER] = "platform"
+    app[ERROR_STYLE] = "platform"
+    path = routes.settings.path
+    app.router.add_route("OPTIONS", path, routes.options)
+    app.router.add_post(path, routes.decrypt)
+    app.router.add_get("/key-management/v1/health", health_text)
+    return app
+
+
+# --- the native API ----------------------------------------------------------------------------------------
+
+def native_identity_middleware(policy: ClientPolicy) -> Callable[..., Awaitable[web.StreamResponse]]:
+    @web.middleware
+    async def identify(request: web.Request, handler: Handler) -> web.StreamResponse:
+        ctx = request.app[SERVICE]
+        ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        if not der:
+            ctx.observer.auth_failure("mtls", "no_certificate")
+            raise Unauthenticated("a client certificate is required", code="no_client_certificate")
+        actor = policy.identify(der)
+        if actor is None:
+            ctx.observer.auth_failure("mtls", "unknown_client")
+            stranger = Actor(kind="mtls", name="unlisted")
+            error = Forbidden("this client certificate is not on the allow list", code="unknown_client")
+            if ctx.audit_denials:
+                await ctx.audit_denials(_context(request, stranger), "authenticate", error)
+            raise error
+        request[ACTOR] = actor
+        try:
+            return await handler(request)
+        except Forbidden as exc:
+            if exc.code == "forbidden_role":
+                ctx.observer.auth_failure("mtls", "forbidden_role")
+            raise
+
+    return identify
+
+
+def _context(request: web.Request, actor: Actor) -> RequestContext:
+    return RequestContext(request_id=request[REQUEST_ID], actor=actor, client=_client_address(request),
+                          route="native")
+
+
+def actor_context(request: web.Request) -> RequestContext:
+    return _context(request, request[ACTOR])
+
+
+def key_json(record: KeyRecord, *, with_public: bool) -> dict[str, Any]:
+    data = record.to_json()
+    if with_public and record.public_key_der:
+        data.update(public_key_views(record))
+    return data
+
+
+async def list_keys(request: web.Request) -> web.StreamResponse:
+    ctx = request.app[SERVICE]
+    records = await ctx.service.list_keys(actor_context(request))
+    return web.json_response({"keys": [key_json(r, with_public=False) for r in records]})
+
+
+async def get_key(request: web.Request) -> web.StreamResponse:
+    ctx = request.app[SERVICE]
+    record = await ctx.service.get_key(actor_context(request), parse_key_id(request.match_info["id"]))
+    return web.json_response(key_json(record, with_public=True))
+
+
+async def unwrap(request: web.Request) -> web.StreamResponse:
+    ctx = request.app[SERVICE]
+    rctx = actor_context(request)
+    rctx.actor.require(Role.UNWRAP)
+    key_id = parse_key_id(request.match_info["id"])
+    data = parse_json_object(await read_body(request, ctx.max_body_bytes))
+    ciphertext = decode_b64(data.get("wrapped_key"), "wrapped_key")
+    algorithm = Algorithm.parse(data.get("algorithm", Algorithm.RSA_OAEP_SHA1.value))
+    plaintext = await ctx.service.unwrap(rctx, key_id, ciphertext, algorithm)
+    return web.json_response({"id": key_id, "key": b64(plaintext)})
+
+
+def native_app(wctx: WebContext, policy: ClientPolicy) -> web.Application:
+    app = web.Application(middlewares=[context_middleware, native_identity_middleware(policy)],
+                          client_max_size=wctx.max_body_bytes)
+    app[SERVICE] = wctx
+    app[LISTENER] = "native"
+    app[ERROR_STYLE] = "native"
+    app.router.add_get("/v1/keys", list_keys)
+    app.router.add_get("/v1/keys/{id}", get_key)
+    app.router.add_post("/v1/keys/{id}/unwrap", unwrap)
+    return app
+
+
+# --- operations --------------------------------------------------------------------------------------------
+
+class ReadinessView:
+    """What /readyz shows; the server keeps it current."""
+
+    def __init__(self) -> None:
+        self.checks: dict[str, tuple[bool, str]] = {}
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.checks) and all(ok for ok, _ in self.checks.values())
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ready": self.ready,
+                "checks": {name: {"ok": ok, "detail": detail} for name, (ok, detail) in self.checks.items()}}
+
+
+READINESS = web.AppKey("readiness", ReadinessView)
+MetricsRender = Callable[[], tuple[bytes, str]]
+METRICS_RENDER: web.AppKey[MetricsRender] = web.AppKey("metrics_render")
+
+
+async def healthz(_: web.Request) -> web.StreamResponse:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.StreamResponse:
+    view = request.app[READINESS]
+    return web.json_response(view.to_json(), status=200 if view.ready else 503)
+
+
+async def metrics(request: web.Request) -> web.StreamResponse:
+    body, content_type = request.app[METRICS_RENDER]()
+    response = web.Response(body=body)
+    response.headers["Content-Type"] = content_type
+    return response
+
+
+def ops_app(wctx: WebContext, readiness: ReadinessView,
+            render_metrics: Callable[[], tuple[bytes, str]] | None) -> web.Application:
+    app = web.Application(middlewares=[context_middleware])
+    app[SERVICE] = wctx
+    app[LISTENER] = "ops"
+    app[ERROR_STYLE] = "native"
+    app[READINESS] = readiness
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    if render_metrics is not None:
+        app[METRICS_RENDER] = render_metrics
+        app.router.add_get("/metrics", metrics)
+    return app
