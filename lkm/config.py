@@ -131,6 +131,7 @@ class KeyStoreSettings:
     pin: SecretRef | None = None
     pool_size: int = 2
     pkcs11_allow_pkcs1: bool = False
+    pkcs11_allow_import: bool = True  # plaintext private keys may be imported into the token
 
 
 @dataclass(frozen=True)
@@ -345,6 +346,7 @@ def _keystore(sec: Section) -> KeyStoreSettings:
             pin=sec.secret("pin"),
             pool_size=sec.integer("pool_size", 2, minimum=1, maximum=64),
             pkcs11_allow_pkcs1=sec.flag("allow_pkcs1", False),
+            pkcs11_allow_import=sec.flag("allow_import", True),
         )
     sec.done()
     return result
@@ -410,6 +412,14 @@ def _client(item: object, setting: str, source: str, base_dir: Path) -> ClientRu
         raise sec.error("roles", f"roles from {', '.join(r.value for r in Role)}, got {roles!r}") from None
     rule = ClientRule(name=sec.string("name"), subject=sec.string("subject", None), san=sec.string("san", None),
                       fingerprint=fingerprint, roles=role_set)
+    if rule.subject is not None:
+        from cryptography import x509  # noqa: PLC0415
+
+        try:
+            x509.Name.from_rfc4514_string(rule.subject)
+        except ValueError:
+            raise sec.error("subject", f"an RFC 4514 distinguished name such as 'CN=app,O=Example', "
+                                       f"got {rule.subject!r}") from None
     if not (rule.subject or rule.san or rule.fingerprint):
         raise sec.error("subject", "at least one of subject, san or fingerprint to identify the client")
     sec.done()

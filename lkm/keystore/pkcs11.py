@@ -54,6 +54,7 @@ The PIN and key material appear in no exception text and no log line.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import importlib
@@ -94,6 +95,7 @@ from lkm.keys import (
     KeyState,
     check_rsa_policy,
     format_time,
+    load_public_pkcs1,
     new_key_id,
     parse_key_id,
     parse_time,
@@ -151,9 +153,9 @@ class _TokenConfig:
 class _Fail(Exception):
     """An answer other than success, sent back to the server process as (kind, text).
 
-    kinds: not_found, destroyed, missing (metadata without private key), decrypt_failed, rejected (PKCS#1 v1.5
-    padding), conflict, error (KeyStoreError, transient), token (token or library failure: transient, and the
-    workers are replaced), fatal (KeyStoreError, not transient).
+    kinds: not_found, destroyed, missing (metadata without private key), decrypt_failed, rejected (PKCS#1
+    v1.5 padding), conflict, import_refused, error (KeyStoreError, transient), token (token or library failure:
+    transient, and the workers are replaced), fatal (KeyStoreError, not transient).
     """
 
     def __init__(self, kind: str, text: str = "") -> None:
@@ -216,9 +218,19 @@ class _TokenWorker:
         if info.label != self.token.label or info.serial != self.token.serial:
             raise _Fail("token", f"the slot no longer holds token {self._token_name()}")
 
+    def _request_errors(self) -> tuple[type[BaseException], ...]:
+        """Errors about one request (a template, a mechanism): the token itself is fine."""
+        e = self.exc
+        return (e.AttributeTypeInvalid, e.AttributeValueInvalid, e.AttributeReadOnly, e.AttributeSensitive,
+                e.TemplateIncomplete, e.TemplateInconsistent, e.MechanismInvalid, e.MechanismParamInvalid,
+                e.KeySizeRange, e.KeyTypeInconsistent, e.FunctionNotSupported, e.FunctionRejected,
+                e.DomainParamsInvalid, e.ArgumentsBad, e.DeviceMemory, e.TokenWriteProtected)
+
     def classify(self, exc: BaseException, op: str) -> _Fail:
         if isinstance(exc, _Fail):
             return exc
+        if isinstance(exc, self._request_errors()):
+            return _Fail("error", f"the token refused {op} (PKCS#11 {type(exc).__name__})")
         if isinstance(exc, self.exc.PKCS11Error):
             detail = str(exc)[:120] if type(exc) is self.exc.PKCS11Error else ""
             return _Fail("token", f"PKCS#11 {type(exc).__name__}{': ' + detail if detail else ''} during {op}")
@@ -231,10 +243,8 @@ class _TokenWorker:
                 "pid": os.getpid()}
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # the process exits next; nothing to report to
             self.session.close()
-        except Exception:  # noqa: S110 - the process exits next; nothing to report to
-            pass
 
     # --- metadata objects ------------------------------------------------------------------------------------
 
@@ -266,10 +276,8 @@ class _TokenWorker:
                                     A.APPLICATION: META_APPLICATION, A.LABEL: META_LABEL_PREFIX + key_id,
                                     A.VALUE: value})
         for obj, _ in old:
-            try:
+            with contextlib.suppress(self.exc.ObjectHandleInvalid):  # another server removed it first
                 obj.destroy()
-            except self.exc.ObjectHandleInvalid:
-                pass  # another server removed it first
         return value
 
     # --- key objects -----------------------------------------------------------------------------------------
@@ -324,10 +332,8 @@ class _TokenWorker:
 
     def _destroy_quietly(self, objects: list[Any]) -> None:
         for obj in objects:
-            try:
+            with contextlib.suppress(self.exc.PKCS11Error):
                 obj.destroy()
-            except self.exc.PKCS11Error:
-                pass
 
     def _remove_orphans(self, key_id: str) -> None:
         """Key objects with this CKA_ID but no metadata: leftovers of a creation that did not finish."""
@@ -436,6 +442,10 @@ class _TokenWorker:
             created.append(self.session.create_object({
                 A.CLASS: self.p11.ObjectClass.PUBLIC_KEY, **common, **self._public_key_template(key_id)}))
             value = self.write_meta(key_id, doc)
+        except self._request_errors() as exc:
+            self._destroy_quietly(created)
+            raise _Fail("import_refused", f"the token refused the imported key (PKCS#11 {type(exc).__name__})"
+                        ) from None
         except BaseException:
             self._destroy_quietly(created)
             raise
@@ -500,11 +510,9 @@ def _worker_main(conn: Connection, config: _TokenConfig) -> None:
                 reply = ("err", "error", "worker not initialized")
             else:
                 reply = ("ok", getattr(worker, "op_" + op)(*args))
-        except _Fail as fail:
-            reply = ("err", fail.kind, fail.text)
         except Exception as exc:
-            fail = worker.classify(exc, op) if worker is not None else _classify_early(exc, op)
-            reply = ("err", fail.kind, fail.text)
+            failure = worker.classify(exc, op) if worker is not None else _classify_early(exc, op)
+            reply = ("err", failure.kind, failure.text)
         try:
             conn.send(reply)
         except (OSError, ValueError):
@@ -516,6 +524,8 @@ def _worker_main(conn: Connection, config: _TokenConfig) -> None:
 
 def _classify_early(exc: BaseException, op: str) -> _Fail:
     """An error while the library was being loaded or the token found: the token (or its directory) is away."""
+    if isinstance(exc, _Fail):
+        return exc
     name = type(exc).__name__
     if type(exc).__module__.startswith("pkcs11"):
         return _Fail("token", f"PKCS#11 {name} while opening the token ({op})")
@@ -549,8 +559,6 @@ def _revision(doc: dict[str, Any]) -> tuple[int, bytes]:
 
 
 def _public_numbers(doc: dict[str, Any]) -> rsa.RSAPublicNumbers:
-    from lkm.keys import load_public_pkcs1
-
     return load_public_pkcs1(base64.b64decode(doc["public_key"])).public_numbers()
 
 
@@ -647,6 +655,8 @@ class _WorkerPool:
             for slot in slots:
                 self._greet(slot, pin)
         except KeyStoreError:
+            for slot in slots:
+                self._stop(slot, graceful=False)
             self._failed_attempt()
             raise
         finally:
@@ -691,9 +701,6 @@ class _WorkerPool:
             self.token_info = self._roundtrip(slot, "hello", (pin,), _SPAWN_TIMEOUT)
         except _Remote as remote:
             self._stop(slot, graceful=False)
-            if remote.kind == "fatal":
-                self.fatal = remote.text
-                raise KeyStoreError(remote.text, transient=False) from None
             raise KeyStoreError(f"HSM not available: {remote.text}") from None
         with self._lock:
             self.healthy = True
@@ -703,17 +710,18 @@ class _WorkerPool:
         slot.process, slot.conn = None, None
         if conn is not None:
             if graceful:
-                try:
+                with contextlib.suppress(OSError, ValueError):
                     conn.send(("stop", ()))
-                except (OSError, ValueError):
-                    pass
             conn.close()
         if process is not None:
             process.join(_STOP_TIMEOUT if graceful else 0)
             if process.is_alive():
                 process.kill()
                 process.join(_STOP_TIMEOUT)
-            process.close()
+            try:
+                process.close()
+            except ValueError:
+                log.warning("HSM worker process %s would not exit", process.pid)
 
     def _failed_attempt(self) -> None:
         with self._lock:
@@ -780,6 +788,12 @@ class _WorkerPool:
             self._stop(slot, graceful=False)
             self._token_failed(slot, text)
         if kind == "fatal":
+            # A wrong PIN, an unloadable module, an ambiguous token: retrying would not help (and a real HSM
+            # locks a user after a few wrong PINs), so the store stays down until the configuration is fixed.
+            self._stop(slot, graceful=False)
+            with self._lock:
+                self.fatal = text
+                self.healthy = False
             raise KeyStoreError(text, transient=False)
         raise _Remote(kind, text)
 
@@ -822,7 +836,14 @@ class Pkcs11KeyStore:
         self._probed: frozenset[Algorithm] | None = None
         self._next_probe = 0.0
         self._retry_interval = retry_interval
-        pin_source: Callable[[], bytes] = pin if callable(pin) else (lambda: pin)  # type: ignore[return-value]
+        if callable(pin):
+            pin_source = pin
+        else:
+            fixed_pin = bytes(pin)
+
+            def pin_source() -> bytes:
+                return fixed_pin
+
         self._pool = _WorkerPool(_TokenConfig(os.fspath(module), token_label, token_serial), pin_source,
                                  pool_size, retry_interval=retry_interval, op_timeout=op_timeout)
         try:
@@ -849,12 +870,17 @@ class Pkcs11KeyStore:
         return cls(settings.module, pin=settings.pin.read_bytes, token_label=settings.token_label,
                    token_serial=settings.token_serial, pool_size=settings.pool_size,
                    allow_pkcs1=settings.pkcs11_allow_pkcs1,
-                   allow_import=getattr(settings, "pkcs11_allow_import", True))
+                   allow_import=settings.pkcs11_allow_import)
 
     # --- capabilities ----------------------------------------------------------------------------------------
 
     def _probe(self) -> frozenset[Algorithm]:
-        names = self._call("probe", timeout=_KEYGEN_TIMEOUT)
+        try:
+            names = self._pool.call("probe", timeout=_KEYGEN_TIMEOUT)
+        except _Remote as remote:
+            log.warning("cannot probe the token's mechanisms (%s); assuming RSA-OAEP-SHA1 and RSA-PKCS1-V1_5",
+                        remote.text)
+            names = [Algorithm.RSA_OAEP_SHA1.value, Algorithm.RSA_PKCS1_V1_5.value]
         probed = frozenset(Algorithm(name) for name in names)
         self._probed = probed
         missing = sorted(a.value for a in Algorithm if a not in probed)
@@ -1039,6 +1065,8 @@ class Pkcs11KeyStore:
             raise _Rejected()
         if kind == "conflict":
             raise Conflict(text, code="key_exists")
+        if kind == "import_refused":
+            raise Conflict(f"this key store cannot import the key: {text}", code="import_unsupported")
         raise KeyStoreError(text or f"HSM error during {op}")
 
 

@@ -1,0 +1,124 @@
+"""File key store specifics: sealing at rest, permissions, atomic writes, lazy loading."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lkm.errors import KeyStoreError
+from lkm.keys import Algorithm, KeyState
+from lkm.keystore.file import FileKeyStore
+from tests.conftest import wrap
+
+PASS = b"correct horse battery staple"
+
+
+def test_private_key_is_sealed_at_rest(tmp_path: Path) -> None:
+    store = FileKeyStore(tmp_path / "ks", PASS)
+    record = store.create_key(state=KeyState.ACTIVE)
+    raw = (tmp_path / "ks" / "keys" / f"{record.id}.json").read_text()
+    doc = json.loads(raw)
+    assert doc["private_key"]["alg"] == "A256GCM"
+    assert "PRIVATE KEY" not in raw and "MII" not in doc["private_key"]["ciphertext"][:3]
+    assert stat.S_IMODE(os.stat(tmp_path / "ks" / "keys" / f"{record.id}.json").st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(tmp_path / "ks").st_mode) == 0o700
+
+
+def test_wrong_passphrase_is_a_clear_error(tmp_path: Path) -> None:
+    FileKeyStore(tmp_path / "ks", PASS).create_key(state=KeyState.ACTIVE)
+    with pytest.raises(KeyStoreError, match="wrong passphrase"):
+        FileKeyStore(tmp_path / "ks", b"not the passphrase")
+
+
+@pytest.mark.parametrize("mode", [0o755, 0o770, 0o707])
+def test_refuses_a_directory_others_can_enter(tmp_path: Path, mode: int) -> None:
+    FileKeyStore(tmp_path / "ks", PASS)
+    os.chmod(tmp_path / "ks", mode)
+    with pytest.raises(KeyStoreError, match="expected no access for group or others"):
+        FileKeyStore(tmp_path / "ks", PASS)
+
+
+def test_key_file_under_another_name_does_not_open(tmp_path: Path) -> None:
+    store = FileKeyStore(tmp_path / "ks", PASS)
+    record = store.create_key(state=KeyState.ACTIVE)
+    keys = tmp_path / "ks" / "keys"
+    doc = json.loads((keys / f"{record.id}.json").read_text())
+    other = "11111111-1111-4111-8111-111111111111"
+    doc["id"] = other
+    (keys / f"{other}.json").write_text(json.dumps(doc))
+    os.chmod(keys / f"{other}.json", 0o600)
+    fresh = FileKeyStore(tmp_path / "ks", PASS)
+    with pytest.raises(KeyStoreError, match="does not open"):
+        fresh.decrypt(other, wrap(record, b"x" * 32), Algorithm.RSA_OAEP_SHA1)
+
+
+def test_private_keys_load_lazily(tmp_path: Path) -> None:
+    store = FileKeyStore(tmp_path / "ks", PASS)
+    records = [store.create_key(state=KeyState.RETIRED) for _ in range(3)]
+    fresh = FileKeyStore(tmp_path / "ks", PASS)
+    assert len(fresh.list_keys()) == 3
+    assert fresh._private == {}  # nothing decrypted at start-up
+    assert fresh.decrypt(records[1].id, wrap(records[1], b"l" * 32), Algorithm.RSA_OAEP_SHA1) == b"l" * 32
+    assert set(fresh._private) == {records[1].id}
+
+
+def test_leftover_temp_files_are_ignored(tmp_path: Path) -> None:
+    store = FileKeyStore(tmp_path / "ks", PASS)
+    record = store.create_key(state=KeyState.ACTIVE)
+    (tmp_path / "ks" / "keys" / f".{record.id}.json.tmp-abc").write_text('{"torn')
+    fresh = FileKeyStore(tmp_path / "ks", PASS)
+    assert [r.id for r in fresh.list_keys()] == [record.id]
+
+
+def test_refresh_sees_other_writers(tmp_path: Path) -> None:
+    server_view = FileKeyStore(tmp_path / "ks", PASS)
+    cli_view = FileKeyStore(tmp_path / "ks", PASS)
+    record = cli_view.create_key(state=KeyState.ACTIVE)
+    assert server_view.refresh() is True
+    assert server_view.get_key(record.id).state is KeyState.ACTIVE
+    cli_view.save_record(record.with_changes(state=KeyState.DISABLED))
+    time.sleep(0.01)
+    server_view.refresh()
+    assert server_view.get_key(record.id).state is KeyState.DISABLED
+
+
+CREATE_LOOP = """
+import sys
+from pathlib import Path
+from lkm.keystore.file import FileKeyStore
+from lkm.keys import KeyState
+store = FileKeyStore(Path(sys.argv[1]), b"correct horse battery staple")
+print("ready", flush=True)
+while True:
+    record = store.create_key(state=KeyState.RETIRED)
+    store.save_record(record.with_changes(state=KeyState.DISABLED))
+"""
+
+
+def test_killed_writer_leaves_only_whole_keys(tmp_path: Path) -> None:
+    """SIGKILL a process in the middle of creating and updating keys: every key file left is whole."""
+    path = tmp_path / "ks"
+    FileKeyStore(path, PASS)
+    proc = subprocess.Popen([sys.executable, "-c", CREATE_LOOP, str(path)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    time.sleep(2.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
+    store = FileKeyStore(path, PASS)
+    records = store.list_keys()
+    assert records, "the writer made no key in time"
+    for record in records:
+        secret = os.urandom(32)
+        assert store.decrypt(record.id, wrap(record, secret), Algorithm.RSA_OAEP_SHA1) == secret
+    for name in os.listdir(path / "keys"):
+        if not name.startswith("."):
+            json.loads((path / "keys" / name).read_text())
