@@ -172,7 +172,7 @@ async def running(tmp_path: Path, certs: Pki, config_factory: Callable[..., Path
         yield handle
 
 
-class start_server:  # noqa: N801 - used like a function
+class start_server:
     def __init__(self, tmp: Path, certs: Pki, config_path: Path) -> None:
         self.tmp, self.certs, self.config_path = tmp, certs, config_path
 

@@ -85,7 +85,8 @@ async def test_options_needs_hawk(running: Running) -> None:
 
 
 async def _post_raw(running: Running, body: bytes, *, query: str = "", credential: HawkCredential | None = None,
-                    content_type: str = "application/json", **sign: object) -> tuple[int, dict[str, object], dict[str, str]]:
+                    content_type: str = "application/json",
+                    **sign: object) -> tuple[int, dict[str, object], dict[str, str]]:
     client = running.platform()
     resource = DECRYPT + (f"?{query}" if query else "")
     auth = sign_request(credential or running.hawk, method="POST", resource=resource, host=client.host,
