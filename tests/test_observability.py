@@ -1,0 +1,112 @@
+"""Metrics scraped from the real ops endpoint, readiness that means something, structured logs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from lkm.hawk import HawkCredential
+from lkm.keys import KeyState
+from lkm.logs import JsonFormatter
+from tests.conftest import Running, wrap
+
+
+async def scrape(running: Running) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    async with running.session.get(running.url("ops") + "/metrics") as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/plain")
+        text = await resp.text()
+    samples: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for family in text_string_to_metric_families(text):
+        assert family.documentation, f"{family.name} has no help text"
+        for sample in family.samples:
+            samples.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return samples
+
+
+def value(samples: dict[str, dict[tuple[tuple[str, str], ...], float]], name: str, **labels: str) -> float:
+    wanted = set(labels.items())
+    return sum(v for k, v in samples.get(name, {}).items() if wanted <= set(k))
+
+
+async def test_counts_move_with_requests(running: Running) -> None:
+    record = running.create_key()
+    await running.server.refresh()
+    before = await scrape(running)
+    for _ in range(3):
+        assert (await running.platform().decrypt(record.id, wrap(record, b"m" * 32))).status == 200
+    assert (await running.platform().decrypt(record.id, os.urandom(384))).status == 400
+    bad = HawkCredential(id=running.hawk.id, key="wrong")
+    assert (await running.platform(bad).decrypt(record.id, wrap(record, b"m" * 32))).status == 401
+    assert (await running.native("reader").unwrap(record.id, wrap(record, b"m" * 32))).status == 403
+    assert (await running.native("unlisted").request("GET", "/v1/keys")).status == 403
+    after = await scrape(running)
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert delta("lkm_unwraps_total", route="platform", outcome="ok", key_id=record.id) == 3
+    assert delta("lkm_unwraps_total", route="platform", outcome="decryption_failed") == 1
+    assert delta("lkm_unwrap_duration_seconds_count", route="platform") == 4
+    assert delta("lkm_auth_failures_total", method="hawk", reason="bad_mac") == 1
+    assert delta("lkm_auth_failures_total", method="mtls", reason="forbidden_role") == 1
+    assert delta("lkm_auth_failures_total", method="mtls", reason="unknown_client") == 1
+    assert delta("lkm_http_requests_total", listener="platform", method="POST", status="200") == 3
+    assert delta("lkm_http_requests_total", listener="platform", method="POST", status="401") == 1
+    assert value(after, "lkm_keys", state="active") == 1
+    assert value(after, "lkm_keystore_up", backend="file") == 1
+    assert value(after, "lkm_build_info") == 1
+    assert value(after, "lkm_tls_certificate_expiry_timestamp_seconds", listener="native") > 0
+    # Labels stay bounded: no request ids or raw paths.
+    routes = {dict(k).get("route") for k in after["lkm_http_requests_total"]}
+    assert record.id not in "".join(r or "" for r in routes)
+
+
+async def test_readiness_names_the_failing_check(running: Running) -> None:
+    await running.server.update_readiness(force_canary=True)
+    async with running.session.get(running.url("ops") + "/readyz") as resp:
+        body = await resp.json()
+        assert resp.status == 503
+        assert body["checks"]["active_key"]["ok"] is False
+    running.create_key(KeyState.ACTIVE)
+    await running.server.update_readiness(force_canary=True)
+    async with running.session.get(running.url("ops") + "/readyz") as resp:
+        assert resp.status == 200
+        assert (await resp.json())["checks"]["canary"]["ok"] is True
+    samples = await scrape(running)
+    assert value(samples, "lkm_ready") == 1
+
+
+async def test_audit_failure_fails_closed_and_unready(running: Running) -> None:
+    record = running.create_key()
+    audit_dir = Path(running.server.settings.audit.path).parent
+    shutil.rmtree(audit_dir)
+    audit_dir.write_text("not a directory any more")  # the trail cannot be written now
+    reply = await running.platform().decrypt(record.id, wrap(record, b"a" * 32))
+    assert reply.status == 503 and "Retry-After" in reply.headers
+    assert "audit" in reply.body["message"]
+    await running.server.update_readiness()
+    async with running.session.get(running.url("ops") + "/readyz") as resp:
+        body = await resp.json()
+        assert resp.status == 503 and body["checks"]["audit"]["ok"] is False
+    samples = await scrape(running)
+    assert value(samples, "lkm_audit_write_failures_total") >= 1
+    audit_dir.unlink()
+
+
+async def test_access_log_is_one_json_line_per_request(running: Running, caplog: pytest.LogCaptureFixture) -> None:
+    record = running.create_key()
+    caplog.set_level(logging.INFO, logger="lkm.access")
+    reply = await running.platform().decrypt(record.id, wrap(record, b"l" * 32))
+    lines = [r for r in caplog.records if r.name == "lkm.access"]
+    assert len(lines) == 1
+    data = json.loads(JsonFormatter().format(lines[0]))
+    assert data["request_id"] == reply.headers["X-Request-Id"]
+    assert data["status"] == 200 and data["route"] == "/key-management/v1/decrypt"
+    assert data["latency_ms"] > 0 and data["listener"] == "platform"
