@@ -41,6 +41,9 @@ def parse_key_id(value: object) -> str:
 
 
 class KeyState(enum.StrEnum):
+    """Where a key is in its life; lkm.lifecycle holds the transitions between these states."""
+
+    PENDING_ACTIVATION = "pending_activation"  # new, serves unwraps, becomes active once the platform has it
     ACTIVE = "active"
     RETIRED = "retired"
     DISABLED = "disabled"

@@ -10,6 +10,7 @@ are what the rest of lkm calls; the collectors stay public attributes for the ra
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import time
 from collections.abc import Callable, Mapping
@@ -26,6 +27,7 @@ UNWRAP_OUTCOMES = (
     "key_unusable",
     "unsupported_algorithm",
     "invalid_request",
+    "forbidden",
     "unavailable",
     "error",
 )
@@ -49,7 +51,7 @@ AUTH_FAILURE_PAIRS = (
     *(("mtls", reason) for reason in ("no_certificate", "unknown_client", "forbidden_role", "malformed")),
     ("cli", "forbidden_role"),
 )
-KEY_STATES = ("active", "retired", "disabled", "pending_destruction", "destroyed")
+KEY_STATES = ("pending_activation", "active", "retired", "disabled", "pending_destruction", "destroyed")
 KEYSTORE_BACKENDS = ("file", "pkcs11")
 KEYSTORE_OPERATIONS = ("decrypt", "create", "list", "refresh", "check")
 READINESS_CHECKS = ("keystore", "active_key", "certificates", "audit", "canary")
@@ -165,8 +167,6 @@ class Metrics:
             "Always 1; the labels say which key store and which optional features are configured.",
             ["keystore", "rotation", "platform_registration"], registry=r)
 
-        self.active_key_age.set_function(self._active_key_age_now)
-        self.next_rotation.set_function(self._next_rotation_now)
         self._initialize_series()
 
     def _initialize_series(self) -> None:
@@ -186,17 +186,19 @@ class Metrics:
             self.readiness_check.labels(check)
         self.set_key_states({})
 
-    def _active_key_age_now(self) -> float:
-        created = self._active_key_created
-        return 0.0 if created is None else max(0.0, self._clock() - created)
-
-    def _next_rotation_now(self) -> float:
-        due = self._next_rotation_due
-        return 0.0 if due is None else due - self._clock()
+    def _refresh_clock_gauges(self) -> None:
+        # Only what set_active_key / set_rotation_schedule gave; a gauge set directly is left alone.
+        now = self._clock()
+        if self._active_key_created is not None:
+            self.active_key_age.set(max(0.0, now - self._active_key_created))
+        if self._next_rotation_due is not None:
+            self.next_rotation.set(self._next_rotation_due - now)
 
     # --- exposition -----------------------------------------------------------------------------------
 
     def render(self) -> tuple[bytes, str]:
+        """The scrape body and its content type; clock-derived gauges are brought up to date first."""
+        self._refresh_clock_gauges()
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
     # --- info ---------------------------------------------------------------------------------------------
@@ -255,11 +257,15 @@ class Metrics:
     def set_active_key(self, created_timestamp: float | None) -> None:
         """Unix time the active key was created, or None; its age is computed at each scrape."""
         self._active_key_created = created_timestamp
+        if created_timestamp is None:
+            self.active_key_age.set(0)
 
     def set_rotation_schedule(self, period_seconds: float | None, next_due_timestamp: float | None) -> None:
         """The schedule (None: no schedule) and the unix time of the next rotation; the countdown is live."""
         self.rotation_period.set(period_seconds or 0)
         self._next_rotation_due = next_due_timestamp if period_seconds else None
+        if self._next_rotation_due is None:
+            self.next_rotation.set(0)
 
     def set_keystore_up(self, backend: str, up: bool) -> None:
         self.keystore_up.labels(_check(backend, KEYSTORE_BACKENDS, "backend")).set(1 if up else 0)
@@ -268,11 +274,18 @@ class Metrics:
         self.tls_expiry.labels(_check(listener, LISTENERS, "listener")).set(not_after_timestamp)
 
     def set_readiness(self, checks: Mapping[str, bool]) -> None:
-        """Every check's result; a check missing from `checks` counts as failing, and so does lkm_ready."""
+        """What /readyz just decided: each check's result, and ready only if there were checks and all passed.
+
+        A check left out (not run in this configuration) is dropped from lkm_readiness_check.
+        """
         unknown = set(checks) - set(READINESS_CHECKS)
         if unknown:
             expected = ", ".join(READINESS_CHECKS)
             raise ValueError(f"unknown readiness checks {sorted(unknown)}; expected {expected}")
         for check in READINESS_CHECKS:
-            self.readiness_check.labels(check).set(1 if checks.get(check, False) else 0)
-        self.ready.set(1 if all(checks.get(c, False) for c in READINESS_CHECKS) else 0)
+            if check in checks:
+                self.readiness_check.labels(check).set(1 if checks[check] else 0)
+            else:
+                with contextlib.suppress(KeyError):
+                    self.readiness_check.remove(check)
+        self.ready.set(1 if checks and all(checks.values()) else 0)

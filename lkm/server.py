@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import secrets
 import signal
 import time
@@ -26,7 +27,7 @@ from lkm.keys import Algorithm, KeyState, utcnow
 from lkm.keystore import KeyStore
 from lkm.keystore.file import PADDINGS
 from lkm.keystore.open import open_keystore
-from lkm.metrics import Metrics
+from lkm.metrics import AUTH_REASONS, Metrics
 from lkm.pki import load_cert_expiry
 from lkm.service import KeyService, RequestContext
 from lkm.tlsconf import server_context
@@ -47,27 +48,35 @@ READINESS_INTERVAL_SECONDS = 5.0
 
 
 class MetricsObserver(WebObserver):
-    """Feeds the web layer's and the service's events into Prometheus collectors."""
+    """Feeds the web layer's and the service's events into Prometheus collectors.
+
+    Metrics must never break a request: a label outside the closed sets is logged and dropped.
+    """
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
 
+    def _safely(self, func: Any, *args: Any) -> None:
+        try:
+            func(*args)
+        except ValueError as exc:
+            log.warning("metric not recorded: %s", exc)
+
     def request_done(self, listener: str, route: str, method: str, status: int, seconds: float) -> None:
-        self.metrics.http_requests.labels(listener, route, method, str(status)).inc()
-        self.metrics.http_duration.labels(listener, route).observe(seconds)
+        self._safely(self.metrics.observe_http, listener, None if route == "other" else route, method, status,
+                     seconds)
 
     def inflight(self, listener: str, delta: int) -> None:
         self.metrics.inflight.labels(listener).inc(delta)
 
     def auth_failure(self, method: str, reason: str) -> None:
-        self.metrics.auth_failures.labels(method, reason).inc()
+        self._safely(self.metrics.auth_failed, method, reason if reason in AUTH_REASONS else "malformed")
 
-    def unwrap_done(self, route: str, key_id: str, outcome: str, seconds: float) -> None:
-        self.metrics.unwraps.labels(route, key_id, outcome).inc()
-        self.metrics.unwrap_duration.labels(route).observe(seconds)
+    def unwrap_done(self, route: str, key_id: str | None, outcome: str, seconds: float) -> None:
+        self._safely(self.metrics.observe_unwrap, route, outcome, seconds, key_id)
 
     def keystore_op(self, backend: str, operation: str, seconds: float) -> None:
-        self.metrics.keystore_duration.labels(backend, operation).observe(seconds)
+        self._safely(self.metrics.observe_keystore, backend, operation, seconds)
 
 
 @dataclass
@@ -208,9 +217,8 @@ class LkmServer:
         keys = self.store.list_keys()
         self.metrics.set_key_states(Counter(k.state.value for k in keys))
         active = [k for k in keys if k.state is KeyState.ACTIVE]
-        if active:
-            newest = max(active, key=lambda k: k.created)
-            self.metrics.active_key_age.set((utcnow() - newest.created).total_seconds())
+        newest = max(active, key=lambda k: k.created) if active else None
+        self.metrics.set_active_key(newest.created.timestamp() if newest else None)
 
     async def _readiness_loop(self) -> None:
         while True:
@@ -248,10 +256,8 @@ class LkmServer:
         else:
             checks["canary"] = (False, "no active key to test")
         self.readiness.checks = checks
-        self.metrics.ready.set(1 if self.readiness.ready else 0)
-        for name, (ok, _) in checks.items():
-            self.metrics.readiness_check.labels(name).set(1 if ok else 0)
-        self.metrics.keystore_up.labels(store.backend).set(1 if checks["keystore"][0] else 0)
+        self.metrics.set_readiness({name: ok for name, (ok, _) in checks.items()})
+        self.metrics.set_keystore_up(store.backend, checks["keystore"][0])
 
     async def _canary(self, key_id: str) -> tuple[bool, str]:
         """A real unwrap with the active key: proves the private half is usable, not merely present."""
@@ -282,7 +288,7 @@ class LkmServer:
             except (OSError, ValueError):
                 problems.append(f"{name}: certificate unreadable")
                 continue
-            self.metrics.tls_expiry.labels(name).set(expiry.timestamp())
+            self.metrics.set_certificate_expiry(name, expiry.timestamp())
             if expiry <= now:
                 problems.append(f"{name}: certificate expired")
         return (not problems, "; ".join(problems) or "valid")
@@ -301,7 +307,13 @@ def system_actor() -> Actor:
     return Actor(kind="system", name=f"lkm-server:{os.getpid()}")
 
 
+def forbid_core_dumps() -> None:
+    """A core dump of this process would hold private keys and unwrapped data keys: allow none."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
 async def serve_forever(settings: Settings, *, on_started: Any = None) -> None:
+    forbid_core_dumps()
     server = LkmServer(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -16,8 +16,11 @@ from typing import Any, Protocol, TypeVar
 from lkm.auth import Actor
 from lkm.config import Role
 from lkm.errors import (
+    DecryptionFailed,
+    Forbidden,
     InternalError,
     InvalidRequest,
+    KeyNotFound,
     KeyStoreError,
     KeyUnusable,
     LkmError,
@@ -36,7 +39,7 @@ class AuditSink(Protocol):
 
 
 class UnwrapObserver(Protocol):
-    def unwrap_done(self, route: str, key_id: str, outcome: str, seconds: float) -> None: ...
+    def unwrap_done(self, route: str, key_id: str | None, outcome: str, seconds: float) -> None: ...
     def keystore_op(self, backend: str, operation: str, seconds: float) -> None: ...
 
 
@@ -58,15 +61,34 @@ class RequestContext:
         return fields
 
 
-UNWRAPPABLE_STATES = frozenset({KeyState.ACTIVE, KeyState.RETIRED})
+# A key waiting for platform registration must unwrap: the platform tests it with a decrypt before it counts.
+UNWRAPPABLE_STATES = frozenset({KeyState.PENDING_ACTIVATION, KeyState.ACTIVE, KeyState.RETIRED})
 
 
 def outcome_of(error: BaseException | None) -> str:
+    """The stable error code of an outcome, for the audit trail."""
     if error is None:
         return "ok"
     if isinstance(error, LkmError):
         return error.code
     return "error"
+
+
+def unwrap_outcome(error: BaseException | None) -> str:
+    """A small, closed set of unwrap outcomes for metrics (audit records keep the precise code)."""
+    if error is None:
+        return "ok"
+    for kind, name in ((DecryptionFailed, "decryption_failed"), (KeyNotFound, "key_not_found"),
+                       (KeyUnusable, "key_unusable"), (UnsupportedAlgorithm, "unsupported_algorithm"),
+                       (InvalidRequest, "invalid_request"), (Forbidden, "forbidden"),
+                       (Unavailable, "unavailable")):
+        if isinstance(error, kind):
+            return name
+    return "error"
+
+
+# Outcomes that prove the key exists, so its id is a bounded metric label.
+KEY_KNOWN_OUTCOMES = frozenset({"ok", "decryption_failed", "key_unusable"})
 
 
 class KeyService:
@@ -139,7 +161,9 @@ class KeyService:
         if isinstance(error, asyncio.CancelledError):
             return
         if self.observer:
-            self.observer.unwrap_done(ctx.route, key_id, outcome_of(error), time.perf_counter() - started)
+            outcome = unwrap_outcome(error)
+            self.observer.unwrap_done(ctx.route, key_id if outcome in KEY_KNOWN_OUTCOMES else None, outcome,
+                                      time.perf_counter() - started)
         # The response waits for its record to be durable: no unaudited unwrap leaves the server.
         await self._audit(ctx, "unwrap", key_id=key_id, error=error, started=started,
                           extra={"algorithm": algorithm.value})
@@ -162,8 +186,12 @@ class KeyService:
     # --- changing keys -------------------------------------------------------------------------------------
 
     async def audited(self, ctx: RequestContext, action: str, key_id: str | None,
-                      func: Callable[..., T], *args: Any) -> T:
-        """Runs a key change off the loop and audits it, success or failure."""
+                      func: Callable[..., T], *args: Any, details: dict[str, Any] | None = None) -> T:
+        """Runs a key change off the loop and audits it, success or failure.
+
+        `details` may be filled by `func` while it runs (states before and after, say): what it holds when
+        `func` returns or fails goes into the audit record, so a refused change records what was refused.
+        """
         started = time.perf_counter()
         error: BaseException | None = None
         result: T | None = None
@@ -178,7 +206,8 @@ class KeyService:
             raise
         finally:
             if not isinstance(error, asyncio.CancelledError):
-                await self._audit(ctx, action, key_id=key_id, error=error, started=started)
+                await self._audit(ctx, action, key_id=key_id, error=error, started=started,
+                                  extra=dict(details) if details else None)
 
     async def create_key(self, ctx: RequestContext, *, state: KeyState = KeyState.RETIRED,
                          label: str = "") -> KeyRecord:

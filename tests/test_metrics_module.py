@@ -145,7 +145,8 @@ def test_key_states_sets_every_state() -> None:
     m.set_key_states({"active": 1, "retired": 4})
     m.set_key_states({"active": 1, "disabled": 2})
     assert {s: value(m, "lkm_keys", state=s) for s in KEY_STATES} == {
-        "active": 1, "retired": 0, "disabled": 2, "pending_destruction": 0, "destroyed": 0}
+        "pending_activation": 0, "active": 1, "retired": 0, "disabled": 2, "pending_destruction": 0,
+        "destroyed": 0}
 
 
 def test_key_age_and_rotation_countdown_are_computed_at_scrape_time() -> None:
@@ -162,8 +163,18 @@ def test_key_age_and_rotation_countdown_are_computed_at_scrape_time() -> None:
     assert value(m, "lkm_next_rotation_seconds") == -3540
     assert value(m, "lkm_rotation_period_seconds") == 30 * 86400
     m.set_rotation_schedule(None, None)
+    m.set_active_key(None)
     assert value(m, "lkm_next_rotation_seconds") == 0
     assert value(m, "lkm_rotation_period_seconds") == 0
+    assert value(m, "lkm_active_key_age_seconds") == 0
+
+
+def test_gauges_set_directly_are_not_overwritten() -> None:
+    m = Metrics()
+    m.active_key_age.set(42)
+    m.next_rotation.set(-5)
+    assert value(m, "lkm_active_key_age_seconds") == 42
+    assert value(m, "lkm_next_rotation_seconds") == -5
 
 
 def test_readiness_and_certificates() -> None:
@@ -175,6 +186,11 @@ def test_readiness_and_certificates() -> None:
     assert value(m, "lkm_ready") == 0
     assert value(m, "lkm_readiness_check", check="audit") == 0
     assert value(m, "lkm_readiness_check", check="canary") == 1
+    m.set_readiness({"keystore": True, "audit": True})
+    assert value(m, "lkm_ready") == 1
+    assert value(m, "lkm_readiness_check", check="canary") is None
+    m.set_readiness({})
+    assert value(m, "lkm_ready") == 0
     m.set_certificate_expiry("platform", 1_900_000_000)
     assert value(m, "lkm_tls_certificate_expiry_timestamp_seconds", listener="platform") == 1_900_000_000
 

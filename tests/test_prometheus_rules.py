@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "prometheus"
 
@@ -32,3 +34,19 @@ def test_promtool(promtool: str, args: list[str]) -> None:
                             check=False)
     assert result.returncode == 0, f"promtool {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
     assert "SUCCESS" in result.stdout
+
+
+def test_dashboard_queries_parse(promtool: str, tmp_path: Path) -> None:
+    """Every dashboard query is valid PromQL: promtool checks them as recording rules."""
+    dashboard = json.loads((DEPLOY.parent / "grafana" / "lkm-dashboard.json").read_text())
+    rules = []
+    for panel in dashboard["panels"]:
+        for i, target in enumerate(panel.get("targets", [])):
+            expr = (target["expr"].replace("$__rate_interval", "5m")
+                    .replace("$job", ".*").replace("$instance", ".*"))
+            rules.append({"record": f"dashboard:panel{panel['id']}_{i}", "expr": expr})
+    path = tmp_path / "dashboard-rules.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    result = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -76,6 +76,7 @@ class FileKeyStore:
         self.keys_dir = path / "keys"
         self._lock_path = path / ".lock"
         self._lock = threading.Lock()
+        self._held = threading.local()  # how deep this thread is inside _writer()
         self._records: dict[str, KeyRecord] = {}
         self._signatures: dict[str, tuple[int, int, int]] = {}
         self._private: dict[str, rsa.RSAPrivateKey] = {}
@@ -254,12 +255,30 @@ class FileKeyStore:
 
     @contextmanager
     def _writer(self) -> Iterator[None]:
+        # Re-entrant per thread: a lifecycle step holds lock() around create_key/save_record, which lock too,
+        # and a second flock on a new descriptor would wait for the first forever.
+        depth: int = getattr(self._held, "depth", 0)
+        if depth:
+            self._held.depth = depth + 1
+            try:
+                yield
+            finally:
+                self._held.depth = depth
+            return
         with fsutil.file_lock(self._lock_path):
-            yield
+            self._held.depth = 1
+            try:
+                yield
+            finally:
+                self._held.depth = 0
 
     def lock(self) -> Any:
         """Cross-process exclusive section for read-check-write sequences (rotation)."""
         return self._writer()
+
+    def export_private_key(self, key_id: str) -> rsa.RSAPrivateKey:
+        """The private half, for an encrypted backup (lkm.backup); KeyUnusable once destroyed."""
+        return self._private_key(key_id)
 
     def _seal(self, key_id: str, key: rsa.RSAPrivateKey) -> dict[str, str]:
         der = key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,

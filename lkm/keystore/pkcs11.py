@@ -474,9 +474,13 @@ class _TokenWorker:
     def op_decrypt(self, key_id: str, ciphertext: bytes, algorithm_name: str) -> bytes:
         algorithm = Algorithm(algorithm_name)
         mechanism, param = self._mechanism(algorithm)
+        cka_id = key_id_bytes(key_id)
         for _ in range(2):
             key = self._private_key(key_id)
             try:
+                if key[self.A.ID] != cka_id:  # a token may reuse the handle of a destroyed object
+                    self.handles.pop(key_id, None)
+                    continue
                 return bytes(key.decrypt(ciphertext, mechanism=mechanism, mechanism_param=param))
             except (self.exc.ObjectHandleInvalid, self.exc.KeyHandleInvalid):
                 self.handles.pop(key_id, None)  # destroyed by another server, or the token went away: look again
@@ -703,7 +707,10 @@ class _WorkerPool:
             self._stop(slot, graceful=False)
             raise KeyStoreError(f"HSM not available: {remote.text}") from None
         with self._lock:
+            recovered = not self.healthy and self._last_failure > float("-inf")
             self.healthy = True
+        if recovered:
+            log.warning("HSM available again: token %r answers", self.token_info.get("label"))
 
     def _stop(self, slot: _Slot, *, graceful: bool) -> None:
         process, conn = slot.process, slot.conn
@@ -829,6 +836,7 @@ class Pkcs11KeyStore:
         self.allow_pkcs1 = allow_pkcs1
         self.allow_import = allow_import
         self._records: dict[str, KeyRecord] = {}
+        self._written: set[str] = set()  # ids this store wrote since the last refresh began
         self._sizes: dict[str, int] = {}
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()
@@ -932,6 +940,8 @@ class Pkcs11KeyStore:
         return record
 
     def refresh(self) -> bool:
+        with self._lock:
+            self._written.clear()
         records: dict[str, KeyRecord] = {}
         for value in self._call("list"):
             try:
@@ -941,6 +951,9 @@ class Pkcs11KeyStore:
                 continue
             records[record.id] = record
         with self._lock:
+            for key_id in self._written:  # written while the listing ran: what we wrote is newer
+                if key_id in self._records:
+                    records[key_id] = self._records[key_id]
             changed = records != self._records
             if changed:
                 self._records = records
@@ -955,6 +968,7 @@ class Pkcs11KeyStore:
             raise KeyStoreError("unreadable lkm metadata object on the token") from None
         with self._lock:
             self._records[record.id] = record
+            self._written.add(record.id)
         return record
 
     def check(self) -> None:
