@@ -123,7 +123,7 @@ def _dev_pkcs11(dev_dir: Path) -> dict[str, Any]:
         subprocess.run(["bash", str(script), "--dir", str(token_dir), "--json", str(settings_file)],
                        check=True)
     data: dict[str, Any] = json.loads(settings_file.read_text())
-    os.environ["SOFTHSM2_CONF"] = data.pop("softhsm2_conf")
+    data["module_env"] = {"SOFTHSM2_CONF": data.pop("softhsm2_conf")}
     return data
 
 
@@ -179,20 +179,20 @@ def cmd_keys_show(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_create(args: argparse.Namespace) -> int:
+    from lkm import lifecycle  # noqa: PLC0415
+    from lkm.cli_lifecycle import _change  # noqa: PLC0415
+
     settings = _settings(args)
-    store = _open_store(settings)
-    try:
-        has_active = any(k.state is KeyState.ACTIVE for k in store.list_keys())
-        # The first key becomes active; later ones wait for a rotation to make them active.
-        state = KeyState.RETIRED if has_active else KeyState.ACTIVE
-        record = store.create_key(state=state, label=args.label or "")
-    finally:
-        store.close()
-    _audit_cli(settings, "create_key", record.id, state=record.state.value)
+    # Active only if no key is and no platform registration must come first; otherwise pending activation.
+    record, _ = _change(settings, "create_key", None, lifecycle.create_key,
+                        registration=settings.genesys is not None, label=args.label or "")
     if args.json:
         _print_json({**record.to_json(), **public_key_views(record)})
-    else:
-        print(_key_lines(record))
+        return 0
+    print(_key_lines(record))
+    if record.state is KeyState.PENDING_ACTIVATION:
+        hint = f"lkm genesys register {record.id}" if settings.genesys else f"lkm keys activate {record.id}"
+        print(f"pending activation: it serves unwraps; once the platform has it, `{hint}` makes it active")
     return 0
 
 
@@ -201,19 +201,22 @@ def cmd_keys_import(args: argparse.Namespace) -> int:
     key_id = parse_key_id(args.id)
     data = Path(args.file).read_bytes() if args.file != "-" else sys.stdin.buffer.read()
     password = Path(args.password_file).read_bytes().rstrip(b"\r\n") if args.password_file else None
-    private_key = load_private_key_any(data, password)
+    from lkm import lifecycle  # noqa: PLC0415
+
     store = _open_store(settings)
+    details: dict[str, Any] = {}
     try:
-        has_active = any(k.state is KeyState.ACTIVE for k in store.list_keys())
-        state = KeyState(args.state) if args.state else (KeyState.RETIRED if has_active else KeyState.ACTIVE)
-        try:
-            record = store.import_key(key_id, private_key, state=state, label=args.label or "")
-        except LkmError as exc:
-            _audit_cli(settings, "import_key", key_id, outcome="error", error_code=exc.code)
-            raise
+        private_key = load_private_key_any(data, password)
+        # Without --state: active if no key is, else retired; an id that is taken must hold identical material.
+        record, _ = lifecycle.import_key(store, key_id, private_key,
+                                         state=KeyState(args.state) if args.state else None,
+                                         label=args.label or "", details=details)
+    except LkmError as exc:
+        _audit_cli(settings, "import_key", key_id, outcome="error", error_code=exc.code, **details)
+        raise
     finally:
         store.close()
-    _audit_cli(settings, "import_key", record.id, state=record.state.value)
+    _audit_cli(settings, "import_key", record.id, **details)
     print(_key_lines(record))
     return 0
 
@@ -276,6 +279,18 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     return 1
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from lkm.bench.command import run  # noqa: PLC0415
+
+    return run(args)
+
+
+def _bench_arguments(parser: argparse.ArgumentParser) -> None:
+    from lkm.bench.options import add_arguments  # noqa: PLC0415
+
+    add_arguments(parser)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from lkm.demo import run_demo  # noqa: PLC0415
 
@@ -316,16 +331,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("show", cmd_keys_show, "show one key and its public key", keys)
     p.add_argument("id")
     p.add_argument("--json", action="store_true")
-    p = add("create", cmd_keys_create, "create an RSA-3072 key (active if there is no active key)", keys)
+    p = add("create", cmd_keys_create,
+            "create an RSA-3072 key (active if none is and no registration is needed, else pending activation)",
+            keys)
     p.add_argument("--label")
     p.add_argument("--json", action="store_true")
     p = add("import", cmd_keys_import,
             "import an RSA-3072 private key (PEM PKCS#1/PKCS#8, DER, or base64 DER PKCS#1) under an id", keys)
     p.add_argument("--id", required=True, help="the key id (UUID) the platform knows it by")
     p.add_argument("--label")
-    p.add_argument("--state", choices=[s.value for s in KeyState if s is not KeyState.DESTROYED])
+    p.add_argument("--state", choices=["active", "retired", "disabled", "pending_activation"],
+                   help="default: active if no key is, else retired")
     p.add_argument("--password-file", help="file holding the password of an encrypted PEM")
     p.add_argument("file", help="key file, or - for standard input")
+
+    from lkm.cli_lifecycle import add_commands  # noqa: PLC0415 - it imports this module
+
+    add_commands(sub, keys, add)
 
     hawk = sub.add_parser("hawk", help="Hawk credentials for the platform").add_subparsers(
         dest="hawk_command", required=True, metavar="ACTION")
@@ -343,6 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("demo", cmd_demo, "play the platform once against a running server (wrap, unwrap, decrypt)")
     p.add_argument("--dev-json", help=f"dev.json of a --dev server (default: {DEFAULT_DEV_DIR}/dev.json)")
+    p = add("bench", cmd_bench, "measure throughput and latency: a load generator, the raw key-store rate, "
+                                "start-up with many keys")
+    _bench_arguments(p)
     return parser
 
 

@@ -132,6 +132,7 @@ class KeyStoreSettings:
     pool_size: int = 2
     pkcs11_allow_pkcs1: bool = False
     pkcs11_allow_import: bool = True  # plaintext private keys may be imported into the token
+    module_env: tuple[tuple[str, str], ...] = ()  # environment the PKCS#11 module reads (SOFTHSM2_CONF, ...)
 
 
 @dataclass(frozen=True)
@@ -158,6 +159,29 @@ class LimitsSettings:
 
 
 @dataclass(frozen=True)
+class RotationSettings:
+    every_seconds: int  # scheduled rotation period; at least MIN_ROTATION_SECONDS
+
+
+MIN_ROTATION_SECONDS = 3600
+
+
+@dataclass(frozen=True)
+class GenesysSettings:
+    """Where and how to register new public keys with the platform (`POST /api/v2/recording/localkeys`)."""
+
+    login_url: str  # e.g. https://login.mypurecloud.com
+    api_url: str  # e.g. https://api.mypurecloud.com
+    client_id: str
+    client_secret: SecretRef
+    config_id: str  # the key configuration (type LocalKeyManager) the keys belong to
+    timeout_seconds: float
+    max_attempts: int
+    retry_initial_seconds: float
+    retry_max_seconds: float
+
+
+@dataclass(frozen=True)
 class Settings:
     source: str
     keystore: KeyStoreSettings
@@ -168,6 +192,8 @@ class Settings:
     logging: LoggingSettings
     limits: LimitsSettings
     extra: Mapping[str, Any] = field(default_factory=dict)
+    rotation: RotationSettings | None = None
+    genesys: GenesysSettings | None = None
 
 
 # --- reading ------------------------------------------------------------------------------------------------
@@ -347,9 +373,24 @@ def _keystore(sec: Section) -> KeyStoreSettings:
             pool_size=sec.integer("pool_size", 2, minimum=1, maximum=64),
             pkcs11_allow_pkcs1=sec.flag("allow_pkcs1", False),
             pkcs11_allow_import=sec.flag("allow_import", True),
+            module_env=_module_env(sec),
         )
     sec.done()
     return result
+
+
+_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _module_env(sec: Section) -> tuple[tuple[str, str], ...]:
+    env = sec.section("module_env")
+    pairs = []
+    for name in list(env.data):
+        if not isinstance(name, str) or not _ENV_NAME_RE.match(name):
+            raise env.error(str(name), "an environment variable name ([A-Za-z_][A-Za-z0-9_]*)")
+        pairs.append((name, str(env.path(name)) if name.endswith(("_CONF", "_PATH")) else env.string(name)))
+    env.done()
+    return tuple(pairs)
 
 
 def _hawk(sec: Section) -> HawkSettings:
@@ -439,6 +480,65 @@ def _native(sec: Section) -> NativeSettings | None:
     return result
 
 
+def _seconds(sec: Section, key: str, default: float, *, minimum: float) -> float:
+    """A duration that may be below a second (timeouts, retry delays): 0.5, 10, '10s', '5m'."""
+    value = sec.raw(key, default)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        try:
+            seconds = float(parse_duration(str(value)))
+        except ValueError:
+            raise sec.error(key, f"a number of seconds or a duration such as 10s or 5m, got {value!r}") from None
+    if seconds < minimum:
+        raise sec.error(key, f"at least {minimum} seconds, got {value!r}")
+    return seconds
+
+
+def _rotation(sec: Section) -> RotationSettings:
+    result = RotationSettings(every_seconds=sec.duration("every", minimum=MIN_ROTATION_SECONDS))
+    sec.done()
+    return result
+
+
+_REGION_RE = re.compile(r"^[a-z0-9-]+(\.[a-z0-9-]+)+$")
+
+
+def _base_url(sec: Section, key: str) -> str:
+    value: str = sec.string(key).rstrip("/")
+    if not re.match(r"^https?://[^/\s]+$", value):
+        raise sec.error(key, f"a base URL such as https://api.mypurecloud.com (no path), got {value!r}")
+    return value
+
+
+def _genesys(sec: Section) -> GenesysSettings:
+    if sec.has("region"):
+        if sec.has("login_url") or sec.has("api_url"):
+            raise sec.error("region", "either region or login_url and api_url, not both")
+        region = sec.string("region").strip().lower()
+        if not _REGION_RE.match(region):
+            raise sec.error("region", f"a region domain such as mypurecloud.com or usw2.pure.cloud, got {region!r}")
+        login_url, api_url = f"https://login.{region}", f"https://api.{region}"
+    elif sec.has("login_url") and sec.has("api_url"):
+        login_url, api_url = _base_url(sec, "login_url"), _base_url(sec, "api_url")
+    else:
+        raise sec.error("region", "a region (e.g. mypurecloud.com), or both login_url and api_url")
+    initial = _seconds(sec, "retry_initial", 2.0, minimum=0.01)
+    result = GenesysSettings(
+        login_url=login_url,
+        api_url=api_url,
+        client_id=sec.string("client_id"),
+        client_secret=sec.secret("client_secret"),
+        config_id=sec.string("config_id"),
+        timeout_seconds=_seconds(sec, "timeout", 15.0, minimum=0.1),
+        max_attempts=sec.integer("max_attempts", 6, minimum=1, maximum=100),
+        retry_initial_seconds=initial,
+        retry_max_seconds=max(initial, _seconds(sec, "retry_max", 300.0, minimum=0.01)),
+    )
+    sec.done()
+    return result
+
+
 def load_settings(path: str | os.PathLike[str]) -> Settings:
     source = str(path)
     try:
@@ -485,10 +585,13 @@ def settings_from_mapping(data: object, *, source: str, base_dir: Path) -> Setti
         refresh_seconds=lim.number("refresh_seconds", 2.0, minimum=0.1),
     )
     lim.done()
+    rotation = _rotation(top.section("rotation")) if top.has("rotation") else None
+    genesys = _genesys(top.section("genesys")) if top.has("genesys") else None
     extra = {k: top.raw(k) for k in EXTENSION_SECTIONS if top.has(k)}
     top.done()
     return Settings(source=source, keystore=keystore, platform=platform, native=native, ops=ops,
-                    audit=audit, logging=logging_settings, limits=limits, extra=extra)
+                    audit=audit, logging=logging_settings, limits=limits, extra=extra, rotation=rotation,
+                    genesys=genesys)
 
 
 EXTENSION_SECTIONS: tuple[str, ...] = ()

@@ -33,10 +33,8 @@ def lkm(*args: str, check: bool = True, stdin: bytes | None = None) -> subproces
     return result
 
 
-@pytest.fixture
-def dev_server(tmp_path: Path) -> Iterator[dict[str, object]]:
-    dev_dir = tmp_path / "dev"
-    proc = subprocess.Popen([*LKM, "serve", "--dev", "--dev-dir", str(dev_dir), "--dev-port-base", "0"],
+def start_dev(dev_dir: Path, *extra: str) -> Iterator[dict[str, object]]:
+    proc = subprocess.Popen([*LKM, "serve", "--dev", "--dev-dir", str(dev_dir), "--dev-port-base", "0", *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     dev_json = dev_dir / "dev.json"
     deadline = time.monotonic() + 60
@@ -58,6 +56,34 @@ def dev_server(tmp_path: Path) -> Iterator[dict[str, object]]:
             proc.kill()
         proc.communicate()
     assert proc.returncode == 0
+
+
+@pytest.fixture
+def dev_server(tmp_path: Path) -> Iterator[dict[str, object]]:
+    yield from start_dev(tmp_path / "dev")
+
+
+def test_dev_mode_on_softhsm(tmp_path: Path) -> None:
+    from tests.hsm import require_softhsm
+
+    require_softhsm()
+    env_before = os.environ.get("SOFTHSM2_CONF")
+    gen = start_dev(tmp_path / "dev", "--keystore", "pkcs11")
+    facts = next(gen)
+    try:
+        config = Path(str(facts["config"]))
+        assert "type: pkcs11" in config.read_text()
+        demo = lkm("demo", "--dev-json", str(config.parent / "dev.json"))
+        assert "recording decrypts: True" in demo.stdout
+        # The CLI finds the token through the config alone (module_env carries SOFTHSM2_CONF).
+        listing = subprocess.run([*LKM, "keys", "list", "-c", str(config)], capture_output=True, text=True,
+                                 check=False, env={k: v for k, v in os.environ.items() if k != "SOFTHSM2_CONF"})
+        assert listing.returncode == 0, listing.stderr
+        assert "active" in listing.stdout
+    finally:
+        for _ in gen:
+            pass
+    assert os.environ.get("SOFTHSM2_CONF") == env_before
 
 
 async def test_dev_mode_end_to_end(dev_server: dict[str, object]) -> None:
@@ -132,7 +158,7 @@ def test_keys_create_list_show(config: str) -> None:
     assert created["state"] == "active"
     assert created["public_key_pkcs1_b64"].startswith("MIIBigKCAYEA")
     second = json.loads(lkm("keys", "create", "-c", config, "--json").stdout)
-    assert second["state"] == "retired"  # one active key; a rotation promotes another
+    assert second["state"] == "pending_activation"  # one active key; `lkm keys activate` or a rotation promotes
     listing = lkm("keys", "list", "-c", config).stdout
     assert created["id"] in listing and second["id"] in listing and "active" in listing
     shown = lkm("keys", "show", created["id"], "-c", config).stdout

@@ -138,6 +138,7 @@ class FileKeyStore:
         return sorted(self._records.values(), key=lambda r: (r.created, r.id))
 
     def get_key(self, key_id: str) -> KeyRecord:
+        key_id = parse_key_id(key_id)
         record = self._records.get(key_id)
         if record is None:
             # A key written a moment ago by another process: look before saying no.
@@ -216,6 +217,7 @@ class FileKeyStore:
         if key is not None:
             return key
         record = self.get_key(key_id)
+        key_id = record.id
         sealed = self._read_doc(key_id).get("private_key")
         if sealed is None:
             raise KeyUnusable("key has been destroyed", code="key_destroyed")
@@ -336,6 +338,7 @@ class FileKeyStore:
             return self._records[record.id]
 
     def destroy_private(self, key_id: str) -> KeyRecord:
+        key_id = parse_key_id(key_id)
         with self._writer():
             doc = self._read_doc(key_id)
             record = _record_from_doc(doc).with_changes(state=KeyState.DESTROYED, updated=utcnow())

@@ -18,7 +18,8 @@ therefore never loads the PKCS#11 library (nor imports python-pkcs11): every tok
 `pool_size` worker processes (multiprocessing "spawn", never fork), each with its own library instance, logged
 in once, holding one session and a cache of key handles. A caller thread checks a worker out of an idle queue,
 sends one request over that worker's pipe, waits for the answer and checks the worker back in; so one session
-is only ever used by one thread, and a crash in the library kills a worker, not the server.
+is only ever used by one thread, and a crash in the library kills a worker, not the server. (As with any
+"spawn" start method, a script that opens this store at top level needs the `if __name__ == "__main__":` guard.)
 
 Recovery: a token failure (device error, session closed or invalid, token gone, library not initialized, ...)
 or a dead or stuck worker answers KeyStoreError(transient=True) and retires every worker of that generation;
@@ -668,13 +669,28 @@ class _WorkerPool:
                 self._idle.put(slot)
 
     def close(self) -> None:
+        """Stops the workers, after letting calls in flight finish (a few seconds at most)."""
         self._closed = True
+        deadline = time.monotonic() + 5.0
+        idle: list[_Slot] = []
+        while len(idle) < len(self._slots):
+            try:
+                idle.append(self._idle.get(timeout=max(0.0, deadline - time.monotonic())))
+            except queue.Empty:
+                break
         for slot in self._slots:
-            self._stop(slot, graceful=True)
+            self._stop(slot, graceful=slot in idle)
+        for slot in idle:
+            self._idle.put(slot)  # callers still waiting get a slot, then "closed"
 
     def worker_pids(self) -> list[int]:
-        return [slot.process.pid for slot in self._slots
-                if slot.process is not None and slot.process.pid is not None and slot.process.is_alive()]
+        pids = []
+        for slot in list(self._slots):
+            process = slot.process
+            with contextlib.suppress(ValueError):  # closed by another thread meanwhile
+                if process is not None and process.pid is not None and process.is_alive():
+                    pids.append(process.pid)
+        return pids
 
     def _read_pin(self) -> str:
         try:
@@ -753,6 +769,8 @@ class _WorkerPool:
             self._idle.put(slot)
 
     def _ensure(self, slot: _Slot) -> None:
+        if self._closed:
+            raise KeyStoreError("the PKCS#11 key store is closed", transient=False)
         if self.fatal is not None:
             raise KeyStoreError(self.fatal, transient=False)
         if slot.process is not None and slot.epoch == self._epoch and slot.process.is_alive():

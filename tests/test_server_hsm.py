@@ -1,0 +1,74 @@
+"""The whole server on a real SoftHSM2 token: the same routes, readiness and recovery as on the file store."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from lkm.keys import KeyState
+from tests.conftest import OAEP_SHA256, Pki, start_server, wrap
+from tests.hsm import SoftHsmToken, softhsm_conf, softhsm_token  # noqa: F401 - fixtures
+
+
+def hsm_config(factory: Callable[..., Path], token: SoftHsmToken, **overrides: object) -> Path:
+    return factory(keystore={"type": "pkcs11", "module": str(token.module), "token_label": token.label,
+                             "pin": {"file": str(token.pin_file)}, "pool_size": 2}, **overrides)
+
+
+async def test_platform_route_on_the_hsm_and_recovery(tmp_path: Path, certs: Pki,
+                                                      config_factory: Callable[..., Path],
+                                                      softhsm_token: SoftHsmToken) -> None:
+    async with start_server(tmp_path, certs, hsm_config(config_factory, softhsm_token)) as running:
+        record = await asyncio.to_thread(running.store.create_key, state=KeyState.ACTIVE)
+        assert record.backend == "pkcs11"
+        reply = await running.platform().decrypt(record.id, wrap(record, b"h" * 32))
+        assert reply.status == 200 and base64.b64decode(reply.body["body"]) == b"h" * 32
+
+        # OAEP-SHA256 is not offered by SoftHSM 2.6: said plainly, per request.
+        native = await running.native("admin").unwrap(record.id, wrap(record, b"s" * 32, OAEP_SHA256),
+                                                       "RSA-OAEP-SHA256")
+        if native.status != 200:
+            assert native.status == 400
+            assert native.body["error"] == {"code": "unsupported_algorithm",
+                                            "message": "this key store does not support RSA-OAEP-SHA256"}
+        # PKCS#1 v1.5 on this store is refused unless the config allows it (padding oracle).
+        refused = await running.platform().decrypt(record.id, os.urandom(384), pkcs1=True)
+        assert refused.status == 400 and "does not support" in refused.body["message"]
+
+        await running.server.update_readiness(force_canary=True)
+        assert running.server.readiness.ready
+
+        # The token goes away: 503 with Retry-After, readiness false; it comes back: served again, no restart.
+        away = softhsm_token.token_dir.with_name(softhsm_token.token_dir.name + ".away")
+        softhsm_token.token_dir.rename(away)
+        try:
+            reply = await running.platform().decrypt(record.id, wrap(record, b"x" * 32))
+            assert reply.status == 503 and reply.headers.get("Retry-After")
+            await running.server.update_readiness(force_canary=True)
+            async with running.session.get(running.url("ops") + "/readyz") as resp:
+                assert resp.status == 503
+                assert (await resp.json())["checks"]["keystore"]["ok"] is False
+        finally:
+            away.rename(softhsm_token.token_dir)
+        for _ in range(30):
+            reply = await running.platform().decrypt(record.id, wrap(record, b"y" * 32))
+            if reply.status == 200:
+                break
+            await asyncio.sleep(0.2)
+        assert reply.status == 200 and base64.b64decode(reply.body["body"]) == b"y" * 32
+        await running.server.update_readiness(force_canary=True)
+        assert running.server.readiness.ready
+
+
+async def test_concurrent_unwraps_through_the_server(tmp_path: Path, certs: Pki,
+                                                     config_factory: Callable[..., Path],
+                                                     softhsm_token: SoftHsmToken) -> None:
+    async with start_server(tmp_path, certs, hsm_config(config_factory, softhsm_token)) as running:
+        record = await asyncio.to_thread(running.store.create_key, state=KeyState.ACTIVE)
+        secrets_ = [os.urandom(32) for _ in range(120)]
+        client = running.platform()
+        replies = await asyncio.gather(*(client.decrypt(record.id, wrap(record, s)) for s in secrets_))
+        assert [base64.b64decode(r.body["body"]) for r in replies] == secrets_
