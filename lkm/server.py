@@ -18,11 +18,13 @@ from typing import Any
 from aiohttp import web
 
 from lkm import __version__
+from lkm.admission import Admission
 from lkm.audit import AuditLog
 from lkm.auth import Actor, ClientPolicy
 from lkm.config import Settings
 from lkm.errors import KeyStoreError, LkmError
 from lkm.hawk import CredentialSource, HawkCredential, HawkVerifier
+from lkm.keyadmin import KeyAdmin
 from lkm.keys import Algorithm, KeyState, utcnow
 from lkm.keystore import KeyStore
 from lkm.keystore.file import PADDINGS
@@ -40,6 +42,8 @@ from lkm.web import (
     ops_app,
     platform_app,
 )
+from lkm.web_admin import install_admin_routes
+from lkm.web_batch import install_batch_route
 
 log = logging.getLogger("lkm.server")
 
@@ -105,6 +109,7 @@ class LkmServer:
         self.audit: AuditLog | None = None
         self.service: KeyService | None = None
         self.hawk_source: CredentialSource | None = None
+        self.keyadmin: KeyAdmin | None = None
         self._last_canary = 0.0
 
     # --- life cycle ----------------------------------------------------------------------------------------
@@ -118,10 +123,16 @@ class LkmServer:
                               keep_files=settings.audit.keep_files,
                               on_failure=self.metrics.audit_failures.inc)
         await self.audit.start()
+        admission = Admission(self._executor, workers=settings.limits.worker_threads,
+                              deadline_seconds=settings.limits.request_deadline_ms / 1000,
+                              on_shed=self._count_shed)
         self.service = KeyService(self.store, self.audit, self._executor, observer=self.observer,
-                                  fail_closed=settings.audit.fail_closed)
+                                  fail_closed=settings.audit.fail_closed, admission=admission)
         self.metrics.set_build_info(__version__)
-        self.metrics.set_config_info(keystore=self.store.backend, rotation=False, registration=False)
+        self.keyadmin = KeyAdmin(self.service, rotation=settings.rotation, genesys_settings=settings.genesys,
+                                 metrics=self.metrics)
+        self.metrics.set_config_info(keystore=self.store.backend, rotation=settings.rotation is not None,
+                                     registration=settings.genesys is not None)
         wctx = WebContext(service=self.service, observer=self.observer,
                           max_body_bytes=settings.limits.max_body_bytes, audit_denials=self._audit_denial)
 
@@ -140,16 +151,28 @@ class LkmServer:
         if settings.native is not None:
             ssl_ctx = server_context(settings.native.tls, require_client_cert=True, source=settings.source,
                                      setting="native.tls")
-            await self._listen("native", native_app(wctx, ClientPolicy(settings.native.clients)),
-                               settings.native.listen.host, settings.native.listen.port, ssl_ctx)
+            native = native_app(wctx, ClientPolicy(settings.native.clients))
+            install_admin_routes(native, self.keyadmin)
+            install_batch_route(native, settings.native.max_batch)
+            await self._listen("native", native, settings.native.listen.host, settings.native.listen.port,
+                               ssl_ctx)
         if settings.ops.enabled:
             await self._listen("ops", ops_app(wctx, self.readiness, self.metrics.render),
                                settings.ops.listen.host, settings.ops.listen.port, None)
         await self.update_readiness(force_canary=True)
         self._tasks.append(asyncio.create_task(self._refresh_loop(), name="lkm-refresh"))
         self._tasks.append(asyncio.create_task(self._readiness_loop(), name="lkm-readiness"))
+        if settings.rotation is not None:
+            # The first look is immediate: a rotation missed while the server was down happens now.
+            self._tasks.append(asyncio.create_task(self.keyadmin.schedule_loop(settings.limits.refresh_seconds),
+                                                   name="lkm-rotation"))
+        if settings.genesys is not None:
+            self.keyadmin.resume_registrations()
         log.info("lkm started", extra={"listeners": {n: f"{lst.host}:{lst.port}"
                                                       for n, lst in self.listeners.items()}})
+
+    def _count_shed(self, route: str) -> None:
+        self.metrics.shed.labels("platform" if route == "platform" else "native").inc()
 
     async def _listen(self, name: str, app: web.Application, host: str, port: int, ssl_ctx: Any) -> None:
         runner = web.AppRunner(app, access_log=None,
@@ -171,6 +194,8 @@ class LkmServer:
         return f"{'https' if listener.tls else 'http'}://{host}:{listener.port}"
 
     async def stop(self) -> None:
+        if self.keyadmin is not None:
+            await self.keyadmin.close()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

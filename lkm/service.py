@@ -6,13 +6,15 @@ Free of HTTP: routes turn wire formats into these calls and LkmErrors back into 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol, TypeVar
 
+from lkm.admission import Admission, is_shed
 from lkm.auth import Actor
 from lkm.config import Role
 from lkm.errors import (
@@ -61,6 +63,15 @@ class RequestContext:
         return fields
 
 
+@dataclass(frozen=True)
+class UnwrapItem:
+    """One item of a batch unwrap, already decoded from the wire."""
+
+    key_id: str
+    ciphertext: bytes
+    algorithm: Algorithm
+
+
 # A key waiting for platform registration must unwrap: the platform tests it with a decrypt before it counts.
 UNWRAPPABLE_STATES = frozenset({KeyState.PENDING_ACTIVATION, KeyState.ACTIVE, KeyState.RETIRED})
 
@@ -93,12 +104,14 @@ KEY_KNOWN_OUTCOMES = frozenset({"ok", "decryption_failed", "key_unusable"})
 
 class KeyService:
     def __init__(self, store: KeyStore, audit: AuditSink, executor: Executor, *,
-                 observer: UnwrapObserver | None = None, fail_closed: bool = True) -> None:
+                 observer: UnwrapObserver | None = None, fail_closed: bool = True,
+                 admission: Admission | None = None) -> None:
         self.store = store
         self.audit = audit
         self.executor = executor
         self.observer = observer
         self.fail_closed = fail_closed
+        self.admission = admission
 
     async def run(self, func: Callable[..., T], *args: Any) -> T:
         """Runs blocking key-store work in the worker pool, translating backend trouble to 503."""
@@ -147,9 +160,15 @@ class KeyService:
         try:
             ctx.actor.require(Role.UNWRAP)
             if len(ciphertext) != CIPHERTEXT_BYTES:
-                raise InvalidRequest(f"wrapped key must be {CIPHERTEXT_BYTES} bytes (RSA-3072), "
-                                     f"got {len(ciphertext)}", code="invalid_ciphertext_length")
-            return await self.run(self._unwrap_sync, key_id, ciphertext, algorithm)
+                raise _bad_length(len(ciphertext))
+            if self.admission is None:
+                return await self.run(self._unwrap_sync, key_id, ciphertext, algorithm)
+            try:
+                return await self.admission.run(ctx.route, started, 1, self._unwrap_sync, key_id, ciphertext,
+                                                algorithm)
+            except KeyStoreError as exc:
+                log.error("key store error: %s", exc)
+                raise Unavailable("key store unavailable", code="keystore_unavailable") from None
         except BaseException as exc:
             error = exc
             raise
@@ -164,9 +183,77 @@ class KeyService:
             outcome = unwrap_outcome(error)
             self.observer.unwrap_done(ctx.route, key_id if outcome in KEY_KNOWN_OUTCOMES else None, outcome,
                                       time.perf_counter() - started)
+        if is_shed(error):
+            # A refusal for overload touches no key and is counted (lkm_requests_shed_total); auditing it would
+            # add an fsync'd record exactly when the server has no time to spare.
+            return
         # The response waits for its record to be durable: no unaudited unwrap leaves the server.
         await self._audit(ctx, "unwrap", key_id=key_id, error=error, started=started,
                           extra={"algorithm": algorithm.value})
+
+    async def unwrap_batch(self, ctx: RequestContext, items: Sequence[UnwrapItem | LkmError]) -> list[bytes | LkmError]:
+        """Unwraps each item independently, in order: an item's problem becomes its result, never the batch's.
+
+        The private-key work is split into one chunk per worker, so a batch uses every core and pays the
+        request overhead (TLS, authentication, parsing) once. Each item gets its own audit record; they share
+        one group commit. Only a missing role, an overload refusal or an audit failure fail the whole request.
+        """
+        started = time.perf_counter()
+        ctx = replace(ctx, route="batch")
+        ctx.actor.require(Role.UNWRAP)
+        results: list[bytes | LkmError] = []
+        todo: list[tuple[int, UnwrapItem]] = []
+        for i, item in enumerate(items):
+            if isinstance(item, LkmError):
+                results.append(item)
+            elif len(item.ciphertext) != CIPHERTEXT_BYTES:
+                results.append(_bad_length(len(item.ciphertext)))
+            else:
+                results.append(b"")
+                todo.append((i, item))
+        workers = self.admission.workers if self.admission is not None else 1
+        chunks = [todo[n::workers] for n in range(min(workers, len(todo)))]
+
+        def job(chunk: list[tuple[int, UnwrapItem]]) -> list[bytes | LkmError]:
+            out: list[bytes | LkmError] = []
+            for _, item in chunk:
+                try:
+                    out.append(self._unwrap_sync(item.key_id, item.ciphertext, item.algorithm))
+                except LkmError as exc:
+                    out.append(exc)
+                except KeyStoreError as exc:
+                    log.error("key store error: %s", exc)
+                    out.append(Unavailable("key store unavailable", code="keystore_unavailable"))
+            return out
+
+        if self.admission is not None:
+            done = await self.admission.run_chunks(ctx.route, started,
+                                                   [(len(c), functools.partial(job, c)) for c in chunks])
+        else:
+            done = list(await asyncio.gather(*(self.run(job, c) for c in chunks)))
+        for chunk, outcome in zip(chunks, done, strict=True):
+            # A chunk that could not start in time comes back as one error for all of its items.
+            per_item = outcome if isinstance(outcome, list) else [outcome] * len(chunk)
+            for (i, _), result in zip(chunk, per_item, strict=True):
+                results[i] = result
+        await asyncio.gather(*(self._finish_item(ctx, i, item, results[i], started)
+                               for i, item in enumerate(items)))
+        return results
+
+    async def _finish_item(self, ctx: RequestContext, index: int, item: UnwrapItem | LkmError,
+                           result: bytes | LkmError, started: float) -> None:
+        error = result if isinstance(result, LkmError) else None
+        key_id = None if isinstance(item, LkmError) else item.key_id
+        if self.observer:
+            outcome = unwrap_outcome(error)
+            self.observer.unwrap_done(ctx.route, key_id if outcome in KEY_KNOWN_OUTCOMES else None, outcome,
+                                      time.perf_counter() - started)
+        if is_shed(error):
+            return
+        extra: dict[str, Any] = {"batch_index": index}
+        if not isinstance(item, LkmError):
+            extra["algorithm"] = item.algorithm.value
+        await self._audit(ctx, "unwrap", key_id=key_id, error=error, started=started, extra=extra)
 
     # --- reading keys --------------------------------------------------------------------------------------
 
@@ -213,6 +300,11 @@ class KeyService:
                          label: str = "") -> KeyRecord:
         return await self.audited(ctx, "create_key", None, lambda: self.store.create_key(state=state,
                                                                                            label=label))
+
+
+def _bad_length(length: int) -> InvalidRequest:
+    return InvalidRequest(f"wrapped key must be {CIPHERTEXT_BYTES} bytes (RSA-3072), got {length}",
+                          code="invalid_ciphertext_length")
 
 
 def key_unusable(record: KeyRecord) -> KeyUnusable:

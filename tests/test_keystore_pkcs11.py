@@ -194,6 +194,10 @@ def test_oaep_sha1_unwrap(pkcs11_store: Pkcs11KeyStore, generated: str) -> None:
 
 
 def test_oaep_sha256_is_what_the_token_can_do(pkcs11_store: Pkcs11KeyStore, generated: str) -> None:
+    info = pkcs11_store.token_info
+    if info["model"] == "SoftHSM v2" and info["library_version"] == [2, 6]:
+        # Known answer: SoftHSM2 2.6 rejects OAEP with SHA-256, so the probe must have found that out.
+        assert Algorithm.RSA_OAEP_SHA256 not in pkcs11_store.supported_algorithms()
     secret = os.urandom(32)
     ciphertext = wrap(pkcs11_store, generated, secret, Algorithm.RSA_OAEP_SHA256)
     if Algorithm.RSA_OAEP_SHA256 in pkcs11_store.supported_algorithms():
