@@ -35,6 +35,7 @@ class LkmError(Exception):
         if code is not None:
             self.code = code
         self.retry_after = retry_after
+        self.audited = False  # set once an audit record of this refusal exists, so it is written once
         super().__init__(self.message)
 
 

@@ -31,7 +31,7 @@ from lkm.keystore.file import PADDINGS
 from lkm.keystore.open import open_keystore
 from lkm.metrics import AUTH_REASONS, Metrics
 from lkm.pki import load_cert_expiry
-from lkm.service import KeyService, RequestContext
+from lkm.service import KeyService
 from lkm.tlsconf import server_context
 from lkm.web import (
     PlatformRoutes,
@@ -83,6 +83,18 @@ class MetricsObserver(WebObserver):
         self._safely(self.metrics.observe_keystore, backend, operation, seconds)
 
 
+class CountingAudit:
+    """The audit trail as the service sees it: every durable record is also counted."""
+
+    def __init__(self, audit: AuditLog, metrics: Metrics) -> None:
+        self.audit = audit
+        self.metrics = metrics
+
+    async def record(self, event: dict[str, Any]) -> None:
+        await self.audit.record(event)
+        self.metrics.audit_records.inc()
+
+
 @dataclass
 class Listener:
     name: str
@@ -126,7 +138,8 @@ class LkmServer:
         admission = Admission(self._executor, workers=settings.limits.worker_threads,
                               deadline_seconds=settings.limits.request_deadline_ms / 1000,
                               on_shed=self._count_shed)
-        self.service = KeyService(self.store, self.audit, self._executor, observer=self.observer,
+        self.service = KeyService(self.store, CountingAudit(self.audit, self.metrics), self._executor,
+                                  observer=self.observer,
                                   fail_closed=settings.audit.fail_closed, admission=admission)
         self.metrics.set_build_info(__version__)
         self.keyadmin = KeyAdmin(self.service, rotation=settings.rotation, genesys_settings=settings.genesys,
@@ -134,7 +147,7 @@ class LkmServer:
         self.metrics.set_config_info(keystore=self.store.backend, rotation=settings.rotation is not None,
                                      registration=settings.genesys is not None)
         wctx = WebContext(service=self.service, observer=self.observer,
-                          max_body_bytes=settings.limits.max_body_bytes, audit_denials=self._audit_denial)
+                          max_body_bytes=settings.limits.max_body_bytes)
 
         if settings.platform.enabled:
             hawk = settings.platform.hawk
@@ -317,15 +330,6 @@ class LkmServer:
             if expiry <= now:
                 problems.append(f"{name}: certificate expired")
         return (not problems, "; ".join(problems) or "valid")
-
-    async def _audit_denial(self, ctx: RequestContext, action: str, error: LkmError) -> None:
-        assert self.audit is not None
-        event = ctx.audit_fields()
-        event.update({"action": action, "outcome": "denied", "error_code": error.code, "key_id": None})
-        try:
-            await self.audit.record(event)
-        except Exception as exc:
-            log.error("audit write failed: %s", exc)
 
 
 def system_actor() -> Actor:

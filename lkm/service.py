@@ -129,6 +129,8 @@ class KeyService:
                       "latency_ms": round((time.perf_counter() - started) * 1000, 3)})
         if error is not None:
             event["error_code"] = outcome_of(error)
+            if isinstance(error, LkmError):
+                error.audited = True
         if extra:
             event.update(extra)
         try:
@@ -138,6 +140,19 @@ class KeyService:
             if self.fail_closed:
                 raise Unavailable("audit trail unavailable; refusing to act unaudited",
                                   code="audit_unavailable") from None
+
+    async def audit_denial(self, ctx: RequestContext, action: str, error: LkmError,
+                           key_id: str | None = None) -> None:
+        """Refusals are decisions too. Failing to record one is logged; the caller is refused either way."""
+        if error.audited:
+            return
+        event = ctx.audit_fields()
+        event.update({"action": action, "key_id": key_id, "outcome": "denied", "error_code": error.code})
+        error.audited = True
+        try:
+            await self.audit.record(event)
+        except Exception as exc:
+            log.error("audit write failed: %s", exc)
 
     # --- unwrap --------------------------------------------------------------------------------------------
 

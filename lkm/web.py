@@ -30,7 +30,7 @@ from lkm.errors import (
     Unauthenticated,
     UnsupportedAlgorithm,
 )
-from lkm.hawk import HawkError, HawkVerifier
+from lkm.hawk import HawkError, HawkVerifier, parse_authorization
 from lkm.keys import Algorithm, KeyRecord, parse_key_id, public_key_views
 from lkm.service import KeyService, RequestContext
 
@@ -58,7 +58,6 @@ class WebContext:
     service: KeyService
     observer: WebObserver
     max_body_bytes: int
-    audit_denials: Callable[[RequestContext, str, LkmError], Awaitable[None]] | None = None
 
 
 SERVICE = web.AppKey("service", WebContext)
@@ -187,7 +186,7 @@ class PlatformRoutes:
         self.verifier = verifier
         self.default_port = default_port
 
-    def authenticate(self, request: web.Request, body: bytes) -> Actor:
+    async def authenticate(self, request: web.Request, body: bytes) -> Actor:
         ctx = request.app[SERVICE]
         try:
             credential = self.verifier.verify(
@@ -199,6 +198,12 @@ class PlatformRoutes:
         except HawkError as exc:
             ctx.observer.auth_failure("hawk", exc.reason)
             error = Unauthenticated(str(exc), code=f"hawk_{exc.reason}")
+            claimed = _claimed_hawk_id(request.headers.get("Authorization"))
+            stranger = Actor(kind="hawk", name="hawk:unverified", hawk_id=claimed)
+            await ctx.service.audit_denial(RequestContext(request_id=request[REQUEST_ID], actor=stranger,
+                                                          client=_client_address(request), route="platform",
+                                                          platform_user_id=_platform_user(request)),
+                                           "authenticate", error)
             response = render_error(request, error)
             if exc.www_authenticate:
                 response.headers["WWW-Authenticate"] = exc.www_authenticate
@@ -211,13 +216,13 @@ class PlatformRoutes:
 
     async def options(self, request: web.Request) -> web.StreamResponse:
         body = await read_body(request, request.app[SERVICE].max_body_bytes)
-        self.authenticate(request, body)
+        await self.authenticate(request, body)
         return web.json_response(OPTIONS_BODY, headers={"Allow": "POST, OPTIONS"})
 
     async def decrypt(self, request: web.Request) -> web.StreamResponse:
         ctx = request.app[SERVICE]
         body = await read_body(request, ctx.max_body_bytes)
-        actor = self.authenticate(request, body)
+        actor = await self.authenticate(request, body)
         data = parse_json_object(body)
         key_id = data.get("keypairId")
         if key_id is None:
@@ -242,6 +247,17 @@ class PlatformRoutes:
         if not self.settings.allow_pkcs1:
             raise UnsupportedAlgorithm("decryptType pkcs1 is disabled on this server")
         return Algorithm.RSA_PKCS1_V1_5
+
+
+def _claimed_hawk_id(authorization: str | None) -> str | None:
+    """The id an unverified caller claims, for the audit trail; only if it looks like an id we could issue."""
+    try:
+        claimed = parse_authorization(authorization or "").get("id")
+    except HawkError:
+        return None
+    if claimed and len(claimed) <= 64 and all(c.isalnum() or c in "._-" for c in claimed):
+        return claimed
+    return None
 
 
 def _platform_user(request: web.Request) -> str | None:
@@ -303,8 +319,7 @@ def native_identity_middleware(policy: ClientPolicy) -> Callable[..., Awaitable[
             ctx.observer.auth_failure("mtls", "unknown_client")
             stranger = Actor(kind="mtls", name="unlisted")
             error = Forbidden("this client certificate is not on the allow list", code="unknown_client")
-            if ctx.audit_denials:
-                await ctx.audit_denials(_context(request, stranger), "authenticate", error)
+            await ctx.service.audit_denial(_context(request, stranger), "authenticate", error)
             raise error
         request[ACTOR] = actor
         try:
@@ -312,6 +327,8 @@ def native_identity_middleware(policy: ClientPolicy) -> Callable[..., Awaitable[
         except Forbidden as exc:
             if exc.code == "forbidden_role":
                 ctx.observer.auth_failure("mtls", "forbidden_role")
+            await ctx.service.audit_denial(_context(request, actor), "authorize", exc,
+                                           key_id=request.match_info.get("id"))
             raise
 
     return identify

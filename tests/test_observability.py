@@ -52,6 +52,7 @@ async def test_counts_move_with_requests(running: Running) -> None:
         return value(after, name, **labels) - value(before, name, **labels)
 
     assert delta("lkm_unwraps_total", route="platform", outcome="ok", key_id=record.id) == 3
+    assert delta("lkm_audit_records_total") >= 7
     assert delta("lkm_unwraps_total", route="platform", outcome="decryption_failed") == 1
     assert delta("lkm_unwrap_duration_seconds_count", route="platform") == 4
     assert delta("lkm_auth_failures_total", method="hawk", reason="bad_mac") == 1
