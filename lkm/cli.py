@@ -180,19 +180,23 @@ def cmd_keys_show(args: argparse.Namespace) -> int:
 
 def cmd_keys_create(args: argparse.Namespace) -> int:
     from lkm import lifecycle  # noqa: PLC0415
-    from lkm.cli_lifecycle import _change  # noqa: PLC0415
+    from lkm.cli_lifecycle import _change, _register  # noqa: PLC0415
 
     settings = _settings(args)
     # Active only if no key is and no platform registration must come first; otherwise pending activation.
     record, _ = _change(settings, "create_key", None, lifecycle.create_key,
                         registration=settings.genesys is not None, label=args.label or "")
+    if settings.genesys is not None:
+        # Every new key is registered; the platform then wraps with it, so it becomes the active one.
+        print(f"new key {record.id}: pending activation; registering it with the platform", file=sys.stderr)
+        record = _register(settings, record.id)
     if args.json:
         _print_json({**record.to_json(), **public_key_views(record)})
         return 0
     print(_key_lines(record))
     if record.state is KeyState.PENDING_ACTIVATION:
-        hint = f"lkm genesys register {record.id}" if settings.genesys else f"lkm keys activate {record.id}"
-        print(f"pending activation: it serves unwraps; once the platform has it, `{hint}` makes it active")
+        print(f"pending activation: it serves unwraps; once the platform has it, `lkm keys activate {record.id}` "
+              f"makes it the active key")
     return 0
 
 

@@ -8,6 +8,7 @@ directory repeats the facts for scripts. None of this is for production: the CA 
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import socket
 from pathlib import Path
@@ -116,6 +117,7 @@ def write_dev_json(settings: Settings, urls: dict[str, str], active_key: str | N
                     for role, roles in CLIENT_ROLES.items()},
         "hawk": {"id": cred.id if cred else None, "key": cred.key if cred else None},
         "active_key": active_key,
+        "pid": os.getpid(),  # lets `lkm bench` report the server's CPU time per request
     }
     path = data_dir / DEV_JSON
     fsutil.atomic_write(path, (json.dumps(facts, indent=2) + "\n").encode())

@@ -115,6 +115,42 @@ class KeyRecord:
         }
 
 
+def record_to_doc(record: KeyRecord) -> dict[str, Any]:
+    """The one stored form of a KeyRecord (key files, token metadata, backups); callers add their envelope."""
+    return {
+        "id": record.id,
+        "state": record.state.value,
+        "created": format_time(record.created),
+        "updated": format_time(record.updated) if record.updated else None,
+        "destroy_after": format_time(record.destroy_after) if record.destroy_after else None,
+        "registered": format_time(record.registered) if record.registered else None,
+        "label": record.label,
+        "extra": record.extra,
+        "public_key": base64.b64encode(record.public_key_der).decode("ascii"),
+    }
+
+
+def record_from_doc(doc: dict[str, Any], *, backend: str) -> KeyRecord:
+    """Inverse of record_to_doc; raises KeyError/ValueError on a malformed document."""
+
+    def time_or_none(name: str) -> datetime | None:
+        value = doc.get(name)
+        return parse_time(value) if value else None
+
+    return KeyRecord(
+        id=parse_key_id(doc["id"]),
+        state=KeyState(doc["state"]),
+        created=parse_time(doc["created"]),
+        updated=time_or_none("updated"),
+        destroy_after=time_or_none("destroy_after"),
+        registered=time_or_none("registered"),
+        label=str(doc.get("label") or ""),
+        extra=dict(doc.get("extra") or {}),
+        public_key_der=base64.b64decode(doc["public_key"], validate=True),
+        backend=backend,
+    )
+
+
 # --- public-key encodings ---------------------------------------------------------------------------------
 
 def public_der_pkcs1(key: rsa.RSAPublicKey) -> bytes:

@@ -14,6 +14,7 @@ import contextlib
 import platform
 import time
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -83,6 +84,10 @@ class Metrics:
         self._clock = clock
         self._active_key_created: float | None = None
         self._next_rotation_due: float | None = None
+        # Labelled children of the per-request series, by label values: labels() validates and locks on every
+        # call, which costs more than the increment itself on the hot path. Label sets are closed (see above),
+        # so this stays small; children are never removed from these collectors.
+        self._hot: dict[tuple[object, ...], tuple[Any, ...]] = {}
         r = self.registry
 
         # Unwraps: the product.
@@ -216,28 +221,40 @@ class Metrics:
 
     def observe_unwrap(self, route: str, outcome: str, seconds: float, key_id: str | None = None) -> None:
         """Count one unwrap. Pass key_id only for a key that exists in the store, never a caller's guess."""
-        _check(route, UNWRAP_ROUTES, "route")
-        _check(outcome, UNWRAP_OUTCOMES, "outcome")
         label = NO_KEY if key_id is None or outcome == "key_not_found" else key_id
-        self.unwraps.labels(route, label, outcome).inc()
-        self.unwrap_duration.labels(route).observe(seconds)
+        children = self._hot.get(("unwrap", route, outcome, label))
+        if children is None:
+            _check(route, UNWRAP_ROUTES, "route")
+            _check(outcome, UNWRAP_OUTCOMES, "outcome")
+            children = self._hot[("unwrap", route, outcome, label)] = (self.unwraps.labels(route, label, outcome),
+                                                                      self.unwrap_duration.labels(route))
+        children[0].inc()
+        children[1].observe(seconds)
 
     def observe_http(self, listener: str, route: str | None, method: str, status: int,
                      seconds: float) -> None:
         """route: the matched route template (e.g. '/v1/keys/{id}/unwrap'), None when nothing matched."""
-        _check(listener, LISTENERS, "listener")
-        template = route or OTHER_ROUTE
-        verb = method.upper() if method.upper() in HTTP_METHODS else "other"
-        self.http_requests.labels(listener, template, verb, str(status)).inc()
-        self.http_duration.labels(listener, template).observe(seconds)
+        children = self._hot.get(("http", listener, route, method, status))
+        if children is None:
+            _check(listener, LISTENERS, "listener")
+            template = route or OTHER_ROUTE
+            verb = method.upper() if method.upper() in HTTP_METHODS else "other"
+            children = self._hot[("http", listener, route, method, status)] = (
+                self.http_requests.labels(listener, template, verb, str(status)),
+                self.http_duration.labels(listener, template))
+        children[0].inc()
+        children[1].observe(seconds)
 
     def auth_failed(self, method: str, reason: str) -> None:
         self.auth_failures.labels(_check(method, AUTH_METHODS, "method"),
                                   _check(reason, AUTH_REASONS, "reason")).inc()
 
     def observe_keystore(self, backend: str, operation: str, seconds: float) -> None:
-        self.keystore_duration.labels(_check(backend, KEYSTORE_BACKENDS, "backend"),
-                                      _check(operation, KEYSTORE_OPERATIONS, "operation")).observe(seconds)
+        child = self._hot.get(("keystore", backend, operation))
+        if child is None:
+            child = self._hot[("keystore", backend, operation)] = (self.keystore_duration.labels(
+                _check(backend, KEYSTORE_BACKENDS, "backend"), _check(operation, KEYSTORE_OPERATIONS, "operation")),)
+        child[0].observe(seconds)
 
     def rotation_done(self, ok: bool) -> None:
         self.rotations.labels("ok" if ok else "failed").inc()

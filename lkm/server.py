@@ -29,7 +29,7 @@ from lkm.keys import Algorithm, KeyState, utcnow
 from lkm.keystore import KeyStore
 from lkm.keystore.file import PADDINGS
 from lkm.keystore.open import open_keystore
-from lkm.metrics import AUTH_REASONS, Metrics
+from lkm.metrics import AUTH_REASONS, LISTENERS, Metrics
 from lkm.pki import load_cert_expiry
 from lkm.service import KeyService
 from lkm.tlsconf import server_context
@@ -59,6 +59,7 @@ class MetricsObserver(WebObserver):
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
+        self._inflight = {listener: metrics.inflight.labels(listener) for listener in LISTENERS}
 
     def _safely(self, func: Any, *args: Any) -> None:
         try:
@@ -71,7 +72,7 @@ class MetricsObserver(WebObserver):
                      seconds)
 
     def inflight(self, listener: str, delta: int) -> None:
-        self.metrics.inflight.labels(listener).inc(delta)
+        self._inflight[listener].inc(delta)
 
     def auth_failure(self, method: str, reason: str) -> None:
         self._safely(self.metrics.auth_failed, method, reason if reason in AUTH_REASONS else "malformed")
@@ -117,6 +118,9 @@ class LkmServer:
         self._tasks: list[asyncio.Task[None]] = []
         self._executor = ThreadPoolExecutor(max_workers=settings.limits.worker_threads,
                                             thread_name_prefix="lkm-worker")
+        # Key changes (RSA key generation, waiting for the key store's cross-process lock) run apart from the
+        # unwrap pool, so a rotation never delays an unwrap.
+        self._admin_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lkm-admin")
         self.store: KeyStore | None = None
         self.audit: AuditLog | None = None
         self.service: KeyService | None = None
@@ -142,7 +146,9 @@ class LkmServer:
                                   observer=self.observer,
                                   fail_closed=settings.audit.fail_closed, admission=admission)
         self.metrics.set_build_info(__version__)
-        self.keyadmin = KeyAdmin(self.service, rotation=settings.rotation, genesys_settings=settings.genesys,
+        admin_service = KeyService(self.store, CountingAudit(self.audit, self.metrics), self._admin_executor,
+                                   observer=self.observer, fail_closed=settings.audit.fail_closed)
+        self.keyadmin = KeyAdmin(admin_service, rotation=settings.rotation, genesys_settings=settings.genesys,
                                  metrics=self.metrics)
         self.metrics.set_config_info(keystore=self.store.backend, rotation=settings.rotation is not None,
                                      registration=settings.genesys is not None)
@@ -221,6 +227,7 @@ class LkmServer:
         if self.store is not None:
             self.store.close()
         self._executor.shutdown(wait=True, cancel_futures=True)
+        self._admin_executor.shutdown(wait=True, cancel_futures=True)
 
     # --- background work -----------------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from lkm.config import load_settings
 from lkm.hawk import HawkCredential, mint_credential
 from lkm.keys import KeyRecord, KeyState, load_public_pkcs1
 from lkm.server import LkmServer
+from tests.hsm import module_token, pkcs11_store, softhsm_conf, softhsm_token  # noqa: F401 - shared fixtures
 
 VECTORS = json.loads((Path(__file__).parent / "vectors" / "genesys-sample.json").read_text()) \
     if (Path(__file__).parent / "vectors" / "genesys-sample.json").exists() else {"vectors": []}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from lkm.keys import KeyState
 from tests.conftest import OAEP_SHA256, Pki, start_server, wrap
-from tests.hsm import SoftHsmToken, softhsm_conf, softhsm_token  # noqa: F401 - fixtures
+from tests.hsm import SoftHsmToken
 
 
 def hsm_config(factory: Callable[..., Path], token: SoftHsmToken, **overrides: object) -> Path:
@@ -66,7 +66,9 @@ async def test_platform_route_on_the_hsm_and_recovery(tmp_path: Path, certs: Pki
 async def test_concurrent_unwraps_through_the_server(tmp_path: Path, certs: Pki,
                                                      config_factory: Callable[..., Path],
                                                      softhsm_token: SoftHsmToken) -> None:
-    async with start_server(tmp_path, certs, hsm_config(config_factory, softhsm_token)) as running:
+    # A generous deadline: this test is about correctness under concurrency, not load shedding.
+    config = hsm_config(config_factory, softhsm_token, **{"limits.request_deadline_ms": 30_000})
+    async with start_server(tmp_path, certs, config) as running:
         record = await asyncio.to_thread(running.store.create_key, state=KeyState.ACTIVE)
         secrets_ = [os.urandom(32) for _ in range(120)]
         client = running.platform()

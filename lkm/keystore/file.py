@@ -38,12 +38,12 @@ from lkm.keys import (
     KeyRecord,
     KeyState,
     check_rsa_policy,
-    format_time,
     generate_private_key,
     new_key_id,
     parse_key_id,
-    parse_time,
     public_der_pkcs1,
+    record_from_doc,
+    record_to_doc,
     utcnow,
 )
 
@@ -360,38 +360,10 @@ def _dump(doc: dict[str, Any]) -> bytes:
 
 
 def _doc_from_record(record: KeyRecord) -> dict[str, Any]:
-    return {
-        "format": KEY_FORMAT,
-        "version": 1,
-        "id": record.id,
-        "state": record.state.value,
-        "created": format_time(record.created),
-        "updated": format_time(record.updated) if record.updated else None,
-        "destroy_after": format_time(record.destroy_after) if record.destroy_after else None,
-        "registered": format_time(record.registered) if record.registered else None,
-        "label": record.label,
-        "extra": record.extra,
-        "public_key": _b64(record.public_key_der),
-    }
+    return {"format": KEY_FORMAT, "version": 1, **record_to_doc(record)}
 
 
 def _record_from_doc(doc: dict[str, Any]) -> KeyRecord:
     if doc.get("format") != KEY_FORMAT:
         raise ValueError("not an lkm key file")
-
-    def time_or_none(name: str) -> Any:
-        value = doc.get(name)
-        return parse_time(value) if value else None
-
-    return KeyRecord(
-        id=parse_key_id(doc["id"]),
-        state=KeyState(doc["state"]),
-        created=parse_time(doc["created"]),
-        updated=time_or_none("updated"),
-        destroy_after=time_or_none("destroy_after"),
-        registered=time_or_none("registered"),
-        label=str(doc.get("label") or ""),
-        extra=dict(doc.get("extra") or {}),
-        public_key_der=_unb64(doc["public_key"]),
-        backend=FileKeyStore.backend,
-    )
+    return record_from_doc(doc, backend=FileKeyStore.backend)

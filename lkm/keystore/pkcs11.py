@@ -99,8 +99,9 @@ from lkm.keys import (
     load_public_pkcs1,
     new_key_id,
     parse_key_id,
-    parse_time,
     public_der_pkcs1,
+    record_from_doc,
+    record_to_doc,
     utcnow,
 )
 
@@ -568,42 +569,14 @@ def _public_numbers(doc: dict[str, Any]) -> rsa.RSAPublicNumbers:
 
 
 def _doc_from_record(record: KeyRecord) -> dict[str, Any]:
-    return {
-        "format": META_FORMAT,
-        "version": 1,
-        "id": record.id,
-        "state": record.state.value,
-        "created": format_time(record.created),
-        "updated": format_time(record.updated) if record.updated else None,
-        "destroy_after": format_time(record.destroy_after) if record.destroy_after else None,
-        "registered": format_time(record.registered) if record.registered else None,
-        "label": record.label,
-        "extra": record.extra,
-        "public_key": _b64(record.public_key_der),
-    }
+    return {"format": META_FORMAT, "version": 1, **record_to_doc(record)}
 
 
 def _record_from_meta(value: bytes) -> KeyRecord:
     doc = _parse_meta(value)
     if doc is None:
         raise ValueError("not lkm key metadata")
-
-    def time_or_none(name: str) -> Any:
-        text = doc.get(name)
-        return parse_time(text) if text else None
-
-    return KeyRecord(
-        id=parse_key_id(doc["id"]),
-        state=KeyState(doc["state"]),
-        created=parse_time(doc["created"]),
-        updated=time_or_none("updated"),
-        destroy_after=time_or_none("destroy_after"),
-        registered=time_or_none("registered"),
-        label=str(doc.get("label") or ""),
-        extra=dict(doc.get("extra") or {}),
-        public_key_der=base64.b64decode(doc["public_key"], validate=True),
-        backend=Pkcs11KeyStore.backend,
-    )
+    return record_from_doc(doc, backend=Pkcs11KeyStore.backend)
 
 
 # --- server side: the pool of worker processes ------------------------------------------------------------------

@@ -1,0 +1,143 @@
+"""Admission control for private-key operations: answer 503 early instead of queueing past the deadline.
+
+Every unwrap needs a worker thread for its private-key operation. When callers send more than the workers can
+do, the executor's queue grows and so does everyone's latency, without bound; a caller with a 250 ms timeout
+then gives up on answers that still cost a full RSA operation each. So a request is admitted only if its
+operations can be expected to start within `limits.request_deadline_ms`:
+
+    expected wait = max(0, queued + running - workers + 1) / workers * mean operation time
+
+The mean is a moving average of what the operations really took, so the bound follows the key store (software
+RSA, an HSM, a slower machine) without tuning. The estimate can be wrong (a burst, a slow HSM call), so a job
+also checks when it starts: if its request already waited past the deadline, it is dropped unrun. Refusals are
+`Unavailable` (503, code `overloaded`, `Retry-After`) and are counted by listener.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from typing import TypeVar
+
+from lkm.errors import Unavailable
+
+T = TypeVar("T")
+
+INITIAL_OPERATION_SECONDS = 0.003
+"""The guess before the first operation finished: an RSA-3072 decrypt in software on a slow core."""
+SMOOTHING = 0.05
+"""Weight of the newest sample in the moving average: about the last 20 operations count."""
+RETRY_AFTER_SECONDS = 1
+
+
+def overloaded() -> Unavailable:
+    return Unavailable("server overloaded; retry shortly", code="overloaded", retry_after=RETRY_AFTER_SECONDS)
+
+
+def is_shed(error: BaseException | None) -> bool:
+    return isinstance(error, Unavailable) and error.code == "overloaded"
+
+
+class _Late(Exception):
+    """Raised inside a worker for a job whose request waited past the deadline before the job could start."""
+
+
+class Admission:
+    """Wraps the worker pool for private-key operations; one instance per server.
+
+    `on_shed(route)` is called on the event loop for every refused request (route as in RequestContext).
+    """
+
+    def __init__(self, executor: Executor, *, workers: int, deadline_seconds: float,
+                 on_shed: Callable[[str], None] | None = None,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        if workers < 1:
+            raise ValueError("workers must be at least 1")
+        self.executor = executor
+        self.workers = workers
+        self.deadline = deadline_seconds
+        self.on_shed = on_shed
+        self.clock = clock
+        self.outstanding = 0  # operations admitted and not finished; changed on the event loop only
+        self.operation_seconds = INITIAL_OPERATION_SECONDS
+        self.shed_count = 0
+
+    def expected_wait(self) -> float:
+        """Seconds a newly admitted operation would wait for a worker."""
+        ahead = self.outstanding - self.workers + 1
+        return 0.0 if ahead <= 0 else ahead * self.operation_seconds / self.workers
+
+    def observe(self, operations: int, seconds: float) -> None:
+        """Feeds the moving average; called from worker threads (a lost update under a race is harmless)."""
+        if operations > 0:
+            self.operation_seconds += SMOOTHING * (seconds / operations - self.operation_seconds)
+
+    def _shed(self, route: str) -> Unavailable:
+        self.shed_count += 1
+        if self.on_shed is not None:
+            self.on_shed(route)
+        return overloaded()
+
+    async def run(self, route: str, started: float, operations: int, func: Callable[..., T], *args: object) -> T:
+        """Runs `func(*args)` (which performs `operations` private-key operations) on a worker, or refuses.
+
+        `started` is when the request reached the service (`clock()` time): the deadline counts from there.
+        """
+        self._admit(route, started)
+        self.outstanding += operations
+        try:
+            return await self._submit(started, operations, func, *args)
+        except _Late:
+            raise self._shed(route) from None
+        finally:
+            self.outstanding -= operations
+
+    async def run_chunks(self, route: str, started: float,
+                         chunks: Sequence[tuple[int, Callable[[], T]]]) -> list[T | Unavailable]:
+        """Runs independent jobs (a batch split across workers) admitted as one request.
+
+        The whole request is refused, or admitted whole; a chunk that still could not start in time comes back
+        as the `Unavailable` it would have raised, so the caller can fail just those items.
+        """
+        self._admit(route, started)
+        total = sum(operations for operations, _ in chunks)
+        self.outstanding += total
+        try:
+            outcomes = await asyncio.gather(*(self._submit(started, operations, func)
+                                              for operations, func in chunks), return_exceptions=True)
+        finally:
+            self.outstanding -= total
+        results: list[T | Unavailable] = []
+        late = False
+        for outcome in outcomes:
+            if isinstance(outcome, _Late):
+                late = True
+                results.append(overloaded())
+            elif isinstance(outcome, BaseException):
+                raise outcome
+            else:
+                results.append(outcome)
+        if late:
+            self._shed(route)
+        return results
+
+    def _admit(self, route: str, started: float) -> None:
+        if self.clock() - started + self.expected_wait() > self.deadline:
+            raise self._shed(route)
+
+    async def _submit(self, started: float, operations: int, func: Callable[..., T], *args: object) -> T:
+        deadline = started + self.deadline
+        clock = self.clock
+
+        def job() -> T:
+            begin = clock()
+            if begin > deadline:
+                raise _Late()
+            try:
+                return func(*args)
+            finally:
+                self.observe(operations, clock() - begin)
+
+        return await asyncio.get_running_loop().run_in_executor(self.executor, job)

@@ -1,0 +1,228 @@
+"""`lkm bench`: the command line of the benchmark (see `lkm bench --help` and the README's Performance section).
+
+    lkm bench                       load a running server (targets from lkm-dev/dev.json, or --url etc.)
+    lkm bench --raw                 the key store's private-key operation in process, no server
+    lkm bench --compare             raw, then the server, then the server at 80% of its peak; prints server/raw
+    lkm bench startup --keys 5000   start-up time, memory per 1,000 keys, latency against the number of keys
+    lkm bench suite                 everything above against servers it starts itself (the README's table)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from lkm.bench.load import LoadPlan, run_load
+from lkm.bench.options import DEFAULT_DEV_JSON
+from lkm.bench.raw import pick_key, run_raw, temporary_store
+from lkm.bench.report import load_entry, new_report, raw_entry, render_table
+from lkm.bench.requests import (
+    PADDINGS,
+    BatchRequests,
+    NativeRequests,
+    PlatformRequests,
+    RequestSource,
+    Target,
+    TargetError,
+    fetch_public_key,
+    make_pool,
+)
+from lkm.hawk import HawkCredential
+from lkm.keystore import KeyStore
+
+POOL_SIZE = 256
+
+
+# --- targets -------------------------------------------------------------------------------------------------
+
+def _read_public_key(path: str) -> bytes:
+    """A public key file as DER PKCS#1: PEM (SPKI or PKCS#1), DER, or the platform's one line of base64."""
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
+    from cryptography.hazmat.primitives.asymmetric import rsa  # noqa: PLC0415
+
+    from lkm.keys import load_public_pkcs1, public_der_pkcs1  # noqa: PLC0415
+
+    data = Path(path).read_bytes().strip()
+    if data.startswith(b"-----BEGIN"):
+        key = serialization.load_pem_public_key(data)
+        if not isinstance(key, rsa.RSAPublicKey):
+            raise TargetError(f"{path}: not an RSA public key")
+        return public_der_pkcs1(key)
+    der = data if data[:1] == b"\x30" else base64.b64decode(data)
+    try:
+        return public_der_pkcs1(load_public_pkcs1(der))
+    except ValueError:
+        key = serialization.load_der_public_key(der)
+        if not isinstance(key, rsa.RSAPublicKey):
+            raise TargetError(f"{path}: not an RSA public key") from None
+        return public_der_pkcs1(key)
+
+
+def target_from_args(args: argparse.Namespace) -> Target:
+    explicit = any((args.url, args.native_url, args.ca, args.cert, args.hawk_id))
+    base = Target()
+    dev_json = Path(args.dev_json or DEFAULT_DEV_JSON)
+    if args.dev_json or not explicit:
+        base = Target.from_dev_json(dev_json)
+    hawk = base.hawk
+    if args.hawk_id or args.hawk_key_file:
+        if not (args.hawk_id and args.hawk_key_file):
+            raise TargetError("pass both --hawk-id and --hawk-key-file")
+        hawk = HawkCredential(args.hawk_id, Path(args.hawk_key_file).read_text().strip())
+    route_url = args.url
+    platform_url = route_url if route_url and args.route == "platform" else base.platform_url
+    native_url = args.native_url or (route_url if route_url and args.route != "platform" else base.native_url)
+    return Target(platform_url=platform_url, native_url=native_url, ca_file=args.ca or base.ca_file,
+                  cert_file=args.cert or base.cert_file, key_file=args.key or base.key_file, hawk=hawk,
+                  key_id=args.key_id or base.key_id,
+                  public_key_der=_read_public_key(args.public_key) if args.public_key else None,
+                  server_pid=args.server_pid or base.server_pid, config=base.config)
+
+
+def request_source(target: Target, route: str, padding: str, key: tuple[str, bytes], *,
+                   batch_size: int) -> RequestSource:
+    key_id, public_key_der = key
+    algorithm = PADDINGS[padding]
+    if route == "platform":
+        if not target.platform_url or target.hawk is None:
+            raise TargetError("the platform route needs its URL (--url) and a Hawk credential "
+                              "(--hawk-id, --hawk-key-file)")
+        return PlatformRequests(target.platform_url, target.hawk, make_pool(key_id, public_key_der, algorithm,
+                                                                              POOL_SIZE))
+    if not target.native_url:
+        raise TargetError("the native API needs its URL (--url or --native-url)")
+    if route == "batch":
+        size = max(POOL_SIZE, batch_size * 2)
+        return BatchRequests(target.native_url, make_pool(key_id, public_key_der, algorithm, size), batch_size)
+    return NativeRequests(target.native_url, make_pool(key_id, public_key_der, algorithm, POOL_SIZE))
+
+
+async def measure_server(target: Target, plan: LoadPlan, *, route: str, padding: str, batch_size: int,
+                         name: str | None = None, key: tuple[str, bytes] | None = None) -> dict[str, Any]:
+    source = request_source(target, route, padding, key or await fetch_public_key(target), batch_size=batch_size)
+    context = target.context(client_certificate=source.client_certificate)
+    result = await run_load(source, plan, context, target.server_pid)
+    return load_entry(name or route, result, plan, route=route, padding=padding,
+                      batch_size=batch_size if route == "batch" else 1)
+
+
+# --- raw -----------------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def raw_store(args: argparse.Namespace, target: Target | None) -> Iterator[KeyStore]:
+    """The store of `-c`, else the dev server's (same keys as the load run), else a temporary one."""
+    from lkm.config import load_settings  # noqa: PLC0415
+    from lkm.keystore.open import open_keystore  # noqa: PLC0415
+
+    config = getattr(args, "config", None) or (target.config if target is not None else None)
+    if config:
+        store = open_keystore(load_settings(config).keystore)
+        try:
+            yield store
+        finally:
+            store.close()
+    else:
+        with temporary_store() as store:
+            yield store
+
+
+def measure_raw(store: KeyStore, key_id: str | None, padding: str, *, threads: int, duration: float,
+                name: str = "raw") -> dict[str, Any]:
+    result = run_raw(store, pick_key(store, key_id), PADDINGS[padding], threads=threads, duration=duration)
+    return raw_entry(name, result, padding=padding)
+
+
+# --- the command ---------------------------------------------------------------------------------------------
+
+def plan_from_args(args: argparse.Namespace, **changes: Any) -> LoadPlan:
+    values: dict[str, Any] = {
+        "concurrency": args.concurrency, "duration": None if args.requests else args.duration,
+        "requests": args.requests, "warmup": args.warmup, "rate": args.rate,
+        "new_connections": args.new_connections, "resume": args.resume, "verify_every": args.verify_every}
+    values.update(changes)
+    return LoadPlan(**values)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if args.concurrency < 1 or args.duration <= 0 or args.warmup < 0 or args.batch_size < 1:
+        raise TargetError("--concurrency and --batch-size must be at least 1, --duration positive")
+    if args.threads < 1:
+        raise TargetError("--threads must be at least 1")
+    if args.route == "platform" and args.padding == "oaep-sha256":
+        raise TargetError("the platform route knows oaep-sha1 and pkcs1 only; use --route native for oaep-sha256")
+    if args.resume and not args.new_connections:
+        raise TargetError("--resume goes with --new-connections")
+
+
+def _raw_target(args: argparse.Namespace) -> Target:
+    """No server involved: the dev server's facts if there are any (for its key store), else none."""
+    if args.dev_json or Path(DEFAULT_DEV_JSON).exists():
+        return target_from_args(args)
+    return Target()
+
+
+async def _load_and_compare(args: argparse.Namespace, report: dict[str, Any]) -> None:
+    if args.raw:
+        target = _raw_target(args)
+        key = (args.key_id or target.key_id or "", b"")
+    else:
+        target = target_from_args(args)
+        key = await fetch_public_key(target)
+    raw_rate = None
+    if args.raw or args.compare:
+        with raw_store(args, target) as store:
+            key_id = key[0] if key[0] and key[0] in {k.id for k in store.list_keys()} else None
+            entry = measure_raw(store, key_id, args.padding, threads=args.threads, duration=args.duration)
+        report["runs"].append(entry)
+        raw_rate = entry["keys_per_s"]
+    if args.raw:
+        return
+    plan = plan_from_args(args)
+    entry = await measure_server(target, plan, route=args.route, padding=args.padding,
+                                 batch_size=args.batch_size, key=key)
+    report["runs"].append(entry)
+    if args.compare and raw_rate:
+        peak = entry["keys_per_s"]
+        report["comparison"] = {"raw_keys_per_s": raw_rate, "server_keys_per_s": peak,
+                                "server_over_raw": round(peak / raw_rate, 3)}
+        report["notes"] = [*report.get("notes", []),
+                           f"server/raw = {peak:.0f}/{raw_rate:.0f} = {peak / raw_rate:.2f} (the load generator "
+                           f"used {entry['client_cpu_s']} s of CPU on the same machine)"]
+        if args.latency_at > 0 and entry["requests_per_s"] > 0:
+            rate = entry["requests_per_s"] * args.latency_at
+            paced = await measure_server(target, plan_from_args(args, rate=rate, concurrency=max(
+                args.concurrency, 32)), route=args.route, padding=args.padding, batch_size=args.batch_size,
+                name=f"{args.route}@{args.latency_at:.0%}", key=key)
+            report["runs"].append(paced)
+            report["comparison"]["latency_at"] = {"fraction": args.latency_at, "rate": round(rate, 1),
+                                                  "p99_ms": paced["latency_ms"]["p99"]}
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        _check_args(args)
+        if args.what == "startup":
+            from lkm.bench.startup import run_startup  # noqa: PLC0415
+
+            report = run_startup(keys=args.keys)
+        elif args.what == "suite":
+            from lkm.bench.suite import run_suite  # noqa: PLC0415
+
+            report = run_suite(Path(args.dev_dir), duration=args.duration, warmup=args.warmup,
+                               concurrency=args.concurrency, keys=args.keys)
+        else:
+            report = new_report()
+            asyncio.run(_load_and_compare(args, report))
+    except (TargetError, OSError, ValueError) as exc:
+        print(f"lkm bench: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=2) if args.json else render_table(report))
+    wrong = sum(r["errors"]["mismatch"] for r in report["runs"] if r.get("kind") == "server")
+    return 1 if wrong else 0

@@ -1,0 +1,206 @@
+"""The load run: `concurrency` workers, each with its own connection, for a duration or a number of requests.
+
+Closed loop by default (each worker sends its next request when the previous answer arrives: the peak rate).
+With a rate, requests are scheduled at fixed intervals and latency counts from the scheduled time, so a server
+that falls behind is charged for the wait (no coordinated omission). A warm-up phase opens the connections and
+warms the server's caches; nothing from it is recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import ssl
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from lkm.bench.http import Connection, ProtocolError, ResumingContext
+from lkm.bench.requests import RequestSource
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    concurrency: int = 8
+    duration: float | None = 10.0  # seconds of measurement; None with `requests`
+    requests: int | None = None  # a number of measured requests instead of a duration
+    warmup: float = 1.0
+    rate: float | None = None  # requests per second; None for a closed loop (as fast as answers come)
+    new_connections: bool = False  # a fresh connection (full TLS handshake) per request
+    resume: bool = False  # with new_connections: offer the previous TLS session (resumption)
+    verify_every: int = 10  # check every n-th answer's plaintext (1: all)
+    timeout: float = 30.0
+
+
+@dataclass
+class LoadResult:
+    seconds: float = 0.0
+    ok: int = 0
+    keys: int = 0
+    latencies: list[float] = field(default_factory=list)  # seconds, successful requests only
+    by_status: Counter[int] = field(default_factory=Counter)  # non-200 answers
+    connection_errors: int = 0
+    mismatches: int = 0
+    verified: int = 0
+    connections: int = 0
+    resumed: int = 0
+    client_cpu: float = 0.0
+    server_cpu: float | None = None
+
+    @property
+    def errors(self) -> int:
+        return sum(self.by_status.values()) + self.connection_errors + self.mismatches
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """User plus system CPU time of another process on this host, from /proc; None when not readable."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class _Run:
+    def __init__(self, source: RequestSource, plan: LoadPlan, context: ssl.SSLContext | None,
+                 server_pid: int | None) -> None:
+        self.source = source
+        self.plan = plan
+        self.context = context
+        self.server_pid = server_pid
+        self.result = LoadResult()
+        self.next_n = 0
+        self.recorded = 0
+        self.loop = asyncio.get_running_loop()
+        now = time.perf_counter()
+        self.measure_from = now + plan.warmup
+        self.measure_until = now + plan.warmup + plan.duration if plan.duration is not None else float("inf")
+        self.rate_origin = now
+        self.finished = False
+        self.live: set[Connection] = set()
+        self._cpu0 = 0.0
+        self._server0: float | None = None
+        self._measuring = False
+        self._stopped_at = 0.0
+
+    def _start_measuring(self) -> None:
+        self._measuring = True
+        self._cpu0 = time.process_time()
+        self._server0 = process_cpu_seconds(self.server_pid) if self.server_pid else None
+
+    def _stop_measuring(self) -> None:
+        if self.finished:
+            return
+        if not self._measuring:
+            self._start_measuring()
+        self.finished = True
+        self._stopped_at = time.perf_counter()
+        result = self.result
+        result.seconds = self._stopped_at - max(self.measure_from, self.rate_origin)
+        result.client_cpu = time.process_time() - self._cpu0
+        if self._server0 is not None and self.server_pid:
+            end = process_cpu_seconds(self.server_pid)
+            result.server_cpu = None if end is None else end - self._server0
+
+    def _take(self) -> int | None:
+        """The next request number, or None once the run is over."""
+        now = time.perf_counter()
+        if not self._measuring and now >= self.measure_from:
+            self._start_measuring()
+        if self.finished or now >= self.measure_until:
+            self._stop_measuring()
+            return None
+        if self.plan.requests is not None and self._measuring and self.recorded >= self.plan.requests:
+            return None
+        n = self.next_n
+        self.next_n += 1
+        return n
+
+    async def _connect(self) -> Connection:
+        endpoint = self.source.endpoint
+        conn = await Connection.open(endpoint.host, endpoint.port, self.context if endpoint.tls else None)
+        self.result.connections += 1
+        ssl_object = conn.ssl_object
+        if ssl_object is not None and ssl_object.session_reused:
+            self.result.resumed += 1
+        return conn
+
+    async def worker(self) -> None:
+        plan, source, result = self.plan, self.source, self.result
+        conn: Connection | None = None
+        verify_every = max(1, plan.verify_every)
+        try:
+            while True:
+                n = self._take()
+                if n is None:
+                    return
+                begin = time.perf_counter()
+                if plan.rate is not None:
+                    scheduled = self.rate_origin + n / plan.rate
+                    if scheduled > begin:
+                        await asyncio.sleep(scheduled - begin)
+                    begin = scheduled
+                request, index = source.build(n, plan.new_connections)
+                try:
+                    if conn is None or conn.closed:
+                        conn = await self._connect()
+                        self.live.add(conn)
+                    response = await conn.exchange(request)
+                except (OSError, ProtocolError, TimeoutError, ssl.SSLError):
+                    if begin >= self.measure_from and not self.finished:
+                        result.connection_errors += 1
+                    if conn is not None:
+                        self.live.discard(conn)
+                        conn.close()
+                    conn = None
+                    continue
+                end = time.perf_counter()
+                if isinstance(self.context, ResumingContext) and plan.resume:
+                    conn.remember_session(self.context)
+                if not response.keep_alive or plan.new_connections:
+                    self.live.discard(conn)
+                    conn.close()
+                    conn = None
+                if begin < self.measure_from or self.finished:
+                    continue
+                self.recorded += 1
+                if response.status != 200:
+                    result.by_status[response.status] += 1
+                    continue
+                if n % verify_every == 0:
+                    result.verified += 1
+                    if not source.check(index, response.body):
+                        result.mismatches += 1
+                        continue
+                result.ok += 1
+                result.keys += source.keys_per_request
+                result.latencies.append(end - begin)
+        finally:
+            if conn is not None:
+                self.live.discard(conn)
+                conn.close()
+
+    async def watchdog(self) -> None:
+        """Aborts requests that take longer than the timeout (cheaper than a timer per request)."""
+        while True:
+            await asyncio.sleep(min(1.0, self.plan.timeout / 4))
+            cutoff = self.loop.time() - self.plan.timeout
+            for conn in list(self.live):
+                if 0 < conn.started_at < cutoff:
+                    conn.abort(f"no answer within {self.plan.timeout} s")
+
+
+async def run_load(source: RequestSource, plan: LoadPlan, context: ssl.SSLContext | None = None,
+                   server_pid: int | None = None) -> LoadResult:
+    """Drives the server and returns what was measured after the warm-up."""
+    if plan.duration is None and plan.requests is None:
+        raise ValueError("a load plan needs a duration or a number of requests")
+    run = _Run(source, plan, context, server_pid)
+    watchdog = asyncio.create_task(run.watchdog())
+    try:
+        await asyncio.gather(*(run.worker() for _ in range(plan.concurrency)))
+    finally:
+        watchdog.cancel()
+    run._stop_measuring()
+    return run.result

@@ -1,0 +1,130 @@
+"""Starts `lkm serve` as a child process, so a benchmark can vary the server (worker threads, key count).
+
+The child gets a config derived from a given one (normally a dev environment's): free ports chosen here, and
+the overrides asked for. It is written next to the original, so relative paths keep their meaning, and
+removed afterwards. Readiness is the operations listener's `/readyz` answering 200, as an orchestrator sees it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lkm.bench.requests import Target
+from lkm.hawk import load_credentials_file
+
+
+class SpawnError(Exception):
+    """The child server did not become ready; the message holds the end of its log."""
+
+
+@dataclass(frozen=True)
+class Spawned:
+    pid: int
+    config: Path
+    ports: dict[str, int]
+    ready_seconds: float  # from starting the process to /readyz answering 200
+
+    def rss_bytes(self) -> int:
+        return memory_of(self.pid)
+
+
+def memory_of(pid: int) -> int:
+    """Resident set size of a process, from /proc (0 when unknown)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _derived_config(base: Path, ports: dict[str, int], overrides: dict[str, Any]) -> Path:
+    config: dict[str, Any] = yaml.safe_load(base.read_text())
+    for name, port in ports.items():
+        section = config.setdefault(name, {})
+        section["listen"] = {"host": "127.0.0.1", "port": port}
+    for dotted, value in overrides.items():
+        target = config
+        *parents, last = dotted.split(".")
+        for part in parents:
+            target = target.setdefault(part, {})
+        target[last] = value
+    fd, name = tempfile.mkstemp(prefix=".lkm-bench-", suffix=".yaml", dir=base.parent)
+    with os.fdopen(fd, "w") as f:
+        yaml.safe_dump(config, f, sort_keys=False)
+    return Path(name)
+
+
+def _ready(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+@contextlib.contextmanager
+def spawn_server(base_config: Path, overrides: dict[str, Any] | None = None, *,
+                 timeout: float = 60.0) -> Iterator[Spawned]:
+    """`lkm serve -c <derived config>`; yields once ready, stops it (SIGTERM) on the way out."""
+    ports = {"platform": free_port(), "native": free_port(), "ops": free_port()}
+    config = _derived_config(base_config, ports, dict(overrides or {}))
+    log_file = tempfile.TemporaryFile()  # noqa: SIM115 - closed below, after the child has exited
+    started = time.perf_counter()
+    process = subprocess.Popen([sys.executable, "-m", "lkm", "serve", "-c", str(config)],
+                               stdout=subprocess.DEVNULL, stderr=log_file)
+    try:
+        while not _ready(ports["ops"]):
+            if process.poll() is not None or time.perf_counter() - started > timeout:
+                log_file.seek(0)
+                tail = log_file.read()[-2000:].decode("utf-8", "replace")
+                raise SpawnError(f"lkm serve -c {config} did not become ready:\n{tail}")
+            time.sleep(0.01)
+        yield Spawned(process.pid, config, ports, time.perf_counter() - started)
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        config.unlink(missing_ok=True)
+        log_file.close()
+
+
+def dev_target(dev_dir: Path, spawned: Spawned, *, key_id: str | None = None) -> Target:
+    """How to call a server spawned from a dev environment's config (its CA, admin client, Hawk id)."""
+    facts_config: dict[str, Any] = yaml.safe_load(spawned.config.read_text())
+    hawk_file = dev_dir / "hawk.json"
+    credentials = load_credentials_file(hawk_file) if hawk_file.exists() else {}
+    path = (facts_config.get("platform") or {}).get("path", "/key-management/v1/decrypt")
+    certs = dev_dir / "certs"
+    return Target(platform_url=f"https://localhost:{spawned.ports['platform']}{path}",
+                  native_url=f"https://localhost:{spawned.ports['native']}", ca_file=str(certs / "ca.pem"),
+                  cert_file=str(certs / "admin.pem"), key_file=str(certs / "admin-key.pem"),
+                  hawk=next(iter(credentials.values()), None), key_id=key_id, server_pid=spawned.pid,
+                  config=str(dev_dir / "lkm.yaml"))

@@ -1,0 +1,152 @@
+"""`lkm bench suite`: every figure of the README's Performance table, in one run, against servers it starts.
+
+Runs in order: the raw private-key rate on all CPUs and on one; a server with one worker thread per CPU (the
+default), driven on the platform route to its peak, then at 80% of that peak for latency, then on the native
+route, in batches, and with a new TLS connection per request (with and without session resumption); a server
+with a single worker thread; and the start-up benchmark. Servers use the dev environment's config (made if
+missing) with only ports and worker threads changed, so they log and audit as a real one does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Any
+
+from lkm.bench.load import LoadPlan
+from lkm.bench.report import new_report, raw_entry
+from lkm.bench.requests import fetch_public_key
+from lkm.bench.spawn import dev_target, spawn_server
+
+LATENCY_FRACTION = 0.8
+BATCH_SIZE = 100
+
+
+def _raw(config: Path, duration: float) -> list[dict[str, Any]]:
+    from lkm.bench.raw import pick_key, run_raw  # noqa: PLC0415
+    from lkm.config import load_settings  # noqa: PLC0415
+    from lkm.keys import Algorithm  # noqa: PLC0415
+    from lkm.keystore.open import open_keystore  # noqa: PLC0415
+
+    cpus = os.cpu_count() or 1
+    store = open_keystore(load_settings(config).keystore)
+    try:
+        key_id = pick_key(store, None)
+        runs = [raw_entry(f"raw {cpus} threads", run_raw(store, key_id, Algorithm.RSA_OAEP_SHA1, threads=cpus,
+                                                           duration=duration), padding="oaep-sha1")]
+        if cpus > 1:
+            runs.append(raw_entry("raw 1 thread", run_raw(store, key_id, Algorithm.RSA_OAEP_SHA1, threads=1,
+                                                          duration=duration), padding="oaep-sha1"))
+        return runs
+    finally:
+        store.close()
+
+
+async def _server_runs(dev_dir: Path, workers: int, plan: LoadPlan, *, full: bool) -> list[dict[str, Any]]:
+    from lkm.bench.command import measure_server  # noqa: PLC0415
+
+    runs: list[dict[str, Any]] = []
+    config = dev_dir / "lkm.yaml"
+    suffix = f" ({workers} worker{'s' if workers > 1 else ''})"
+    with spawn_server(config, {"limits.worker_threads": workers}) as spawned:
+        target = dev_target(dev_dir, spawned)
+        key = await fetch_public_key(target)
+        peak = await measure_server(target, plan, route="platform", padding="oaep-sha1", batch_size=1,
+                                    name="platform" + suffix, key=key)
+        runs.append(peak)
+        if not full:
+            return runs
+        rate = peak["requests_per_s"] * LATENCY_FRACTION
+        paced = LoadPlan(concurrency=max(plan.concurrency, 32), duration=plan.duration, warmup=plan.warmup,
+                         rate=rate)
+        runs.append(await measure_server(target, paced, route="platform", padding="oaep-sha1", batch_size=1,
+                                         name=f"platform at {LATENCY_FRACTION:.0%} of peak", key=key))
+        runs.append(await measure_server(target, plan, route="native", padding="oaep-sha1", batch_size=1,
+                                         name="native", key=key))
+        # One batch per worker in flight: each is split across all workers, and more would queue past the
+        # deadline (4 batches of 100 on 2 workers wait about 250 ms) and be refused.
+        batches = LoadPlan(concurrency=workers, duration=plan.duration, warmup=plan.warmup)
+        runs.append(await measure_server(target, batches, route="batch", padding="oaep-sha1",
+                                         batch_size=BATCH_SIZE, name=f"batch of {BATCH_SIZE}", key=key))
+        fresh = LoadPlan(concurrency=plan.concurrency, duration=plan.duration, warmup=plan.warmup,
+                         new_connections=True)
+        runs.append(await measure_server(target, fresh, route="platform", padding="oaep-sha1", batch_size=1,
+                                         name="platform, new connection each", key=key))
+        resumed = LoadPlan(concurrency=plan.concurrency, duration=plan.duration, warmup=plan.warmup,
+                           new_connections=True, resume=True)
+        runs.append(await measure_server(target, resumed, route="platform", padding="oaep-sha1", batch_size=1,
+                                         name="platform, new connection, resumed", key=key))
+    return runs
+
+
+def _find(runs: list[dict[str, Any]], prefix: str) -> dict[str, Any] | None:
+    return next((r for r in runs if r["name"].startswith(prefix)), None)
+
+
+def summarize(report: dict[str, Any]) -> dict[str, Any]:
+    """The ratios the README quotes, from the runs of a suite report."""
+    runs = report["runs"]
+    cpus = report["machine"]["cpus"] or 1
+    raw = _find(runs, f"raw {cpus} threads") or _find(runs, "raw")
+    raw1 = _find(runs, "raw 1 thread")
+    peak = _find(runs, f"platform ({cpus} workers)") or _find(runs, "platform (")
+    one = _find(runs, "platform (1 worker)")
+    paced = _find(runs, "platform at")
+    batch = _find(runs, "batch")
+    native = _find(runs, "native")
+    fresh = _find(runs, "platform, new connection each")
+    resumed = _find(runs, "platform, new connection, resumed")
+    summary: dict[str, Any] = {}
+    if raw and peak:
+        client_cores = peak["client_cpu_s"] / peak["seconds"] if peak["seconds"] else 0.0
+        summary["server_over_raw"] = round(peak["keys_per_s"] / raw["keys_per_s"], 3)
+        summary["load_generator_cores"] = round(client_cores, 2)
+        # The load generator ran on the same cores: what the server reached against the raw rate of the cores it
+        # had left (an estimate, for a reader who will run the platform's traffic from other machines).
+        left = max(cpus - client_cores, 0.1) / cpus
+        summary["server_over_raw_without_client"] = round(peak["keys_per_s"] / (raw["keys_per_s"] * left), 3)
+    if paced:
+        summary["p99_ms_at_80_percent"] = paced["latency_ms"]["p99"]
+        summary["rate_at_80_percent"] = paced["rate"]
+    if batch and peak:
+        summary["batch_keys_per_s"] = batch["keys_per_s"]
+        summary["batch_over_single"] = round(batch["keys_per_s"] / peak["keys_per_s"], 3)
+    if native and peak:
+        summary["native_over_platform"] = round(native["keys_per_s"] / peak["keys_per_s"], 3)
+    if one and peak:
+        summary["workers_2_over_1"] = round(peak["keys_per_s"] / one["keys_per_s"], 3)
+    if raw and raw1:
+        summary["raw_threads_over_1"] = round(raw["keys_per_s"] / raw1["keys_per_s"], 3)
+    if fresh and peak and fresh["server_cpu_us_per_request"] and peak["server_cpu_us_per_request"]:
+        summary["new_connection_server_cpu_us"] = round(fresh["server_cpu_us_per_request"]
+                                                        - peak["server_cpu_us_per_request"], 1)
+    if resumed and peak and resumed["server_cpu_us_per_request"] and peak["server_cpu_us_per_request"]:
+        summary["resumed_connection_server_cpu_us"] = round(resumed["server_cpu_us_per_request"]
+                                                            - peak["server_cpu_us_per_request"], 1)
+        summary["resumed_share"] = round(resumed["resumed"] / resumed["connections"], 3) \
+            if resumed["connections"] else 0.0
+    return summary
+
+
+def run_suite(dev_dir: Path, *, duration: float, warmup: float, concurrency: int, keys: int) -> dict[str, Any]:
+    from lkm.bench.startup import run_startup  # noqa: PLC0415
+    from lkm.devmode import ensure_dev_environment  # noqa: PLC0415
+
+    dev_dir = dev_dir.resolve()
+    ensure_dev_environment(dev_dir, port_base=0)
+    report = new_report()
+    report["runs"].extend(_raw(dev_dir / "lkm.yaml", duration))
+    cpus = os.cpu_count() or 1
+    plan = LoadPlan(concurrency=concurrency, duration=duration, warmup=warmup)
+    report["runs"].extend(asyncio.run(_server_runs(dev_dir, cpus, plan, full=True)))
+    if cpus > 1:
+        report["runs"].extend(asyncio.run(_server_runs(dev_dir, 1, plan, full=False)))
+    if keys > 0:
+        startup = run_startup(keys=keys)
+        report["startup"] = startup["startup"]
+        report["notes"] = list(startup["notes"])
+    report["summary"] = summarize(report)
+    report["notes"] = [*report.get("notes", []),
+                       *(f"{name}: {value}" for name, value in report["summary"].items())]
+    return report

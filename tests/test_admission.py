@@ -1,0 +1,138 @@
+"""Load shedding: refuse with 503 and Retry-After rather than queue past the deadline; the admitted succeed."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from lkm.admission import Admission, is_shed
+from lkm.errors import Unavailable
+from tests.conftest import Pki, Running, b64, start_server, wrap
+from tests.test_observability import scrape, value
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_admits_while_the_expected_wait_fits_the_deadline() -> None:
+    clock = Clock()
+    shed: list[str] = []
+    with ThreadPoolExecutor(1) as pool:
+        admission = Admission(pool, workers=2, deadline_seconds=0.25, on_shed=shed.append, clock=clock)
+        admission.operation_seconds = 0.1
+        admission.outstanding = 5  # 4 ahead of a newcomer on 2 workers: 0.2 s
+        assert admission.expected_wait() == pytest.approx(0.2)
+        assert await admission.run("platform", clock.now, 1, lambda: "done") == "done"
+        admission.operation_seconds = 0.1  # (the instant job above pulled the average down)
+        admission.outstanding = 6  # 0.25 s, plus the 10 ms the request already spent: over
+        with pytest.raises(Unavailable) as refused:
+            await admission.run("native", clock.now - 0.01, 1, lambda: "never")
+    assert refused.value.status == 503 and refused.value.code == "overloaded" and refused.value.retry_after
+    assert is_shed(refused.value)
+    assert shed == ["native"] and admission.shed_count == 1
+
+
+async def test_a_job_that_starts_too_late_is_dropped_unrun() -> None:
+    ran = threading.Event()
+    with ThreadPoolExecutor(1) as pool:
+        admission = Admission(pool, workers=1, deadline_seconds=0.25)
+        with pytest.raises(Unavailable):  # its request arrived 0.3 s ago: the estimate let it in, the check not
+            await admission.run("platform", time.perf_counter() - 0.3 + admission.expected_wait(), 1, ran.set)
+    assert not ran.is_set()
+    assert admission.outstanding == 0
+
+
+async def test_moving_average_follows_the_operations() -> None:
+    with ThreadPoolExecutor(1) as pool:
+        admission = Admission(pool, workers=1, deadline_seconds=1.0)
+        for _ in range(200):
+            admission.observe(4, 0.004)
+    assert admission.operation_seconds == pytest.approx(0.001, rel=0.01)
+
+
+async def test_chunks_are_admitted_whole_and_late_chunks_fail_alone() -> None:
+    clock = Clock()
+    with ThreadPoolExecutor(1) as pool:
+        admission = Admission(pool, workers=2, deadline_seconds=0.25, clock=clock)
+
+        def slow_chunk() -> list[str]:
+            clock.now += 1.0  # the next chunk starts a second after the request arrived
+            return ["a", "b"]
+
+        results = await admission.run_chunks("batch", clock.now, [(2, slow_chunk), (1, lambda: ["c"])])
+    assert results[0] == ["a", "b"]
+    assert isinstance(results[1], Unavailable) and results[1].code == "overloaded"
+    assert admission.shed_count == 1 and admission.outstanding == 0
+
+
+@pytest.fixture
+async def overloadable(tmp_path: Path, certs: Pki, config_factory: Callable[..., Path],
+                       monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Running]:
+    """One worker thread, the smallest deadline, and a key store that takes 20 ms an operation (a slow HSM)."""
+    config = config_factory(**{"limits.worker_threads": 1, "limits.request_deadline_ms": 10})
+    async with start_server(tmp_path, certs, config) as running:
+        store = running.server.store
+        original = store.decrypt
+
+        def slow_decrypt(*args: object) -> bytes:
+            time.sleep(0.02)
+            result: bytes = original(*args)
+            return result
+
+        monkeypatch.setattr(store, "decrypt", slow_decrypt)
+        yield running
+
+
+async def test_overload_is_shed_and_the_admitted_still_succeed(overloadable: Running) -> None:
+    running = overloadable
+    record = running.create_key()
+    secrets = [os.urandom(32) for _ in range(24)]
+    platform = running.platform()
+    native = running.native("unwrapper")
+    replies = await asyncio.gather(*(platform.decrypt(record.id, wrap(record, s)) for s in secrets[:12]),
+                                   *(native.unwrap(record.id, wrap(record, s)) for s in secrets[12:]))
+    statuses = [r.status for r in replies]
+    assert set(statuses) == {200, 503}, statuses
+    for secret, reply in zip(secrets, replies, strict=True):
+        if reply.status == 200:
+            assert reply.body.get("body", reply.body.get("key")) == b64(secret)
+            continue
+        assert reply.headers["Retry-After"] == "1"
+        if "body" in reply.body or "status" in reply.body:  # the platform's shape
+            assert reply.body == {"message": "server overloaded; retry shortly", "status": 503}
+        else:
+            assert reply.body["error"]["code"] == "overloaded"
+    shed = statuses.count(503)
+    samples = await scrape(running)
+    assert value(samples, "lkm_requests_shed_total") == shed
+    assert value(samples, "lkm_unwraps_total", outcome="unavailable") == shed
+    audited = [e for e in running.audit_lines() if e.get("action") == "unwrap"]
+    assert len(audited) == statuses.count(200)  # a refusal for overload touches no key: counted, not audited
+
+
+async def test_a_batch_behind_the_deadline_is_refused_whole(overloadable: Running) -> None:
+    running = overloadable
+    record = running.create_key()
+    items = [{"id": record.id, "wrapped_key": b64(wrap(record, os.urandom(32)))} for _ in range(3)]
+    native = running.native("unwrapper")
+    replies = await asyncio.gather(*(native.request("POST", "/v1/unwrap", {"items": items}) for _ in range(6)))
+    statuses = sorted(r.status for r in replies)
+    assert statuses[0] == 200 and statuses[-1] == 503, statuses
+    for reply in replies:
+        if reply.status == 503:
+            assert reply.body["error"]["code"] == "overloaded"
+        else:
+            results = reply.body["results"]
+            assert all("key" in r or r["error"]["code"] == "overloaded" for r in results)

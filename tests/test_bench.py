@@ -1,0 +1,120 @@
+"""`lkm bench` runs briefly and correctly: answers verified, no errors, a complete report. Never speed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lkm import cli
+from lkm.bench.report import percentile, render_table
+from lkm.bench.startup import grow_file_store
+from lkm.config import load_settings
+from lkm.keys import Algorithm, KeyState
+from lkm.keystore.file import PADDINGS, FileKeyStore
+from tests.conftest import Running
+
+LATENCY_FIELDS = {"p50", "p90", "p99", "max", "mean"}
+
+
+def _target_args(running: Running, route: str) -> list[str]:
+    key_file = running.tmp / "hawk.key"
+    key_file.write_text(running.hawk.key)
+    cert, key = running.certs.client("admin")
+    url = running.url("platform") + "/key-management/v1/decrypt" if route == "platform" else running.url("native")
+    return ["--url", url, "--native-url", running.url("native"), "--ca", str(running.certs.ca_file),
+            "--cert", str(cert), "--key", str(key), "--hawk-id", running.hawk.id, "--hawk-key-file", str(key_file)]
+
+
+async def _bench(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict[str, Any]]:
+    # The benchmark runs its own event loop, so it gets a thread while the server keeps this one.
+    status = await asyncio.to_thread(cli.main, ["bench", *args])
+    out = capsys.readouterr().out
+    return status, json.loads(out)
+
+
+@pytest.mark.parametrize(("route", "padding"), [("platform", "oaep-sha1"), ("platform", "pkcs1"),
+                                                ("native", "oaep-sha256"), ("batch", "oaep-sha1")])
+async def test_bench_drives_each_route(running: Running, capsys: pytest.CaptureFixture[str], route: str,
+                                       padding: str) -> None:
+    running.create_key()
+    status, report = await _bench(capsys, *_target_args(running, route), "--route", route, "--padding", padding,
+                                  "--concurrency", "3", "--duration", "1", "--warmup", "0.2", "--batch-size", "5",
+                                  "--verify-every", "1", "--json")
+    assert status == 0
+    assert report["lkm_bench"] == 1 and report["machine"]["cpus"] >= 1
+    (run,) = report["runs"]
+    assert run["kind"] == "server" and run["route"] == route and run["padding"] == padding
+    assert run["errors"] == {"total": 0, "by_status": {}, "connection": 0, "mismatch": 0}
+    assert run["requests"] > 0 and run["verified"] == run["requests"]
+    assert run["keys"] == run["requests"] * (5 if route == "batch" else 1)
+    assert run["requests_per_s"] > 0 and run["keys_per_s"] > 0
+    assert set(run["latency_ms"]) == LATENCY_FIELDS
+    assert 0 < run["latency_ms"]["p50"] <= run["latency_ms"]["p99"] <= run["latency_ms"]["max"]
+    assert run["connections"] == 3  # keep-alive: one connection per worker for the whole run
+    assert run["client_cpu_s"] > 0
+
+
+async def test_bench_new_connections_resume(running: Running, capsys: pytest.CaptureFixture[str]) -> None:
+    running.create_key()
+    status, report = await _bench(capsys, *_target_args(running, "platform"), "--new-connections", "--resume",
+                                  "--concurrency", "2", "--requests", "6", "--warmup", "0", "--json")
+    assert status == 0
+    (run,) = report["runs"]
+    assert run["errors"]["total"] == 0 and run["requests"] >= 6
+    assert run["connections"] >= run["requests"] and run["resumed"] >= 1
+
+
+async def test_bench_compare_reports_the_ratio(running: Running, capsys: pytest.CaptureFixture[str]) -> None:
+    record = running.create_key()
+    status, report = await _bench(capsys, *_target_args(running, "native"), "-c", str(running.config_path),
+                                  "--route", "native", "--key-id", record.id, "--compare", "--threads", "1",
+                                  "--concurrency", "2", "--duration", "0.5", "--warmup", "0.1", "--latency-at",
+                                  "0.5", "--json")
+    assert status == 0
+    raw, peak, paced = report["runs"]
+    assert raw["kind"] == "raw" and raw["threads"] == 1 and raw["keys_per_s"] > 0
+    assert peak["errors"]["total"] == 0 and paced["errors"]["total"] == 0 and paced["rate"] > 0
+    comparison = report["comparison"]
+    assert comparison["server_over_raw"] == pytest.approx(peak["keys_per_s"] / raw["keys_per_s"], abs=0.01)
+    assert comparison["latency_at"]["p99_ms"] == paced["latency_ms"]["p99"]
+    assert "server/raw" in render_table(report)
+
+
+def test_raw_on_a_temporary_store(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["bench", "--raw", "--threads", "2", "--duration", "0.3", "--json"]) == 0
+    (run,) = json.loads(capsys.readouterr().out)["runs"]
+    assert run["kind"] == "raw" and run["threads"] == 2 and run["operations"] > 0
+
+
+def test_bench_without_a_target_says_what_to_pass(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["bench", "--dev-json", str(tmp_path / "missing.json")]) == 2
+    assert "lkm serve --dev" in capsys.readouterr().err
+
+
+def test_synthetic_store_holds_valid_keys(running: Running) -> None:
+    running.create_key()
+    assert grow_file_store(running.config_path, 12, real_keys=1) > 0
+    settings = load_settings(running.config_path)
+    assert settings.keystore.path is not None and settings.keystore.passphrase is not None
+    store = FileKeyStore(settings.keystore.path, settings.keystore.passphrase.read_bytes())
+    try:
+        keys = store.list_keys()
+        assert len(keys) == 12
+        assert sum(k.state is KeyState.RETIRED for k in keys) == 11
+        for record in keys[:3]:  # sealed under their own ids: each opens and unwraps
+            secret = os.urandom(32)
+            wrapped = record.public_key.encrypt(secret, PADDINGS[Algorithm.RSA_OAEP_SHA1])
+            assert store.decrypt(record.id, wrapped, Algorithm.RSA_OAEP_SHA1) == secret
+    finally:
+        store.close()
+
+
+def test_percentile_is_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 0.5) == 50.0 and percentile(values, 0.99) == 99.0 and percentile(values, 1) == 100.0
+    assert percentile([], 0.5) == 0.0 and percentile([7.0], 0.99) == 7.0
