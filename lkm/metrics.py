@@ -118,7 +118,8 @@ class Metrics:
             "lkm_inflight_requests", "Requests being handled now, by listener.", ["listener"], registry=r)
         self.shed: Counter = Counter(
             "lkm_requests_shed_total",
-            "Requests refused because the listener was at its concurrency limit, by listener.",
+            "Requests refused with 503 because their private-key operation could not start within "
+            "limits.request_deadline_ms, by listener.",
             ["listener"], registry=r)
 
         # Keys and their lifecycle.

@@ -45,7 +45,7 @@ async def test_every_listener_keeps_connections_alive(running: Running) -> None:
                 assert reply.keep_alive, listener
             assert not conn.closed
         finally:
-            conn.close()
+            await conn.wait_closed()
 
 
 async def test_native_identity_survives_session_resumption(running: Running) -> None:
@@ -55,7 +55,7 @@ async def test_native_identity_survives_session_resumption(running: Running) -> 
         assert (await first.exchange(_get("/v1/keys"))).status == 200
         first.remember_session(ctx)  # TLS 1.3 tickets arrive after the handshake: after an answer they are here
     finally:
-        first.close()
+        await first.wait_closed()
     second = await _open(running, "native", ctx)
     try:
         assert second.ssl_object is not None and second.ssl_object.session_reused
@@ -63,7 +63,7 @@ async def test_native_identity_survives_session_resumption(running: Running) -> 
         assert reply.status == 200, reply.body  # the client certificate is part of the resumed session
         assert json.loads(reply.body)["keys"] == []
     finally:
-        second.close()
+        await second.wait_closed()
 
 
 async def test_platform_listener_resumes_sessions(running: Running) -> None:
@@ -77,7 +77,7 @@ async def test_platform_listener_resumes_sessions(running: Running) -> None:
             reused.append(conn.ssl_object.session_reused)
             conn.remember_session(ctx)
         finally:
-            conn.close()
+            await conn.wait_closed()
     assert reused == [False, True, True]
 
 
@@ -93,7 +93,7 @@ async def test_idle_connections_are_closed_after_keep_alive_seconds(
                 await asyncio.sleep(0.1)
             assert conn.closed
         finally:
-            conn.close()
+            await conn.wait_closed()
 
 
 def test_test_and_dev_certificates_are_ecdsa(certs: Pki) -> None:

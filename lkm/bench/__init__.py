@@ -7,5 +7,6 @@
     spawn.py     starts `lkm serve` as a child process with a derived config (ports, worker threads)
     startup.py   start-up time and memory with thousands of keys; latency against the number of keys
     report.py    results as JSON and as a table
-    command.py   the command line (`lkm bench --help`)
+    suite.py     every figure of the README's Performance table in one run
+    options.py   the command line's options (`lkm bench --help`); command.py runs them
 """

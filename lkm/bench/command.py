@@ -43,26 +43,21 @@ POOL_SIZE = 256
 # --- targets -------------------------------------------------------------------------------------------------
 
 def _read_public_key(path: str) -> bytes:
-    """A public key file as DER PKCS#1: PEM (SPKI or PKCS#1), DER, or the platform's one line of base64."""
+    """A public key file as DER PKCS#1: PEM, DER (SubjectPublicKeyInfo or PKCS#1), or the platform's base64."""
     from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
-    from cryptography.hazmat.primitives.asymmetric import rsa  # noqa: PLC0415
 
     from lkm.keys import load_public_pkcs1, public_der_pkcs1  # noqa: PLC0415
 
     data = Path(path).read_bytes().strip()
-    if data.startswith(b"-----BEGIN"):
-        key = serialization.load_pem_public_key(data)
-        if not isinstance(key, rsa.RSAPublicKey):
-            raise TargetError(f"{path}: not an RSA public key")
-        return public_der_pkcs1(key)
-    der = data if data[:1] == b"\x30" else base64.b64decode(data)
     try:
-        return public_der_pkcs1(load_public_pkcs1(der))
-    except ValueError:
-        key = serialization.load_der_public_key(der)
-        if not isinstance(key, rsa.RSAPublicKey):
-            raise TargetError(f"{path}: not an RSA public key") from None
-        return public_der_pkcs1(key)
+        if data.startswith(b"-----BEGIN"):
+            der = serialization.load_pem_public_key(data).public_bytes(serialization.Encoding.DER,
+                                                                      serialization.PublicFormat.PKCS1)
+        else:
+            der = data if data[:1] == b"\x30" else base64.b64decode(data)
+        return public_der_pkcs1(load_public_pkcs1(der))  # load_der_public_key reads SPKI and PKCS#1 alike
+    except (ValueError, TypeError):
+        raise TargetError(f"{path}: not an RSA public key (PEM, DER or base64 DER)") from None
 
 
 def target_from_args(args: argparse.Namespace) -> Target:

@@ -53,11 +53,12 @@ class ResumingContext(ssl.SSLContext):
 
 
 class _Protocol(asyncio.Protocol):
-    def __init__(self) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
         self.waiter: asyncio.Future[Response] | None = None
         self.closed = False
+        self.lost: asyncio.Future[None] = loop.create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -73,6 +74,8 @@ class _Protocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if not self.lost.done():
+            self.lost.set_result(None)
         waiter, self.waiter = self.waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_exception(ProtocolError(f"connection closed before the answer was complete ({exc})"))
@@ -114,7 +117,7 @@ class Connection:
         kwargs: dict[str, Any] = {}
         if ssl_context is not None:
             kwargs = {"ssl": ssl_context, "server_hostname": server_hostname or host}
-        _, protocol = await loop.create_connection(_Protocol, host, port, **kwargs)
+        _, protocol = await loop.create_connection(lambda: _Protocol(loop), host, port, **kwargs)
         return cls(protocol, loop)
 
     @property
@@ -156,5 +159,15 @@ class Connection:
             context.session = ssl_object.session
 
     def close(self) -> None:
+        """Starts closing (a TLS close_notify goes out); `wait_closed` waits for the end."""
         if self._protocol.transport is not None:
             self._protocol.transport.close()
+
+    async def wait_closed(self, grace: float = 2.0) -> None:
+        """Waits until the connection is gone, aborting it after `grace` seconds."""
+        self.close()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._protocol.lost), grace)
+        except TimeoutError:
+            if self._protocol.transport is not None:
+                self._protocol.transport.abort()

@@ -79,6 +79,7 @@ class _Run:
         self.rate_origin = now
         self.finished = False
         self.live: set[Connection] = set()
+        self.closing: list[Connection] = []  # closed by a worker, perhaps not gone yet
         self._cpu0 = 0.0
         self._server0: float | None = None
         self._measuring = False
@@ -151,16 +152,14 @@ class _Run:
                     if begin >= self.measure_from and not self.finished:
                         result.connection_errors += 1
                     if conn is not None:
-                        self.live.discard(conn)
-                        conn.close()
+                        self._retire(conn)
                     conn = None
                     continue
                 end = time.perf_counter()
                 if isinstance(self.context, ResumingContext) and plan.resume:
                     conn.remember_session(self.context)
                 if not response.keep_alive or plan.new_connections:
-                    self.live.discard(conn)
-                    conn.close()
+                    self._retire(conn)
                     conn = None
                 if begin < self.measure_from or self.finished:
                     continue
@@ -178,8 +177,15 @@ class _Run:
                 result.latencies.append(end - begin)
         finally:
             if conn is not None:
-                self.live.discard(conn)
-                conn.close()
+                self._retire(conn)
+
+    def _retire(self, conn: Connection) -> None:
+        self.live.discard(conn)
+        conn.close()
+        if not conn.closed:
+            self.closing.append(conn)
+        if len(self.closing) > 1000:
+            self.closing = [c for c in self.closing if not c.closed]
 
     async def watchdog(self) -> None:
         """Aborts requests that take longer than the timeout (cheaper than a timer per request)."""
@@ -202,5 +208,6 @@ async def run_load(source: RequestSource, plan: LoadPlan, context: ssl.SSLContex
         await asyncio.gather(*(run.worker() for _ in range(plan.concurrency)))
     finally:
         watchdog.cancel()
-    run._stop_measuring()
+        run._stop_measuring()
+        await asyncio.gather(*(conn.wait_closed() for conn in run.closing if not conn.closed))
     return run.result

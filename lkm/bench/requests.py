@@ -152,7 +152,7 @@ async def fetch_public_key(target: Target) -> tuple[str, bytes]:
         record = await _get_json(conn, endpoint, f"/v1/keys/{key_id}")
         return key_id, base64.b64decode(record["public_key_pkcs1_b64"])
     finally:
-        conn.close()
+        await conn.wait_closed()
 
 
 async def _get_json(conn: Connection, endpoint: Endpoint, path: str) -> dict[str, Any]:

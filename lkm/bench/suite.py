@@ -2,9 +2,10 @@
 
 Runs in order: the raw private-key rate on all CPUs and on one; a server with one worker thread per CPU (the
 default), driven on the platform route to its peak, then at 80% of that peak for latency, then on the native
-route, in batches, and with a new TLS connection per request (with and without session resumption); a server
-with a single worker thread; and the start-up benchmark. Servers use the dev environment's config (made if
-missing) with only ports and worker threads changed, so they log and audit as a real one does.
+route, in batches, and with a new TLS connection per request on both routes (with and without session
+resumption); a server with a single worker thread; and the start-up benchmark. Servers use the dev
+environment's config (made if missing) with only ports and worker threads changed, so they log and audit as
+a real one does.
 """
 
 from __future__ import annotations
@@ -69,14 +70,13 @@ async def _server_runs(dev_dir: Path, workers: int, plan: LoadPlan, *, full: boo
         batches = LoadPlan(concurrency=workers, duration=plan.duration, warmup=plan.warmup)
         runs.append(await measure_server(target, batches, route="batch", padding="oaep-sha1",
                                          batch_size=BATCH_SIZE, name=f"batch of {BATCH_SIZE}", key=key))
-        fresh = LoadPlan(concurrency=plan.concurrency, duration=plan.duration, warmup=plan.warmup,
-                         new_connections=True)
-        runs.append(await measure_server(target, fresh, route="platform", padding="oaep-sha1", batch_size=1,
-                                         name="platform, new connection each", key=key))
-        resumed = LoadPlan(concurrency=plan.concurrency, duration=plan.duration, warmup=plan.warmup,
-                           new_connections=True, resume=True)
-        runs.append(await measure_server(target, resumed, route="platform", padding="oaep-sha1", batch_size=1,
-                                         name="platform, new connection, resumed", key=key))
+        for route in ("platform", "native"):  # native: the handshake includes a client certificate
+            for resume in (False, True):
+                fresh = LoadPlan(concurrency=plan.concurrency, duration=plan.duration, warmup=plan.warmup,
+                                 new_connections=True, resume=resume)
+                name = f"{route}, new connection" + (", resumed" if resume else " each")
+                runs.append(await measure_server(target, fresh, route=route, padding="oaep-sha1", batch_size=1,
+                                                 name=name, key=key))
     return runs
 
 
@@ -95,8 +95,6 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
     paced = _find(runs, "platform at")
     batch = _find(runs, "batch")
     native = _find(runs, "native")
-    fresh = _find(runs, "platform, new connection each")
-    resumed = _find(runs, "platform, new connection, resumed")
     summary: dict[str, Any] = {}
     if raw and peak:
         client_cores = peak["client_cpu_s"] / peak["seconds"] if peak["seconds"] else 0.0
@@ -115,17 +113,19 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
     if native and peak:
         summary["native_over_platform"] = round(native["keys_per_s"] / peak["keys_per_s"], 3)
     if one and peak:
-        summary["workers_2_over_1"] = round(peak["keys_per_s"] / one["keys_per_s"], 3)
+        summary[f"workers_{cpus}_over_1"] = round(peak["keys_per_s"] / one["keys_per_s"], 3)
     if raw and raw1:
         summary["raw_threads_over_1"] = round(raw["keys_per_s"] / raw1["keys_per_s"], 3)
-    if fresh and peak and fresh["server_cpu_us_per_request"] and peak["server_cpu_us_per_request"]:
-        summary["new_connection_server_cpu_us"] = round(fresh["server_cpu_us_per_request"]
-                                                        - peak["server_cpu_us_per_request"], 1)
-    if resumed and peak and resumed["server_cpu_us_per_request"] and peak["server_cpu_us_per_request"]:
-        summary["resumed_connection_server_cpu_us"] = round(resumed["server_cpu_us_per_request"]
-                                                            - peak["server_cpu_us_per_request"], 1)
-        summary["resumed_share"] = round(resumed["resumed"] / resumed["connections"], 3) \
-            if resumed["connections"] else 0.0
+    for route, base in (("platform", peak), ("native", native)):
+        for label, suffix in (("new_connection", " each"), ("resumed_connection", ", resumed")):
+            run = _find(runs, f"{route}, new connection{suffix}")
+            if run and base and run["server_cpu_us_per_request"] and base["server_cpu_us_per_request"]:
+                # What a connection per request costs the server on top of a kept-alive request.
+                summary[f"{route}_{label}_server_cpu_us"] = round(run["server_cpu_us_per_request"]
+                                                                  - base["server_cpu_us_per_request"], 1)
+                if suffix == ", resumed":
+                    summary[f"{route}_resumed_share"] = round(run["resumed"] / run["connections"], 3) \
+                        if run["connections"] else 0.0
     return summary
 
 
