@@ -92,7 +92,6 @@ class PlatformSettings:
     public_port: int | None
     hawk: HawkSettings
     allow_pkcs1: bool
-    admin_routes: bool
 
 
 @dataclass(frozen=True)
@@ -426,7 +425,6 @@ def _platform(sec: Section) -> PlatformSettings:
         public_port=sec.integer("public_port", None, minimum=1, maximum=65535),
         hawk=_hawk(sec.section("hawk", required=enabled)),
         allow_pkcs1=sec.flag("allow_pkcs1", True),
-        admin_routes=sec.flag("admin_routes", False),
     )
     if enabled and result.tls is None and not sec.flag("insecure_plaintext", False):
         raise sec.error("tls", "a tls section with cert_file and key_file (the platform only calls https)")

@@ -68,7 +68,6 @@ def ensure_dev_environment(data_dir: Path, *, port_base: int = 8443, keystore: s
             "tls": {"cert_file": "certs/server.pem", "key_file": "certs/server-key.pem"},
             "path": "/key-management/v1/decrypt",
             "hawk": {"credentials_file": "hawk.json"},
-            "admin_routes": True,
         },
         "native": {
             "listen": {"host": "127.0.0.1", "port": port(1)},
