@@ -14,8 +14,8 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from lkm.errors import InvalidRequest
 
@@ -66,6 +66,15 @@ class Algorithm(enum.StrEnum):
                     return alg
         choices = ", ".join(a.value for a in cls)
         raise InvalidRequest(f"algorithm must be one of: {choices}", code="unsupported_algorithm")
+
+
+PADDINGS: dict[Algorithm, padding.AsymmetricPadding] = {
+    Algorithm.RSA_OAEP_SHA1: padding.OAEP(mgf=padding.MGF1(hashes.SHA1()), algorithm=hashes.SHA1(), label=None),  # noqa: S303
+    Algorithm.RSA_OAEP_SHA256: padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(),
+                                            label=None),
+    Algorithm.RSA_PKCS1_V1_5: padding.PKCS1v15(),
+}
+"""The software padding for each algorithm (file store; wrapping in tests, the canary and the benchmark)."""
 
 
 def utcnow() -> datetime:

@@ -25,9 +25,8 @@ from lkm.config import Settings
 from lkm.errors import KeyStoreError, LkmError
 from lkm.hawk import CredentialSource, HawkCredential, HawkVerifier
 from lkm.keyadmin import KeyAdmin
-from lkm.keys import Algorithm, KeyState, utcnow
+from lkm.keys import PADDINGS, Algorithm, KeyState, utcnow
 from lkm.keystore import KeyStore
-from lkm.keystore.file import PADDINGS
 from lkm.keystore.open import open_keystore
 from lkm.metrics import AUTH_REASONS, LISTENERS, Metrics
 from lkm.pki import load_cert_expiry

@@ -190,14 +190,18 @@ class KeyService:
         finally:
             await self._finish_unwrap(ctx, key_id, algorithm, error, started)
 
-    async def _finish_unwrap(self, ctx: RequestContext, key_id: str, algorithm: Algorithm,
-                             error: BaseException | None, started: float) -> None:
-        if isinstance(error, asyncio.CancelledError):
-            return
+    def _observe_unwrap(self, ctx: RequestContext, key_id: str | None, error: BaseException | None,
+                        started: float) -> None:
         if self.observer:
             outcome = unwrap_outcome(error)
             self.observer.unwrap_done(ctx.route, key_id if outcome in KEY_KNOWN_OUTCOMES else None, outcome,
                                       time.perf_counter() - started)
+
+    async def _finish_unwrap(self, ctx: RequestContext, key_id: str, algorithm: Algorithm,
+                             error: BaseException | None, started: float) -> None:
+        if isinstance(error, asyncio.CancelledError):
+            return
+        self._observe_unwrap(ctx, key_id, error, started)
         if is_shed(error):
             # A refusal for overload touches no key and is counted (lkm_requests_shed_total); auditing it would
             # add an fsync'd record exactly when the server has no time to spare.
@@ -259,10 +263,7 @@ class KeyService:
                            result: bytes | LkmError, started: float) -> None:
         error = result if isinstance(result, LkmError) else None
         key_id = None if isinstance(item, LkmError) else item.key_id
-        if self.observer:
-            outcome = unwrap_outcome(error)
-            self.observer.unwrap_done(ctx.route, key_id if outcome in KEY_KNOWN_OUTCOMES else None, outcome,
-                                      time.perf_counter() - started)
+        self._observe_unwrap(ctx, key_id, error, started)
         if is_shed(error):
             return
         extra: dict[str, Any] = {"batch_index": index}

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime as dt
 import json
 import os
 import ssl
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,6 +146,16 @@ class Running:
     def audit_lines(self) -> list[dict[str, Any]]:
         path = Path(self.server.settings.audit.path)
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+async def eventually(check: Callable[[], Any], within: float = 15.0) -> Any:
+    """Polls `check` until it returns something true or `within` seconds pass; returns its last result."""
+    deadline = time.monotonic() + within
+    while True:
+        result = check()
+        if result or time.monotonic() > deadline:
+            return result
+        await asyncio.sleep(0.05)
 
 
 def wrap(record: KeyRecord, secret: bytes, pad: padding.AsymmetricPadding = OAEP_SHA1) -> bytes:

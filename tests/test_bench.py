@@ -14,8 +14,8 @@ from lkm import cli
 from lkm.bench.report import percentile, render_table
 from lkm.bench.startup import grow_file_store
 from lkm.config import load_settings
-from lkm.keys import Algorithm, KeyState
-from lkm.keystore.file import PADDINGS, FileKeyStore
+from lkm.keys import PADDINGS, Algorithm, KeyState
+from lkm.keystore.file import FileKeyStore
 from tests.conftest import Running
 
 LATENCY_FIELDS = {"p50", "p90", "p99", "max", "mean"}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
-import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from lkm.config import load_settings
 from lkm.hawk import HawkCredential
 from lkm.keys import KeyRecord, KeyState, load_private_key_any, public_pkcs1_b64
 from lkm.keystore.file import FileKeyStore
-from tests.conftest import VECTORS, Pki, Running, b64, start_server, wrap
+from tests.conftest import VECTORS, Pki, Running, b64, eventually, start_server, wrap
 from tests.standin_platform import CONFIG_ID, StandinPlatform
 
 OLD_ID = "3f0c8c1e-6a55-4a4e-9a0e-2b8f2f1f6d11"
@@ -28,15 +27,6 @@ def import_old_active(running: Running) -> KeyRecord:
     key = load_private_key_any(VECTORS["vectors"][0]["private_key_pkcs1_der_b64"].encode())
     record: KeyRecord = running.store.import_key(OLD_ID, key, state=KeyState.ACTIVE)
     return record
-
-
-async def eventually(check: Callable[[], Any], within: float = 10.0) -> Any:
-    deadline = time.monotonic() + within
-    while True:
-        result = check()
-        if result or time.monotonic() > deadline:
-            return result
-        await asyncio.sleep(0.05)
 
 
 @pytest.fixture

@@ -28,6 +28,7 @@ from lkm.errors import (
 )
 from lkm.keys import (
     KEY_BITS,
+    PADDINGS,
     PUBLIC_EXPONENT,
     Algorithm,
     ImportRejected,
@@ -38,7 +39,7 @@ from lkm.keys import (
     public_pkcs1_b64,
 )
 from lkm.keystore import KeyStore
-from lkm.keystore.file import PADDINGS, FileKeyStore
+from lkm.keystore.file import FileKeyStore
 from tests.hsm import module_token, softhsm_conf  # noqa: F401 - fixtures
 
 VECTORS = json.loads((Path(__file__).parent / "vectors" / "genesys-sample.json").read_text())["vectors"]

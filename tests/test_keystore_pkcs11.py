@@ -25,9 +25,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from lkm.config import KeyStoreSettings, SecretRef
 from lkm.errors import Conflict, DecryptionFailed, KeyStoreError, KeyUnusable, UnsupportedAlgorithm
-from lkm.keys import Algorithm, KeyState, load_private_key_any
+from lkm.keys import PADDINGS, Algorithm, KeyState, load_private_key_any
 from lkm.keystore import KeyStore
-from lkm.keystore.file import PADDINGS
 from lkm.keystore.pkcs11 import Pkcs11KeyStore
 from tests.hsm import (  # noqa: F401 - fixtures
     MAKE_TOKEN,

@@ -3,7 +3,6 @@ processes sharing one key store that must not both rotate for the same period.""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import signal
 import subprocess
@@ -18,7 +17,7 @@ from lkm.config import load_settings
 from lkm.hawk import mint_credential
 from lkm.keys import KeyRecord, KeyState, load_private_key_any, utcnow
 from lkm.keystore.file import FileKeyStore
-from tests.conftest import VECTORS, Pki, start_server
+from tests.conftest import VECTORS, Pki, eventually, start_server
 
 OLD_ID = "3f0c8c1e-6a55-4a4e-9a0e-2b8f2f1f6d11"
 
@@ -39,15 +38,6 @@ def rotations(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [e for e in events if e.get("action") == "rotate_key" and e["outcome"] == "ok"]
 
 
-async def wait_for(check: Callable[[], Any], within: float = 15.0) -> Any:
-    deadline = time.monotonic() + within
-    while True:
-        result = check()
-        if result or time.monotonic() > deadline:
-            return result
-        await asyncio.sleep(0.05)
-
-
 async def test_missed_rotation_happens_at_start_and_the_schedule_keeps_rotating(
         tmp_path: Path, certs: Pki, config_factory: Callable[..., Path]) -> None:
     config = config_factory(rotation={"every": "1h"})
@@ -55,7 +45,7 @@ async def test_missed_rotation_happens_at_start_and_the_schedule_keeps_rotating(
     overdue_key(store, timedelta(hours=3))  # the server was down when this key's rotation was due
     store.close()
     async with start_server(tmp_path, certs, config) as running:
-        [event] = await wait_for(lambda: rotations(running.audit_lines()))
+        [event] = await eventually(lambda: rotations(running.audit_lines()))
         first = running.store.get_key(event["key_id"])
         assert first.state is KeyState.ACTIVE and running.store.get_key(OLD_ID).state is KeyState.RETIRED
         assert event["actor"]["kind"] == "system" and event["scheduled"] is True
@@ -66,7 +56,7 @@ async def test_missed_rotation_happens_at_start_and_the_schedule_keeps_rotating(
 
         # While running: the period passes (the clock moved by making the key older), the schedule rotates.
         running.store.save_record(first.with_changes(created=utcnow() - timedelta(minutes=61)))
-        assert await wait_for(lambda: len(rotations(running.audit_lines())) == 2)
+        assert await eventually(lambda: len(rotations(running.audit_lines())) == 2)
         states = sorted(k.state.value for k in running.store.list_keys())
         assert states == ["active", "retired", "retired"]
         assert metrics.get_sample_value("lkm_rotations_total", {"outcome": "ok"}) == 2

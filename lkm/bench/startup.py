@@ -59,7 +59,7 @@ def grow_file_store(config: Path, total: int, *, real_keys: int = REAL_KEYS) -> 
         store.refresh()
         sample = random.choice(store.list_keys())  # noqa: S311 - a sample, not a secret
         probe = os.urandom(32)
-        from lkm.keystore.file import PADDINGS  # noqa: PLC0415
+        from lkm.keys import PADDINGS  # noqa: PLC0415
 
         wrapped = sample.public_key.encrypt(probe, PADDINGS[Algorithm.RSA_OAEP_SHA1])
         if store.decrypt(sample.id, wrapped, Algorithm.RSA_OAEP_SHA1) != probe:

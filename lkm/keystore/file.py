@@ -26,14 +26,15 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from lkm import fsutil
 from lkm.errors import Conflict, DecryptionFailed, KeyNotFound, KeyStoreError, KeyUnusable
 from lkm.keys import (
+    PADDINGS,
     Algorithm,
     KeyRecord,
     KeyState,
@@ -51,14 +52,6 @@ FORMAT = "lkm-file-keystore"
 KEY_FORMAT = "lkm-key"
 _CHECK_PLAINTEXT = b"lkm keystore passphrase check"
 _SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**15, 8, 1
-
-PADDINGS: dict[Algorithm, padding.AsymmetricPadding] = {
-    Algorithm.RSA_OAEP_SHA1: padding.OAEP(mgf=padding.MGF1(hashes.SHA1()), algorithm=hashes.SHA1(), label=None),  # noqa: S303
-    Algorithm.RSA_OAEP_SHA256: padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(),
-                                            label=None),
-    Algorithm.RSA_PKCS1_V1_5: padding.PKCS1v15(),
-}
-
 
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")

@@ -76,8 +76,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from lkm.errors import (
     Conflict,
@@ -90,6 +89,7 @@ from lkm.errors import (
 )
 from lkm.keys import (
     KEY_BITS,
+    PADDINGS,
     PUBLIC_EXPONENT,
     Algorithm,
     KeyRecord,
@@ -123,14 +123,6 @@ PKCS1_PLAINTEXT_BYTES = 32
 _SPAWN_TIMEOUT = 60.0
 _KEYGEN_TIMEOUT = 600.0
 _STOP_TIMEOUT = 2.0
-
-_SOFTWARE_PADDINGS: dict[Algorithm, padding.AsymmetricPadding] = {
-    Algorithm.RSA_OAEP_SHA1: padding.OAEP(mgf=padding.MGF1(hashes.SHA1()), algorithm=hashes.SHA1(), label=None),  # noqa: S303
-    Algorithm.RSA_OAEP_SHA256: padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(),
-                                            label=None),
-    Algorithm.RSA_PKCS1_V1_5: padding.PKCS1v15(),
-}
-
 
 def key_id_bytes(key_id: str) -> bytes:
     """The CKA_ID of a key's objects: the 16 raw bytes of its UUID."""
@@ -363,7 +355,7 @@ class _TokenWorker:
             supported = []
             for algorithm in Algorithm:
                 message = secrets.token_bytes(PKCS1_PLAINTEXT_BYTES)
-                ciphertext = public_key.encrypt(message, _SOFTWARE_PADDINGS[algorithm])
+                ciphertext = public_key.encrypt(message, PADDINGS[algorithm])
                 mechanism, param = self._mechanism(algorithm)
                 try:
                     ok = priv.decrypt(ciphertext, mechanism=mechanism, mechanism_param=param) == message
