@@ -94,7 +94,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     else:
         config_path = Path(_config_path(args))
     settings = load_settings(config_path)
-    setup_logging(settings.logging.level, settings.logging.format)
+    log_writer = setup_logging(settings.logging.level, settings.logging.format)
 
     def started(server: LkmServer) -> None:
         if args.dev:
@@ -106,7 +106,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         else:
             print("lkm serving: " + ", ".join(f"{n} {server.url(n)}" for n in server.listeners), flush=True)
 
-    asyncio.run(serve_forever(settings, on_started=started))
+    try:
+        asyncio.run(serve_forever(settings, on_started=started))
+    finally:
+        log_writer.stop()  # writes out what is queued
     return 0
 
 

@@ -111,3 +111,22 @@ async def test_access_log_is_one_json_line_per_request(running: Running, caplog:
     assert data["request_id"] == reply.headers["X-Request-Id"]
     assert data["status"] == 200 and data["route"] == "/key-management/v1/decrypt"
     assert data["latency_ms"] > 0 and data["listener"] == "platform"
+
+
+def test_logs_are_written_off_the_loop_as_json(capsys: pytest.CaptureFixture[str]) -> None:
+    from lkm.logs import setup_logging
+
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    writer = setup_logging("info", "json")
+    try:
+        logging.getLogger("lkm.access").info("request", extra={"request_id": "abc", "status": 200})
+        logging.getLogger("lkm.test").debug("below the level")
+    finally:
+        writer.stop()
+        root.handlers[:], level = saved
+        root.setLevel(level)
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert len(lines) == 1
+    assert lines[0]["request_id"] == "abc" and lines[0]["status"] == 200
+    assert lines[0]["level"] == "info" and lines[0]["logger"] == "lkm.access" and lines[0]["time"].endswith("Z")
