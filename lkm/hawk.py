@@ -211,7 +211,8 @@ class NonceCache:
 
 
 def _split_host(value: str) -> tuple[str, int | None]:
-    match = _HOST_RE.fullmatch(value)
+    # Header bytes that are not UTF-8 reach us as surrogates; a host name is ASCII in any case.
+    match = _HOST_RE.fullmatch(value) if value.isascii() else None
     if match is None:
         raise HawkError("malformed", "Invalid Host header")
     port: int | None = None

@@ -159,16 +159,21 @@ def _http_exception(request: web.Request, exc: web.HTTPException) -> web.Respons
 async def read_body(request: web.Request, limit: int) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"request body larger than {limit} bytes")
-    body = await request.content.read(limit + 1)
-    if len(body) > limit:
-        raise PayloadTooLarge(f"request body larger than {limit} bytes")
-    return body
+    # A body may arrive in several TLS records; read until its end, never trusting one read to hold it all.
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await request.content.read(limit + 1 - size):
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body larger than {limit} bytes")
+    return b"".join(chunks)
 
 
 def parse_json_object(body: bytes) -> dict[str, Any]:
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
         raise InvalidRequest("request body must be valid JSON", code="invalid_json") from None
     if not isinstance(data, dict):
         raise InvalidRequest("request body must be a JSON object", code="invalid_json")
@@ -348,10 +353,18 @@ def native_identity_middleware(policy: ClientPolicy) -> Callable[..., Awaitable[
             if exc.code == "forbidden_role":
                 ctx.observer.auth_failure("mtls", "forbidden_role")
             await ctx.service.audit_denial(_context(request, actor), "authorize", exc,
-                                           key_id=request.match_info.get("id"))
+                                           key_id=_valid_key_id(request.match_info.get("id")))
             raise
 
     return identify
+
+
+def _valid_key_id(value: str | None) -> str | None:
+    """A key id from the URL for the audit trail, only if it is one: raw URL text never goes there."""
+    try:
+        return parse_key_id(value) if value is not None else None
+    except InvalidRequest:
+        return None
 
 
 def _context(request: web.Request, actor: Actor) -> RequestContext:

@@ -122,3 +122,25 @@ def test_killed_writer_leaves_only_whole_keys(tmp_path: Path) -> None:
     for name in os.listdir(path / "keys"):
         if not name.startswith("."):
             json.loads((path / "keys" / name).read_text())
+
+
+def test_a_bad_file_does_not_hide_other_changes(tmp_path: Path) -> None:
+    server_view = FileKeyStore(tmp_path / "ks", PASS)
+    cli_view = FileKeyStore(tmp_path / "ks", PASS)
+    record = cli_view.create_key(state=KeyState.RETIRED)
+    server_view.refresh()
+    (tmp_path / "ks" / "keys" / "stray.json").write_text("{not json")
+    cli_view.save_record(record.with_changes(state=KeyState.DISABLED))
+    server_view.refresh()
+    assert server_view.get_key(record.id).state is KeyState.DISABLED
+    other = cli_view.create_key(state=KeyState.RETIRED)
+    server_view.refresh()
+    assert server_view.get_key(other.id).state is KeyState.RETIRED
+
+
+def test_uppercase_ids_are_the_same_key(tmp_path: Path) -> None:
+    store = FileKeyStore(tmp_path / "ks", PASS)
+    record = store.create_key(state=KeyState.ACTIVE)
+    fresh = FileKeyStore(tmp_path / "ks", PASS)
+    assert fresh.get_key(record.id.upper()).id == record.id
+    assert fresh.decrypt(record.id.upper(), wrap(record, b"u" * 32), Algorithm.RSA_OAEP_SHA1) == b"u" * 32

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -244,3 +245,37 @@ async def test_plain_http_to_tls_port_fails(running: Running) -> None:
     with pytest.raises(aiohttp.ClientError):
         async with running.session.post(url, data=b"{}") as resp:
             await resp.read()
+
+
+async def test_body_split_across_writes_is_read_whole(running: Running) -> None:
+    record = running.create_key()
+    body = json.dumps({"keypairId": record.id, "body": b64(wrap(record, b"s" * 32))}).encode()
+    client = running.platform()
+    auth = sign_request(running.hawk, method="POST", resource=DECRYPT, host=client.host, port=client.port,
+                        content_type="application/json", body=body)
+
+    async def pieces():  # type: ignore[no-untyped-def]
+        yield body[:40]
+        await asyncio.sleep(0.1)
+        yield body[40:]
+
+    async with running.session.post(client.url, data=pieces(), ssl=client.ssl,
+                                    headers={"Authorization": auth, "Content-Type": "application/json"}) as resp:
+        assert resp.status == 200, await resp.text()
+        assert await resp.json() == {"body": b64(b"s" * 32)}
+
+
+async def test_non_ascii_host_header_is_a_401_not_a_crash(running: Running) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", running.server.listeners["platform"].port,
+                                                   ssl=running.platform().ssl, server_hostname="localhost")
+    writer.write(b"OPTIONS " + DECRYPT.encode() + b" HTTP/1.1\r\nHost: a\xffb\r\n"
+                 b'Authorization: Hawk id="x", ts="1", nonce="n", mac="m"\r\nContent-Length: 0\r\n\r\n')
+    await writer.drain()
+    status_line = await reader.readline()
+    writer.close()
+    assert status_line.split()[1] in (b"400", b"401")
+
+
+async def test_deeply_nested_json_is_400(running: Running) -> None:
+    status, body, _ = await _post_raw(running, b"[" * 50_000)
+    assert status == 400 and body["status"] == 400

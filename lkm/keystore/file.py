@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import hmac
 import json
+import logging
 import os
 import secrets
 import threading
@@ -47,6 +48,8 @@ from lkm.keys import (
     record_to_doc,
     utcnow,
 )
+
+log = logging.getLogger("lkm.keystore.file")
 
 FORMAT = "lkm-file-keystore"
 KEY_FORMAT = "lkm-key"
@@ -164,7 +167,12 @@ class FileKeyStore:
                 st = entry.stat()
                 signature = (st.st_mtime_ns, st.st_size, st.st_ino)
                 if self._signatures.get(key_id) != signature:
-                    changed |= self._load_file(Path(entry.path))
+                    try:
+                        changed |= self._load_file(Path(entry.path))
+                    except KeyStoreError as exc:
+                        # One bad file must not hide every other key's changes from this server; a key
+                        # already loaded keeps its last good record.
+                        log.error("skipping a key file: %s", exc)
         for gone in set(self._records) - seen:
             with self._lock:
                 self._records.pop(gone, None)
