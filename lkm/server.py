@@ -251,7 +251,7 @@ class LkmServer:
         self.observer.keystore_op(self.store.backend, "refresh", time.perf_counter() - started)
         if self.hawk_source is not None:
             try:
-                self.hawk_source.reload_if_changed()
+                await loop.run_in_executor(self._executor, self.hawk_source.reload_if_changed)
             except (OSError, ValueError) as exc:
                 log.error("Hawk credentials reload failed: %s", exc)
         self._update_key_gauges()
@@ -286,7 +286,7 @@ class LkmServer:
         keys = store.list_keys() if checks["keystore"][0] else []
         active = [k for k in keys if k.state is KeyState.ACTIVE]
         checks["active_key"] = (bool(active), f"{len(active)} active key(s)" if active else "no active key")
-        checks["certificates"] = self._certificate_check()
+        checks["certificates"] = await loop.run_in_executor(self._executor, self._certificate_check)
         writable = await loop.run_in_executor(self._executor, self.audit.check_writable)
         audit_ok = writable and self.audit.healthy
         checks["audit"] = (audit_ok, "writable" if audit_ok else "audit trail not writable")

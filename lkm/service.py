@@ -123,7 +123,7 @@ class KeyService:
             raise Unavailable("key store unavailable", code="keystore_unavailable") from None
 
     async def _audit(self, ctx: RequestContext, action: str, *, key_id: str | None, error: BaseException | None,
-                     started: float, extra: dict[str, Any] | None = None) -> None:
+                     started: float, extra: dict[str, Any] | None = None, fail_closed: bool = True) -> None:
         event = ctx.audit_fields()
         event.update({"action": action, "key_id": key_id, "outcome": "ok" if error is None else "error",
                       "latency_ms": round((time.perf_counter() - started) * 1000, 3)})
@@ -137,7 +137,7 @@ class KeyService:
             await self.audit.record(event)
         except Exception as exc:
             log.error("audit write failed: %s", exc)
-            if self.fail_closed:
+            if self.fail_closed and fail_closed:
                 raise Unavailable("audit trail unavailable; refusing to act unaudited",
                                   code="audit_unavailable") from None
 
@@ -309,8 +309,11 @@ class KeyService:
             raise
         finally:
             if not isinstance(error, asyncio.CancelledError):
+                # Fail closed before acting is the unwrap rule; a change that already happened is reported as
+                # done even if its record cannot be written (logged and counted), so that a retry does not
+                # rotate or create twice.
                 await self._audit(ctx, action, key_id=key_id, error=error, started=started,
-                                  extra=dict(details) if details else None)
+                                  extra=dict(details) if details else None, fail_closed=error is not None)
 
     async def create_key(self, ctx: RequestContext, *, state: KeyState = KeyState.RETIRED,
                          label: str = "") -> KeyRecord:

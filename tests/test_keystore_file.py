@@ -144,3 +144,12 @@ def test_uppercase_ids_are_the_same_key(tmp_path: Path) -> None:
     fresh = FileKeyStore(tmp_path / "ks", PASS)
     assert fresh.get_key(record.id.upper()).id == record.id
     assert fresh.decrypt(record.id.upper(), wrap(record, b"u" * 32), Algorithm.RSA_OAEP_SHA1) == b"u" * 32
+
+
+def test_pkcs1_is_offered_only_with_implicit_rejection(tmp_path: Path) -> None:
+    from lkm.keystore.file import implicit_rejection
+
+    store = FileKeyStore(tmp_path / "ks", PASS)
+    assert (Algorithm.RSA_PKCS1_V1_5 in store.supported_algorithms()) == implicit_rejection()
+    # The OpenSSL inside this project's cryptography (3.2 or later) has it; the platform route relies on it.
+    assert implicit_rejection() is True

@@ -14,6 +14,7 @@ or imported, not when a key that lkm sealed itself is loaded again.
 from __future__ import annotations
 
 import base64
+import functools
 import hmac
 import json
 import logging
@@ -36,6 +37,7 @@ from lkm import fsutil
 from lkm.errors import Conflict, DecryptionFailed, KeyNotFound, KeyStoreError, KeyUnusable
 from lkm.keys import (
     PADDINGS,
+    PUBLIC_EXPONENT,
     Algorithm,
     KeyRecord,
     KeyState,
@@ -88,6 +90,8 @@ class FileKeyStore:
             if problem:
                 raise KeyStoreError(f"refusing to use the key store: {problem}", transient=False)
         self._aead = AESGCM(self._master_key(passphrase))
+        self._algorithms = frozenset(Algorithm) if implicit_rejection() else \
+            frozenset(Algorithm) - {Algorithm.RSA_PKCS1_V1_5}
         self.refresh()
 
     # --- master key ----------------------------------------------------------------------------------------
@@ -128,7 +132,7 @@ class FileKeyStore:
     # --- reading -------------------------------------------------------------------------------------------
 
     def supported_algorithms(self) -> frozenset[Algorithm]:
-        return frozenset(Algorithm)
+        return self._algorithms
 
     def list_keys(self) -> list[KeyRecord]:
         return sorted(self._records.values(), key=lambda r: (r.created, r.id))
@@ -350,6 +354,20 @@ class FileKeyStore:
                 self._private.pop(key_id, None)
             self._load_file(self._key_path(key_id))
             return self._records[key_id]
+
+
+@functools.cache
+def implicit_rejection() -> bool:
+    """Whether this OpenSSL answers a bad PKCS#1 v1.5 padding with pseudo-random bytes (3.2+) instead of an
+    error. Without it, RSA-PKCS1-V1_5 would be a padding oracle, so the file store does not offer it."""
+    probe = rsa.generate_private_key(public_exponent=PUBLIC_EXPONENT, key_size=1024)  # noqa: S505 - throwaway probe
+    modulus_bytes = probe.key_size // 8
+    try:
+        probe.decrypt(b"\x00" + b"\x5a" * (modulus_bytes - 1), PADDINGS[Algorithm.RSA_PKCS1_V1_5])
+    except ValueError:
+        log.warning("this OpenSSL reports bad PKCS#1 v1.5 padding as an error; RSA-PKCS1-V1_5 is disabled")
+        return False
+    return True
 
 
 def _aad(key_id: str) -> bytes:
