@@ -330,6 +330,9 @@ class Section:
             raise self.error(key, f"a list, got {value!r}")
         return value
 
+    def ignore_rest(self) -> None:
+        self._read.update(self.data)
+
     def done(self) -> None:
         unknown = sorted(set(self.data) - self._read)
         if unknown:
@@ -467,7 +470,7 @@ def _client(item: object, setting: str, source: str, base_dir: Path) -> ClientRu
 
 def _native(sec: Section) -> NativeSettings | None:
     if not sec.flag("enabled", True):
-        sec.data.clear()
+        sec.ignore_rest()  # a switched-off listener keeps its settings for when it is switched on again
         return None
     clients = tuple(_client(item, sec.name(f"clients[{i}]"), sec.source, sec.base_dir)
                     for i, item in enumerate(sec.items("clients")))
@@ -504,8 +507,12 @@ _REGION_RE = re.compile(r"^[a-z0-9-]+(\.[a-z0-9-]+)+$")
 
 def _base_url(sec: Section, key: str) -> str:
     value: str = sec.string(key).rstrip("/")
-    if not re.match(r"^https?://[^/\s]+$", value):
+    match = re.match(r"^(https?)://([^/\s:]+|\[[0-9a-fA-F:]+\])(:\d+)?$", value)
+    if not match:
         raise sec.error(key, f"a base URL such as https://api.mypurecloud.com (no path), got {value!r}")
+    # The client secret and bearer tokens travel here: plain http only to a stand-in on this machine.
+    if match.group(1) == "http" and match.group(2) not in ("127.0.0.1", "localhost", "[::1]"):
+        raise sec.error(key, f"an https:// URL (http only for a loopback test platform), got {value!r}")
     return value
 
 

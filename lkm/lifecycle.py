@@ -269,8 +269,9 @@ def disable(store: KeyStore, key_id: str, *, force: bool = False, now: datetime 
     """The customer's cut-off: unwraps with the key are refused until it is enabled again."""
     with store_lock(store):
         record = store.get_key(key_id)
-        if record.state is KeyState.DISABLED:
-            _note(details, from_state="disabled", to_state="disabled")
+        if record.state in (KeyState.DISABLED, KeyState.PENDING_DESTRUCTION):
+            # Already refused for unwrap; a scheduled destruction stays as it is (cancel-destruction undoes it).
+            _note(details, from_state=record.state.value, to_state=record.state.value)
             return record
         if record.state is KeyState.ACTIVE and not force:
             _note(details, from_state="active", to_state="disabled")

@@ -50,3 +50,23 @@ def test_bad_sections_are_refused(config_factory: Callable[..., Path], overrides
     with pytest.raises(ConfigError) as caught:
         load_settings(config_factory(**overrides))
     assert caught.value.setting == setting and expected in caught.value.expected
+
+
+def test_genesys_urls_must_be_https_off_the_loopback(tmp_path: Path) -> None:
+    from lkm.config import settings_from_mapping
+    from lkm.errors import ConfigError
+
+    secret = tmp_path / "secret"
+    secret.write_text("s")
+    base = {"keystore": {"path": str(tmp_path / "k"), "passphrase": {"file": str(secret)}},
+            "platform": {"insecure_plaintext": True, "hawk": {"credentials_file": str(tmp_path / "h.json")}},
+            "native": {"enabled": False}}
+    for url, ok in (("http://api.example.com", False), ("http://127.0.0.1:8080", True),
+                    ("https://api.example.com", True)):
+        data = {**base, "genesys": {"login_url": url, "api_url": url, "client_id": "c",
+                                    "client_secret": {"file": str(secret)}, "config_id": "x"}}
+        if ok:
+            settings_from_mapping(data, source="t.yaml", base_dir=tmp_path)
+        else:
+            with pytest.raises(ConfigError, match="https"):
+                settings_from_mapping(data, source="t.yaml", base_dir=tmp_path)
