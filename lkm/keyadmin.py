@@ -22,6 +22,7 @@ from typing import Any
 from lkm import genesys, lifecycle
 from lkm.auth import Actor
 from lkm.config import GenesysSettings, Role, RotationSettings
+from lkm.errors import Forbidden
 from lkm.keys import KeyRecord, KeyState, utcnow
 from lkm.metrics import Metrics
 from lkm.service import KeyService, RequestContext, outcome_of
@@ -74,6 +75,8 @@ class KeyAdmin:
         try:
             record = await self._change(ctx, "rotate_key", None, lifecycle.rotate,
                                         registration=self.registration_required, label=label)
+        except Forbidden:
+            raise  # a caller without the admin role is no failed rotation (alerts watch that counter)
         except Exception:
             self._rotation_done(False)
             raise
@@ -88,6 +91,11 @@ class KeyAdmin:
         return await self._change(ctx, "disable_key", key_id, lifecycle.disable, key_id, force=force)
 
     async def enable(self, ctx: RequestContext, key_id: str) -> KeyRecord:
+        record = await self._enable(ctx, key_id)
+        self._register_if_pending(record)  # a pending key disabled mid-registration resumes registering
+        return record
+
+    async def _enable(self, ctx: RequestContext, key_id: str) -> KeyRecord:
         return await self._change(ctx, "enable_key", key_id, lifecycle.enable, key_id)
 
     async def schedule_destruction(self, ctx: RequestContext, key_id: str, days: int) -> KeyRecord:
