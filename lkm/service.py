@@ -9,6 +9,7 @@ import asyncio
 import functools
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
@@ -73,6 +74,40 @@ class UnwrapItem:
 
 
 # A key waiting for platform registration must unwrap: the platform tests it with a decrypt before it counts.
+class DenialLimiter:
+    """Bounds the audit records that refused callers can cause, per client address.
+
+    Unauthenticated callers must not be able to fill the disk (or, with pruning, push real records out) by
+    sending garbage. Each client gets a burst of `burst` records, refilled at `per_second`; what it sends beyond
+    that is counted and the count goes into its next written record (`suppressed_denials`). Metrics still count
+    every failure. Clients are tracked in a bounded LRU.
+    """
+
+    def __init__(self, *, burst: int = 20, per_second: float = 2.0, clients: int = 10_000,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.burst = burst
+        self.per_second = per_second
+        self.clients = clients
+        self.clock = clock
+        self._state: OrderedDict[str, tuple[float, float, int]] = OrderedDict()  # tokens, last, suppressed
+
+    def admit(self, client: str | None) -> int | None:
+        """None: suppress this record. Otherwise the number suppressed since the client's last record."""
+        key = client or "-"
+        now = self.clock()
+        tokens, last, suppressed = self._state.pop(key, (float(self.burst), now, 0))
+        tokens = min(float(self.burst), tokens + (now - last) * self.per_second)
+        if tokens < 1.0:
+            self._state[key] = (tokens, now, suppressed + 1)
+            result = None
+        else:
+            self._state[key] = (tokens - 1.0, now, 0)
+            result = suppressed
+        if len(self._state) > self.clients:
+            self._state.popitem(last=False)
+        return result
+
+
 UNWRAPPABLE_STATES = frozenset({KeyState.PENDING_ACTIVATION, KeyState.ACTIVE, KeyState.RETIRED})
 
 
@@ -112,6 +147,7 @@ class KeyService:
         self.observer = observer
         self.fail_closed = fail_closed
         self.admission = admission
+        self.denials = DenialLimiter()
 
     async def run(self, func: Callable[..., T], *args: Any) -> T:
         """Runs blocking key-store work in the worker pool, translating backend trouble to 503."""
@@ -146,9 +182,14 @@ class KeyService:
         """Refusals are decisions too. Failing to record one is logged; the caller is refused either way."""
         if error.audited:
             return
+        error.audited = True
+        suppressed = self.denials.admit(ctx.client)
+        if suppressed is None:
+            return
         event = ctx.audit_fields()
         event.update({"action": action, "key_id": key_id, "outcome": "denied", "error_code": error.code})
-        error.audited = True
+        if suppressed:
+            event["suppressed_denials"] = suppressed
         try:
             await self.audit.record(event)
         except Exception as exc:

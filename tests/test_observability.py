@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -130,3 +131,34 @@ def test_logs_are_written_off_the_loop_as_json(capsys: pytest.CaptureFixture[str
     assert len(lines) == 1
     assert lines[0]["request_id"] == "abc" and lines[0]["status"] == 200
     assert lines[0]["level"] == "info" and lines[0]["logger"] == "lkm.access" and lines[0]["time"].endswith("Z")
+
+
+def test_denial_limiter_bounds_records_per_client() -> None:
+    from lkm.service import DenialLimiter
+
+    now = [0.0]
+    limiter = DenialLimiter(burst=3, per_second=1.0, clock=lambda: now[0])
+    assert [limiter.admit("a") for _ in range(5)] == [0, 0, 0, None, None]
+    assert limiter.admit("b") == 0  # another client has its own budget
+    now[0] += 1.0
+    assert limiter.admit("a") == 2  # the next record says how many were suppressed
+    assert limiter.admit("a") is None
+
+
+async def test_a_flood_of_bad_hawk_requests_cannot_flood_the_audit_trail(running: Running) -> None:
+    record = running.create_key()
+    bad = HawkCredential(id=running.hawk.id, key="wrong")
+    client = running.platform(bad)
+    before = len(running.audit_lines())
+    started = time.monotonic()
+    for _ in range(60):
+        assert (await client.decrypt(record.id, wrap(record, b"f" * 32))).status == 401
+    elapsed = time.monotonic() - started
+    denials = [e for e in running.audit_lines()[before:] if e.get("outcome") == "denied"]
+    # A burst of 20, then 2 a second.
+    assert 20 <= len(denials) <= 21 + 2 * elapsed < 60
+    samples = await scrape(running)
+    assert value(samples, "lkm_auth_failures_total", method="hawk", reason="bad_mac") == 60
+    # Authenticated work is still audited in full.
+    assert (await running.platform().decrypt(record.id, wrap(record, b"g" * 32))).status == 200
+    assert running.audit_lines()[-1]["action"] == "unwrap"
