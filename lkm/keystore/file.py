@@ -74,6 +74,7 @@ class FileKeyStore:
         self.keys_dir = path / "keys"
         self._lock_path = path / ".lock"
         self._lock = threading.Lock()
+        self._refresh_lock = threading.Lock()
         self._held = threading.local()  # how deep this thread is inside _writer()
         self._records: dict[str, KeyRecord] = {}
         self._signatures: dict[str, tuple[int, int, int]] = {}
@@ -149,6 +150,12 @@ class FileKeyStore:
         return record
 
     def refresh(self) -> bool:
+        # One scan at a time: a caller that finds a scan under way waits for it rather than taking the
+        # "directory unchanged" shortcut while the other thread is still loading what changed.
+        with self._refresh_lock:
+            return self._refresh()
+
+    def _refresh(self) -> bool:
         try:
             dir_stat = self.keys_dir.stat()
         except OSError as exc:
