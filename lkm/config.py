@@ -408,6 +408,9 @@ def _hawk(sec: Section) -> HawkSettings:
         replay_check=sec.flag("replay_check", True),
         nonce_cache_size=sec.integer("nonce_cache_size", 100_000, minimum=100),
     )
+    if result.timestamp_skew_seconds > 3600:
+        # The window is also how long a captured request could be replayed to a server that forgot its nonce.
+        raise sec.error("timestamp_skew", f"at most 1h, got {result.timestamp_skew_seconds} seconds")
     if result.credentials_file is None and not result.credentials:
         raise sec.error("credentials_file", "a Hawk credentials file (see `lkm hawk create`) or credentials")
     sec.done()

@@ -41,6 +41,7 @@ def test_valid_config_loads_frozen(config_factory: Callable[..., Path]) -> None:
      "native.clients[0].fingerprint", "64 hex digits"),
     ({"native.tls.client_ca_file": "/nonexistent/ca.pem"}, "native.tls.client_ca_file", "an existing file"),
     ({"platform.hawk.timestamp_skew": "soon"}, "platform.hawk.timestamp_skew", "a duration"),
+    ({"platform.hawk.timestamp_skew": "2h"}, "platform.hawk.timestamp_skew", "at most 1h"),
     ({"logging.level": "loud"}, "logging.level", "one of debug"),
     ({"surprise": {"a": 1}}, "surprise", "no such setting"),
 ])
