@@ -120,3 +120,15 @@ async def test_a_destroyed_key_says_destroyed_on_both_routes(running: Running) -
     unwraps = [e for e in running.audit_lines() if e["action"] == "unwrap"]
     assert [(e["route"], e["error_code"]) for e in unwraps] == [("native", "key_destroyed"),
                                                                ("platform", "key_destroyed")]
+
+
+async def test_a_refused_rotation_is_not_a_failed_rotation(running: Running) -> None:
+    """The rotation-failure alert watches lkm_rotations_total{outcome="failed"}: a caller without the admin
+    role must not trip it."""
+    running.create_key(KeyState.ACTIVE)
+    reply = await running.native("reader").request("POST", "/v1/keys/rotate")
+    assert reply.status == 403 and reply.body["error"]["code"] == "forbidden_role"
+    async with running.session.get(running.url("ops") + "/metrics") as resp:
+        text = await resp.text()
+    failed = [line for line in text.splitlines() if line.startswith('lkm_rotations_total{outcome="failed"}')]
+    assert failed == ['lkm_rotations_total{outcome="failed"} 0.0']
