@@ -228,9 +228,20 @@ def test_save_record_cannot_change_the_public_key(backend: Backend, created: Key
     assert backend.store.get_key(created.id).public_key_der == created.public_key_der
 
 
+def test_destroy_private_only_from_pending_destruction(backend: Backend) -> None:
+    record = imported(backend.store)
+    secret = os.urandom(32)
+    for state in (KeyState.ACTIVE, KeyState.RETIRED, KeyState.DISABLED):
+        backend.store.save_record(backend.store.get_key(record.id).with_changes(state=state))
+        with pytest.raises(Conflict):
+            backend.store.destroy_private(record.id)
+    assert backend.store.decrypt(record.id, wrap(record, secret), Algorithm.RSA_OAEP_SHA1) == secret
+
+
 def test_destroy_private_keeps_metadata(backend: Backend, another: KeyStore) -> None:
     record = imported(backend.store)
     ciphertext = wrap(record, os.urandom(32))
+    backend.store.save_record(record.with_changes(state=KeyState.PENDING_DESTRUCTION))
     destroyed = backend.store.destroy_private(record.id)
     assert destroyed.state is KeyState.DESTROYED and destroyed.public_key_der == record.public_key_der
     assert backend.store.get_key(record.id) == destroyed

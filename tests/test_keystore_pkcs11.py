@@ -255,6 +255,7 @@ def test_metadata_lives_on_the_token(pkcs11_store: Pkcs11KeyStore, module_token:
         assert other.refresh() is True
         assert other.get_key(key_id) == retired
         assert other.refresh() is False
+        other.save_record(other.get_key(key_id).with_changes(state=KeyState.PENDING_DESTRUCTION))
         other.destroy_private(key_id)
         assert pkcs11_store.refresh() is True
         assert pkcs11_store.get_key(key_id).state is KeyState.DESTROYED

@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from lkm import fsutil
-from lkm.errors import Conflict, DecryptionFailed, KeyNotFound, KeyStoreError, KeyUnusable
+from lkm.errors import Conflict, DecryptionFailed, IllegalTransition, KeyNotFound, KeyStoreError, KeyUnusable
 from lkm.keys import (
     PADDINGS,
     PUBLIC_EXPONENT,
@@ -353,7 +353,13 @@ class FileKeyStore:
         key_id = parse_key_id(key_id)
         with self._writer():
             doc = self._read_doc(key_id)
-            record = _record_from_doc(doc).with_changes(state=KeyState.DESTROYED, updated=utcnow())
+            stored = _record_from_doc(doc)
+            if stored.state is not KeyState.PENDING_DESTRUCTION:
+                # Checked against the file, under the lock: a key enabled a moment ago by another process is
+                # never erased on the strength of an older view.
+                raise IllegalTransition(f"cannot go from {stored.state.value} to destroyed: only a key pending "
+                                        "destruction loses its private half")
+            record = stored.with_changes(state=KeyState.DESTROYED, updated=utcnow())
             new_doc = _doc_from_record(record)
             new_doc["private_key"] = None
             fsutil.atomic_write(self._key_path(key_id), _dump(new_doc))

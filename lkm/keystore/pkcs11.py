@@ -81,6 +81,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from lkm.errors import (
     Conflict,
     DecryptionFailed,
+    IllegalTransition,
     KeyNotFound,
     KeyStoreError,
     KeyUnusable,
@@ -459,6 +460,10 @@ class _TokenWorker:
         current = self.read_meta(key_id)
         if current is None:
             raise _Fail("not_found")
+        if current.get("state") != KeyState.PENDING_DESTRUCTION.value:
+            # Checked on the token itself: another server may have enabled the key since we last looked.
+            raise _Fail("illegal", f"cannot go from {current.get('state')} to destroyed: only a key pending "
+                                    "destruction loses its private half")
         value = self.write_meta(key_id, dict(current, state=KeyState.DESTROYED.value, updated=updated))
         self.handles.pop(key_id, None)
         for obj in self._key_objects(key_id, self.p11.ObjectClass.PRIVATE_KEY):
@@ -1062,6 +1067,8 @@ class Pkcs11KeyStore:
             raise _Rejected()
         if kind == "conflict":
             raise Conflict(text, code="key_exists")
+        if kind == "illegal":
+            raise IllegalTransition(text)
         if kind == "import_refused":
             raise Conflict(f"this key store cannot import the key: {text}", code="import_unsupported")
         raise KeyStoreError(text or f"HSM error during {op}")
