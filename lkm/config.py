@@ -419,20 +419,28 @@ def _hawk(sec: Section) -> HawkSettings:
 
 def _platform(sec: Section) -> PlatformSettings:
     enabled = sec.flag("enabled", True)
+    if not enabled:
+        # A native-only server: the rest of the section is kept for when the route is switched on again.
+        sec.ignore_rest()
+        return PlatformSettings(enabled=False, listen=ListenSettings("127.0.0.1", 8443), tls=None,
+                                path="/key-management/v1/decrypt", public_host=None, public_port=None,
+                                hawk=HawkSettings(credentials_file=None, credentials=(), timestamp_skew_seconds=300,
+                                                  replay_check=True, nonce_cache_size=100_000),
+                                allow_pkcs1=False)
     path = sec.string("path", "/key-management/v1/decrypt")
     if not path.startswith("/"):
         raise sec.error("path", f"an absolute URL path starting with '/', got {path!r}")
     result = PlatformSettings(
         enabled=enabled,
         listen=_listen(sec, "0.0.0.0", 8443),  # noqa: S104 - the platform calls from outside
-        tls=_tls(sec, client_ca=False) if enabled and sec.has("tls") else None,
+        tls=_tls(sec, client_ca=False) if sec.has("tls") else None,
         path=path,
         public_host=sec.string("public_host", None),
         public_port=sec.integer("public_port", None, minimum=1, maximum=65535),
-        hawk=_hawk(sec.section("hawk", required=enabled)),
+        hawk=_hawk(sec.section("hawk", required=True)),
         allow_pkcs1=sec.flag("allow_pkcs1", True),
     )
-    if enabled and result.tls is None and not sec.flag("insecure_plaintext", False):
+    if result.tls is None and not sec.flag("insecure_plaintext", False):
         raise sec.error("tls", "a tls section with cert_file and key_file (the platform only calls https)")
     sec.done()
     return result

@@ -107,3 +107,9 @@ def test_example_config_is_valid_apart_from_missing_files() -> None:
         load_settings(example)
     # The example points at production paths; what fails is the first missing file, not the shape.
     assert "an existing file" in info.value.expected
+
+
+def test_native_only_server_needs_no_platform_settings(tmp_path: Path, config_factory: Callable[..., Path]) -> None:
+    path = config_factory(platform={"enabled": False})
+    settings = load_settings(path)
+    assert settings.platform.enabled is False and settings.native is not None

@@ -186,3 +186,24 @@ async def test_ops_health_and_readiness(running: Running) -> None:
         assert resp.status == 200, body
         assert body["ready"] is True
         assert set(body["checks"]) == {"keystore", "active_key", "certificates", "audit", "canary"}
+
+
+async def test_a_native_only_server(tmp_path, certs, config_factory) -> None:  # type: ignore[no-untyped-def]
+    from lkm.config import load_settings
+    from lkm.server import LkmServer
+
+    server = LkmServer(load_settings(config_factory(platform={"enabled": False})))
+    await server.start()
+    try:
+        assert set(server.listeners) == {"native", "ops"}
+        assert server.store is not None
+        record = server.store.create_key(state=KeyState.ACTIVE)
+        async with aiohttp.ClientSession() as session:
+            cert, key = certs.client("admin")
+            from lkm.client import NativeClient
+
+            native = NativeClient(session, server.url("native"), client_ssl_context(certs.ca_file, cert, key))
+            reply = await native.unwrap(record.id, wrap(record, b"n" * 32))
+            assert reply.status == 200 and reply.body["key"] == b64(b"n" * 32)
+    finally:
+        await server.stop()
