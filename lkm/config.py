@@ -9,8 +9,7 @@ from __future__ import annotations
 import enum
 import os
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -190,7 +189,6 @@ class Settings:
     audit: AuditSettings
     logging: LoggingSettings
     limits: LimitsSettings
-    extra: Mapping[str, Any] = field(default_factory=dict)
     rotation: RotationSettings | None = None
     genesys: GenesysSettings | None = None
 
@@ -603,12 +601,8 @@ def settings_from_mapping(data: object, *, source: str, base_dir: Path) -> Setti
     lim.done()
     rotation = _rotation(top.section("rotation")) if top.has("rotation") else None
     genesys = _genesys(top.section("genesys")) if top.has("genesys") else None
-    extra = {k: top.raw(k) for k in EXTENSION_SECTIONS if top.has(k)}
     top.done()
     return Settings(source=source, keystore=keystore, platform=platform, native=native, ops=ops,
-                    audit=audit, logging=logging_settings, limits=limits, extra=extra, rotation=rotation,
+                    audit=audit, logging=logging_settings, limits=limits, rotation=rotation,
                     genesys=genesys)
 
-
-EXTENSION_SECTIONS: tuple[str, ...] = ()
-"""Top-level sections parsed by the features that own them (validated there, at start-up)."""

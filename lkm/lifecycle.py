@@ -350,9 +350,6 @@ class DestructionReport:
     def allowed(self) -> bool:
         return all(s.ok for s in self.safeguards)
 
-    def refusal(self) -> str:
-        return "; ".join(f"{s.name}: {s.detail}" for s in self.safeguards if not s.ok)
-
     def last_unwrap_text(self) -> str:
         if self.last_unwrap is not None:
             return format_time(self.last_unwrap)

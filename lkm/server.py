@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import resource
 import secrets
 import signal
@@ -20,7 +19,7 @@ from aiohttp import web
 from lkm import __version__
 from lkm.admission import Admission
 from lkm.audit import AuditLog
-from lkm.auth import Actor, ClientPolicy
+from lkm.auth import ClientPolicy
 from lkm.config import Settings
 from lkm.errors import KeyStoreError, LkmError
 from lkm.hawk import CredentialSource, HawkCredential, HawkVerifier
@@ -337,9 +336,6 @@ class LkmServer:
                 problems.append(f"{name}: certificate expired")
         return (not problems, "; ".join(problems) or "valid")
 
-
-def system_actor() -> Actor:
-    return Actor(kind="system", name=f"lkm-server:{os.getpid()}")
 
 
 def forbid_core_dumps() -> None:

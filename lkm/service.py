@@ -322,11 +322,6 @@ class KeyService:
         ctx.actor.require(Role.READ)
         return await self.run(self.store.get_key, key_id)
 
-    async def active_key(self) -> KeyRecord | None:
-        keys = await self.run(self.store.list_keys)
-        active = [k for k in keys if k.state is KeyState.ACTIVE]
-        return max(active, key=lambda k: k.created) if active else None
-
     # --- changing keys -------------------------------------------------------------------------------------
 
     async def audited(self, ctx: RequestContext, action: str, key_id: str | None,
@@ -355,12 +350,6 @@ class KeyService:
                 # rotate or create twice.
                 await self._audit(ctx, action, key_id=key_id, error=error, started=started,
                                   extra=dict(details) if details else None, fail_closed=error is not None)
-
-    async def create_key(self, ctx: RequestContext, *, state: KeyState = KeyState.RETIRED,
-                         label: str = "") -> KeyRecord:
-        return await self.audited(ctx, "create_key", None, lambda: self.store.create_key(state=state,
-                                                                                           label=label))
-
 
 def _bad_length(length: int) -> InvalidRequest:
     return InvalidRequest(f"wrapped key must be {CIPHERTEXT_BYTES} bytes (RSA-3072), got {length}",

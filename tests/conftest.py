@@ -7,7 +7,6 @@ import base64
 import datetime as dt
 import json
 import os
-import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -204,6 +203,3 @@ class start_server:
         await self.session.close()
         await self.server.stop()
 
-
-def tls_client(ca: Path, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
-    return client_ssl_context(ca, cert, key)

@@ -91,8 +91,6 @@ class FileKeyStore:
             if problem:
                 raise KeyStoreError(f"refusing to use the key store: {problem}", transient=False)
         self._aead = AESGCM(self._master_key(passphrase))
-        self._algorithms = frozenset(Algorithm) if implicit_rejection() else \
-            frozenset(Algorithm) - {Algorithm.RSA_PKCS1_V1_5}
         self.refresh()
 
     # --- master key ----------------------------------------------------------------------------------------
@@ -133,7 +131,7 @@ class FileKeyStore:
     # --- reading -------------------------------------------------------------------------------------------
 
     def supported_algorithms(self) -> frozenset[Algorithm]:
-        return self._algorithms
+        return ALL_ALGORITHMS if implicit_rejection() else WITHOUT_PKCS1
 
     def list_keys(self) -> list[KeyRecord]:
         return sorted(self._records.values(), key=lambda r: (r.created, r.id))
@@ -367,6 +365,10 @@ class FileKeyStore:
                 self._private.pop(key_id, None)
             self._load_file(self._key_path(key_id))
             return self._records[key_id]
+
+
+ALL_ALGORITHMS = frozenset(Algorithm)
+WITHOUT_PKCS1 = ALL_ALGORITHMS - {Algorithm.RSA_PKCS1_V1_5}
 
 
 @functools.cache
