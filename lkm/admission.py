@@ -1,7 +1,7 @@
 """Admission control for private-key operations: answer 503 early instead of queueing past the deadline.
 
 Every unwrap needs a worker thread for its private-key operation. When callers send more than the workers can
-do, the executor's queue grows and so does everyone's latency, without bound; a caller with a 250 ms timeout
+do, the workers' queue grows and so does everyone's latency, without bound; a caller with a 250 ms timeout
 then gives up on answers that still cost a full RSA operation each. So a request is admitted only if its
 operations can be expected to start within `limits.request_deadline_ms`:
 
@@ -18,10 +18,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor
 from typing import TypeVar
 
 from lkm.errors import Unavailable
+from lkm.workers import WorkerThreads
 
 T = TypeVar("T")
 
@@ -50,12 +50,14 @@ class Admission:
     `on_shed(route)` is called on the event loop for every refused request (route as in RequestContext).
     """
 
-    def __init__(self, executor: Executor, *, workers: int, deadline_seconds: float,
+    def __init__(self, pool: WorkerThreads, *, deadline_seconds: float, workers: int | None = None,
                  on_shed: Callable[[str], None] | None = None,
                  clock: Callable[[], float] = time.perf_counter) -> None:
+        """`workers`: how many operations run at once, for the estimate (default: the pool's threads)."""
+        workers = pool.count if workers is None else workers
         if workers < 1:
             raise ValueError("workers must be at least 1")
-        self.executor = executor
+        self.pool = pool
         self.workers = workers
         self.deadline = deadline_seconds
         self.on_shed = on_shed
@@ -140,4 +142,4 @@ class Admission:
             finally:
                 self.observe(operations, clock() - begin)
 
-        return await asyncio.get_running_loop().run_in_executor(self.executor, job)
+        return await self.pool.run(job)

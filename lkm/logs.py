@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import collections
 import copy
 import json
 import logging
-import queue
 import sys
+import threading
 import time
-from logging.handlers import QueueHandler, QueueListener
 from typing import Any
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
@@ -37,30 +37,79 @@ class TextFormatter(logging.Formatter):
         return base + ("" if not extras else " " + " ".join(f"{k}={v}" for k, v in extras.items()))
 
 
-class OffLoopHandler(QueueHandler):
-    """Hands records to a writer thread: a slow stderr (a full pipe, a busy journald) must never stall the event
-    loop. Formatting happens on that thread too. When the queue is full, records are dropped and counted: the
-    audit trail, not the log, is the durable record of what lkm did."""
+class OffLoopHandler(logging.Handler):
+    """Hands records to a writer thread that writes them out in batches.
 
-    def __init__(self, capacity: int = 100_000) -> None:
-        super().__init__(queue.Queue(maxsize=capacity))
+    A slow stderr (a full pipe, a busy journald) must never stall the event loop, so nothing here writes. The
+    writer does not wake per record either: it wakes every `interval` seconds (at once for a warning or worse,
+    or when `capacity` is half used) and formats and writes everything queued in one write. On a busy server
+    that is one thread wake-up per interval instead of one per request, and every wake-up is a thread asking
+    for the GIL the event loop and the private-key workers are using. When the queue is full, records are
+    dropped and counted: the audit trail, not the log, is the durable record of what lkm did.
+    """
+
+    def __init__(self, target: logging.Handler, *, interval: float = 0.05, capacity: int = 100_000) -> None:
+        super().__init__()
+        self.target = target
+        self.interval = interval
+        self.capacity = capacity
         self.dropped = 0
+        self._pending: collections.deque[logging.LogRecord] = collections.deque()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="lkm-log-writer", daemon=True)
+        self._thread.start()
 
-    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
-        prepared = copy.copy(record)
-        prepared.msg = record.getMessage()
-        prepared.args = None
-        return prepared
-
-    def enqueue(self, record: logging.LogRecord) -> None:
-        try:
-            self.queue.put_nowait(record)
-        except queue.Full:
+    def emit(self, record: logging.LogRecord) -> None:
+        if len(self._pending) >= self.capacity:
             self.dropped += 1
+            return
+        if record.args:
+            # Arguments are rendered now: a mutable argument could change before the writer formats it.
+            record = copy.copy(record)
+            record.msg = record.getMessage()
+            record.args = None
+        self._pending.append(record)  # deque.append is atomic: no lock on the caller's side
+        if record.levelno >= logging.WARNING or len(self._pending) * 2 >= self.capacity:
+            self._wake.set()
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait(self.interval)
+            self._wake.clear()
+            self._write_pending()
+            if self._stopping and not self._pending:
+                return
+
+    def _write_pending(self) -> None:
+        target = self.target
+        lines: list[str] = []
+        while self._pending:
+            record = self._pending.popleft()
+            try:
+                lines.append(target.format(record))
+            except Exception:  # a record that cannot be formatted must not stop the writer
+                self.handleError(record)
+        if not lines:
+            return
+        stream = getattr(target, "stream", None)
+        if stream is None:
+            return
+        try:
+            stream.write("\n".join(lines) + "\n")
+            stream.flush()
+        except (OSError, ValueError):  # stderr closed or broken: nothing better to do with a log line
+            self.dropped += len(lines)
+
+    def stop(self) -> None:
+        """Writes out what is queued and stops the writer."""
+        self._stopping = True
+        self._wake.set()
+        self._thread.join()
 
 
-def setup_logging(level: str = "info", fmt: str = "json") -> QueueListener:
-    """Routes every log record through a writer thread; the caller stops the returned listener at exit."""
+def setup_logging(level: str = "info", fmt: str = "json") -> OffLoopHandler:
+    """Routes every log record through a writer thread; the caller stops the returned handler at exit."""
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         formatter: logging.Formatter = JsonFormatter()
@@ -68,12 +117,10 @@ def setup_logging(level: str = "info", fmt: str = "json") -> QueueListener:
     else:
         formatter = TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     handler.setFormatter(formatter)
-    off_loop = OffLoopHandler()
-    listener = QueueListener(off_loop.queue, handler)
-    listener.start()
+    off_loop = OffLoopHandler(handler)
     root = logging.getLogger()
     root.handlers[:] = [off_loop]
     root.setLevel(level.upper())
     # aiohttp's own access log is replaced by lkm.access (one line per request, with the request id).
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-    return listener
+    return off_loop

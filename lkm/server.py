@@ -8,6 +8,7 @@ import logging
 import resource
 import secrets
 import signal
+import sys
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -31,22 +32,21 @@ from lkm.metrics import AUTH_REASONS, LISTENERS, Metrics
 from lkm.pki import load_cert_expiry
 from lkm.service import KeyService
 from lkm.tlsconf import server_context
-from lkm.web import (
-    PlatformRoutes,
-    ReadinessView,
-    WebContext,
-    WebObserver,
-    native_app,
-    ops_app,
-    platform_app,
-)
+from lkm.web import ReadinessView, WebContext, WebObserver, native_app, ops_app
 from lkm.web_admin import install_admin_routes
 from lkm.web_batch import install_batch_route
+from lkm.web_platform import PlatformHandler, platform_server
+from lkm.workers import WorkerThreads
 
 log = logging.getLogger("lkm.server")
 
 CANARY_INTERVAL_SECONDS = 30.0
 READINESS_INTERVAL_SECONDS = 5.0
+# How long a thread may hold the GIL while another waits for it. A worker thread whose RSA operation (run with
+# the GIL released) has finished waits for the GIL before it can hand the result back; with Python's default
+# of 5 ms, a busy event loop can keep that core idle for up to 5 ms per operation. 1 ms raised throughput and
+# cut tail latency in `lkm bench` runs on a 2-vCPU machine (README: Performance).
+SWITCH_INTERVAL_SECONDS = 0.001
 
 
 class MetricsObserver(WebObserver):
@@ -112,10 +112,12 @@ class LkmServer:
         self.observer = MetricsObserver(self.metrics)
         self.readiness = ReadinessView()
         self.listeners: dict[str, Listener] = {}
-        self._runners: list[web.AppRunner] = []
+        self._runners: list[web.BaseRunner] = []
         self._tasks: list[asyncio.Task[None]] = []
-        self._executor = ThreadPoolExecutor(max_workers=settings.limits.worker_threads,
-                                            thread_name_prefix="lkm-worker")
+        # Unwraps run on their own threads (`limits.worker_threads`, behind admission control); the rest of the
+        # blocking work (refreshes, checks, key listings) runs here.
+        self._workers = WorkerThreads(settings.limits.worker_threads)
+        self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="lkm-io")
         # Key changes (RSA key generation, waiting for the key store's cross-process lock) run apart from the
         # unwrap pool, so a rotation never delays an unwrap.
         self._admin_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lkm-admin")
@@ -137,8 +139,7 @@ class LkmServer:
                               keep_files=settings.audit.keep_files,
                               on_failure=self.metrics.audit_failures.inc)
         await self.audit.start()
-        admission = Admission(self._executor, workers=settings.limits.worker_threads,
-                              deadline_seconds=settings.limits.request_deadline_ms / 1000,
+        admission = Admission(self._workers, deadline_seconds=settings.limits.request_deadline_ms / 1000,
                               on_shed=self._count_shed)
         self.service = KeyService(self.store, CountingAudit(self.audit, self.metrics), self._executor,
                                   observer=self.observer,
@@ -162,19 +163,21 @@ class LkmServer:
             tls = settings.platform.tls
             ssl_ctx = server_context(tls, require_client_cert=False, source=settings.source,
                                      setting="platform.tls") if tls else None
-            routes = PlatformRoutes(settings.platform, verifier, default_port=443 if ssl_ctx else 80)
-            await self._listen("platform", platform_app(wctx, routes), settings.platform.listen.host,
-                               settings.platform.listen.port, ssl_ctx)
+            handler = PlatformHandler(wctx, settings.platform, verifier, default_port=443 if ssl_ctx else 80)
+            keepalive = float(settings.limits.keep_alive_seconds)
+            runner = web.ServerRunner(platform_server(handler, keepalive_timeout=keepalive), handle_signals=False)
+            await self._listen("platform", runner, settings.platform.listen.host, settings.platform.listen.port,
+                               ssl_ctx)
         if settings.native is not None:
             ssl_ctx = server_context(settings.native.tls, require_client_cert=True, source=settings.source,
                                      setting="native.tls")
             native = native_app(wctx, ClientPolicy(settings.native.clients))
             install_admin_routes(native, self.keyadmin)
             install_batch_route(native, settings.native.max_batch)
-            await self._listen("native", native, settings.native.listen.host, settings.native.listen.port,
-                               ssl_ctx)
+            await self._listen("native", self._app_runner(native), settings.native.listen.host,
+                               settings.native.listen.port, ssl_ctx)
         if settings.ops.enabled:
-            await self._listen("ops", ops_app(wctx, self.readiness, self.metrics.render),
+            await self._listen("ops", self._app_runner(ops_app(wctx, self.readiness, self.metrics.render)),
                                settings.ops.listen.host, settings.ops.listen.port, None)
         await self.update_readiness(force_canary=True)
         self._tasks.append(asyncio.create_task(self._refresh_loop(), name="lkm-refresh"))
@@ -191,10 +194,11 @@ class LkmServer:
     def _count_shed(self, route: str) -> None:
         self.metrics.shed.labels("platform" if route == "platform" else "native").inc()
 
-    async def _listen(self, name: str, app: web.Application, host: str, port: int, ssl_ctx: Any) -> None:
-        runner = web.AppRunner(app, access_log=None,
-                               keepalive_timeout=float(self.settings.limits.keep_alive_seconds),
-                               handle_signals=False)
+    def _app_runner(self, app: web.Application) -> web.AppRunner:
+        return web.AppRunner(app, access_log=None, keepalive_timeout=float(self.settings.limits.keep_alive_seconds),
+                             handle_signals=False)
+
+    async def _listen(self, name: str, runner: web.BaseRunner, host: str, port: int, ssl_ctx: Any) -> None:
         await runner.setup()
         site = web.TCPSite(runner, host, port, ssl_context=ssl_ctx, backlog=1024, reuse_address=True)
         await site.start()
@@ -224,6 +228,7 @@ class LkmServer:
             await self.audit.close()
         if self.store is not None:
             self.store.close()
+        self._workers.close()
         self._executor.shutdown(wait=True, cancel_futures=True)
         self._admin_executor.shutdown(wait=True, cancel_futures=True)
 
@@ -345,6 +350,7 @@ def forbid_core_dumps() -> None:
 
 async def serve_forever(settings: Settings, *, on_started: Any = None) -> None:
     forbid_core_dumps()
+    sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
     server = LkmServer(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -1,7 +1,6 @@
-"""aiohttp routes and middleware. Wire formats live here and only here.
+"""aiohttp routes and middleware. Wire formats live here and in `web_platform`, `web_admin` and `web_batch`.
 
-Three applications, one per listener:
-  platform  the platform's contract (Hawk; `{"body"}` / `{"message", "status"}`), byte-exact to its sample
+The platform's listener is `lkm.web_platform`; two applications here, one per other listener:
   native    lkm's JSON API behind mutual TLS (`{"error": {"code", "message"}, "request_id"}`)
   ops       health, readiness and metrics on a plain-HTTP operations listener
 """
@@ -21,17 +20,15 @@ from typing import Any
 
 from aiohttp import web
 
-from lkm.auth import Actor, ClientPolicy, platform_actor
-from lkm.config import PlatformSettings, Role
+from lkm.auth import Actor, ClientPolicy
+from lkm.config import Role
 from lkm.errors import (
     Forbidden,
     InvalidRequest,
     LkmError,
     PayloadTooLarge,
     Unauthenticated,
-    UnsupportedAlgorithm,
 )
-from lkm.hawk import HawkError, HawkVerifier, parse_authorization
 from lkm.keys import Algorithm, KeyRecord, parse_key_id, public_key_views
 from lkm.service import KeyService, RequestContext
 
@@ -79,7 +76,6 @@ class WebContext:
 
 SERVICE = web.AppKey("service", WebContext)
 LISTENER = web.AppKey("listener", str)
-ERROR_STYLE = web.AppKey("error_style", str)
 REQUEST_ID = web.RequestKey("request_id", str)
 ACTOR = web.RequestKey("actor", Actor)
 
@@ -92,19 +88,11 @@ def _route_name(request: web.Request) -> str:
 
 
 def render_error(request: web.Request, error: LkmError) -> web.Response:
-    style = request.app[ERROR_STYLE]
     headers = {}
     if error.retry_after is not None:
         headers["Retry-After"] = str(error.retry_after)
-    if style == "platform":
-        # The sample's shape. The platform treats 4xx as the caller's problem; unknown key is 400 by contract.
-        status = 400 if error.status in (404, 409) else error.status
-        body: dict[str, Any] = {"message": error.message, "status": status}
-    else:
-        status = error.status
-        body = {"error": {"code": error.code, "message": error.message},
-                "request_id": request.get(REQUEST_ID)}
-    return web.json_response(body, status=status, headers=headers)
+    body = {"error": {"code": error.code, "message": error.message}, "request_id": request.get(REQUEST_ID)}
+    return web.json_response(body, status=error.status, headers=headers)
 
 
 @web.middleware
@@ -156,7 +144,7 @@ def _http_exception(request: web.Request, exc: web.HTTPException) -> web.Respons
     return response
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
+async def read_body(request: web.BaseRequest, limit: int) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"request body larger than {limit} bytes")
     # A body may arrive in several TLS records; read until its end, never trusting one read to hold it all.
@@ -195,137 +183,6 @@ def b64(data: bytes) -> str:
 
 def _client_address(request: web.Request) -> str | None:
     return request.remote
-
-
-# --- the platform's route ----------------------------------------------------------------------------------
-
-OPTIONS_BODY = {"encryptBody": {"keypairId": None, "body": None, "decryptType": None},
-                "decryptResponse": {"body": "Decrypted Response"}}
-
-
-class PlatformRoutes:
-    """`OPTIONS` and `POST` on the registered path, Hawk-authenticated, in the sample's wire format."""
-
-    def __init__(self, settings: PlatformSettings, verifier: HawkVerifier, default_port: int) -> None:
-        self.settings = settings
-        self.verifier = verifier
-        self.default_port = default_port
-
-    async def authenticate(self, request: web.Request, body: bytes) -> Actor:
-        ctx = request.app[SERVICE]
-        try:
-            credential = self.verifier.verify(
-                method=request.method, path=request.rel_url.raw_path, query=request.rel_url.raw_query_string,
-                host_header=request.headers.get("Host"), public_host=self.settings.public_host,
-                public_port=self.settings.public_port, default_port=self.default_port,
-                authorization=request.headers.get("Authorization"),
-                content_type=request.headers.get("Content-Type"), body=body)
-        except HawkError as exc:
-            ctx.observer.auth_failure("hawk", exc.reason)
-            error = Unauthenticated(str(exc), code=f"hawk_{exc.reason}")
-            claimed = _claimed_hawk_id(request.headers.get("Authorization"))
-            stranger = Actor(kind="hawk", name="hawk:unverified", hawk_id=claimed)
-            await ctx.service.audit_denial(RequestContext(request_id=request[REQUEST_ID], actor=stranger,
-                                                          client=_client_address(request), route="platform",
-                                                          platform_user_id=_platform_user(request)),
-                                           "authenticate", error)
-            response = render_error(request, error)
-            if exc.www_authenticate:
-                response.headers["WWW-Authenticate"] = exc.www_authenticate
-            else:
-                response.headers["WWW-Authenticate"] = "Hawk"
-            raise _Respond(response) from None
-        actor = platform_actor(credential.id)
-        request[ACTOR] = actor
-        return actor
-
-    async def options(self, request: web.Request) -> web.StreamResponse:
-        body = await read_body(request, request.app[SERVICE].max_body_bytes)
-        await self.authenticate(request, body)
-        return web.json_response(OPTIONS_BODY, headers={"Allow": "POST, OPTIONS"})
-
-    async def decrypt(self, request: web.Request) -> web.StreamResponse:
-        ctx = request.app[SERVICE]
-        body = await read_body(request, ctx.max_body_bytes)
-        actor = await self.authenticate(request, body)
-        data = parse_json_object(body)
-        key_id = data.get("keypairId")
-        if key_id is None:
-            raise InvalidRequest("keypairId is required", code="missing_field")
-        key_id = parse_key_id(key_id)
-        if data.get("body") is None:
-            raise InvalidRequest("body is required", code="missing_field")
-        ciphertext = decode_b64(data.get("body"), "body")
-        algorithm = self.algorithm(request.query.get("decryptType"), data.get("decryptType"))
-        rctx = RequestContext(request_id=request[REQUEST_ID], actor=actor, client=_client_address(request),
-                              platform_user_id=_platform_user(request), route="platform")
-        plaintext = await ctx.service.unwrap(rctx, key_id, ciphertext, algorithm)
-        return web.json_response({"body": b64(plaintext)})
-
-    def algorithm(self, from_query: str | None, from_body: object) -> Algorithm:
-        # The query parameter wins; older platform versions sent decryptType in the body.
-        value = from_query if from_query is not None else from_body
-        if value is None or value == "":
-            return Algorithm.RSA_OAEP_SHA1
-        if not isinstance(value, str) or value.lower() != "pkcs1":
-            raise InvalidRequest("decryptType must be absent (RSA-OAEP) or pkcs1", code="invalid_decrypt_type")
-        if not self.settings.allow_pkcs1:
-            raise UnsupportedAlgorithm("decryptType pkcs1 is disabled on this server")
-        return Algorithm.RSA_PKCS1_V1_5
-
-
-def _claimed_hawk_id(authorization: str | None) -> str | None:
-    """The id an unverified caller claims, for the audit trail; only if it looks like an id we could issue."""
-    try:
-        claimed = parse_authorization(authorization or "").get("id")
-    except HawkError:
-        return None
-    if claimed and len(claimed) <= 64 and all(c.isalnum() or c in "._-" for c in claimed):
-        return claimed
-    return None
-
-
-def _platform_user(request: web.Request) -> str | None:
-    value = request.headers.get("PureCloud-User-Id")
-    if value is None:
-        return None
-    value = value.strip()
-    # Recorded in the audit trail: keep it to something UUID-like, never arbitrary text.
-    if len(value) > 64 or not all(c.isalnum() or c == "-" for c in value):
-        return "invalid"
-    return value
-
-
-class _Respond(Exception):
-    """Lets a helper hand a finished response (with extra headers) back through the handler."""
-
-    def __init__(self, response: web.Response) -> None:
-        self.response = response
-
-
-@web.middleware
-async def respond_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except _Respond as exc:
-        return exc.response
-
-
-async def health_text(_: web.Request) -> web.StreamResponse:
-    return web.Response(text="OK")
-
-
-def platform_app(wctx: WebContext, routes: PlatformRoutes) -> web.Application:
-    app = web.Application(middlewares=[context_middleware, respond_middleware],
-                          client_max_size=wctx.max_body_bytes)
-    app[SERVICE] = wctx
-    app[LISTENER] = "platform"
-    app[ERROR_STYLE] = "platform"
-    path = routes.settings.path
-    app.router.add_route("OPTIONS", path, routes.options)
-    app.router.add_post(path, routes.decrypt)
-    app.router.add_get("/key-management/v1/health", health_text)
-    return app
 
 
 # --- the native API ----------------------------------------------------------------------------------------
@@ -412,7 +269,6 @@ def native_app(wctx: WebContext, policy: ClientPolicy) -> web.Application:
                           client_max_size=wctx.max_body_bytes)
     app[SERVICE] = wctx
     app[LISTENER] = "native"
-    app[ERROR_STYLE] = "native"
     app.router.add_get("/v1/keys", list_keys)
     app.router.add_get("/v1/keys/{id}", get_key)
     app.router.add_post("/v1/keys/{id}/unwrap", unwrap)
@@ -462,7 +318,6 @@ def ops_app(wctx: WebContext, readiness: ReadinessView,
     app = web.Application(middlewares=[context_middleware])
     app[SERVICE] = wctx
     app[LISTENER] = "ops"
-    app[ERROR_STYLE] = "native"
     app[READINESS] = readiness
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -3,19 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from lkm.admission import Admission, is_shed
 from lkm.errors import Unavailable
+from lkm.workers import WorkerThreads
 from tests.conftest import Pki, Running, b64, start_server, wrap
 from tests.test_observability import scrape, value
+
+
+@contextlib.contextmanager
+def threads(count: int) -> Iterator[WorkerThreads]:
+    pool = WorkerThreads(count)
+    try:
+        yield pool
+    finally:
+        pool.close()
 
 
 class Clock:
@@ -29,7 +39,7 @@ class Clock:
 async def test_admits_while_the_expected_wait_fits_the_deadline() -> None:
     clock = Clock()
     shed: list[str] = []
-    with ThreadPoolExecutor(1) as pool:
+    with threads(1) as pool:
         admission = Admission(pool, workers=2, deadline_seconds=0.25, on_shed=shed.append, clock=clock)
         admission.operation_seconds = 0.1
         admission.outstanding = 5  # 4 ahead of a newcomer on 2 workers: 0.2 s
@@ -46,7 +56,7 @@ async def test_admits_while_the_expected_wait_fits_the_deadline() -> None:
 
 async def test_a_job_that_starts_too_late_is_dropped_unrun() -> None:
     ran = threading.Event()
-    with ThreadPoolExecutor(1) as pool:
+    with threads(1) as pool:
         admission = Admission(pool, workers=1, deadline_seconds=0.25)
         with pytest.raises(Unavailable):  # its request arrived 0.3 s ago: the estimate let it in, the check not
             await admission.run("platform", time.perf_counter() - 0.3 + admission.expected_wait(), 1, ran.set)
@@ -55,7 +65,7 @@ async def test_a_job_that_starts_too_late_is_dropped_unrun() -> None:
 
 
 async def test_moving_average_follows_the_operations() -> None:
-    with ThreadPoolExecutor(1) as pool:
+    with threads(1) as pool:
         admission = Admission(pool, workers=1, deadline_seconds=1.0)
         for _ in range(200):
             admission.observe(4, 0.004)
@@ -64,7 +74,7 @@ async def test_moving_average_follows_the_operations() -> None:
 
 async def test_chunks_are_admitted_whole_and_late_chunks_fail_alone() -> None:
     clock = Clock()
-    with ThreadPoolExecutor(1) as pool:
+    with threads(1) as pool:
         admission = Admission(pool, workers=2, deadline_seconds=0.25, clock=clock)
 
         def slow_chunk() -> list[str]:

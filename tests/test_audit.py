@@ -248,6 +248,25 @@ def test_two_writers_alternating_reread_the_head(tmp_path: Path) -> None:
     assert a.head_reads == 5 and b.head_reads == 5
 
 
+async def test_server_writer_keeps_its_file_open_yet_follows_other_writers(tmp_path: Path) -> None:
+    """The server's writer keeps the audit file open between appends; a CLI append or a rotation by another
+    writer in between must still be chained after, never written to the old, renamed file."""
+    path = tmp_path / "audit.log"
+    server, cli = AuditLog(path, max_bytes=1500), AuditLog(path, max_bytes=1500)
+    async with server:
+        for i in range(12):
+            await server.record(event(i))
+            cli.record_sync(event(100 + i))  # fills the file, so some of these rotate it under the server
+        head_reads = server.head_reads
+        await server.record(event(999))
+        await server.record(event(1000))
+        assert server.head_reads == head_reads + 1  # re-read once after the CLI's append, then cached
+    assert cli.rotations > 0 and server.rotations > 0
+    res = audit.verify_chain_files(path)
+    assert res.ok, res
+    assert res.records == 26 and res.files > 2
+
+
 def test_head_comes_from_newest_rotated_file_when_current_is_missing(tmp_path: Path) -> None:
     path = tmp_path / "audit.log"
     AuditLog(path).record_sync(event(1))

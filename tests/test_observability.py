@@ -133,6 +133,38 @@ def test_logs_are_written_off_the_loop_as_json(capsys: pytest.CaptureFixture[str
     assert lines[0]["level"] == "info" and lines[0]["logger"] == "lkm.access" and lines[0]["time"].endswith("Z")
 
 
+def test_log_writer_batches_lines_and_writes_warnings_at_once(tmp_path: Path) -> None:
+    from lkm.logs import JsonFormatter, OffLoopHandler
+
+    out = (tmp_path / "log.txt").open("w+", encoding="utf-8")
+    target = logging.StreamHandler(out)
+    target.setFormatter(JsonFormatter())
+    writer = OffLoopHandler(target, interval=30.0)  # no timed flush during the test
+    logger = logging.getLogger("lkm.test.batch")
+    logger.addHandler(writer)
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    try:
+        for i in range(5):
+            logger.info("line %d", i)
+        assert out.tell() == 0  # queued, not yet written: no thread wake-up per line
+        logger.warning("needs attention")
+
+        def written() -> list[str]:
+            out.flush()
+            return (tmp_path / "log.txt").read_text(encoding="utf-8").splitlines()
+
+        deadline = time.monotonic() + 5
+        while len(written()) < 6 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        messages = [json.loads(line)["message"] for line in written()]
+        assert messages == [f"line {i}" for i in range(5)] + ["needs attention"]
+    finally:
+        logger.removeHandler(writer)
+        writer.stop()
+        out.close()
+
+
 def test_denial_limiter_bounds_records_per_client() -> None:
     from lkm.service import DenialLimiter
 

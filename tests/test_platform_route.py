@@ -234,6 +234,18 @@ async def test_health_route_of_the_sample(running: Running) -> None:
         assert resp.status == 200 and await resp.text() == "OK"
 
 
+async def test_unknown_path_and_wrong_method_in_the_sample_shape(running: Running) -> None:
+    ssl = running.platform().ssl
+    async with running.session.get(running.url("platform") + "/key-management/v1/nope", ssl=ssl) as resp:
+        assert resp.status == 404 and await resp.json() == {"message": "Not Found", "status": 404}
+        assert len(resp.headers["X-Request-Id"]) == 32
+    async with running.session.get(running.url("platform") + "/key-management/v1/decrypt", ssl=ssl) as resp:
+        assert resp.status == 405 and resp.headers["Allow"] == "POST, OPTIONS"
+        assert await resp.json() == {"message": "Method Not Allowed", "status": 405}
+    async with running.session.post(running.url("platform") + "/key-management/v1/health", ssl=ssl) as resp:
+        assert resp.status == 405 and resp.headers["Allow"] == "GET, HEAD"
+
+
 async def test_public_key_format(running: Running) -> None:
     record = running.create_key()
     text = public_pkcs1_b64(record.public_key_der)
