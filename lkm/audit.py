@@ -33,7 +33,6 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -41,6 +40,7 @@ from types import TracebackType
 from typing import Any, Final, Protocol
 
 from lkm.fsutil import fsync_dir
+from lkm.workers import WorkerThreads
 
 __all__ = [
     "FIRST_SEQ",
@@ -286,7 +286,7 @@ class AuditLog:
         self._pending: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
         self._wakeup: asyncio.Event | None = None
         self._writer: asyncio.Task[None] | None = None
-        self._executor: ThreadPoolExecutor | None = None
+        self._thread: WorkerThreads | None = None
         self._closing = False
 
     @classmethod
@@ -304,13 +304,13 @@ class AuditLog:
             return
         self._wakeup = asyncio.Event()
         # A thread of its own: audit fsyncs must neither block the loop nor queue behind other blocking work.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lkm-audit")
+        self._thread = WorkerThreads(1, name="lkm-audit")
         self._writer = asyncio.create_task(self._run(), name="lkm-audit-writer")
 
     async def close(self) -> None:
         """Writes what is pending, then stops the writer; later record() calls fail."""
         self._closing = True
-        writer, executor = self._writer, self._executor
+        writer, thread = self._writer, self._thread
         if writer is None:
             return
         assert self._wakeup is not None
@@ -319,9 +319,9 @@ class AuditLog:
             await writer
         finally:
             self._writer = None
-            self._executor = None
-            if executor is not None:
-                executor.shutdown(wait=True)
+            self._thread = None
+            if thread is not None:
+                thread.close()
             with self._io_lock:
                 self._close_files()
 
@@ -347,8 +347,7 @@ class AuditLog:
         await future
 
     async def _run(self) -> None:
-        assert self._wakeup is not None and self._executor is not None
-        loop = asyncio.get_running_loop()
+        assert self._wakeup is not None and self._thread is not None
         try:
             while True:
                 if not self._pending:
@@ -361,7 +360,7 @@ class AuditLog:
                 batch, self._pending = self._pending, []
                 error: BaseException | None = None
                 try:
-                    await loop.run_in_executor(self._executor, self._append, [body for body, _ in batch])
+                    await self._thread.run(self._append, [body for body, _ in batch])
                 except Exception as exc:
                     error = exc
                 for _, future in batch:

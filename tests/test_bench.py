@@ -85,6 +85,25 @@ async def test_bench_compare_reports_the_ratio(running: Running, capsys: pytest.
     assert "server/raw" in render_table(report)
 
 
+async def test_bench_compare_rounds_alternate_and_take_medians(running: Running,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    record = running.create_key()
+    status, report = await _bench(capsys, *_target_args(running, "platform"), "-c", str(running.config_path),
+                                  "--key-id", record.id, "--compare", "--rounds", "3", "--threads", "1",
+                                  "--concurrency", "2", "--duration", "0.3", "--warmup", "0", "--latency-at", "0",
+                                  "--json")
+    assert status == 0
+    names = [run["name"] for run in report["runs"]]
+    assert names == ["raw#1", "platform#1", "raw#2", "platform#2", "raw#3", "platform#3"]
+    comparison = report["comparison"]
+    raws = sorted(run["keys_per_s"] for run in report["runs"] if run["kind"] == "raw")
+    peaks = sorted(run["keys_per_s"] for run in report["runs"] if run["kind"] == "server")
+    assert comparison["raw_keys_per_s"] == raws[1] and comparison["server_keys_per_s"] == peaks[1]
+    assert comparison["rounds"] == 3 and len(comparison["round_ratios"]) == 3
+    assert all(run["errors"]["total"] == 0 for run in report["runs"] if run["kind"] == "server")
+    assert "medians of 3 alternating rounds" in render_table(report)
+
+
 def test_raw_on_a_temporary_store(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["bench", "--raw", "--threads", "2", "--duration", "0.3", "--json"]) == 0
     (run,) = json.loads(capsys.readouterr().out)["runs"]

@@ -3,6 +3,7 @@
     lkm bench                       load a running server (targets from lkm-dev/dev.json, or --url etc.)
     lkm bench --raw                 the key store's private-key operation in process, no server
     lkm bench --compare             raw, then the server, then the server at 80% of its peak; prints server/raw
+    lkm bench --compare --rounds 3  raw and server alternating three times; the ratio of the medians
     lkm bench startup --keys 5000   start-up time, memory per 1,000 keys, latency against the number of keys
     lkm bench suite                 everything above against servers it starts itself (the README's table)
 """
@@ -14,6 +15,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import statistics
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -148,8 +150,8 @@ def plan_from_args(args: argparse.Namespace, **changes: Any) -> LoadPlan:
 def _check_args(args: argparse.Namespace) -> None:
     if args.concurrency < 1 or args.duration <= 0 or args.warmup < 0 or args.batch_size < 1:
         raise TargetError("--concurrency and --batch-size must be at least 1, --duration positive")
-    if args.threads < 1:
-        raise TargetError("--threads must be at least 1")
+    if args.threads < 1 or args.rounds < 1:
+        raise TargetError("--threads and --rounds must be at least 1")
     if args.route == "platform" and args.padding == "oaep-sha256":
         raise TargetError("the platform route knows oaep-sha1 and pkcs1 only; use --route native for oaep-sha256")
     if args.resume and not args.new_connections:
@@ -170,34 +172,57 @@ async def _load_and_compare(args: argparse.Namespace, report: dict[str, Any]) ->
     else:
         target = target_from_args(args)
         key = await fetch_public_key(target)
-    raw_rate = None
-    if args.raw or args.compare:
-        with raw_store(args, target) as store:
-            key_id = key[0] if key[0] and key[0] in {k.id for k in store.list_keys()} else None
-            entry = measure_raw(store, key_id, args.padding, threads=args.threads, duration=args.duration)
-        report["runs"].append(entry)
-        raw_rate = entry["keys_per_s"]
     if args.raw:
+        with raw_store(args, target) as store:
+            report["runs"].append(_measure_raw_for(store, key, args))
         return
     plan = plan_from_args(args)
-    entry = await measure_server(target, plan, route=args.route, padding=args.padding,
-                                 batch_size=args.batch_size, key=key)
-    report["runs"].append(entry)
-    if args.compare and raw_rate:
-        peak = entry["keys_per_s"]
-        report["comparison"] = {"raw_keys_per_s": raw_rate, "server_keys_per_s": peak,
-                                "server_over_raw": round(peak / raw_rate, 3)}
-        report["notes"] = [*report.get("notes", []),
-                           f"server/raw = {peak:.0f}/{raw_rate:.0f} = {peak / raw_rate:.2f} (the load generator "
-                           f"used {entry['client_cpu_s']} s of CPU on the same machine)"]
-        if args.latency_at > 0 and entry["requests_per_s"] > 0:
-            rate = entry["requests_per_s"] * args.latency_at
-            paced = await measure_server(target, plan_from_args(args, rate=rate, concurrency=max(
-                args.concurrency, 32)), route=args.route, padding=args.padding, batch_size=args.batch_size,
-                name=f"{args.route}@{args.latency_at:.0%}", key=key)
-            report["runs"].append(paced)
-            report["comparison"]["latency_at"] = {"fraction": args.latency_at, "rate": round(rate, 1),
-                                                  "p99_ms": paced["latency_ms"]["p99"]}
+    if not args.compare:
+        report["runs"].append(await measure_server(target, plan, route=args.route, padding=args.padding,
+                                                   batch_size=args.batch_size, key=key))
+        return
+    # Raw and server alternate, so a neighbour's burst on a shared machine falls on both sides of the ratio.
+    raw_rates: list[float] = []
+    peaks: list[dict[str, Any]] = []
+    with raw_store(args, target) as store:
+        for round_ in range(1, args.rounds + 1):
+            suffix = f"#{round_}" if args.rounds > 1 else ""
+            raw = _measure_raw_for(store, key, args, name=f"raw{suffix}")
+            peak = await measure_server(target, plan, route=args.route, padding=args.padding,
+                                        batch_size=args.batch_size, key=key, name=f"{args.route}{suffix}")
+            report["runs"] += [raw, peak]
+            raw_rates.append(raw["keys_per_s"])
+            peaks.append(peak)
+    raw_rate = statistics.median(raw_rates)
+    peak_rate = statistics.median(p["keys_per_s"] for p in peaks)
+    if not raw_rate:
+        return
+    ratios = [p["keys_per_s"] / r for p, r in zip(peaks, raw_rates, strict=True) if r]
+    report["comparison"] = {"raw_keys_per_s": raw_rate, "server_keys_per_s": peak_rate,
+                            "server_over_raw": round(peak_rate / raw_rate, 3), "rounds": args.rounds,
+                            "round_ratios": [round(r, 3) for r in ratios]}
+    client_cpu = sum(p["client_cpu_s"] for p in peaks)
+    what = "medians of " + str(args.rounds) + " alternating rounds, " if args.rounds > 1 else ""
+    spread = f"; rounds {min(ratios):.2f}-{max(ratios):.2f}" if args.rounds > 1 else ""
+    report["notes"] = [*report.get("notes", []),
+                       f"server/raw = {peak_rate:.0f}/{raw_rate:.0f} = {peak_rate / raw_rate:.2f} ({what}the load "
+                       f"generator used {client_cpu:.3g} s of CPU on the same machine{spread})"]
+    peak_requests = statistics.median(p["requests_per_s"] for p in peaks)
+    if args.latency_at > 0 and peak_requests > 0:
+        rate = peak_requests * args.latency_at
+        paced = await measure_server(target, plan_from_args(args, rate=rate, concurrency=max(
+            args.concurrency, 32)), route=args.route, padding=args.padding, batch_size=args.batch_size,
+            name=f"{args.route}@{args.latency_at:.0%}", key=key)
+        report["runs"].append(paced)
+        report["comparison"]["latency_at"] = {"fraction": args.latency_at, "rate": round(rate, 1),
+                                              "p99_ms": paced["latency_ms"]["p99"]}
+
+
+def _measure_raw_for(store: KeyStore, key: tuple[str, bytes], args: argparse.Namespace,
+                     name: str = "raw") -> dict[str, Any]:
+    """Raw on the server's own key when the store holds it (same key, same cost), else on its newest key."""
+    key_id = key[0] if key[0] and key[0] in {k.id for k in store.list_keys()} else None
+    return measure_raw(store, key_id, args.padding, threads=args.threads, duration=args.duration, name=name)
 
 
 def run(args: argparse.Namespace) -> int:

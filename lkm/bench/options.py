@@ -47,6 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        help="raw, then the server, then the server at --latency-at of its peak; ratio server/raw")
     modes.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                        help="threads for --raw (default: the number of CPUs, %(default)s)")
+    modes.add_argument("--rounds", type=int, default=1,
+                       help="with --compare: alternate raw and server this many times and compare the medians "
+                            "(on a shared or virtual machine, neighbours' load moves single runs by 10%% or more)")
     modes.add_argument("--latency-at", type=float, default=0.8,
                        help="with --compare: fraction of the peak for the latency run (0: skip)")
     modes.add_argument("--keys", type=int, default=5000, help="startup: keys in the synthetic store")
