@@ -104,6 +104,23 @@ async def test_bench_compare_rounds_alternate_and_take_medians(running: Running,
     assert "medians of 3 alternating rounds" in render_table(report)
 
 
+async def test_bench_floor_is_measured_on_the_servers_own_store(running: Running,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    record = running.create_key()
+    status, report = await _bench(capsys, *_target_args(running, "platform"), "-c", str(running.config_path),
+                                  "--key-id", record.id, "--compare", "--floor", "--threads", "1",
+                                  "--concurrency", "2", "--duration", "0.3", "--warmup", "0", "--latency-at", "0",
+                                  "--json")
+    assert status == 0
+    raw, peak, floor = report["runs"]
+    assert floor["name"] == "floor" and floor["requests"] > 0
+    assert floor["errors"]["total"] == 0 and floor["errors"]["mismatch"] == 0  # it really unwrapped
+    assert floor["server_cpu_us_per_request"]  # its own process, not lkm's
+    comparison = report["comparison"]
+    assert comparison["floor_over_raw"] == pytest.approx(floor["keys_per_s"] / raw["keys_per_s"], abs=0.01)
+    assert comparison["server_over_floor"] == pytest.approx(peak["keys_per_s"] / floor["keys_per_s"], abs=0.01)
+
+
 def test_raw_on_a_temporary_store(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["bench", "--raw", "--threads", "2", "--duration", "0.3", "--json"]) == 0
     (run,) = json.loads(capsys.readouterr().out)["runs"]

@@ -4,6 +4,7 @@
     lkm bench --raw                 the key store's private-key operation in process, no server
     lkm bench --compare             raw, then the server, then the server at 80% of its peak; prints server/raw
     lkm bench --compare --rounds 3  raw and server alternating three times; the ratio of the medians
+    lkm bench --compare --floor     also the leanest Python endpoint that unwraps: what lkm's own work costs
     lkm bench startup --keys 5000   start-up time, memory per 1,000 keys, latency against the number of keys
     lkm bench suite                 everything above against servers it starts itself (the README's table)
 """
@@ -14,9 +15,11 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import json
 import statistics
 import sys
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -184,7 +187,8 @@ async def _load_and_compare(args: argparse.Namespace, report: dict[str, Any]) ->
     # Raw and server alternate, so a neighbour's burst on a shared machine falls on both sides of the ratio.
     raw_rates: list[float] = []
     peaks: list[dict[str, Any]] = []
-    with raw_store(args, target) as store:
+    floors: list[float] = []
+    with raw_store(args, target) as store, _floor_target(args, target) as floor:
         for round_ in range(1, args.rounds + 1):
             suffix = f"#{round_}" if args.rounds > 1 else ""
             raw = _measure_raw_for(store, key, args, name=f"raw{suffix}")
@@ -193,6 +197,11 @@ async def _load_and_compare(args: argparse.Namespace, report: dict[str, Any]) ->
             report["runs"] += [raw, peak]
             raw_rates.append(raw["keys_per_s"])
             peaks.append(peak)
+            if floor is not None:
+                floor_run = await measure_server(floor, plan, route="platform", padding=args.padding,
+                                                 batch_size=1, key=key, name=f"floor{suffix}")
+                report["runs"].append(floor_run)
+                floors.append(floor_run["keys_per_s"])
     raw_rate = statistics.median(raw_rates)
     peak_rate = statistics.median(p["keys_per_s"] for p in peaks)
     if not raw_rate:
@@ -201,6 +210,15 @@ async def _load_and_compare(args: argparse.Namespace, report: dict[str, Any]) ->
     report["comparison"] = {"raw_keys_per_s": raw_rate, "server_keys_per_s": peak_rate,
                             "server_over_raw": round(peak_rate / raw_rate, 3), "rounds": args.rounds,
                             "round_ratios": [round(r, 3) for r in ratios]}
+    if floors:
+        floor_rate = statistics.median(floors)
+        report["comparison"].update({"floor_keys_per_s": floor_rate,
+                                     "floor_over_raw": round(floor_rate / raw_rate, 3),
+                                     "server_over_floor": round(peak_rate / floor_rate, 3) if floor_rate else None})
+        report["notes"] = [*report.get("notes", []),
+                           f"floor/raw = {floor_rate:.0f}/{raw_rate:.0f} = {floor_rate / raw_rate:.2f}: the leanest "
+                           f"Python TLS endpoint (no Hawk, audit, metrics or logs) on this machine; "
+                           f"server/floor = {peak_rate / floor_rate if floor_rate else 0:.2f}"]
     client_cpu = sum(p["client_cpu_s"] for p in peaks)
     what = "medians of " + str(args.rounds) + " alternating rounds, " if args.rounds > 1 else ""
     spread = f"; rounds {min(ratios):.2f}-{max(ratios):.2f}" if args.rounds > 1 else ""
@@ -216,6 +234,22 @@ async def _load_and_compare(args: argparse.Namespace, report: dict[str, Any]) ->
         report["runs"].append(paced)
         report["comparison"]["latency_at"] = {"fraction": args.latency_at, "rate": round(rate, 1),
                                               "p99_ms": paced["latency_ms"]["p99"]}
+
+
+@contextlib.contextmanager
+def _floor_target(args: argparse.Namespace, target: Target) -> Iterator[Target | None]:
+    """With --floor: the floor endpoint on the server's own config (key store, certificate), as a target."""
+    if not args.floor:
+        yield None
+        return
+    from lkm.bench.floor import spawn_floor  # noqa: PLC0415
+
+    config = getattr(args, "config", None) or target.config
+    if not config or args.route != "platform":
+        raise TargetError("--floor needs the server's config (-c, or a dev.json) and the platform route")
+    path = urllib.parse.urlsplit(target.platform_url or "").path or "/key-management/v1/decrypt"
+    with spawn_floor(Path(config), threads=args.threads) as (pid, port):
+        yield dataclasses.replace(target, platform_url=f"https://localhost:{port}{path}", server_pid=pid)
 
 
 def _measure_raw_for(store: KeyStore, key: tuple[str, bytes], args: argparse.Namespace,

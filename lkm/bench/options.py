@@ -50,6 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     modes.add_argument("--rounds", type=int, default=1,
                        help="with --compare: alternate raw and server this many times and compare the medians "
                             "(on a shared or virtual machine, neighbours' load moves single runs by 10%% or more)")
+    modes.add_argument("--floor", action="store_true",
+                       help="with --compare: also measure the leanest Python endpoint that unwraps (no "
+                            "authentication, audit, metrics or logs) on the server's key store, each round")
     modes.add_argument("--latency-at", type=float, default=0.8,
                        help="with --compare: fraction of the peak for the latency run (0: skip)")
     modes.add_argument("--keys", type=int, default=5000, help="startup: keys in the synthetic store")

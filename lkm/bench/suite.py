@@ -1,6 +1,7 @@
 """`lkm bench suite`: every figure of the README's Performance table, in one run, against servers it starts.
 
-Runs in order: the raw private-key rate on all CPUs and on one; a server with one worker thread per CPU (the
+Runs in order: the raw private-key rate on all CPUs and on one; the floor (`lkm.bench.floor`, the leanest
+Python endpoint that unwraps, on the same key store and certificate); a server with one worker thread per CPU (the
 default), driven on the platform route to its peak, then at 80% of that peak for latency, then on the native
 route, in batches, and with a new TLS connection per request on both routes (with and without session
 resumption); a server with a single worker thread; and the start-up benchmark. Servers use the dev
@@ -19,6 +20,7 @@ from lkm.bench.load import LoadPlan
 from lkm.bench.report import new_report, raw_entry
 from lkm.bench.requests import fetch_public_key
 from lkm.bench.spawn import dev_target, spawn_server
+from lkm.hawk import load_credentials_file
 
 LATENCY_FRACTION = 0.8
 BATCH_SIZE = 100
@@ -80,6 +82,36 @@ async def _server_runs(dev_dir: Path, workers: int, plan: LoadPlan, *, full: boo
     return runs
 
 
+async def _floor_run(dev_dir: Path, plan: LoadPlan) -> dict[str, Any]:
+    from lkm.bench.command import measure_server  # noqa: PLC0415
+    from lkm.bench.floor import spawn_floor  # noqa: PLC0415
+    from lkm.bench.requests import Target  # noqa: PLC0415
+
+    certs = dev_dir / "certs"
+    hawk_file = dev_dir / "hawk.json"
+    credentials = load_credentials_file(hawk_file) if hawk_file.exists() else {}
+    with spawn_floor(dev_dir / "lkm.yaml") as (pid, port):
+        target = Target(platform_url=f"https://localhost:{port}/key-management/v1/decrypt",
+                        ca_file=str(certs / "ca.pem"), hawk=next(iter(credentials.values()), None),
+                        server_pid=pid, config=str(dev_dir / "lkm.yaml"))
+        key = _newest_key(dev_dir / "lkm.yaml")
+        return await measure_server(target, plan, route="platform", padding="oaep-sha1", batch_size=1,
+                                    name="floor (leanest Python endpoint)", key=key)
+
+
+def _newest_key(config: Path) -> tuple[str, bytes]:
+    from lkm.bench.raw import pick_key  # noqa: PLC0415
+    from lkm.config import load_settings  # noqa: PLC0415
+    from lkm.keystore.open import open_keystore  # noqa: PLC0415
+
+    store = open_keystore(load_settings(config).keystore)
+    try:
+        record = store.get_key(pick_key(store, None))
+        return record.id, record.public_key_der
+    finally:
+        store.close()
+
+
 def _find(runs: list[dict[str, Any]], prefix: str) -> dict[str, Any] | None:
     return next((r for r in runs if r["name"].startswith(prefix)), None)
 
@@ -94,6 +126,7 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
     one = _find(runs, "platform (1 worker)")
     paced = _find(runs, "platform at")
     batch = _find(runs, "batch")
+    floor = _find(runs, "floor")
     native = _find(runs, "native")
     summary: dict[str, Any] = {}
     if raw and peak:
@@ -104,6 +137,10 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
         # had left (an estimate, for a reader who will run the platform's traffic from other machines).
         left = max(cpus - client_cores, 0.1) / cpus
         summary["server_over_raw_without_client"] = round(peak["keys_per_s"] / (raw["keys_per_s"] * left), 3)
+    if floor and raw:
+        summary["floor_over_raw"] = round(floor["keys_per_s"] / raw["keys_per_s"], 3)
+        if peak:
+            summary["server_over_floor"] = round(peak["keys_per_s"] / floor["keys_per_s"], 3)
     if paced:
         summary["p99_ms_at_80_percent"] = paced["latency_ms"]["p99"]
         summary["rate_at_80_percent"] = paced["rate"]
@@ -139,6 +176,7 @@ def run_suite(dev_dir: Path, *, duration: float, warmup: float, concurrency: int
     report["runs"].extend(_raw(dev_dir / "lkm.yaml", duration))
     cpus = os.cpu_count() or 1
     plan = LoadPlan(concurrency=concurrency, duration=duration, warmup=warmup)
+    report["runs"].append(asyncio.run(_floor_run(dev_dir, plan)))
     report["runs"].extend(asyncio.run(_server_runs(dev_dir, cpus, plan, full=True)))
     if cpus > 1:
         report["runs"].extend(asyncio.run(_server_runs(dev_dir, 1, plan, full=False)))
