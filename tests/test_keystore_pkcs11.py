@@ -192,6 +192,17 @@ def test_oaep_sha1_unwrap(pkcs11_store: Pkcs11KeyStore, generated: str) -> None:
     assert pkcs11_store.decrypt(generated, wrap(pkcs11_store, generated, secret), Algorithm.RSA_OAEP_SHA1) == secret
 
 
+def test_raw_bench_loops_inside_the_sessions(pkcs11_store: Pkcs11KeyStore, generated: str) -> None:
+    from lkm.bench.raw import run_raw
+
+    ciphertexts = [wrap(pkcs11_store, generated, os.urandom(32)) for _ in range(3)]
+    assert pkcs11_store.decrypt_loop(generated, ciphertexts, Algorithm.RSA_OAEP_SHA1, 0.2) > 0
+    result = run_raw(pkcs11_store, generated, Algorithm.RSA_OAEP_SHA1, threads=2, duration=0.3, warmup=0.1)
+    assert result.threads == 2 and result.operations > 0
+    with pytest.raises(UnsupportedAlgorithm):  # as decrypt: the store's own algorithm check
+        pkcs11_store.decrypt_loop(generated, ciphertexts, Algorithm.RSA_PKCS1_V1_5, 0.1)
+
+
 def test_oaep_sha256_is_what_the_token_can_do(pkcs11_store: Pkcs11KeyStore, generated: str) -> None:
     info = pkcs11_store.token_info
     if info["model"] == "SoftHSM v2" and info["library_version"] == [2, 6]:

@@ -2,7 +2,9 @@
 
 This is the same `KeyStore.decrypt` the server's workers call, on the same kind of pre-wrapped data keys, so
 the ratio server/raw is what lkm's HTTP, TLS, authentication, audit and metrics cost on top. `cryptography`
-releases the GIL during the RSA operation, so threads scale up to the number of cores.
+releases the GIL during the RSA operation, so threads scale up to the number of cores. On the PKCS#11 store,
+each thread runs a timed loop of python-pkcs11 decrypts inside one of the store's sessions (worker processes),
+so raw is the token's own rate with no pipe round trip per operation; use as many threads as `pool_size`.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import secrets
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +73,16 @@ def run_raw(store: KeyStore, key_id: str, algorithm: Algorithm, *, threads: int,
     counts = [0] * threads
     failures: list[BaseException] = []
 
+    in_session: Callable[..., int] | None = getattr(store, "decrypt_loop", None)  # PKCS#11: loop in a session
+
+    def work_in_session(slot: int) -> None:
+        assert in_session is not None
+        try:
+            in_session(key_id, pool.ciphertexts, algorithm, max(start - time.perf_counter(), 0.0))
+            counts[slot] = in_session(key_id, pool.ciphertexts, algorithm, duration)
+        except BaseException as exc:
+            failures.append(exc)
+
     def work(slot: int) -> None:
         done = 0
         index = slot
@@ -88,7 +100,8 @@ def run_raw(store: KeyStore, key_id: str, algorithm: Algorithm, *, threads: int,
             failures.append(exc)
         counts[slot] = done
 
-    workers = [threading.Thread(target=work, args=(i,), name=f"lkm-bench-raw-{i}") for i in range(threads)]
+    target = work_in_session if in_session is not None else work
+    workers = [threading.Thread(target=target, args=(i,), name=f"lkm-bench-raw-{i}") for i in range(threads)]
     for worker in workers:
         worker.start()
     for worker in workers:

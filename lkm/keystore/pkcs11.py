@@ -470,6 +470,22 @@ class _TokenWorker:
             obj.destroy()
         return value
 
+    def op_decrypt_loop(self, key_id: str, ciphertexts: list[bytes], algorithm_name: str, seconds: float) -> int:
+        """For `lkm bench --raw`: python-pkcs11 decrypts in this session for `seconds`, with no pipe in between.
+
+        Only a count leaves the worker. This is the token's own rate through python-pkcs11, the ceiling the
+        store (one pipe round trip per operation) and the server are measured against.
+        """
+        algorithm = Algorithm(algorithm_name)
+        mechanism, param = self._mechanism(algorithm)
+        key = self._private_key(key_id)
+        count = 0
+        stop = time.perf_counter() + seconds
+        while time.perf_counter() < stop:
+            key.decrypt(ciphertexts[count % len(ciphertexts)], mechanism=mechanism, mechanism_param=param)
+            count += 1
+        return count
+
     def op_decrypt(self, key_id: str, ciphertext: bytes, algorithm_name: str) -> bytes:
         algorithm = Algorithm(algorithm_name)
         mechanism, param = self._mechanism(algorithm)
@@ -977,6 +993,15 @@ class Pkcs11KeyStore:
         self._pool.close()
 
     # --- decryption ------------------------------------------------------------------------------------------
+
+    def decrypt_loop(self, key_id: str, ciphertexts: list[bytes], algorithm: Algorithm, seconds: float) -> int:
+        """Decrypts in a loop inside one worker's session for `seconds`; the count (lkm bench --raw)."""
+        if algorithm not in self.supported_algorithms():
+            raise UnsupportedAlgorithm(f"this key store does not support {algorithm.value}")
+        record = self.get_key(key_id)
+        count: int = self._call("decrypt_loop", record.id, ciphertexts, algorithm.value, seconds,
+                                timeout=seconds + self._pool.op_timeout)
+        return count
 
     def decrypt(self, key_id: str, ciphertext: bytes, algorithm: Algorithm) -> bytes:
         if algorithm not in self.supported_algorithms():
