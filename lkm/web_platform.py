@@ -107,6 +107,16 @@ class PlatformHandler:
             return _plain_error(405, "Method Not Allowed", {"Allow": "GET, HEAD"})
         return _plain_error(404, "Not Found")
 
+    async def read_authenticated(self, request: web.BaseRequest, request_id: str,
+                                 actor: list[Actor]) -> bytes | web.Response:
+        """The request body once Hawk verified it (the caller goes into `actor`), or the finished 401."""
+        body = await read_body(request, self.wctx.max_body_bytes)
+        caller = await self.authenticate(request, request_id, body)
+        if isinstance(caller, web.Response):
+            return caller
+        actor.append(caller)
+        return body
+
     async def authenticate(self, request: web.BaseRequest, request_id: str, body: bytes) -> Actor | web.Response:
         """The verified caller, or the finished 401 response (audited) for one that is not."""
         headers = request.headers
@@ -133,19 +143,15 @@ class PlatformHandler:
         return actor
 
     async def options(self, request: web.BaseRequest, request_id: str, actor: list[Actor]) -> web.StreamResponse:
-        body = await read_body(request, self.wctx.max_body_bytes)
-        caller = await self.authenticate(request, request_id, body)
-        if isinstance(caller, web.Response):
-            return caller
-        actor.append(caller)
+        body = await self.read_authenticated(request, request_id, actor)
+        if isinstance(body, web.Response):
+            return body
         return web.json_response(OPTIONS_BODY, headers={"Allow": "POST, OPTIONS"})
 
     async def decrypt(self, request: web.BaseRequest, request_id: str, actor: list[Actor]) -> web.StreamResponse:
-        body = await read_body(request, self.wctx.max_body_bytes)
-        caller = await self.authenticate(request, request_id, body)
-        if isinstance(caller, web.Response):
-            return caller
-        actor.append(caller)
+        body = await self.read_authenticated(request, request_id, actor)
+        if isinstance(body, web.Response):
+            return body
         data = parse_json_object(body)
         key_id = data.get("keypairId")
         if key_id is None:
@@ -155,7 +161,7 @@ class PlatformHandler:
             raise InvalidRequest("body is required", code="missing_field")
         ciphertext = decode_b64(data.get("body"), "body")
         algorithm = self.algorithm(request.query.get("decryptType"), data.get("decryptType"))
-        rctx = RequestContext(request_id=request_id, actor=caller, client=request.remote,
+        rctx = RequestContext(request_id=request_id, actor=actor[0], client=request.remote,
                               platform_user_id=_platform_user(request), route="platform")
         plaintext = await self.wctx.service.unwrap(rctx, key_id, ciphertext, algorithm)
         return web.json_response({"body": b64(plaintext)})
