@@ -591,9 +591,14 @@ def settings_from_mapping(data: object, *, source: str, base_dir: Path) -> Setti
     )
     log_sec.done()
     lim = top.section("limits")
+    threads = os.cpu_count() or 2
+    if keystore.type == "pkcs11":
+        # A worker thread waits on one HSM session for each operation: fewer threads than sessions would leave
+        # sessions (and a network HSM's capacity) idle, whatever the host's cores.
+        threads = max(threads, keystore.pool_size)
     limits = LimitsSettings(
         max_body_bytes=lim.integer("max_body_bytes", 64 * 1024, minimum=1024, maximum=16 * 1024 * 1024),
-        worker_threads=lim.integer("worker_threads", os.cpu_count() or 2, minimum=1, maximum=256),
+        worker_threads=lim.integer("worker_threads", threads, minimum=1, maximum=256),
         request_deadline_ms=lim.integer("request_deadline_ms", 250, minimum=10),
         keep_alive_seconds=lim.integer("keep_alive_seconds", 75, minimum=1),
         refresh_seconds=lim.number("refresh_seconds", 2.0, minimum=0.1),

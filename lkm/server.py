@@ -140,8 +140,11 @@ class LkmServer:
                               keep_files=settings.audit.keep_files,
                               on_failure=self.metrics.audit_failures.inc)
         await self.audit.start()
+        parallel = settings.limits.worker_threads
+        if settings.keystore.type == "pkcs11":  # at most one operation per HSM session runs at a time
+            parallel = min(parallel, settings.keystore.pool_size)
         admission = Admission(self._workers, deadline_seconds=settings.limits.request_deadline_ms / 1000,
-                              on_shed=self._count_shed)
+                              workers=parallel, on_shed=self._count_shed)
         self.service = KeyService(self.store, CountingAudit(self.audit, self.metrics), self._executor,
                                   observer=self.observer,
                                   fail_closed=settings.audit.fail_closed, admission=admission)

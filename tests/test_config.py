@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -113,3 +114,13 @@ def test_native_only_server_needs_no_platform_settings(tmp_path: Path, config_fa
     path = config_factory(platform={"enabled": False})
     settings = load_settings(path)
     assert settings.platform.enabled is False and settings.native is not None
+
+
+def test_worker_threads_default_covers_every_hsm_session(config_factory: Callable[..., Path]) -> None:
+    cpus = os.cpu_count() or 2
+    assert load_settings(config_factory()).limits.worker_threads == cpus
+    hsm = {"type": "pkcs11", "module": sys.executable, "token_label": "lkm", "pin": {"env": "LKM_TEST_PIN"},
+           "pool_size": cpus + 6}
+    assert load_settings(config_factory(keystore=hsm)).limits.worker_threads == cpus + 6
+    pinned = load_settings(config_factory(keystore=hsm, **{"limits.worker_threads": 3}))
+    assert pinned.limits.worker_threads == 3  # an explicit setting wins

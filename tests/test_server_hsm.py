@@ -67,8 +67,11 @@ async def test_concurrent_unwraps_through_the_server(tmp_path: Path, certs: Pki,
                                                      config_factory: Callable[..., Path],
                                                      softhsm_token: SoftHsmToken) -> None:
     # A generous deadline: this test is about correctness under concurrency, not load shedding.
-    config = hsm_config(config_factory, softhsm_token, **{"limits.request_deadline_ms": 30_000})
+    config = hsm_config(config_factory, softhsm_token, **{"limits.request_deadline_ms": 30_000,
+                                                          "limits.worker_threads": 5})
     async with start_server(tmp_path, certs, config) as running:
+        admission = running.server.service.admission if running.server.service else None
+        assert admission is not None and admission.workers == 2  # one operation per session, 2 sessions
         record = await asyncio.to_thread(running.store.create_key, state=KeyState.ACTIVE)
         secrets_ = [os.urandom(32) for _ in range(120)]
         client = running.platform()
