@@ -130,8 +130,17 @@ async def context_middleware(request: web.Request, handler: Handler) -> web.Stre
             access_log.handle(access_log.makeRecord(access_log.name, logging.INFO, __file__, 0, "request", (),
                                                     None, extra={
                 "request_id": request_id, "listener": listener, "method": request.method, "route": route,
-                "path": request.path, "status": status, "latency_ms": round(elapsed * 1000, 3),
+                "path": logged_path(request), "status": status, "latency_ms": round(elapsed * 1000, 3),
                 "client": request.remote, "actor": getattr(request.get(ACTOR), "name", None)}))
+
+
+MAX_LOGGED_PATH = 256
+
+
+def logged_path(request: web.BaseRequest) -> str:
+    """The path as sent, percent-encoding intact (a decoded %0a would start a forged log line), cut short."""
+    raw = request.raw_path.split("?", 1)[0]
+    return raw if len(raw) <= MAX_LOGGED_PATH else raw[:MAX_LOGGED_PATH] + "..."
 
 
 def _http_exception(request: web.Request, exc: web.HTTPException) -> web.Response:

@@ -22,7 +22,7 @@ from lkm.errors import InvalidRequest, LkmError, Unauthenticated, UnsupportedAlg
 from lkm.hawk import HawkError, HawkVerifier, parse_authorization
 from lkm.keys import Algorithm, parse_key_id
 from lkm.service import RequestContext
-from lkm.web import WebContext, access_log, b64, decode_b64, parse_json_object, read_body
+from lkm.web import WebContext, access_log, b64, decode_b64, logged_path, parse_json_object, read_body
 
 log = logging.getLogger("lkm.web")
 
@@ -90,7 +90,7 @@ class PlatformHandler:
                 access_log.handle(access_log.makeRecord(access_log.name, logging.INFO, __file__, 0, "request", (),
                                                         None, extra={
                     "request_id": request_id, "listener": LISTENER, "method": method, "route": route,
-                    "path": path, "status": status, "latency_ms": round(elapsed * 1000, 3),
+                    "path": logged_path(request), "status": status, "latency_ms": round(elapsed * 1000, 3),
                     "client": request.remote, "actor": actor[0].name if actor else None}))
 
     async def _dispatch(self, request: web.BaseRequest, request_id: str, route: str, method: str,

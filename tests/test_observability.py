@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yarl
 from prometheus_client.parser import text_string_to_metric_families
 
 from lkm.hawk import HawkCredential
@@ -112,6 +113,16 @@ async def test_access_log_is_one_json_line_per_request(running: Running, caplog:
     assert data["request_id"] == reply.headers["X-Request-Id"]
     assert data["status"] == 200 and data["route"] == "/key-management/v1/decrypt"
     assert data["latency_ms"] > 0 and data["listener"] == "platform"
+
+
+async def test_access_log_keeps_the_path_encoded(running: Running, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="lkm.access")
+    url = running.url("platform") + "/nope%0a2026-01-01%20forged%20line?x=%0a"
+    async with running.session.get(yarl.URL(url, encoded=True), ssl=running.platform().ssl) as resp:
+        assert resp.status == 404
+    (line,) = [r for r in caplog.records if r.name == "lkm.access"]
+    assert line.path == "/nope%0a2026-01-01%20forged%20line"  # as sent; no newline, no query
+    assert line.route == "other"
 
 
 def test_logs_are_written_off_the_loop_as_json(capsys: pytest.CaptureFixture[str]) -> None:
