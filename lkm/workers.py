@@ -61,6 +61,7 @@ class WorkerThreads:
         while (job := self._jobs.get()) is not None:
             loop, future, func, args = job
             callback: Callable[[asyncio.Future[Any], Any], None]
+            result: Any = None
             try:
                 result = func(*args)
             except BaseException as exc:  # every failure belongs to the job's caller
@@ -69,7 +70,7 @@ class WorkerThreads:
                 callback, value = _deliver, result
             with contextlib.suppress(RuntimeError):  # the loop closed while the job ran: nobody is waiting
                 loop.call_soon_threadsafe(callback, future, value)
-            del job, future, func, args, value  # drop references (a result may be a data key) before waiting
+            del job, future, func, args, value, result  # drop references (a result may be a data key) before waiting
 
     def close(self) -> None:
         """Lets queued jobs finish, then stops the threads."""
