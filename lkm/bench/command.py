@@ -153,7 +153,7 @@ def plan_from_args(args: argparse.Namespace, **changes: Any) -> LoadPlan:
 def _check_args(args: argparse.Namespace) -> None:
     if args.concurrency < 1 or args.duration <= 0 or args.warmup < 0 or args.batch_size < 1:
         raise TargetError("--concurrency and --batch-size must be at least 1, --duration positive")
-    if args.threads < 1 or args.rounds < 1:
+    if args.threads < 1 or (args.rounds is not None and args.rounds < 1):
         raise TargetError("--threads and --rounds must be at least 1")
     if args.route == "platform" and args.padding == "oaep-sha256":
         raise TargetError("the platform route knows oaep-sha1 and pkcs1 only; use --route native for oaep-sha256")
@@ -185,12 +185,13 @@ async def _load_and_compare(args: argparse.Namespace, report: dict[str, Any]) ->
                                                    batch_size=args.batch_size, key=key))
         return
     # Raw and server alternate, so a neighbour's burst on a shared machine falls on both sides of the ratio.
+    rounds = args.rounds or 1
     raw_rates: list[float] = []
     peaks: list[dict[str, Any]] = []
     floors: list[float] = []
     with raw_store(args, target) as store, _floor_target(args, target) as floor:
-        for round_ in range(1, args.rounds + 1):
-            suffix = f"#{round_}" if args.rounds > 1 else ""
+        for round_ in range(1, rounds + 1):
+            suffix = f"#{round_}" if rounds > 1 else ""
             raw = _measure_raw_for(store, key, args, name=f"raw{suffix}")
             peak = await measure_server(target, plan, route=args.route, padding=args.padding,
                                         batch_size=args.batch_size, key=key, name=f"{args.route}{suffix}")
@@ -208,7 +209,7 @@ async def _load_and_compare(args: argparse.Namespace, report: dict[str, Any]) ->
         return
     ratios = [p["keys_per_s"] / r for p, r in zip(peaks, raw_rates, strict=True) if r]
     report["comparison"] = {"raw_keys_per_s": raw_rate, "server_keys_per_s": peak_rate,
-                            "server_over_raw": round(peak_rate / raw_rate, 3), "rounds": args.rounds,
+                            "server_over_raw": round(peak_rate / raw_rate, 3), "rounds": rounds,
                             "round_ratios": [round(r, 3) for r in ratios]}
     if floors:
         floor_rate = statistics.median(floors)
@@ -220,8 +221,8 @@ async def _load_and_compare(args: argparse.Namespace, report: dict[str, Any]) ->
                            f"Python TLS endpoint (no Hawk, audit, metrics or logs) on this machine; "
                            f"server/floor = {peak_rate / floor_rate if floor_rate else 0:.2f}"]
     client_cpu = sum(p["client_cpu_s"] for p in peaks)
-    what = "medians of " + str(args.rounds) + " alternating rounds, " if args.rounds > 1 else ""
-    spread = f"; rounds {min(ratios):.2f}-{max(ratios):.2f}" if args.rounds > 1 else ""
+    what = f"medians of {rounds} alternating rounds, " if rounds > 1 else ""
+    spread = f"; rounds {min(ratios):.2f}-{max(ratios):.2f}" if rounds > 1 else ""
     report["notes"] = [*report.get("notes", []),
                        f"server/raw = {peak_rate:.0f}/{raw_rate:.0f} = {peak_rate / raw_rate:.2f} ({what}the load "
                        f"generator used {client_cpu:.3g} s of CPU on the same machine{spread})"]
@@ -270,7 +271,7 @@ def run(args: argparse.Namespace) -> int:
             from lkm.bench.suite import run_suite  # noqa: PLC0415
 
             report = run_suite(Path(args.dev_dir), duration=args.duration, warmup=args.warmup,
-                               concurrency=args.concurrency, keys=args.keys)
+                               concurrency=args.concurrency, keys=args.keys, rounds=args.rounds or 3)
         else:
             report = new_report()
             asyncio.run(_load_and_compare(args, report))

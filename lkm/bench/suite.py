@@ -1,10 +1,11 @@
 """`lkm bench suite`: every figure of the README's Performance table, in one run, against servers it starts.
 
-Runs in order: the raw private-key rate on all CPUs and on one; the floor (`lkm.bench.floor`, the leanest
-Python endpoint that unwraps, on the same key store and certificate); a server with one worker thread per CPU (the
-default), driven on the platform route to its peak, then at 80% of that peak for latency, then on the native
-route, in batches, and with a new TLS connection per request on both routes (with and without session
-resumption); a server with a single worker thread; and the start-up benchmark. Servers use the dev
+Runs in order, against a server with one worker thread per CPU (the default): the raw private-key rate on all
+CPUs, that server's peak on the platform route and the floor (`lkm.bench.floor`, the leanest Python endpoint
+that unwraps, on the same key store and certificate), alternating for `rounds` rounds so that the ratios come
+from medians; the raw rate on one thread; then, against the same server, 80% of its median peak for latency,
+the native route, batches, and a new TLS connection per request on both routes (with and without session
+resumption); then a server with a single worker thread; and the start-up benchmark. Servers use the dev
 environment's config (made if missing) with only ports and worker threads changed, so they log and audit as
 a real one does.
 """
@@ -12,55 +13,91 @@ a real one does.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import statistics
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from lkm.bench.floor import spawn_floor
 from lkm.bench.load import LoadPlan
 from lkm.bench.report import new_report, raw_entry
-from lkm.bench.requests import fetch_public_key
+from lkm.bench.requests import Target, fetch_public_key
 from lkm.bench.spawn import dev_target, spawn_server
 from lkm.hawk import load_credentials_file
+from lkm.keystore import KeyStore
 
 LATENCY_FRACTION = 0.8
 BATCH_SIZE = 100
 
 
-def _raw(config: Path, duration: float) -> list[dict[str, Any]]:
-    from lkm.bench.raw import pick_key, run_raw  # noqa: PLC0415
-    from lkm.config import load_settings  # noqa: PLC0415
+def _raw_once(store: KeyStore, key_id: str, threads: int, duration: float, name: str) -> dict[str, Any]:
+    from lkm.bench.raw import run_raw  # noqa: PLC0415
     from lkm.keys import Algorithm  # noqa: PLC0415
+
+    result = run_raw(store, key_id, Algorithm.RSA_OAEP_SHA1, threads=threads, duration=duration)
+    return raw_entry(name, result, padding="oaep-sha1")
+
+
+@contextlib.contextmanager
+def _store(config: Path) -> Iterator[KeyStore]:
+    from lkm.config import load_settings  # noqa: PLC0415
     from lkm.keystore.open import open_keystore  # noqa: PLC0415
 
-    cpus = os.cpu_count() or 1
     store = open_keystore(load_settings(config).keystore)
     try:
-        key_id = pick_key(store, None)
-        runs = [raw_entry(f"raw {cpus} threads", run_raw(store, key_id, Algorithm.RSA_OAEP_SHA1, threads=cpus,
-                                                           duration=duration), padding="oaep-sha1")]
-        if cpus > 1:
-            runs.append(raw_entry("raw 1 thread", run_raw(store, key_id, Algorithm.RSA_OAEP_SHA1, threads=1,
-                                                          duration=duration), padding="oaep-sha1"))
-        return runs
+        yield store
     finally:
         store.close()
 
 
-async def _server_runs(dev_dir: Path, workers: int, plan: LoadPlan, *, full: bool) -> list[dict[str, Any]]:
+@contextlib.contextmanager
+def _floor_target(dev_dir: Path) -> Iterator[Target]:
+    """The floor endpoint (lkm.bench.floor) on the dev environment's key store and certificate."""
+    certs = dev_dir / "certs"
+    hawk_file = dev_dir / "hawk.json"
+    credentials = load_credentials_file(hawk_file) if hawk_file.exists() else {}
+    with spawn_floor(dev_dir / "lkm.yaml") as (pid, port):
+        yield Target(platform_url=f"https://localhost:{port}/key-management/v1/decrypt",
+                     ca_file=str(certs / "ca.pem"), hawk=next(iter(credentials.values()), None), server_pid=pid,
+                     config=str(dev_dir / "lkm.yaml"))
+
+
+async def _server_runs(dev_dir: Path, workers: int, plan: LoadPlan, *, rounds: int,
+                       full: bool) -> list[dict[str, Any]]:
+    """With `full`: raw, server peak and floor alternating `rounds` times (so a neighbour's burst falls on all
+    three), then the rest of the table against the same server. Without: the server's peak once."""
     from lkm.bench.command import measure_server  # noqa: PLC0415
+    from lkm.bench.raw import pick_key  # noqa: PLC0415
 
     runs: list[dict[str, Any]] = []
     config = dev_dir / "lkm.yaml"
+    cpus = os.cpu_count() or 1
     suffix = f" ({workers} worker{'s' if workers > 1 else ''})"
     with spawn_server(config, {"limits.worker_threads": workers}) as spawned:
         target = dev_target(dev_dir, spawned)
         key = await fetch_public_key(target)
-        peak = await measure_server(target, plan, route="platform", padding="oaep-sha1", batch_size=1,
-                                    name="platform" + suffix, key=key)
-        runs.append(peak)
         if not full:
+            runs.append(await measure_server(target, plan, route="platform", padding="oaep-sha1", batch_size=1,
+                                             name="platform" + suffix, key=key))
             return runs
-        rate = peak["requests_per_s"] * LATENCY_FRACTION
+        peaks: list[dict[str, Any]] = []
+        with _store(config) as store, _floor_target(dev_dir) as floor:
+            key_id = pick_key(store, key[0])
+            for round_ in range(1, rounds + 1):
+                tag = f" #{round_}" if rounds > 1 else ""
+                runs.append(_raw_once(store, key_id, cpus, plan.duration or 10.0, f"raw {cpus} threads{tag}"))
+                peak = await measure_server(target, plan, route="platform", padding="oaep-sha1", batch_size=1,
+                                            name=f"platform{suffix}{tag}", key=key)
+                runs.append(peak)
+                peaks.append(peak)
+                runs.append(await measure_server(floor, plan, route="platform", padding="oaep-sha1",
+                                                 batch_size=1, name=f"floor (leanest Python endpoint){tag}",
+                                                 key=key))
+            if cpus > 1:
+                runs.append(_raw_once(store, key_id, 1, plan.duration or 10.0, "raw 1 thread"))
+        rate = statistics.median(p["requests_per_s"] for p in peaks) * LATENCY_FRACTION
         paced = LoadPlan(concurrency=max(plan.concurrency, 32), duration=plan.duration, warmup=plan.warmup,
                          rate=rate)
         runs.append(await measure_server(target, paced, route="platform", padding="oaep-sha1", batch_size=1,
@@ -82,34 +119,10 @@ async def _server_runs(dev_dir: Path, workers: int, plan: LoadPlan, *, full: boo
     return runs
 
 
-async def _floor_run(dev_dir: Path, plan: LoadPlan) -> dict[str, Any]:
-    from lkm.bench.command import measure_server  # noqa: PLC0415
-    from lkm.bench.floor import spawn_floor  # noqa: PLC0415
-    from lkm.bench.requests import Target  # noqa: PLC0415
-
-    certs = dev_dir / "certs"
-    hawk_file = dev_dir / "hawk.json"
-    credentials = load_credentials_file(hawk_file) if hawk_file.exists() else {}
-    with spawn_floor(dev_dir / "lkm.yaml") as (pid, port):
-        target = Target(platform_url=f"https://localhost:{port}/key-management/v1/decrypt",
-                        ca_file=str(certs / "ca.pem"), hawk=next(iter(credentials.values()), None),
-                        server_pid=pid, config=str(dev_dir / "lkm.yaml"))
-        key = _newest_key(dev_dir / "lkm.yaml")
-        return await measure_server(target, plan, route="platform", padding="oaep-sha1", batch_size=1,
-                                    name="floor (leanest Python endpoint)", key=key)
-
-
-def _newest_key(config: Path) -> tuple[str, bytes]:
-    from lkm.bench.raw import pick_key  # noqa: PLC0415
-    from lkm.config import load_settings  # noqa: PLC0415
-    from lkm.keystore.open import open_keystore  # noqa: PLC0415
-
-    store = open_keystore(load_settings(config).keystore)
-    try:
-        record = store.get_key(pick_key(store, None))
-        return record.id, record.public_key_der
-    finally:
-        store.close()
+def _median_run(runs: list[dict[str, Any]], prefix: str) -> dict[str, Any] | None:
+    """The run with the median rate among those named `prefix` (one per round)."""
+    matching = sorted((r for r in runs if r["name"].startswith(prefix)), key=lambda r: r["keys_per_s"])
+    return matching[(len(matching) - 1) // 2] if matching else None
 
 
 def _find(runs: list[dict[str, Any]], prefix: str) -> dict[str, Any] | None:
@@ -120,15 +133,20 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
     """The ratios the README quotes, from the runs of a suite report."""
     runs = report["runs"]
     cpus = report["machine"]["cpus"] or 1
-    raw = _find(runs, f"raw {cpus} threads") or _find(runs, "raw")
+    raw = _median_run(runs, f"raw {cpus} threads") or _find(runs, "raw")
     raw1 = _find(runs, "raw 1 thread")
-    peak = _find(runs, f"platform ({cpus} workers)") or _find(runs, "platform (")
+    peak = _median_run(runs, f"platform ({cpus} workers)") or _find(runs, "platform (")
     one = _find(runs, "platform (1 worker)")
     paced = _find(runs, "platform at")
     batch = _find(runs, "batch")
-    floor = _find(runs, "floor")
+    floor = _median_run(runs, "floor")
     native = _find(runs, "native")
     summary: dict[str, Any] = {}
+    rounds = [r for r in runs if r["name"].startswith(f"platform ({cpus} workers)")]
+    raws = [r for r in runs if r["name"].startswith(f"raw {cpus} threads")]
+    if len(rounds) > 1 and len(rounds) == len(raws):
+        summary["round_ratios"] = [round(p["keys_per_s"] / r["keys_per_s"], 3)
+                                   for p, r in zip(rounds, raws, strict=True) if r["keys_per_s"]]
     if raw and peak:
         client_cores = peak["client_cpu_s"] / peak["seconds"] if peak["seconds"] else 0.0
         summary["server_over_raw"] = round(peak["keys_per_s"] / raw["keys_per_s"], 3)
@@ -166,20 +184,19 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
-def run_suite(dev_dir: Path, *, duration: float, warmup: float, concurrency: int, keys: int) -> dict[str, Any]:
+def run_suite(dev_dir: Path, *, duration: float, warmup: float, concurrency: int, keys: int,
+              rounds: int = 3) -> dict[str, Any]:
     from lkm.bench.startup import run_startup  # noqa: PLC0415
     from lkm.devmode import ensure_dev_environment  # noqa: PLC0415
 
     dev_dir = dev_dir.resolve()
     ensure_dev_environment(dev_dir, port_base=0)
     report = new_report()
-    report["runs"].extend(_raw(dev_dir / "lkm.yaml", duration))
     cpus = os.cpu_count() or 1
     plan = LoadPlan(concurrency=concurrency, duration=duration, warmup=warmup)
-    report["runs"].append(asyncio.run(_floor_run(dev_dir, plan)))
-    report["runs"].extend(asyncio.run(_server_runs(dev_dir, cpus, plan, full=True)))
+    report["runs"].extend(asyncio.run(_server_runs(dev_dir, cpus, plan, rounds=rounds, full=True)))
     if cpus > 1:
-        report["runs"].extend(asyncio.run(_server_runs(dev_dir, 1, plan, full=False)))
+        report["runs"].extend(asyncio.run(_server_runs(dev_dir, 1, plan, rounds=1, full=False)))
     if keys > 0:
         startup = run_startup(keys=keys)
         report["startup"] = startup["startup"]
