@@ -23,7 +23,6 @@ the keys themselves are backed up with the HSM vendor's tools (see the README).
 
 from __future__ import annotations
 
-import base64
 import json
 import secrets
 from dataclasses import dataclass
@@ -41,11 +40,13 @@ from lkm.errors import LkmError
 from lkm.keys import (
     KeyRecord,
     KeyState,
+    b64,
     check_rsa_policy,
     format_time,
     public_der_pkcs1,
     record_from_doc,
     record_to_doc,
+    unb64,
     utcnow,
 )
 from lkm.keystore import KeyStore
@@ -77,14 +78,6 @@ class Bundle:
     backend: str
     private_keys: bool
     keys: tuple[BundleKey, ...]
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
-def _unb64(text: Any) -> bytes:
-    return base64.b64decode(str(text), validate=True)
 
 
 def _canonical(obj: Any) -> bytes:
@@ -126,7 +119,7 @@ def create_backup(store: KeyStore, path: Path, passphrase: bytes) -> Bundle:
                 private = store.export_private_key(record.id)
             der = private.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
                                         serialization.NoEncryption()) if private else None
-            entries.append({"record": _record_doc(record), "private_key_pkcs8": _b64(der) if der else None})
+            entries.append({"record": _record_doc(record), "private_key_pkcs8": b64(der) if der else None})
             manifest_keys.append(_manifest_entry(record, der is not None))
             bundle_keys.append(BundleKey(record, private))
     header = {"format": FORMAT, "version": VERSION, "created": format_time(utcnow()), "backend": store.backend,
@@ -135,9 +128,9 @@ def create_backup(store: KeyStore, path: Path, passphrase: bytes) -> Bundle:
     key = _derive(passphrase, salt, _SCRYPT_N, _SCRYPT_R, _SCRYPT_P)
     ciphertext = AESGCM(key).encrypt(nonce, _canonical({"keys": entries}), _canonical(header))
     envelope = {**header,
-                "kdf": {"name": "scrypt", "salt": _b64(salt), "n": _SCRYPT_N, "r": _SCRYPT_R, "p": _SCRYPT_P},
-                "cipher": {"name": "AES-256-GCM", "nonce": _b64(nonce)},
-                "ciphertext": _b64(ciphertext)}
+                "kdf": {"name": "scrypt", "salt": b64(salt), "n": _SCRYPT_N, "r": _SCRYPT_R, "p": _SCRYPT_P},
+                "cipher": {"name": "AES-256-GCM", "nonce": b64(nonce)},
+                "ciphertext": b64(ciphertext)}
     fsutil.atomic_write(path, json.dumps(envelope, indent=1).encode() + b"\n", mode=0o600)
     return Bundle(str(header["created"]), store.backend, exporting, tuple(bundle_keys))
 
@@ -161,8 +154,8 @@ def read_backup(path: Path, passphrase: bytes) -> Bundle:
         kdf, cipher = envelope["kdf"], envelope["cipher"]
         if kdf.get("name") != "scrypt" or cipher.get("name") != "AES-256-GCM":
             raise BackupError(f"{path}: unknown key derivation or cipher")
-        key = _derive(passphrase, _unb64(kdf["salt"]), int(kdf["n"]), int(kdf["r"]), int(kdf["p"]))
-        plain = AESGCM(key).decrypt(_unb64(cipher["nonce"]), _unb64(envelope["ciphertext"]), _canonical(header))
+        key = _derive(passphrase, unb64(kdf["salt"]), int(kdf["n"]), int(kdf["r"]), int(kdf["p"]))
+        plain = AESGCM(key).decrypt(unb64(cipher["nonce"]), unb64(envelope["ciphertext"]), _canonical(header))
     except InvalidTag:
         raise BackupError(f"{path}: wrong passphrase, or the bundle was changed or damaged") from None
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -179,7 +172,7 @@ def _check_payload(path: Path, header: dict[str, Any], payload: dict[str, Any]) 
             der = entry.get("private_key_pkcs8")
             private = None
             if der is not None:
-                loaded = serialization.load_der_private_key(_unb64(der), password=None)
+                loaded = serialization.load_der_private_key(unb64(der), password=None)
                 if not isinstance(loaded, rsa.RSAPrivateKey):
                     raise BackupError(f"{path}: key {record.id} is not an RSA key")
                 if public_der_pkcs1(loaded.public_key()) != record.public_key_der:

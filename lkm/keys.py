@@ -112,20 +112,11 @@ class KeyRecord:
         return load_public_pkcs1(self.public_key_der)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "state": self.state.value,
-            "created": format_time(self.created),
-            "updated": format_time(self.updated) if self.updated else None,
-            "destroy_after": format_time(self.destroy_after) if self.destroy_after else None,
-            "registered": format_time(self.registered) if self.registered else None,
-            "label": self.label,
-            "backend": self.backend,
-        }
+        return {**_record_fields(self), "backend": self.backend}
 
 
-def record_to_doc(record: KeyRecord) -> dict[str, Any]:
-    """The one stored form of a KeyRecord (key files, token metadata, backups); callers add their envelope."""
+def _record_fields(record: KeyRecord) -> dict[str, Any]:
+    """What the API shows and the stored form keeps alike: identity, state and timeline, label."""
     return {
         "id": record.id,
         "state": record.state.value,
@@ -134,9 +125,13 @@ def record_to_doc(record: KeyRecord) -> dict[str, Any]:
         "destroy_after": format_time(record.destroy_after) if record.destroy_after else None,
         "registered": format_time(record.registered) if record.registered else None,
         "label": record.label,
-        "extra": record.extra,
-        "public_key": base64.b64encode(record.public_key_der).decode("ascii"),
     }
+
+
+def record_to_doc(record: KeyRecord) -> dict[str, Any]:
+    """The one stored form of a KeyRecord (key files, token metadata, backups); callers add their envelope."""
+    return {**_record_fields(record), "extra": record.extra,
+            "public_key": base64.b64encode(record.public_key_der).decode("ascii")}
 
 
 def record_from_doc(doc: dict[str, Any], *, backend: str) -> KeyRecord:
@@ -173,9 +168,19 @@ def load_public_pkcs1(pkcs1_der: bytes) -> rsa.RSAPublicKey:
     return key
 
 
+def b64(data: bytes) -> str:
+    """Standard base64 as text: how lkm writes binary into JSON (stored records, API answers)."""
+    return base64.b64encode(data).decode("ascii")
+
+
+def unb64(text: object) -> bytes:
+    """Strict standard base64 (a stray character is an error, not skipped); raises binascii.Error."""
+    return base64.b64decode(str(text), validate=True)
+
+
 def public_pkcs1_b64(pkcs1_der: bytes) -> str:
     """The platform's `publicKey`: one line of base64 over DER PKCS#1 RSAPublicKey."""
-    return base64.b64encode(pkcs1_der).decode("ascii")
+    return b64(pkcs1_der)
 
 
 def public_spki_pem(pkcs1_der: bytes) -> str:

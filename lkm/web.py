@@ -29,7 +29,7 @@ from lkm.errors import (
     PayloadTooLarge,
     Unauthenticated,
 )
-from lkm.keys import Algorithm, KeyRecord, parse_key_id, public_key_views
+from lkm.keys import Algorithm, KeyRecord, b64, parse_key_id, public_key_views
 from lkm.service import KeyService, RequestContext
 
 log = logging.getLogger("lkm.web")
@@ -184,10 +184,6 @@ def decode_b64(value: object, field: str) -> bytes:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
         raise InvalidRequest(f"{field} is not valid base64", code="invalid_base64") from None
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
 
 
 def _client_address(request: web.Request) -> str | None:

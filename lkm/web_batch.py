@@ -17,9 +17,9 @@ from aiohttp import web
 
 from lkm.config import Role
 from lkm.errors import InvalidRequest, LkmError, PayloadTooLarge
-from lkm.keys import Algorithm, parse_key_id
+from lkm.keys import Algorithm, b64, parse_key_id
 from lkm.service import UnwrapItem
-from lkm.web import REQUEST_ID, SERVICE, actor_context, b64, decode_b64, parse_json_object, read_body
+from lkm.web import REQUEST_ID, SERVICE, actor_context, decode_b64, parse_json_object, read_body
 
 MAX_BATCH = web.AppKey("max_batch", int)
 ITEM_BYTES = 1024

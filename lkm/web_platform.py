@@ -20,9 +20,9 @@ from lkm.auth import Actor, platform_actor
 from lkm.config import PlatformSettings
 from lkm.errors import InvalidRequest, LkmError, Unauthenticated, UnsupportedAlgorithm
 from lkm.hawk import HawkError, HawkVerifier, parse_authorization
-from lkm.keys import Algorithm, parse_key_id
+from lkm.keys import Algorithm, b64, parse_key_id
 from lkm.service import RequestContext
-from lkm.web import WebContext, access_log, b64, decode_b64, logged_path, parse_json_object, read_body
+from lkm.web import WebContext, access_log, decode_b64, logged_path, parse_json_object, read_body
 
 log = logging.getLogger("lkm.web")
 

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import padding
 
 from lkm.bench.http import Connection, ResumingContext
 from lkm.hawk import HawkCredential, calculate_mac, normalized_string, payload_hash
-from lkm.keys import Algorithm, load_public_pkcs1
+from lkm.keys import Algorithm, b64, load_public_pkcs1
 
 PADDINGS: dict[str, Algorithm] = {
     "oaep-sha1": Algorithm.RSA_OAEP_SHA1,
@@ -127,10 +127,6 @@ def make_pool(key_id: str, public_key_der: bytes, algorithm: Algorithm, size: in
     return Pool(key_id, algorithm, [public_key.encrypt(p, _WRAP[algorithm]) for p in plaintexts], plaintexts)
 
 
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
 async def fetch_public_key(target: Target) -> tuple[str, bytes]:
     """The target key's id and public key (DER PKCS#1), asked of the native API when not given."""
     if target.key_id and target.public_key_der:
@@ -201,10 +197,10 @@ class PlatformRequests:
         self.resource = resource
         self.host = self.endpoint.host.lower()
         self.nonce_prefix = secrets.token_hex(4)
-        self.bodies = [json.dumps({"keypairId": pool.key_id, "body": _b64(c)}).encode() for c in pool.ciphertexts]
+        self.bodies = [json.dumps({"keypairId": pool.key_id, "body": b64(c)}).encode() for c in pool.ciphertexts]
         self.hashes = [payload_hash("application/json", body) for body in self.bodies]
         self.heads = [_head("POST", self.endpoint, resource, len(body)).encode() for body in self.bodies]
-        self.expected = [_b64(p) for p in pool.plaintexts]
+        self.expected = [b64(p) for p in pool.plaintexts]
 
     def build(self, n: int, close: bool) -> tuple[bytes, int]:
         index = n % len(self.bodies)
@@ -231,12 +227,12 @@ class NativeRequests:
     def __init__(self, url: str, pool: Pool) -> None:
         self.endpoint = Endpoint.parse(url)
         path = f"{self.endpoint.path.rstrip('/')}/v1/keys/{pool.key_id}/unwrap"
-        bodies = [json.dumps({"wrapped_key": _b64(c), "algorithm": pool.algorithm.value}).encode()
+        bodies = [json.dumps({"wrapped_key": b64(c), "algorithm": pool.algorithm.value}).encode()
                   for c in pool.ciphertexts]
         self.requests = [_head("POST", self.endpoint, path, len(b)).encode() + b"\r\n" + b for b in bodies]
         self.closing = [_head("POST", self.endpoint, path, len(b)).encode() + b"Connection: close\r\n\r\n" + b
                         for b in bodies]
-        self.expected = [_b64(p) for p in pool.plaintexts]
+        self.expected = [b64(p) for p in pool.plaintexts]
 
     def build(self, n: int, close: bool) -> tuple[bytes, int]:
         index = n % len(self.requests)
@@ -258,13 +254,13 @@ class BatchRequests:
         path = f"{self.endpoint.path.rstrip('/')}/v1/unwrap"
         size = len(pool.ciphertexts)
         self.picks = [[(v * batch_size + i) % size for i in range(batch_size)] for v in range(self.variants)]
-        bodies = [json.dumps({"items": [{"id": pool.key_id, "wrapped_key": _b64(pool.ciphertexts[k]),
+        bodies = [json.dumps({"items": [{"id": pool.key_id, "wrapped_key": b64(pool.ciphertexts[k]),
                                          "algorithm": pool.algorithm.value} for k in picks]}).encode()
                   for picks in self.picks]
         self.requests = [_head("POST", self.endpoint, path, len(b)).encode() + b"\r\n" + b for b in bodies]
         self.closing = [_head("POST", self.endpoint, path, len(b)).encode() + b"Connection: close\r\n\r\n" + b
                         for b in bodies]
-        self.expected = [_b64(p) for p in pool.plaintexts]
+        self.expected = [b64(p) for p in pool.plaintexts]
 
     def build(self, n: int, close: bool) -> tuple[bytes, int]:
         index = n % self.variants

@@ -13,7 +13,6 @@ or imported, not when a key that lkm sealed itself is loaded again.
 
 from __future__ import annotations
 
-import base64
 import functools
 import hmac
 import json
@@ -41,6 +40,7 @@ from lkm.keys import (
     Algorithm,
     KeyRecord,
     KeyState,
+    b64,
     check_rsa_policy,
     generate_private_key,
     new_key_id,
@@ -48,6 +48,7 @@ from lkm.keys import (
     public_der_pkcs1,
     record_from_doc,
     record_to_doc,
+    unb64,
     utcnow,
 )
 
@@ -57,14 +58,6 @@ FORMAT = "lkm-file-keystore"
 KEY_FORMAT = "lkm-key"
 _CHECK_PLAINTEXT = b"lkm keystore passphrase check"
 _SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**15, 8, 1
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
-def _unb64(text: str) -> bytes:
-    return base64.b64decode(text, validate=True)
-
 
 class FileKeyStore:
     backend = "file"
@@ -105,17 +98,17 @@ class FileKeyStore:
                 key = self._derive(passphrase, salt, _SCRYPT_N, _SCRYPT_R, _SCRYPT_P)
                 nonce = secrets.token_bytes(12)
                 header = {"format": FORMAT, "version": 1,
-                          "kdf": {"name": "scrypt", "salt": _b64(salt), "n": _SCRYPT_N, "r": _SCRYPT_R,
+                          "kdf": {"name": "scrypt", "salt": b64(salt), "n": _SCRYPT_N, "r": _SCRYPT_R,
                                   "p": _SCRYPT_P},
-                          "check": {"nonce": _b64(nonce),
-                                    "ciphertext": _b64(AESGCM(key).encrypt(nonce, _CHECK_PLAINTEXT, None))}}
+                          "check": {"nonce": b64(nonce),
+                                    "ciphertext": b64(AESGCM(key).encrypt(nonce, _CHECK_PLAINTEXT, None))}}
                 fsutil.atomic_create(header_path, json.dumps(header, indent=1).encode())
         try:
             header = json.loads(header_path.read_bytes())
             kdf = header["kdf"]
-            key = self._derive(passphrase, _unb64(kdf["salt"]), int(kdf["n"]), int(kdf["r"]), int(kdf["p"]))
+            key = self._derive(passphrase, unb64(kdf["salt"]), int(kdf["n"]), int(kdf["r"]), int(kdf["p"]))
             check = header["check"]
-            plain = AESGCM(key).decrypt(_unb64(check["nonce"]), _unb64(check["ciphertext"]), None)
+            plain = AESGCM(key).decrypt(unb64(check["nonce"]), unb64(check["ciphertext"]), None)
         except InvalidTag:
             raise KeyStoreError(f"wrong passphrase for the key store {self.path}", transient=False) from None
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -232,7 +225,7 @@ class FileKeyStore:
         if sealed is None:
             raise KeyUnusable("key has been destroyed", code="key_destroyed")
         try:
-            der = self._aead.decrypt(_unb64(sealed["nonce"]), _unb64(sealed["ciphertext"]), _aad(key_id))
+            der = self._aead.decrypt(unb64(sealed["nonce"]), unb64(sealed["ciphertext"]), _aad(key_id))
         except (InvalidTag, KeyError, ValueError, TypeError):
             raise KeyStoreError(f"key {key_id}: sealed private key does not open (tampered or other store)",
                                 transient=False) from None
@@ -296,7 +289,7 @@ class FileKeyStore:
         der = key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
         nonce = secrets.token_bytes(12)
-        return {"alg": "A256GCM", "nonce": _b64(nonce), "ciphertext": _b64(self._aead.encrypt(nonce, der,
+        return {"alg": "A256GCM", "nonce": b64(nonce), "ciphertext": b64(self._aead.encrypt(nonce, der,
                                                                                              _aad(key_id)))}
 
     def _write_new(self, key_id: str, key: rsa.RSAPrivateKey, state: KeyState, label: str) -> KeyRecord | None:

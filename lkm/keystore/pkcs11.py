@@ -95,6 +95,7 @@ from lkm.keys import (
     Algorithm,
     KeyRecord,
     KeyState,
+    b64,
     check_rsa_policy,
     format_time,
     load_public_pkcs1,
@@ -406,7 +407,7 @@ class _TokenWorker:
             if numbers.e != PUBLIC_EXPONENT or numbers.n.bit_length() != KEY_BITS:
                 raise _Fail("error", f"the token generated RSA-{numbers.n.bit_length()} e={numbers.e}")
             public_der = public_der_pkcs1(numbers.public_key())
-            value = self.write_meta(key_id, dict(doc, public_key=_b64(public_der)))
+            value = self.write_meta(key_id, dict(doc, public_key=b64(public_der)))
         except BaseException:
             self._destroy_quietly([priv, pub])
             raise
@@ -552,10 +553,6 @@ def _classify_early(exc: BaseException, op: str) -> _Fail:
 
 
 # --- shared helpers ---------------------------------------------------------------------------------------------
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
 
 def _parse_meta(value: bytes) -> dict[str, Any] | None:
     try:
