@@ -258,17 +258,20 @@ class AuditLog:
     `record()` (server) and `record_sync()` (CLI) return only once the record is fsynced, and raise
     AuditWriteError otherwise. `fail_closed` is carried for the server, which decides what a failure means.
     `on_failure` runs on the thread that saw the failure (the audit writer thread or record_sync's caller),
-    so it must be thread-safe and quick, e.g. a metrics counter.
+    and `on_written(n)` on the thread that made n records durable, so both must be thread-safe and quick,
+    e.g. a metrics counter.
     """
 
     def __init__(self, path: Path, *, max_bytes: int = 0, keep_files: int = 0, fail_closed: bool = True,
-                 on_failure: Callable[[], None] | None = None) -> None:
+                 on_failure: Callable[[], None] | None = None,
+                 on_written: Callable[[int], None] | None = None) -> None:
         self.path = Path(path)
         self.lock_path = self.path.with_name(self.path.name + ".lock")
         self.max_bytes = max_bytes  # 0: never rotate
         self.keep_files = keep_files  # rotated files kept; 0: keep all
         self.fail_closed = fail_closed
         self.on_failure = on_failure
+        self.on_written = on_written
         self.healthy = True
         self.write_failures = 0
         self.last_error: str | None = None
@@ -446,6 +449,8 @@ class AuditLog:
             self.healthy = True
             self.batch_count += 1
             self.records_written += len(bodies)
+            if self.on_written is not None:
+                self.on_written(len(bodies))
 
     def _open_lock(self) -> int:
         self._lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -509,10 +514,11 @@ class AuditLog:
         return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
     def _write_lines(self, lines: list[bytes]) -> None:
-        if self._fd >= 0 and self._state is not None:
-            fd, size = self._fd, self._state[2]  # _current_head just saw the file unchanged since our write
+        if self._fd >= 0:  # kept open only while _state describes it (_current_head closes it otherwise)
+            assert self._state is not None
+            fd, size = self._fd, self._state[2]
         else:
-            fd = self._fd = self._open_current() if self._fd < 0 else self._fd
+            fd = self._fd = self._open_current()
             size = os.fstat(fd).st_size
         fresh = size == 0  # its directory entry may not be durable yet
         chunk: list[bytes] = []

@@ -10,15 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import padding
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from lkm.client import NativeClient, PlatformClient, client_ssl_context
 from lkm.hawk import HawkCredential
-from lkm.keys import load_public_pkcs1
+from lkm.keys import PADDINGS, Algorithm, load_public_pkcs1
 
-OAEP_SHA1 = padding.OAEP(mgf=padding.MGF1(hashes.SHA1()), algorithm=hashes.SHA1(), label=None)  # noqa: S303
+OAEP_SHA1 = PADDINGS[Algorithm.RSA_OAEP_SHA1]
 
 
 def load_dev_facts(dev_json: Path | None, config: str | None) -> dict[str, Any]:

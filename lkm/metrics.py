@@ -235,12 +235,13 @@ class Metrics:
     def observe_http(self, listener: str, route: str | None, method: str, status: int,
                      seconds: float) -> None:
         """route: the matched route template (e.g. '/v1/keys/{id}/unwrap'), None when nothing matched."""
-        children = self._hot.get(("http", listener, route, method, status))
+        # Keyed on the label values, not the raw request: a client's invented method names share one entry.
+        template = route or OTHER_ROUTE
+        verb = method if method in HTTP_METHODS else method.upper() if method.upper() in HTTP_METHODS else "other"
+        children = self._hot.get(("http", listener, template, verb, status))
         if children is None:
             _check(listener, LISTENERS, "listener")
-            template = route or OTHER_ROUTE
-            verb = method.upper() if method.upper() in HTTP_METHODS else "other"
-            children = self._hot[("http", listener, route, method, status)] = (
+            children = self._hot[("http", listener, template, verb, status)] = (
                 self.http_requests.labels(listener, template, verb, str(status)),
                 self.http_duration.labels(listener, template))
         children[0].inc()

@@ -83,18 +83,6 @@ class MetricsObserver(WebObserver):
         self._safely(self.metrics.observe_keystore, backend, operation, seconds)
 
 
-class CountingAudit:
-    """The audit trail as the service sees it: every durable record is also counted."""
-
-    def __init__(self, audit: AuditLog, metrics: Metrics) -> None:
-        self.audit = audit
-        self.metrics = metrics
-
-    async def record(self, event: dict[str, Any]) -> None:
-        await self.audit.record(event)
-        self.metrics.audit_records.inc()
-
-
 @dataclass
 class Listener:
     name: str
@@ -120,7 +108,7 @@ class LkmServer:
         self._workers = WorkerThreads(settings.limits.worker_threads)
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="lkm-io")
         # Key changes (RSA key generation, waiting for the key store's cross-process lock) run apart from the
-        # unwrap pool, so a rotation never delays an unwrap.
+        # refreshes, readiness checks and key listings of the executor above, so a rotation never delays them.
         self._admin_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lkm-admin")
         self.store: KeyStore | None = None
         self.audit: AuditLog | None = None
@@ -138,18 +126,18 @@ class LkmServer:
         settings.audit.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.audit = AuditLog(settings.audit.path, max_bytes=settings.audit.max_bytes,
                               keep_files=settings.audit.keep_files,
-                              on_failure=self.metrics.audit_failures.inc)
+                              on_failure=self.metrics.audit_failures.inc, on_written=self.metrics.audit_records.inc)
         await self.audit.start()
         parallel = settings.limits.worker_threads
         if settings.keystore.type == "pkcs11":  # at most one operation per HSM session runs at a time
             parallel = min(parallel, settings.keystore.pool_size)
         admission = Admission(self._workers, deadline_seconds=settings.limits.request_deadline_ms / 1000,
                               workers=parallel, on_shed=self._count_shed)
-        self.service = KeyService(self.store, CountingAudit(self.audit, self.metrics), self._executor,
+        self.service = KeyService(self.store, self.audit, self._executor,
                                   observer=self.observer,
                                   fail_closed=settings.audit.fail_closed, admission=admission)
         self.metrics.set_build_info(__version__)
-        admin_service = KeyService(self.store, CountingAudit(self.audit, self.metrics), self._admin_executor,
+        admin_service = KeyService(self.store, self.audit, self._admin_executor,
                                    observer=self.observer, fail_closed=settings.audit.fail_closed)
         self.keyadmin = KeyAdmin(admin_service, rotation=settings.rotation, genesys_settings=settings.genesys,
                                  metrics=self.metrics)
@@ -344,7 +332,6 @@ class LkmServer:
             if expiry <= now:
                 problems.append(f"{name}: certificate expired")
         return (not problems, "; ".join(problems) or "valid")
-
 
 
 def forbid_core_dumps() -> None:

@@ -73,7 +73,6 @@ class UnwrapItem:
     algorithm: Algorithm
 
 
-# A key waiting for platform registration must unwrap: the platform tests it with a decrypt before it counts.
 class DenialLimiter:
     """Bounds the audit records that refused callers can cause, per client address.
 
@@ -108,6 +107,7 @@ class DenialLimiter:
         return result
 
 
+# A key waiting for platform registration must unwrap: the platform tests it with a decrypt before it counts.
 UNWRAPPABLE_STATES = frozenset({KeyState.PENDING_ACTIVATION, KeyState.ACTIVE, KeyState.RETIRED})
 
 
@@ -198,6 +198,14 @@ class KeyService:
     # --- unwrap --------------------------------------------------------------------------------------------
 
     def _unwrap_sync(self, key_id: str, ciphertext: bytes, algorithm: Algorithm) -> bytes:
+        """On a worker: one unwrap, with key-store trouble already translated to 503, whoever the caller."""
+        try:
+            return self._unwrap_in_store(key_id, ciphertext, algorithm)
+        except KeyStoreError as exc:
+            log.error("key store error: %s", exc)
+            raise Unavailable("key store unavailable", code="keystore_unavailable") from None
+
+    def _unwrap_in_store(self, key_id: str, ciphertext: bytes, algorithm: Algorithm) -> bytes:
         record = self.store.get_key(key_id)
         if record.state not in UNWRAPPABLE_STATES:
             raise key_unusable(record)
@@ -219,12 +227,8 @@ class KeyService:
                 raise _bad_length(len(ciphertext))
             if self.admission is None:
                 return await self.run(self._unwrap_sync, key_id, ciphertext, algorithm)
-            try:
-                return await self.admission.run(ctx.route, started, 1, self._unwrap_sync, key_id, ciphertext,
-                                                algorithm)
-            except KeyStoreError as exc:
-                log.error("key store error: %s", exc)
-                raise Unavailable("key store unavailable", code="keystore_unavailable") from None
+            return await self.admission.run(ctx.route, started, 1, self._unwrap_sync, key_id, ciphertext,
+                                            algorithm)
         except BaseException as exc:
             error = exc
             raise
@@ -281,9 +285,6 @@ class KeyService:
                     out.append(self._unwrap_sync(item.key_id, item.ciphertext, item.algorithm))
                 except LkmError as exc:
                     out.append(exc)
-                except KeyStoreError as exc:
-                    log.error("key store error: %s", exc)
-                    out.append(Unavailable("key store unavailable", code="keystore_unavailable"))
             return out
 
         if self.admission is not None:

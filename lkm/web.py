@@ -121,17 +121,23 @@ async def context_middleware(request: web.Request, handler: Handler) -> web.Stre
         response.headers["X-Request-Id"] = request_id
         return response
     finally:
-        elapsed = time.perf_counter() - started
-        ctx.observer.inflight(listener, -1)
-        route = _route_name(request)
-        ctx.observer.request_done(listener, route, request.method, status, elapsed)
-        if access_log.isEnabledFor(logging.INFO):
-            # makeRecord + handle is what info() does, minus the stack walk that finds the caller's line.
-            access_log.handle(access_log.makeRecord(access_log.name, logging.INFO, __file__, 0, "request", (),
-                                                    None, extra={
-                "request_id": request_id, "listener": listener, "method": request.method, "route": route,
-                "path": logged_path(request), "status": status, "latency_ms": round(elapsed * 1000, 3),
-                "client": request.remote, "actor": getattr(request.get(ACTOR), "name", None)}))
+        request_finished(ctx.observer, listener, request, request_id=request_id, route=_route_name(request),
+                         status=status, started=started)
+
+
+def request_finished(observer: WebObserver, listener: str, request: web.BaseRequest, *, request_id: str,
+                     route: str, status: int, started: float) -> None:
+    """Every listener's end of a request: in-flight gauge, request metrics, one access-log line."""
+    elapsed = time.perf_counter() - started
+    observer.inflight(listener, -1)
+    observer.request_done(listener, route, request.method, status, elapsed)
+    if access_log.isEnabledFor(logging.INFO):
+        # makeRecord + handle is what info() does, minus the stack walk that finds the caller's line.
+        access_log.handle(access_log.makeRecord(access_log.name, logging.INFO, __file__, 0, "request", (), None,
+                                                extra={
+            "request_id": request_id, "listener": listener, "method": request.method, "route": route,
+            "path": logged_path(request), "status": status, "latency_ms": round(elapsed * 1000, 3),
+            "client": request.remote, "actor": getattr(request.get(ACTOR), "name", None)}))
 
 
 MAX_LOGGED_PATH = 256

@@ -22,7 +22,7 @@ from lkm.errors import InvalidRequest, LkmError, Unauthenticated, UnsupportedAlg
 from lkm.hawk import HawkError, HawkVerifier, parse_authorization
 from lkm.keys import Algorithm, b64, parse_key_id
 from lkm.service import RequestContext
-from lkm.web import WebContext, access_log, decode_b64, logged_path, parse_json_object, read_body
+from lkm.web import ACTOR, WebContext, decode_b64, parse_json_object, read_body, request_finished
 
 log = logging.getLogger("lkm.web")
 
@@ -39,7 +39,7 @@ def render_platform_error(error: LkmError, headers: dict[str, str] | None = None
     extra = dict(headers or {})
     if error.retry_after is not None:
         extra["Retry-After"] = str(error.retry_after)
-    return web.json_response({"message": error.message, "status": status}, status=status, headers=extra)
+    return _plain_error(status, error.message, extra)
 
 
 def _plain_error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -68,11 +68,10 @@ class PlatformHandler:
         method = request.method
         path = request.path
         route = self.path if path == self.path else HEALTH_PATH if path == HEALTH_PATH else OTHER_ROUTE
-        actor: list[Actor] = []  # filled in by authenticate(), for the access log
         status = 500
         try:
             try:
-                response = await self._dispatch(request, request_id, route, method, actor)
+                response = await self._dispatch(request, request_id, route, method)
             except LkmError as exc:
                 response = render_platform_error(exc)
             except Exception:
@@ -82,24 +81,16 @@ class PlatformHandler:
             response.headers["X-Request-Id"] = request_id
             return response
         finally:
-            elapsed = time.perf_counter() - started
-            observer.inflight(LISTENER, -1)
-            observer.request_done(LISTENER, route, method, status, elapsed)
-            if access_log.isEnabledFor(logging.INFO):
-                # makeRecord + handle is what info() does, minus the stack walk that finds the caller's line.
-                access_log.handle(access_log.makeRecord(access_log.name, logging.INFO, __file__, 0, "request", (),
-                                                        None, extra={
-                    "request_id": request_id, "listener": LISTENER, "method": method, "route": route,
-                    "path": logged_path(request), "status": status, "latency_ms": round(elapsed * 1000, 3),
-                    "client": request.remote, "actor": actor[0].name if actor else None}))
+            request_finished(observer, LISTENER, request, request_id=request_id, route=route, status=status,
+                             started=started)
 
-    async def _dispatch(self, request: web.BaseRequest, request_id: str, route: str, method: str,
-                        actor: list[Actor]) -> web.StreamResponse:
+    async def _dispatch(self, request: web.BaseRequest, request_id: str, route: str,
+                        method: str) -> web.StreamResponse:
         if route == self.path:
             if method == "POST":
-                return await self.decrypt(request, request_id, actor)
+                return await self.decrypt(request, request_id)
             if method == "OPTIONS":
-                return await self.options(request, request_id, actor)
+                return await self.options(request, request_id)
             return _plain_error(405, "Method Not Allowed", {"Allow": "POST, OPTIONS"})
         if route == HEALTH_PATH:
             if method in ("GET", "HEAD"):
@@ -107,14 +98,13 @@ class PlatformHandler:
             return _plain_error(405, "Method Not Allowed", {"Allow": "GET, HEAD"})
         return _plain_error(404, "Not Found")
 
-    async def read_authenticated(self, request: web.BaseRequest, request_id: str,
-                                 actor: list[Actor]) -> bytes | web.Response:
-        """The request body once Hawk verified it (the caller goes into `actor`), or the finished 401."""
+    async def read_authenticated(self, request: web.BaseRequest, request_id: str) -> bytes | web.Response:
+        """The request body once Hawk verified it (the caller goes into request[ACTOR]), or the finished 401."""
         body = await read_body(request, self.wctx.max_body_bytes)
         caller = await self.authenticate(request, request_id, body)
         if isinstance(caller, web.Response):
             return caller
-        actor.append(caller)
+        request[ACTOR] = caller
         return body
 
     async def authenticate(self, request: web.BaseRequest, request_id: str, body: bytes) -> Actor | web.Response:
@@ -133,23 +123,21 @@ class PlatformHandler:
             error = Unauthenticated(str(exc), code=f"hawk_{exc.reason}")
             stranger = Actor(kind="hawk", name="hawk:unverified",
                              hawk_id=_claimed_hawk_id(headers.get("Authorization")))
-            await service.audit_denial(RequestContext(request_id=request_id, actor=stranger, client=request.remote,
-                                                      route="platform", platform_user_id=_platform_user(request)),
-                                       "authenticate", error)
+            await service.audit_denial(_context(request, request_id, stranger), "authenticate", error)
             return render_platform_error(error, {"WWW-Authenticate": exc.www_authenticate or "Hawk"})
         actor = self._actors.get(credential.id)
         if actor is None:
             actor = self._actors[credential.id] = platform_actor(credential.id)
         return actor
 
-    async def options(self, request: web.BaseRequest, request_id: str, actor: list[Actor]) -> web.StreamResponse:
-        body = await self.read_authenticated(request, request_id, actor)
+    async def options(self, request: web.BaseRequest, request_id: str) -> web.StreamResponse:
+        body = await self.read_authenticated(request, request_id)
         if isinstance(body, web.Response):
             return body
         return web.json_response(OPTIONS_BODY, headers={"Allow": "POST, OPTIONS"})
 
-    async def decrypt(self, request: web.BaseRequest, request_id: str, actor: list[Actor]) -> web.StreamResponse:
-        body = await self.read_authenticated(request, request_id, actor)
+    async def decrypt(self, request: web.BaseRequest, request_id: str) -> web.StreamResponse:
+        body = await self.read_authenticated(request, request_id)
         if isinstance(body, web.Response):
             return body
         data = parse_json_object(body)
@@ -161,8 +149,7 @@ class PlatformHandler:
             raise InvalidRequest("body is required", code="missing_field")
         ciphertext = decode_b64(data.get("body"), "body")
         algorithm = self.algorithm(request.query.get("decryptType"), data.get("decryptType"))
-        rctx = RequestContext(request_id=request_id, actor=actor[0], client=request.remote,
-                              platform_user_id=_platform_user(request), route="platform")
+        rctx = _context(request, request_id, request[ACTOR])
         plaintext = await self.wctx.service.unwrap(rctx, key_id, ciphertext, algorithm)
         return web.json_response({"body": b64(plaintext)})
 
@@ -176,6 +163,11 @@ class PlatformHandler:
         if not self.settings.allow_pkcs1:
             raise UnsupportedAlgorithm("decryptType pkcs1 is disabled on this server")
         return Algorithm.RSA_PKCS1_V1_5
+
+
+def _context(request: web.BaseRequest, request_id: str, actor: Actor) -> RequestContext:
+    return RequestContext(request_id=request_id, actor=actor, client=request.remote,
+                          platform_user_id=_platform_user(request), route="platform")
 
 
 def _claimed_hawk_id(authorization: str | None) -> str | None:

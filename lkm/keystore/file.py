@@ -130,10 +130,13 @@ class FileKeyStore:
         return sorted(self._records.values(), key=lambda r: (r.created, r.id))
 
     def get_key(self, key_id: str) -> KeyRecord:
-        key_id = parse_key_id(key_id)
-        record = self._records.get(key_id)
+        record = self._records.get(key_id)  # the unwrap path passes canonical ids: no parsing on a hit
         if record is None:
             # A key written a moment ago by another process: look before saying no.
+            key_id = parse_key_id(key_id)
+            record = self._records.get(key_id)
+            if record is not None:
+                return record
             self._load_file(self._key_path(key_id))
             record = self._records.get(key_id)
             if record is None:
@@ -221,6 +224,9 @@ class FileKeyStore:
             return key
         record = self.get_key(key_id)
         key_id = record.id
+        key = self._private.get(key_id)  # asked by a non-canonical spelling of a key already open
+        if key is not None:
+            return key
         sealed = self._read_doc(key_id).get("private_key")
         if sealed is None:
             raise KeyUnusable("key has been destroyed", code="key_destroyed")

@@ -838,6 +838,7 @@ class Pkcs11KeyStore:
         self.allow_import = allow_import
         self._records: dict[str, KeyRecord] = {}
         self._written: set[str] = set()  # ids this store wrote since the last refresh began
+        self._refresh_lock = threading.Lock()  # _written belongs to one refresh at a time
         self._sizes: dict[str, int] = {}
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()
@@ -941,6 +942,12 @@ class Pkcs11KeyStore:
         return record
 
     def refresh(self) -> bool:
+        # One listing at a time: a second one would clear _written under the first, which could then install
+        # its older copy of a record written meanwhile.
+        with self._refresh_lock:
+            return self._refresh()
+
+    def _refresh(self) -> bool:
         with self._lock:
             self._written.clear()
         records: dict[str, KeyRecord] = {}
@@ -993,19 +1000,21 @@ class Pkcs11KeyStore:
 
     def decrypt_loop(self, key_id: str, ciphertexts: list[bytes], algorithm: Algorithm, seconds: float) -> int:
         """Decrypts in a loop inside one worker's session for `seconds`; the count (lkm bench --raw)."""
-        if algorithm not in self.supported_algorithms():
-            raise UnsupportedAlgorithm(f"this key store does not support {algorithm.value}")
-        record = self.get_key(key_id)
+        record = self._usable(key_id, algorithm)
         count: int = self._call("decrypt_loop", record.id, ciphertexts, algorithm.value, seconds,
                                 timeout=seconds + self._pool.op_timeout)
         return count
 
-    def decrypt(self, key_id: str, ciphertext: bytes, algorithm: Algorithm) -> bytes:
+    def _usable(self, key_id: str, algorithm: Algorithm) -> KeyRecord:
         if algorithm not in self.supported_algorithms():
             raise UnsupportedAlgorithm(f"this key store does not support {algorithm.value}")
         record = self.get_key(key_id)
         if record.state is KeyState.DESTROYED:
             raise KeyUnusable("key has been destroyed", code="key_destroyed")
+        return record
+
+    def decrypt(self, key_id: str, ciphertext: bytes, algorithm: Algorithm) -> bytes:
+        record = self._usable(key_id, algorithm)
         if len(ciphertext) != self._modulus_bytes(record):
             raise DecryptionFailed()
         try:
