@@ -15,11 +15,9 @@ import argparse
 import asyncio
 import base64
 import contextlib
-import dataclasses
 import json
 import statistics
 import sys
-import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -123,11 +121,8 @@ def raw_store(args: argparse.Namespace, target: Target | None) -> Iterator[KeySt
 
     config = getattr(args, "config", None) or (target.config if target is not None else None)
     if config:
-        store = open_keystore(load_settings(config).keystore)
-        try:
+        with contextlib.closing(open_keystore(load_settings(config).keystore)) as store:
             yield store
-        finally:
-            store.close()
     else:
         with temporary_store() as store:
             yield store
@@ -171,14 +166,11 @@ def _raw_target(args: argparse.Namespace) -> Target:
 async def _load_and_compare(args: argparse.Namespace, report: dict[str, Any]) -> None:
     if args.raw:
         target = _raw_target(args)
-        key = (args.key_id or target.key_id or "", b"")
-    else:
-        target = target_from_args(args)
-        key = await fetch_public_key(target)
-    if args.raw:
         with raw_store(args, target) as store:
-            report["runs"].append(_measure_raw_for(store, key, args))
+            report["runs"].append(_measure_raw_for(store, args.key_id or target.key_id, args))
         return
+    target = target_from_args(args)
+    key = await fetch_public_key(target)
     plan = plan_from_args(args)
     if not args.compare:
         report["runs"].append(await measure_server(target, plan, route=args.route, padding=args.padding,
@@ -192,7 +184,7 @@ async def _load_and_compare(args: argparse.Namespace, report: dict[str, Any]) ->
     with raw_store(args, target) as store, _floor_target(args, target) as floor:
         for round_ in range(1, rounds + 1):
             suffix = f"#{round_}" if rounds > 1 else ""
-            raw = _measure_raw_for(store, key, args, name=f"raw{suffix}")
+            raw = _measure_raw_for(store, key[0], args, name=f"raw{suffix}")
             peak = await measure_server(target, plan, route=args.route, padding=args.padding,
                                         batch_size=args.batch_size, key=key, name=f"{args.route}{suffix}")
             report["runs"] += [raw, peak]
@@ -243,20 +235,19 @@ def _floor_target(args: argparse.Namespace, target: Target) -> Iterator[Target |
     if not args.floor:
         yield None
         return
-    from lkm.bench.floor import spawn_floor  # noqa: PLC0415
+    from lkm.bench.floor import floor_target  # noqa: PLC0415
 
     config = getattr(args, "config", None) or target.config
     if not config or args.route != "platform":
         raise TargetError("--floor needs the server's config (-c, or a dev.json) and the platform route")
-    path = urllib.parse.urlsplit(target.platform_url or "").path or "/key-management/v1/decrypt"
-    with spawn_floor(Path(config), threads=args.threads) as (pid, port):
-        yield dataclasses.replace(target, platform_url=f"https://localhost:{port}{path}", server_pid=pid)
+    with floor_target(Path(config), target, threads=args.threads) as floor:
+        yield floor
 
 
-def _measure_raw_for(store: KeyStore, key: tuple[str, bytes], args: argparse.Namespace,
+def _measure_raw_for(store: KeyStore, key_id: str | None, args: argparse.Namespace,
                      name: str = "raw") -> dict[str, Any]:
     """Raw on the server's own key when the store holds it (same key, same cost), else on its newest key."""
-    key_id = key[0] if key[0] and key[0] in {k.id for k in store.list_keys()} else None
+    key_id = key_id if key_id and key_id in {k.id for k in store.list_keys()} else None
     return measure_raw(store, key_id, args.padding, threads=args.threads, duration=args.duration, name=name)
 
 

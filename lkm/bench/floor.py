@@ -14,18 +14,24 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import json
 import os
 import select
-import socket
 import subprocess
 import sys
+import urllib.parse
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from lkm.bench.spawn import free_port, stop_child
 from lkm.keys import Algorithm
 from lkm.keystore import KeyStore
+
+if TYPE_CHECKING:
+    from lkm.bench.requests import Target
 
 MAX_HEAD = 16 * 1024
 MAX_BODY = 64 * 1024
@@ -60,8 +66,10 @@ class _FloorProtocol(asyncio.Protocol):
             return
         head = self.buffer[:end].lower()
         start = head.find(b"\r\ncontent-length:")
-        length = int(head[start + 17:head.find(b"\r\n", start + 2) if head.find(b"\r\n", start + 2) > 0
-                          else None]) if start >= 0 else 0
+        length = 0
+        if start >= 0:
+            line_end = head.find(b"\r\n", start + 2)
+            length = int(head[start + 17:line_end if line_end > 0 else None])
         if length > MAX_BODY:
             self._answer(413, b"{}", close=True)
             return
@@ -137,9 +145,7 @@ def main(argv: list[str] | None = None) -> None:
 @contextlib.contextmanager
 def spawn_floor(config: Path, *, threads: int | None = None, timeout: float = 30.0) -> Iterator[tuple[int, int]]:
     """Starts the floor endpoint on a free loopback port; yields (pid, port); stops it on the way out."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = int(probe.getsockname()[1])
+    port = free_port()
     command = [sys.executable, "-m", "lkm.bench.floor", "--config", str(config), "--port", str(port)]
     if threads is not None:
         command += ["--threads", str(threads)]
@@ -154,16 +160,18 @@ def spawn_floor(config: Path, *, threads: int | None = None, timeout: float = 30
             raise FloorError(f"the floor endpoint did not start: {err.decode('utf-8', 'replace')[-1500:]}")
         yield process.pid, port
     finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_child(process, 10)
         for stream in (process.stdout, process.stderr):
             if stream is not None:
                 stream.close()
+
+
+@contextlib.contextmanager
+def floor_target(config: Path, target: Target, *, threads: int | None = None) -> Iterator[Target]:
+    """The floor endpoint on `config`'s key store and certificate, as `target` with its platform URL and pid."""
+    path = urllib.parse.urlsplit(target.platform_url or "").path or "/key-management/v1/decrypt"
+    with spawn_floor(config, threads=threads) as (pid, port):
+        yield dataclasses.replace(target, platform_url=f"https://localhost:{port}{path}", server_pid=pid)
 
 
 if __name__ == "__main__":

@@ -26,14 +26,8 @@ class ProtocolError(Exception):
 @dataclass(frozen=True)
 class Response:
     status: int
-    head: bytes  # status line and headers, without the blank line
     body: bytes
     keep_alive: bool
-
-    def header(self, name: str) -> str | None:
-        match = re.search(rb"\r\n" + re.escape(name.encode("ascii")) + rb":[ \t]*([^\r\n]*)", self.head,
-                          re.IGNORECASE)
-        return match.group(1).decode("latin-1").strip() if match else None
 
 
 class ResumingContext(ssl.SSLContext):
@@ -99,7 +93,7 @@ class _Protocol(asyncio.Protocol):
         body = bytes(buffer[end + 4:total])
         del buffer[:total]
         self.waiter = None
-        waiter.set_result(Response(int(head[9:12]), head, body, _CONNECTION_CLOSE.search(head) is None))
+        waiter.set_result(Response(int(head[9:12]), body, _CONNECTION_CLOSE.search(head) is None))
 
 
 class Connection:
@@ -111,12 +105,11 @@ class Connection:
         self.started_at = 0.0  # loop time the current request was sent, 0 when idle (for the watchdog)
 
     @classmethod
-    async def open(cls, host: str, port: int, ssl_context: ssl.SSLContext | None,
-                   server_hostname: str | None = None) -> Connection:
+    async def open(cls, host: str, port: int, ssl_context: ssl.SSLContext | None) -> Connection:
         loop = asyncio.get_running_loop()
         kwargs: dict[str, Any] = {}
         if ssl_context is not None:
-            kwargs = {"ssl": ssl_context, "server_hostname": server_hostname or host}
+            kwargs = {"ssl": ssl_context, "server_hostname": host}
         _, protocol = await loop.create_connection(lambda: _Protocol(loop), host, port, **kwargs)
         return cls(protocol, loop)
 

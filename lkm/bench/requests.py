@@ -18,9 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import padding
-
+from lkm import keys
 from lkm.bench.http import Connection, ResumingContext
 from lkm.hawk import HawkCredential, calculate_mac, normalized_string, payload_hash
 from lkm.keys import Algorithm, b64, load_public_pkcs1
@@ -29,13 +27,6 @@ PADDINGS: dict[str, Algorithm] = {
     "oaep-sha1": Algorithm.RSA_OAEP_SHA1,
     "pkcs1": Algorithm.RSA_PKCS1_V1_5,
     "oaep-sha256": Algorithm.RSA_OAEP_SHA256,
-}
-_WRAP: dict[Algorithm, padding.AsymmetricPadding] = {
-    Algorithm.RSA_OAEP_SHA1: padding.OAEP(mgf=padding.MGF1(hashes.SHA1()), algorithm=hashes.SHA1(),  # noqa: S303
-                                          label=None),
-    Algorithm.RSA_OAEP_SHA256: padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(),
-                                            label=None),
-    Algorithm.RSA_PKCS1_V1_5: padding.PKCS1v15(),
 }
 DATA_KEY_BYTES = 32
 
@@ -124,7 +115,7 @@ class Pool:
 def make_pool(key_id: str, public_key_der: bytes, algorithm: Algorithm, size: int) -> Pool:
     public_key = load_public_pkcs1(public_key_der)
     plaintexts = [os.urandom(DATA_KEY_BYTES) for _ in range(size)]
-    return Pool(key_id, algorithm, [public_key.encrypt(p, _WRAP[algorithm]) for p in plaintexts], plaintexts)
+    return Pool(key_id, algorithm, [public_key.encrypt(p, keys.PADDINGS[algorithm]) for p in plaintexts], plaintexts)
 
 
 async def fetch_public_key(target: Target) -> tuple[str, bytes]:
@@ -218,34 +209,41 @@ class PlatformRequests:
         return bool(json.loads(body).get("body") == self.expected[index])
 
 
-class NativeRequests:
-    """`POST /v1/keys/{id}/unwrap` with `{"wrapped_key", "algorithm"}` over mutual TLS: fixed bytes."""
+class _FixedRequests:
+    """Requests that are fixed bytes, prepared once per body with and without `Connection: close`."""
 
-    keys_per_request = 1
     client_certificate = True
+    endpoint: Endpoint
 
-    def __init__(self, url: str, pool: Pool) -> None:
-        self.endpoint = Endpoint.parse(url)
-        path = f"{self.endpoint.path.rstrip('/')}/v1/keys/{pool.key_id}/unwrap"
-        bodies = [json.dumps({"wrapped_key": b64(c), "algorithm": pool.algorithm.value}).encode()
-                  for c in pool.ciphertexts]
-        self.requests = [_head("POST", self.endpoint, path, len(b)).encode() + b"\r\n" + b for b in bodies]
-        self.closing = [_head("POST", self.endpoint, path, len(b)).encode() + b"Connection: close\r\n\r\n" + b
-                        for b in bodies]
+    def _prepare(self, path: str, bodies: list[bytes], pool: Pool) -> None:
+        heads = [_head("POST", self.endpoint, path, len(body)).encode() for body in bodies]
+        self.requests = [head + b"\r\n" + body for head, body in zip(heads, bodies, strict=True)]
+        self.closing = [head + b"Connection: close\r\n\r\n" + body for head, body in zip(heads, bodies, strict=True)]
         self.expected = [b64(p) for p in pool.plaintexts]
 
     def build(self, n: int, close: bool) -> tuple[bytes, int]:
         index = n % len(self.requests)
         return (self.closing if close else self.requests)[index], index
 
+
+class NativeRequests(_FixedRequests):
+    """`POST /v1/keys/{id}/unwrap` with `{"wrapped_key", "algorithm"}` over mutual TLS: fixed bytes."""
+
+    keys_per_request = 1
+
+    def __init__(self, url: str, pool: Pool) -> None:
+        self.endpoint = Endpoint.parse(url)
+        path = f"{self.endpoint.path.rstrip('/')}/v1/keys/{pool.key_id}/unwrap"
+        self._prepare(path, [json.dumps({"wrapped_key": b64(c), "algorithm": pool.algorithm.value}).encode()
+                             for c in pool.ciphertexts], pool)
+
     def check(self, index: int, body: bytes) -> bool:
         return bool(json.loads(body).get("key") == self.expected[index])
 
 
-class BatchRequests:
+class BatchRequests(_FixedRequests):
     """`POST /v1/unwrap` with `{"items": [...]}` of `batch_size` items drawn in turn from the pool."""
 
-    client_certificate = True
     variants = 8
 
     def __init__(self, url: str, pool: Pool, batch_size: int) -> None:
@@ -254,17 +252,9 @@ class BatchRequests:
         path = f"{self.endpoint.path.rstrip('/')}/v1/unwrap"
         size = len(pool.ciphertexts)
         self.picks = [[(v * batch_size + i) % size for i in range(batch_size)] for v in range(self.variants)]
-        bodies = [json.dumps({"items": [{"id": pool.key_id, "wrapped_key": b64(pool.ciphertexts[k]),
-                                         "algorithm": pool.algorithm.value} for k in picks]}).encode()
-                  for picks in self.picks]
-        self.requests = [_head("POST", self.endpoint, path, len(b)).encode() + b"\r\n" + b for b in bodies]
-        self.closing = [_head("POST", self.endpoint, path, len(b)).encode() + b"Connection: close\r\n\r\n" + b
-                        for b in bodies]
-        self.expected = [b64(p) for p in pool.plaintexts]
-
-    def build(self, n: int, close: bool) -> tuple[bytes, int]:
-        index = n % self.variants
-        return (self.closing if close else self.requests)[index], index
+        self._prepare(path, [json.dumps({"items": [{"id": pool.key_id, "wrapped_key": b64(pool.ciphertexts[k]),
+                                                    "algorithm": pool.algorithm.value} for k in picks]}).encode()
+                             for picks in self.picks], pool)
 
     def check(self, index: int, body: bytes) -> bool:
         results = json.loads(body).get("results", [])

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -61,6 +60,17 @@ def free_port() -> int:
         return port
 
 
+def stop_child(process: subprocess.Popen[bytes], timeout: float) -> None:
+    """Stops a child process if it still runs: SIGTERM, then SIGKILL after `timeout` seconds."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 def _derived_config(base: Path, ports: dict[str, int], overrides: dict[str, Any]) -> Path:
     config: dict[str, Any] = yaml.safe_load(base.read_text())
     for name, port in ports.items():
@@ -105,18 +115,12 @@ def spawn_server(base_config: Path, overrides: dict[str, Any] | None = None, *,
             time.sleep(0.01)
         yield Spawned(process.pid, config, ports, time.perf_counter() - started)
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_child(process, 20)
         config.unlink(missing_ok=True)
         log_file.close()
 
 
-def dev_target(dev_dir: Path, spawned: Spawned, *, key_id: str | None = None) -> Target:
+def dev_target(dev_dir: Path, spawned: Spawned) -> Target:
     """How to call a server spawned from a dev environment's config (its CA, admin client, Hawk id)."""
     facts_config: dict[str, Any] = yaml.safe_load(spawned.config.read_text())
     hawk_file = dev_dir / "hawk.json"
@@ -126,5 +130,5 @@ def dev_target(dev_dir: Path, spawned: Spawned, *, key_id: str | None = None) ->
     return Target(platform_url=f"https://localhost:{spawned.ports['platform']}{path}",
                   native_url=f"https://localhost:{spawned.ports['native']}", ca_file=str(certs / "ca.pem"),
                   cert_file=str(certs / "admin.pem"), key_file=str(certs / "admin-key.pem"),
-                  hawk=next(iter(credentials.values()), None), key_id=key_id, server_pid=spawned.pid,
+                  hawk=next(iter(credentials.values()), None), server_pid=spawned.pid,
                   config=str(dev_dir / "lkm.yaml"))

@@ -19,9 +19,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from lkm.bench.load import LoadPlan, run_load
-from lkm.bench.report import load_entry, new_report
-from lkm.bench.requests import PlatformRequests, fetch_public_key, make_pool
+from lkm.bench.load import LoadPlan
+from lkm.bench.report import new_report
 from lkm.bench.spawn import Spawned, dev_target, spawn_server
 from lkm.keys import Algorithm, KeyRecord, KeyState, generate_private_key, new_key_id, public_der_pkcs1, utcnow
 
@@ -70,14 +69,11 @@ def grow_file_store(config: Path, total: int, *, real_keys: int = REAL_KEYS) -> 
 
 
 async def _latency(dev_dir: Path, spawned: Spawned, seconds: float) -> dict[str, Any]:
-    target = dev_target(dev_dir, spawned)
-    key_id, der = await fetch_public_key(target)
-    assert target.platform_url is not None and target.hawk is not None
-    source = PlatformRequests(target.platform_url, target.hawk, make_pool(key_id, der, Algorithm.RSA_OAEP_SHA1,
-                                                                          64))
+    from lkm.bench.command import measure_server  # noqa: PLC0415
+
     plan = LoadPlan(concurrency=1, duration=seconds, warmup=0.5)
-    result = await run_load(source, plan, target.context(client_certificate=False), spawned.pid)
-    return load_entry("latency", result, plan, route="platform", padding="oaep-sha1")
+    return await measure_server(dev_target(dev_dir, spawned), plan, route="platform", padding="oaep-sha1",
+                                batch_size=1, name="latency")
 
 
 def _measure(dev_dir: Path, keys: int, latency_seconds: float) -> dict[str, Any]:
@@ -90,11 +86,11 @@ def _measure(dev_dir: Path, keys: int, latency_seconds: float) -> dict[str, Any]
             "unwrap_errors": latency["errors"]["total"]}
 
 
-def run_startup(*, keys: int, latency_seconds: float = 3.0, work_dir: Path | None = None) -> dict[str, Any]:
+def run_startup(*, keys: int, latency_seconds: float = 3.0) -> dict[str, Any]:
     from lkm.devmode import ensure_dev_environment  # noqa: PLC0415
 
     report = new_report()
-    with tempfile.TemporaryDirectory(prefix="lkm-bench-startup-", dir=work_dir) as tmp:
+    with tempfile.TemporaryDirectory(prefix="lkm-bench-startup-") as tmp:
         dev_dir = Path(tmp) / "dev"
         ensure_dev_environment(dev_dir, port_base=0)
         small = _measure(dev_dir, 1, latency_seconds)

@@ -14,105 +14,76 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import statistics
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from lkm.bench.floor import spawn_floor
+from lkm.bench.floor import floor_target
 from lkm.bench.load import LoadPlan
-from lkm.bench.report import new_report, raw_entry
-from lkm.bench.requests import Target, fetch_public_key
+from lkm.bench.report import new_report
+from lkm.bench.requests import fetch_public_key
 from lkm.bench.spawn import dev_target, spawn_server
-from lkm.hawk import load_credentials_file
-from lkm.keystore import KeyStore
 
 LATENCY_FRACTION = 0.8
 BATCH_SIZE = 100
 
 
-def _raw_once(store: KeyStore, key_id: str, threads: int, duration: float, name: str) -> dict[str, Any]:
-    from lkm.bench.raw import run_raw  # noqa: PLC0415
-    from lkm.keys import Algorithm  # noqa: PLC0415
-
-    result = run_raw(store, key_id, Algorithm.RSA_OAEP_SHA1, threads=threads, duration=duration)
-    return raw_entry(name, result, padding="oaep-sha1")
+def _platform_name(workers: int) -> str:
+    """The name of a server's peak run; with a round's tag after it when there are rounds."""
+    return f"platform ({workers} worker{'s' if workers > 1 else ''})"
 
 
-@contextlib.contextmanager
-def _store(config: Path) -> Iterator[KeyStore]:
+async def _server_runs(dev_dir: Path, workers: int, plan: LoadPlan, *,
+                       rounds: int | None = None) -> list[dict[str, Any]]:
+    """With `rounds`: raw, server peak and floor alternating `rounds` times (so a neighbour's burst falls on all
+    three), then the rest of the table against the same server. Without: the server's peak once."""
+    from lkm.bench.command import measure_raw, measure_server  # noqa: PLC0415
     from lkm.config import load_settings  # noqa: PLC0415
     from lkm.keystore.open import open_keystore  # noqa: PLC0415
-
-    store = open_keystore(load_settings(config).keystore)
-    try:
-        yield store
-    finally:
-        store.close()
-
-
-@contextlib.contextmanager
-def _floor_target(dev_dir: Path) -> Iterator[Target]:
-    """The floor endpoint (lkm.bench.floor) on the dev environment's key store and certificate."""
-    certs = dev_dir / "certs"
-    hawk_file = dev_dir / "hawk.json"
-    credentials = load_credentials_file(hawk_file) if hawk_file.exists() else {}
-    with spawn_floor(dev_dir / "lkm.yaml") as (pid, port):
-        yield Target(platform_url=f"https://localhost:{port}/key-management/v1/decrypt",
-                     ca_file=str(certs / "ca.pem"), hawk=next(iter(credentials.values()), None), server_pid=pid,
-                     config=str(dev_dir / "lkm.yaml"))
-
-
-async def _server_runs(dev_dir: Path, workers: int, plan: LoadPlan, *, rounds: int,
-                       full: bool) -> list[dict[str, Any]]:
-    """With `full`: raw, server peak and floor alternating `rounds` times (so a neighbour's burst falls on all
-    three), then the rest of the table against the same server. Without: the server's peak once."""
-    from lkm.bench.command import measure_server  # noqa: PLC0415
-    from lkm.bench.raw import pick_key  # noqa: PLC0415
 
     runs: list[dict[str, Any]] = []
     config = dev_dir / "lkm.yaml"
     cpus = os.cpu_count() or 1
-    suffix = f" ({workers} worker{'s' if workers > 1 else ''})"
     with spawn_server(config, {"limits.worker_threads": workers}) as spawned:
         target = dev_target(dev_dir, spawned)
         key = await fetch_public_key(target)
-        if not full:
+        if rounds is None:
             runs.append(await measure_server(target, plan, route="platform", padding="oaep-sha1", batch_size=1,
-                                             name="platform" + suffix, key=key))
+                                             name=_platform_name(workers), key=key))
             return runs
         peaks: list[dict[str, Any]] = []
-        with _store(config) as store, _floor_target(dev_dir) as floor:
-            key_id = pick_key(store, key[0])
+        with contextlib.closing(open_keystore(load_settings(config).keystore)) as store, \
+                floor_target(config, target) as floor:
             for round_ in range(1, rounds + 1):
                 tag = f" #{round_}" if rounds > 1 else ""
-                runs.append(_raw_once(store, key_id, cpus, plan.duration or 10.0, f"raw {cpus} threads{tag}"))
+                runs.append(measure_raw(store, key[0], "oaep-sha1", threads=cpus, duration=plan.duration or 10.0,
+                                        name=f"raw {cpus} threads{tag}"))
                 peak = await measure_server(target, plan, route="platform", padding="oaep-sha1", batch_size=1,
-                                            name=f"platform{suffix}{tag}", key=key)
+                                            name=f"{_platform_name(workers)}{tag}", key=key)
                 runs.append(peak)
                 peaks.append(peak)
                 runs.append(await measure_server(floor, plan, route="platform", padding="oaep-sha1",
                                                  batch_size=1, name=f"floor (leanest Python endpoint){tag}",
                                                  key=key))
             if cpus > 1:
-                runs.append(_raw_once(store, key_id, 1, plan.duration or 10.0, "raw 1 thread"))
+                runs.append(measure_raw(store, key[0], "oaep-sha1", threads=1, duration=plan.duration or 10.0,
+                                        name="raw 1 thread"))
         rate = statistics.median(p["requests_per_s"] for p in peaks) * LATENCY_FRACTION
-        paced = LoadPlan(concurrency=max(plan.concurrency, 32), duration=plan.duration, warmup=plan.warmup,
-                         rate=rate)
+        paced = dataclasses.replace(plan, concurrency=max(plan.concurrency, 32), rate=rate)
         runs.append(await measure_server(target, paced, route="platform", padding="oaep-sha1", batch_size=1,
                                          name=f"platform at {LATENCY_FRACTION:.0%} of peak", key=key))
         runs.append(await measure_server(target, plan, route="native", padding="oaep-sha1", batch_size=1,
                                          name="native", key=key))
         # One batch per worker in flight: each is split across all workers, and more would queue past the
         # deadline (4 batches of 100 on 2 workers wait about 250 ms) and be refused.
-        batches = LoadPlan(concurrency=workers, duration=plan.duration, warmup=plan.warmup)
+        batches = dataclasses.replace(plan, concurrency=workers)
         runs.append(await measure_server(target, batches, route="batch", padding="oaep-sha1",
                                          batch_size=BATCH_SIZE, name=f"batch of {BATCH_SIZE}", key=key))
         for route in ("platform", "native"):  # native: the handshake includes a client certificate
             for resume in (False, True):
-                fresh = LoadPlan(concurrency=plan.concurrency, duration=plan.duration, warmup=plan.warmup,
-                                 new_connections=True, resume=resume)
+                fresh = dataclasses.replace(plan, new_connections=True, resume=resume)
                 name = f"{route}, new connection" + (", resumed" if resume else " each")
                 runs.append(await measure_server(target, fresh, route=route, padding="oaep-sha1", batch_size=1,
                                                  name=name, key=key))
@@ -135,14 +106,14 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
     cpus = report["machine"]["cpus"] or 1
     raw = _median_run(runs, f"raw {cpus} threads") or _find(runs, "raw")
     raw1 = _find(runs, "raw 1 thread")
-    peak = _median_run(runs, f"platform ({cpus} workers)") or _find(runs, "platform (")
-    one = _find(runs, "platform (1 worker)")
+    peak = _median_run(runs, _platform_name(cpus)) or _find(runs, "platform (")
+    one = _find(runs, _platform_name(1))
     paced = _find(runs, "platform at")
     batch = _find(runs, "batch")
     floor = _median_run(runs, "floor")
     native = _find(runs, "native")
     summary: dict[str, Any] = {}
-    rounds = [r for r in runs if r["name"].startswith(f"platform ({cpus} workers)")]
+    rounds = [r for r in runs if r["name"].startswith(_platform_name(cpus))]
     raws = [r for r in runs if r["name"].startswith(f"raw {cpus} threads")]
     if len(rounds) > 1 and len(rounds) == len(raws):
         summary["round_ratios"] = [round(p["keys_per_s"] / r["keys_per_s"], 3)
@@ -194,9 +165,9 @@ def run_suite(dev_dir: Path, *, duration: float, warmup: float, concurrency: int
     report = new_report()
     cpus = os.cpu_count() or 1
     plan = LoadPlan(concurrency=concurrency, duration=duration, warmup=warmup)
-    report["runs"].extend(asyncio.run(_server_runs(dev_dir, cpus, plan, rounds=rounds, full=True)))
+    report["runs"].extend(asyncio.run(_server_runs(dev_dir, cpus, plan, rounds=rounds)))
     if cpus > 1:
-        report["runs"].extend(asyncio.run(_server_runs(dev_dir, 1, plan, rounds=1, full=False)))
+        report["runs"].extend(asyncio.run(_server_runs(dev_dir, 1, plan)))
     if keys > 0:
         startup = run_startup(keys=keys)
         report["startup"] = startup["startup"]
