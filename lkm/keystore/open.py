@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import os
-
 from lkm.config import KeyStoreSettings
 from lkm.keystore import KeyStore
 
 
 def open_keystore(settings: KeyStoreSettings) -> KeyStore:
     if settings.type == "pkcs11":
-        # PKCS#11 modules read their own configuration from the environment (SoftHSM2: SOFTHSM2_CONF); the
-        # worker processes that load the module inherit it.
-        os.environ.update(dict(settings.module_env))
         from lkm.keystore.pkcs11 import Pkcs11KeyStore  # noqa: PLC0415 - optional extra, loaded on demand
 
         store: KeyStore = Pkcs11KeyStore.from_settings(settings)

@@ -144,6 +144,7 @@ class _TokenConfig:
     module: str
     token_label: str | None
     token_serial: str | None
+    env: tuple[tuple[str, str], ...] = ()  # what the module reads from the environment (SoftHSM2: SOFTHSM2_CONF)
 
 
 class _Fail(Exception):
@@ -513,6 +514,7 @@ class _TokenWorker:
 def _worker_main(conn: Connection, config: _TokenConfig) -> None:
     """Entry point of a worker process: answers requests on `conn` until told to stop or the server is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the server, which stops its workers itself
+    os.environ.update(dict(config.env))  # set before the module loads; the server's own environment is untouched
     worker: _TokenWorker | None = None
     while True:
         try:
@@ -825,7 +827,7 @@ class Pkcs11KeyStore:
     def __init__(self, module: str | os.PathLike[str], *, pin: bytes | Callable[[], bytes],
                  token_label: str | None = None, token_serial: str | None = None, pool_size: int = 2,
                  allow_pkcs1: bool = False, allow_import: bool = True, retry_interval: float = 1.0,
-                 op_timeout: float = 30.0) -> None:
+                 op_timeout: float = 30.0, module_env: tuple[tuple[str, str], ...] = ()) -> None:
         if not pkcs11_available():
             raise KeyStoreError(INSTALL_HINT, transient=False)
         if token_label is None and token_serial is None:
@@ -854,8 +856,9 @@ class Pkcs11KeyStore:
             def pin_source() -> bytes:
                 return fixed_pin
 
-        self._pool = _WorkerPool(_TokenConfig(os.fspath(module), token_label, token_serial), pin_source,
-                                 pool_size, retry_interval=retry_interval, op_timeout=op_timeout)
+        config = _TokenConfig(os.fspath(module), token_label, token_serial, tuple(module_env))
+        self._pool = _WorkerPool(config, pin_source, pool_size, retry_interval=retry_interval,
+                                 op_timeout=op_timeout)
         try:
             self._pool.start()
         except KeyStoreError as exc:
@@ -880,7 +883,7 @@ class Pkcs11KeyStore:
         return cls(settings.module, pin=settings.pin.read_bytes, token_label=settings.token_label,
                    token_serial=settings.token_serial, pool_size=settings.pool_size,
                    allow_pkcs1=settings.pkcs11_allow_pkcs1,
-                   allow_import=settings.pkcs11_allow_import)
+                   allow_import=settings.pkcs11_allow_import, module_env=settings.module_env)
 
     # --- capabilities ----------------------------------------------------------------------------------------
 
