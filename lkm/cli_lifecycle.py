@@ -28,19 +28,29 @@ def _code(exc: BaseException) -> str:
 
 
 def _change(settings: Settings, action: str, key_id: str | None, func: Callable[..., KeyRecord], *args: Any,
-            **kwargs: Any) -> tuple[KeyRecord, dict[str, Any]]:
-    """Runs one lifecycle operation on a freshly opened store and audits it, success or refusal."""
-    store = _open_store(settings)
+            store: KeyStore | None = None, **kwargs: Any) -> tuple[KeyRecord, dict[str, Any]]:
+    """Runs one lifecycle operation and audits it, success or refusal: on `store` when given (the caller closes
+    it), else on a freshly opened store."""
+    target = store if store is not None else _open_store(settings)
     details: dict[str, Any] = {}
     try:
-        record = func(store, *args, details=details, **kwargs)
+        record = func(target, *args, details=details, **kwargs)
     except Exception as exc:
         _audit_cli(settings, action, key_id, outcome="error", error_code=_code(exc), **details)
         raise
     finally:
-        store.close()
+        if store is None:
+            target.close()
     _audit_cli(settings, action, record.id, **details)
     return record, details
+
+
+def _transition(args: argparse.Namespace, action: str, func: Callable[..., KeyRecord],
+                **kwargs: Any) -> tuple[KeyRecord, str]:
+    """One state change of the key `args.id`: the record after it and the "id: before -> after" line."""
+    key_id = parse_key_id(args.id)
+    record, details = _change(_settings(args), action, key_id, func, key_id, **kwargs)
+    return record, _transition_line(record, details)
 
 
 def _transition_line(record: KeyRecord, details: dict[str, Any]) -> str:
@@ -99,8 +109,7 @@ def _register(settings: Settings, key_id: str) -> KeyRecord:
     store = _open_store(settings)
     try:
         record = store.get_key(key_id)
-        lease = sum(genesys.backoff_delays(config)) + config.max_attempts * 2 * config.timeout_seconds + 60
-        if not lifecycle.claim_registration(store, key_id, owner, lease):
+        if not lifecycle.claim_registration(store, key_id, owner, genesys.registration_lease_seconds(config)):
             holder = lifecycle.registration_holder(store.get_key(key_id))
             raise CliError(f"key {key_id} is being registered by {holder}; wait for it (`lkm keys show {key_id}`)")
     finally:
@@ -135,33 +144,28 @@ def _register(settings: Settings, key_id: str) -> KeyRecord:
 # --- disable, enable, destruction ------------------------------------------------------------------------------
 
 def cmd_keys_disable(args: argparse.Namespace) -> int:
-    key_id = parse_key_id(args.id)
-    record, details = _change(_settings(args), "disable_key", key_id, lifecycle.disable, key_id, force=args.force)
-    print(_transition_line(record, details) + "  (unwraps with this key are refused; `lkm keys enable` undoes)")
+    _, line = _transition(args, "disable_key", lifecycle.disable, force=args.force)
+    print(line + "  (unwraps with this key are refused; `lkm keys enable` undoes)")
     return 0
 
 
 def cmd_keys_enable(args: argparse.Namespace) -> int:
-    key_id = parse_key_id(args.id)
-    record, details = _change(_settings(args), "enable_key", key_id, lifecycle.enable, key_id)
-    print(_transition_line(record, details))
+    _, line = _transition(args, "enable_key", lifecycle.enable)
+    print(line)
     return 0
 
 
 def cmd_keys_schedule_destruction(args: argparse.Namespace) -> int:
-    key_id = parse_key_id(args.id)
-    record, details = _change(_settings(args), "schedule_destruction", key_id, lifecycle.schedule_destruction,
-                              key_id, days=args.days)
+    record, line = _transition(args, "schedule_destruction", lifecycle.schedule_destruction, days=args.days)
     after = format_time(record.destroy_after) if record.destroy_after else "?"
-    print(_transition_line(record, details) + f"; may be destroyed after {after} "
-          f"(`lkm keys destroy {key_id}`; `lkm keys cancel-destruction {key_id}` undoes)")
+    print(line + f"; may be destroyed after {after} "
+          f"(`lkm keys destroy {record.id}`; `lkm keys cancel-destruction {record.id}` undoes)")
     return 0
 
 
 def cmd_keys_cancel_destruction(args: argparse.Namespace) -> int:
-    key_id = parse_key_id(args.id)
-    record, details = _change(_settings(args), "cancel_destruction", key_id, lifecycle.cancel_destruction, key_id)
-    print(_transition_line(record, details))
+    _, line = _transition(args, "cancel_destruction", lifecycle.cancel_destruction)
+    print(line)
     return 0
 
 
@@ -171,18 +175,18 @@ def cmd_keys_destroy(args: argparse.Namespace) -> int:
     store = _open_store(settings)
     try:
         report = lifecycle.destruction_report(store, key_id, audit_path=settings.audit.path)
+        print(f"key {key_id} ({report.key.state.value})")
+        for check in report.safeguards:
+            print(f"  [{'ok' if check.ok else 'FAIL'}] {check.name}: {check.detail}")
+        print(f"  last unwrap: {report.last_unwrap_text()}")
+        if args.dry_run:
+            _audit_cli(settings, "destroy_key_dry_run", key_id, allowed=report.allowed,
+                       last_unwrap=format_time(report.last_unwrap) if report.last_unwrap else None)
+            print("dry run: destruction " + ("would proceed" if report.allowed else "would be refused"))
+            return 0 if report.allowed else 1
+        record, _ = _change(settings, "destroy_key", key_id, lifecycle.destroy, key_id, store=store)
     finally:
         store.close()
-    print(f"key {key_id} ({report.key.state.value})")
-    for check in report.safeguards:
-        print(f"  [{'ok' if check.ok else 'FAIL'}] {check.name}: {check.detail}")
-    print(f"  last unwrap: {report.last_unwrap_text()}")
-    if args.dry_run:
-        _audit_cli(settings, "destroy_key_dry_run", key_id, allowed=report.allowed,
-                   last_unwrap=format_time(report.last_unwrap) if report.last_unwrap else None)
-        print("dry run: destruction " + ("would proceed" if report.allowed else "would be refused"))
-        return 0 if report.allowed else 1
-    record, _ = _change(settings, "destroy_key", key_id, lifecycle.destroy, key_id)
     print(f"{record.id}: destroyed (private key erased; the metadata stays so unwraps say 'destroyed')")
     return 0
 

@@ -18,7 +18,6 @@ import base64
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -42,13 +41,6 @@ class RegistrationError(Exception):
         super().__init__(message)
         self.code = code
         self.retryable = retryable
-
-
-@dataclass(frozen=True)
-class Registered:
-    key_id: str
-    attempts: int
-    platform_key_id: str | None  # the id the platform gave its encryption-key object, when it said
 
 
 Attempt = Callable[[int, RegistrationError | None], Awaitable[None]]
@@ -147,8 +139,12 @@ def backoff_delays(settings: GenesysSettings) -> list[float]:
             for i in range(settings.max_attempts - 1)]
 
 
-async def register_key(settings: GenesysSettings, record: KeyRecord, *, on_attempt: Attempt | None = None,
-                       sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> Registered:
+def registration_lease_seconds(settings: GenesysSettings) -> float:
+    """How long a claim to register a key lasts: every backoff wait, two timeouts per attempt, and a minute."""
+    return sum(backoff_delays(settings)) + settings.max_attempts * 2 * settings.timeout_seconds + 60.0
+
+
+async def register_key(settings: GenesysSettings, record: KeyRecord, *, on_attempt: Attempt | None = None) -> None:
     """Registers `record` with the platform, retrying what may pass; raises the last RegistrationError."""
     delays = backoff_delays(settings)
     async with aiohttp.ClientSession() as session:
@@ -157,7 +153,7 @@ async def register_key(settings: GenesysSettings, record: KeyRecord, *, on_attem
         while True:
             attempt += 1
             try:
-                answer = await api.register(record)
+                await api.register(record)
             except RegistrationError as exc:
                 log.warning("registering key %s with the platform failed (attempt %d of %d): %s", record.id,
                             attempt, settings.max_attempts, exc)
@@ -165,10 +161,9 @@ async def register_key(settings: GenesysSettings, record: KeyRecord, *, on_attem
                     await on_attempt(attempt, exc)
                 if not exc.retryable or attempt > len(delays):
                     raise
-                await sleep(delays[attempt - 1])
+                await asyncio.sleep(delays[attempt - 1])
                 continue
             if on_attempt is not None:
                 await on_attempt(attempt, None)
-            platform_id = answer.get("id")
             log.info("key %s registered with the platform (attempt %d)", record.id, attempt)
-            return Registered(record.id, attempt, platform_id if isinstance(platform_id, str) else None)
+            return

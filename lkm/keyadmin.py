@@ -25,7 +25,7 @@ from lkm.config import GenesysSettings, Role, RotationSettings
 from lkm.errors import Forbidden
 from lkm.keys import KeyRecord, KeyState, utcnow
 from lkm.metrics import Metrics
-from lkm.service import KeyService, RequestContext, outcome_of
+from lkm.service import KeyService, RequestContext
 
 log = logging.getLogger("lkm.keyadmin")
 
@@ -91,12 +91,9 @@ class KeyAdmin:
         return await self._change(ctx, "disable_key", key_id, lifecycle.disable, key_id, force=force)
 
     async def enable(self, ctx: RequestContext, key_id: str) -> KeyRecord:
-        record = await self._enable(ctx, key_id)
+        record = await self._change(ctx, "enable_key", key_id, lifecycle.enable, key_id)
         self._register_if_pending(record)  # a pending key disabled mid-registration resumes registering
         return record
-
-    async def _enable(self, ctx: RequestContext, key_id: str) -> KeyRecord:
-        return await self._change(ctx, "enable_key", key_id, lifecycle.enable, key_id)
 
     async def schedule_destruction(self, ctx: RequestContext, key_id: str, days: int) -> KeyRecord:
         return await self._change(ctx, "schedule_destruction", key_id, lifecycle.schedule_destruction, key_id,
@@ -176,18 +173,14 @@ class KeyAdmin:
         for record in self.store.list_keys():
             self._register_if_pending(record)
 
-    def _lease_seconds(self) -> float:
-        assert self.genesys is not None
-        g = self.genesys
-        return sum(genesys.backoff_delays(g)) + g.max_attempts * 2 * g.timeout_seconds + 60.0
-
     async def register(self, key_id: str) -> bool:
         """Registers one key (retrying with backoff) and activates it; False when it stays pending."""
         assert self.genesys is not None
         settings = self.genesys
         ctx = system_context("registration")
         claimed = await self.service.run(functools.partial(
-            lifecycle.claim_registration, self.store, key_id, self.owner, self._lease_seconds()))
+            lifecycle.claim_registration, self.store, key_id, self.owner,
+            genesys.registration_lease_seconds(settings)))
         if not claimed:
             log.info("key %s is being registered by another process; not registering it here", key_id)
             return False
@@ -228,14 +221,12 @@ class KeyAdmin:
 
     async def _audit(self, ctx: RequestContext, action: str, key_id: str | None, error: BaseException | None,
                      *, started: float, details: dict[str, Any]) -> None:
-        """For work the server does on its own: a failed audit write is logged, it cannot fail a caller."""
-        event = ctx.audit_fields()
-        event.update({"action": action, "key_id": key_id, "outcome": "ok" if error is None else "error",
-                      "latency_ms": round((time.perf_counter() - started) * 1000, 3)})
-        if error is not None:
-            event["error_code"] = getattr(error, "code", None) or outcome_of(error)
-        event.update(details)
-        try:
-            await self.service.audit.record(event)
-        except Exception as exc:
-            log.error("audit write failed: %s", exc)
+        """For work the server does on its own: a failed audit write is logged, it cannot fail a caller.
+
+        A registration error is no LkmError but has its own stable code (platform_*): that code is recorded."""
+        extra = dict(details)
+        code = getattr(error, "code", None)
+        if code:
+            extra.setdefault("error_code", code)
+        await self.service._audit(ctx, action, key_id=key_id, error=error, started=started, extra=extra,
+                                  fail_closed=False)

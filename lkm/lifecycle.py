@@ -163,11 +163,9 @@ def next_rotation_due(keys: list[KeyRecord], every_seconds: int) -> datetime | N
 def rotate_if_due(store: KeyStore, every_seconds: int, *, registration: bool, now: datetime | None = None,
                   details: dict[str, Any] | None = None) -> KeyRecord | None:
     """The scheduled rotation, safe to run from several servers sharing one store: the due time is checked
-    again inside the store's lock, so the second server to get there sees the first one's key and stops."""
+    inside the store's lock, so the second server to get there sees the first one's key and stops. (The server
+    looks without the lock first, lkm.keyadmin, so a period with nothing due takes no lock.)"""
     now = now or utcnow()
-    due = next_rotation_due(store.list_keys(), every_seconds)
-    if due is not None and due > now:
-        return None
     with store_lock(store):
         due = next_rotation_due(store.list_keys(), every_seconds)
         if due is not None and due > now:
@@ -229,13 +227,9 @@ def claim_registration(store: KeyStore, key_id: str, owner: str, seconds: float,
         if record.state not in (KeyState.PENDING_ACTIVATION, KeyState.ACTIVE):
             raise IllegalTransition(f"cannot go from {record.state.value} to active: only a key pending "
                                     f"activation (or the active key) is registered with the platform")
-        lease = record.extra.get(REGISTRATION_LEASE)
-        if isinstance(lease, dict) and lease.get("owner") != owner:
-            try:
-                if parse_time(str(lease.get("until"))) > now:
-                    return False
-            except ValueError:
-                pass
+        holder = registration_holder(record, now)
+        if holder is not None and holder != owner:
+            return False
         extra = {**record.extra, REGISTRATION_LEASE: {"owner": owner,
                                                       "until": format_time(now + timedelta(seconds=seconds))}}
         store.save_record(record.with_changes(extra=extra))
@@ -434,7 +428,7 @@ def last_unwrap(audit_path: Path, key_id: str) -> tuple[datetime | None, datetim
                     except ValueError:
                         continue
                     if rec.get("action") == "unwrap" and rec.get("key_id") == key_id and rec.get("outcome") == "ok":
-                        last = _record_time(raw) or last
+                        last = _doc_time(rec) or last
         except FileNotFoundError:
             continue
     return last, oldest
@@ -442,7 +436,14 @@ def last_unwrap(audit_path: Path, key_id: str) -> tuple[datetime | None, datetim
 
 def _record_time(raw: bytes) -> datetime | None:
     try:
-        value = json.loads(raw).get("time")
+        return _doc_time(json.loads(raw))
+    except ValueError:
+        return None
+
+
+def _doc_time(doc: Any) -> datetime | None:
+    try:
+        value = doc.get("time")
         return parse_time(value) if isinstance(value, str) else None
     except (ValueError, AttributeError):
         return None

@@ -30,6 +30,7 @@ from lkm.keystore import KeyStore
 ID_COLUMNS = ("id", "keypairId", "keypair_id")
 PRIVATE_COLUMNS = ("private_key", "privateKey")
 PUBLIC_COLUMNS = ("public_key", "publicKey")
+IMPORT_LABEL = "imported"  # the label every bulk-imported key gets
 
 
 class ExportUnreadable(ValueError):
@@ -91,21 +92,21 @@ def read_rows(data: bytes, fmt: str = "auto") -> list[Row]:
 
 
 def import_rows(store: KeyStore, rows: list[Row], *, state: KeyState = KeyState.RETIRED,
-                activate: str | None = None, label: str = "imported",
+                activate: str | None = None,
                 audit: Callable[[RowResult, dict[str, Any]], None] | None = None) -> list[RowResult]:
     """Imports each row on its own; `audit` is called once per row with its result and audit details."""
     wanted_active = parse_key_id(activate) if activate else None
     results = []
     for row in rows:
         details: dict[str, Any] = {"row": row.number}
-        result = _import_row(store, row, state, wanted_active, label=label, details=details)
+        result = _import_row(store, row, state, wanted_active, details=details)
         if audit is not None:
             audit(result, details)
         results.append(result)
     return results
 
 
-def _import_row(store: KeyStore, row: Row, state: KeyState, wanted_active: str | None, *, label: str,
+def _import_row(store: KeyStore, row: Row, state: KeyState, wanted_active: str | None, *,
                 details: dict[str, Any]) -> RowResult:
     try:
         if row.key_id is None:
@@ -125,7 +126,8 @@ def _import_row(store: KeyStore, row: Row, state: KeyState, wanted_active: str |
             if given != public_der_pkcs1(private_key.public_key()):
                 return RowResult(row, key_id, "refused", "the public key does not match the private key")
         row_state = KeyState.ACTIVE if key_id == wanted_active else state
-        _, created = lifecycle.import_key(store, key_id, private_key, state=row_state, label=label, details=details)
+        _, created = lifecycle.import_key(store, key_id, private_key, state=row_state, label=IMPORT_LABEL,
+                                            details=details)
     except LkmError as exc:
         details["error_code"] = exc.code
         return RowResult(row, key_id, "refused", exc.message)
