@@ -16,6 +16,7 @@
 
     ConfigError                  not an LkmError: a bad configuration stops start-up before anything serves
     KeyStoreError                a backend failure (I/O, token); the service turns it into Unavailable/Internal
+    AuditWriteError              an audit record is not durable; a fail-closed server refuses to act unaudited
 
 Messages are public: they never hold key material, ciphertext or plaintext, and a DecryptionFailed message
 never says why decryption failed.
@@ -129,3 +130,9 @@ class KeyStoreError(Exception):
     def __init__(self, message: str, *, transient: bool = True) -> None:
         self.transient = transient
         super().__init__(message)
+
+
+# --- audit ---
+
+class AuditWriteError(Exception):
+    """The record is not durable. A fail-closed server must not act on the decision it describes."""

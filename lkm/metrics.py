@@ -14,49 +14,95 @@ import contextlib
 import platform
 import time
 from collections.abc import Callable, Mapping
+from enum import StrEnum
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-LISTENERS = ("platform", "native", "ops")
-UNWRAP_ROUTES = ("platform", "native", "batch")
-UNWRAP_OUTCOMES = (
-    "ok",
-    "decryption_failed",
-    "key_not_found",
-    "key_unusable",
-    "unsupported_algorithm",
-    "invalid_request",
-    "forbidden",
-    "unavailable",
-    "error",
-)
-AUTH_METHODS = ("mtls", "hawk", "cli")
-AUTH_REASONS = (
-    "unknown_id",
-    "bad_mac",
-    "bad_hash",
-    "stale_timestamp",
-    "replay",
-    "malformed",
-    "missing",
-    "no_certificate",
-    "unknown_client",
-    "forbidden_role",
-)
+from lkm.keys import KeyState
+from lkm.outcomes import UnwrapOutcome
+
+
+class Listener(StrEnum):
+    PLATFORM = "platform"
+    NATIVE = "native"
+    OPS = "ops"
+
+
+class UnwrapRoute(StrEnum):
+    PLATFORM = "platform"
+    NATIVE = "native"
+    BATCH = "batch"
+
+
+class AuthMethod(StrEnum):
+    MTLS = "mtls"
+    HAWK = "hawk"
+    CLI = "cli"
+
+
+class AuthReason(StrEnum):
+    UNKNOWN_ID = "unknown_id"
+    BAD_MAC = "bad_mac"
+    BAD_HASH = "bad_hash"
+    STALE_TIMESTAMP = "stale_timestamp"
+    REPLAY = "replay"
+    MALFORMED = "malformed"
+    MISSING = "missing"
+    NO_CERTIFICATE = "no_certificate"
+    UNKNOWN_CLIENT = "unknown_client"
+    FORBIDDEN_ROLE = "forbidden_role"
+
+
+class KeystoreBackend(StrEnum):
+    FILE = "file"
+    PKCS11 = "pkcs11"
+
+
+class KeystoreOperation(StrEnum):
+    DECRYPT = "decrypt"
+    CREATE = "create"
+    LIST = "list"
+    REFRESH = "refresh"
+    CHECK = "check"
+
+
+class ReadinessCheck(StrEnum):
+    KEYSTORE = "keystore"
+    ACTIVE_KEY = "active_key"
+    CERTIFICATES = "certificates"
+    AUDIT = "audit"
+    CANARY = "canary"
+
+
+class Outcome(StrEnum):
+    """How a rotation or a platform registration ended."""
+
+    OK = "ok"
+    FAILED = "failed"
+
+
+# The label sets as tuples of plain values, in declaration order, for the callers that iterate or test membership.
+LISTENERS: tuple[str, ...] = tuple(Listener)
+UNWRAP_ROUTES: tuple[str, ...] = tuple(UnwrapRoute)
+UNWRAP_OUTCOMES: tuple[str, ...] = tuple(UnwrapOutcome)
+AUTH_METHODS: tuple[str, ...] = tuple(AuthMethod)
+AUTH_REASONS: tuple[str, ...] = tuple(AuthReason)
+KEY_STATES: tuple[str, ...] = tuple(KeyState)
+KEYSTORE_BACKENDS: tuple[str, ...] = tuple(KeystoreBackend)
+KEYSTORE_OPERATIONS: tuple[str, ...] = tuple(KeystoreOperation)
+READINESS_CHECKS: tuple[str, ...] = tuple(ReadinessCheck)
+OUTCOMES: tuple[str, ...] = tuple(Outcome)
 # The pairs that can happen, created at 0 on start so that alerts see the first failure of each.
-AUTH_FAILURE_PAIRS = (
-    *(("hawk", reason) for reason in ("unknown_id", "bad_mac", "bad_hash", "stale_timestamp", "replay",
-                                       "malformed", "missing", "forbidden_role")),
-    *(("mtls", reason) for reason in ("no_certificate", "unknown_client", "forbidden_role", "malformed")),
-    ("cli", "forbidden_role"),
+AUTH_FAILURE_PAIRS: tuple[tuple[AuthMethod, AuthReason], ...] = (
+    *((AuthMethod.HAWK, reason) for reason in (
+        AuthReason.UNKNOWN_ID, AuthReason.BAD_MAC, AuthReason.BAD_HASH, AuthReason.STALE_TIMESTAMP,
+        AuthReason.REPLAY, AuthReason.MALFORMED, AuthReason.MISSING, AuthReason.FORBIDDEN_ROLE)),
+    *((AuthMethod.MTLS, reason) for reason in (
+        AuthReason.NO_CERTIFICATE, AuthReason.UNKNOWN_CLIENT, AuthReason.FORBIDDEN_ROLE, AuthReason.MALFORMED)),
+    (AuthMethod.CLI, AuthReason.FORBIDDEN_ROLE),
 )
-KEY_STATES = ("pending_activation", "active", "retired", "disabled", "pending_destruction", "destroyed")
-KEYSTORE_BACKENDS = ("file", "pkcs11")
-KEYSTORE_OPERATIONS = ("decrypt", "create", "list", "refresh", "check")
-READINESS_CHECKS = ("keystore", "active_key", "certificates", "audit", "canary")
-OUTCOMES = ("ok", "failed")
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 NO_KEY = "none"
@@ -71,9 +117,10 @@ KEYSTORE_BUCKETS = (.0005, .001, .0025, .005, .0075, .01, .025, .05, .1, .25, .5
 
 
 def _check(value: str, allowed: tuple[str, ...], label: str) -> str:
+    """`value` if it is one of the closed set `allowed`, so no caller's text can become a label value."""
     if value not in allowed:
         raise ValueError(f"metrics label {label}={value!r} is not one of {', '.join(allowed)}")
-    return value
+    return str(value)
 
 
 class Metrics:
@@ -222,7 +269,7 @@ class Metrics:
 
     def observe_unwrap(self, route: str, outcome: str, seconds: float, key_id: str | None = None) -> None:
         """Count one unwrap. Pass key_id only for a key that exists in the store, never a caller's guess."""
-        label = NO_KEY if key_id is None or outcome == "key_not_found" else key_id
+        label = NO_KEY if key_id is None or outcome == UnwrapOutcome.KEY_NOT_FOUND else key_id
         children = self._hot.get(("unwrap", route, outcome, label))
         if children is None:
             _check(route, UNWRAP_ROUTES, "route")
@@ -259,10 +306,10 @@ class Metrics:
         child[0].observe(seconds)
 
     def rotation_done(self, ok: bool) -> None:
-        self.rotations.labels("ok" if ok else "failed").inc()
+        self.rotations.labels(Outcome.OK if ok else Outcome.FAILED).inc()
 
     def registration_done(self, ok: bool) -> None:
-        self.registrations.labels("ok" if ok else "failed").inc()
+        self.registrations.labels(Outcome.OK if ok else Outcome.FAILED).inc()
 
     # --- state ----------------------------------------------------------------------------------------------
 

@@ -19,11 +19,8 @@ from lkm.admission import Admission, is_shed
 from lkm.auth import Actor
 from lkm.config import Role
 from lkm.errors import (
-    DecryptionFailed,
-    Forbidden,
     InternalError,
     InvalidRequest,
-    KeyNotFound,
     KeyStoreError,
     KeyUnusable,
     LkmError,
@@ -32,6 +29,7 @@ from lkm.errors import (
 )
 from lkm.keys import CIPHERTEXT_BYTES, Algorithm, KeyRecord, KeyState
 from lkm.keystore import KeyStore
+from lkm.outcomes import KEY_KNOWN_OUTCOMES, unwrap_outcome
 
 log = logging.getLogger("lkm.service")
 T = TypeVar("T")
@@ -118,23 +116,6 @@ def outcome_of(error: BaseException | None) -> str:
     if isinstance(error, LkmError):
         return error.code
     return "error"
-
-
-def unwrap_outcome(error: BaseException | None) -> str:
-    """A small, closed set of unwrap outcomes for metrics (audit records keep the precise code)."""
-    if error is None:
-        return "ok"
-    for kind, name in ((DecryptionFailed, "decryption_failed"), (KeyNotFound, "key_not_found"),
-                       (KeyUnusable, "key_unusable"), (UnsupportedAlgorithm, "unsupported_algorithm"),
-                       (InvalidRequest, "invalid_request"), (Forbidden, "forbidden"),
-                       (Unavailable, "unavailable")):
-        if isinstance(error, kind):
-            return name
-    return "error"
-
-
-# Outcomes that prove the key exists, so its id is a bounded metric label.
-KEY_KNOWN_OUTCOMES = frozenset({"ok", "decryption_failed", "key_unusable"})
 
 
 class KeyService:

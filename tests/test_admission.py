@@ -56,12 +56,17 @@ async def test_admits_while_the_expected_wait_fits_the_deadline() -> None:
 
 async def test_a_job_that_starts_too_late_is_dropped_unrun() -> None:
     ran = threading.Event()
+    readings = iter([100.0])  # the admission check reads 100.0; every later reading, in the worker, 100.1
+
+    def clock() -> float:
+        return next(readings, 100.1)
+
     with threads(1) as pool:
-        admission = Admission(pool, workers=1, deadline_seconds=0.25)
-        with pytest.raises(Unavailable):  # its request arrived 0.3 s ago: the estimate let it in, the check not
-            await admission.run("platform", time.perf_counter() - 0.3 + admission.expected_wait(), 1, ran.set)
+        admission = Admission(pool, workers=1, deadline_seconds=0.25, clock=clock)
+        with pytest.raises(Unavailable):  # admitted 0.2 s into its 0.25 s, its job could start only at 0.3 s
+            await admission.run("platform", 99.8, 1, ran.set)
     assert not ran.is_set()
-    assert admission.outstanding == 0
+    assert admission.outstanding == 0 and admission.shed_count == 1
 
 
 async def test_moving_average_follows_the_operations() -> None:

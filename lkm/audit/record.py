@@ -1,0 +1,185 @@
+"""The record format of the audit trail: what an event may hold, how a record is sealed into the chain.
+
+Each record carries `prev`, the SHA-256 of the previous record's exact line bytes, and `hash`, the SHA-256 of
+its own canonical form without `hash` (lkm.canonical: the same bytes for the line and for the hash, so
+verification can recompute both). Records never hold key material or ciphertexts: an event naming a
+FORBIDDEN_FIELDS key anywhere is refused before it reaches the chain.
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import json
+import os
+import socket
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, Final, NewType
+
+from lkm.canonical import canonical_json
+
+__all__ = [
+    "FIRST_SEQ",
+    "FORBIDDEN_FIELDS",
+    "GENESIS",
+    "GENESIS_PREV",
+    "RESERVED_FIELDS",
+    "AuditAction",
+    "AuditOutcome",
+    "Head",
+    "PreparedEvent",
+    "local_actor",
+    "prepare",
+    "seal",
+    "sha256_hex",
+    "utc_timestamp",
+]
+
+GENESIS_PREV: Final = "0" * 64
+FIRST_SEQ: Final = 1
+
+# Compared case-insensitively against every key at every depth. "key_id" is fine; "key" is not.
+FORBIDDEN_FIELDS: Final[frozenset[str]] = frozenset({
+    "key",
+    "key_material",
+    "wrapped_key",
+    "unwrapped_key",
+    "private_key",
+    "plaintext",
+    "ciphertext",
+    "body",
+    "secret",
+    "password",
+})
+
+# Set by the chain itself; a caller supplying them could forge the chain's bookkeeping.
+RESERVED_FIELDS: Final[frozenset[str]] = frozenset({"seq", "prev", "hash"})
+
+
+class AuditAction(StrEnum):
+    """Every `action` lkm writes to the trail; the values are what auditors search for, so they never change."""
+
+    UNWRAP = "unwrap"
+    AUTHENTICATE = "authenticate"
+    AUTHORIZE = "authorize"
+    CREATE_KEY = "create_key"
+    IMPORT_KEY = "import_key"
+    ROTATE_KEY = "rotate_key"
+    REGISTER_KEY = "register_key"
+    ACTIVATE_KEY = "activate_key"
+    DISABLE_KEY = "disable_key"
+    ENABLE_KEY = "enable_key"
+    SCHEDULE_DESTRUCTION = "schedule_destruction"
+    CANCEL_DESTRUCTION = "cancel_destruction"
+    DESTROY_KEY = "destroy_key"
+    DESTROY_KEY_DRY_RUN = "destroy_key_dry_run"
+    BACKUP_CREATE = "backup_create"
+    BACKUP_RESTORE = "backup_restore"
+    RESTORE_KEY = "restore_key"
+    HAWK_CREATE = "hawk_create"
+    HAWK_REVOKE = "hawk_revoke"
+
+
+class AuditOutcome(StrEnum):
+    """The `outcome` of a record: done, failed (with an `error_code`), or refused before anything was tried."""
+
+    OK = "ok"
+    ERROR = "error"
+    DENIED = "denied"
+
+
+PreparedEvent = NewType("PreparedEvent", dict[str, Any])
+"""An event checked and snapshotted by prepare(): only these reach the chain."""
+
+
+@dataclass(frozen=True)
+class Head:
+    """The chain's end: the last record's seq and the SHA-256 of its line (the next record's prev)."""
+
+    seq: int
+    digest: str
+
+
+GENESIS: Final = Head(FIRST_SEQ - 1, GENESIS_PREV)
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+_second_prefix: tuple[int, str] = (-1, "")  # the last second formatted, and its text up to the dot
+
+
+def utc_timestamp(now: datetime | None = None) -> str:
+    """RFC 3339 UTC with milliseconds: sortable as text and unambiguous across hosts.
+
+    Every audited request stamps one, so the current time reuses the last second's formatted text.
+    """
+    if now is not None:
+        dt = now.astimezone(UTC)
+        return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+    global _second_prefix  # noqa: PLW0603 - one tuple, replaced whole, so readers on any thread see a pair
+    ns = time.time_ns()
+    second, millis = divmod(ns // 1_000_000, 1000)
+    cached_second, prefix = _second_prefix
+    if second != cached_second:
+        prefix = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second))
+        _second_prefix = (second, prefix)
+    return f"{prefix}{millis:03d}Z"
+
+
+def local_actor() -> dict[str, Any]:
+    """Who ran the CLI: the OS account is the only identity a local operator has."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no login name in the environment nor in the password database
+        user = str(os.getuid())
+    return {"kind": "cli", "user": user, "host": socket.gethostname(), "pid": os.getpid()}
+
+
+def _find_forbidden(obj: Any, where: str = "") -> str | None:
+    if isinstance(obj, Mapping):
+        for name, value in obj.items():
+            here = f"{where}.{name}" if where else str(name)
+            if str(name).lower() in FORBIDDEN_FIELDS:
+                return here
+            found = _find_forbidden(value, here)
+            if found is not None:
+                return found
+    elif isinstance(obj, list | tuple):
+        for index, value in enumerate(obj):
+            found = _find_forbidden(value, f"{where}[{index}]")
+            if found is not None:
+                return found
+    return None
+
+
+def prepare(event: Mapping[str, Any]) -> PreparedEvent:
+    """Checks and snapshots an event in the caller's context, so a bad event fails its caller alone
+    (not the whole batch it would have joined) and later mutation by the caller cannot change it."""
+    if not isinstance(event, Mapping):
+        raise TypeError(f"an audit event is a mapping, not {type(event).__name__}")
+    forbidden = _find_forbidden(event)
+    if forbidden is not None:
+        # Name the field, never its value: the value is what must not leak.
+        raise ValueError(f"audit events must not carry key material or payloads: field {forbidden!r}")
+    reserved = sorted(RESERVED_FIELDS & {str(k) for k in event})
+    if reserved:
+        raise ValueError(f"audit event fields {reserved} are set by the audit chain itself")
+    body: dict[str, Any] = json.loads(canonical_json(dict(event)))
+    body.setdefault("time", utc_timestamp())
+    return PreparedEvent(body)
+
+
+def seal(body: PreparedEvent, head: Head) -> tuple[bytes, Head]:
+    """The record's line (newline included) chained after `head`, and the head it leaves."""
+    record = dict(body)
+    record["seq"] = head.seq + 1
+    record["prev"] = head.digest
+    record["hash"] = sha256_hex(canonical_json(record))
+    line = canonical_json(record)
+    return line + b"\n", Head(head.seq + 1, sha256_hex(line))

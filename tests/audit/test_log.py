@@ -1,0 +1,155 @@
+"""lkm.audit.log: AuditLog's group commit, its start and close, and what a failed write does to waiters."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+
+from lkm.audit import (
+    AuditLog,
+    AuditWriteError,
+    verify,
+    verify_chain_files,
+)
+from lkm.config import AuditSettings
+from tests.audit.chain import event, lines_of
+
+
+def test_from_settings(tmp_path: Path) -> None:
+    settings = AuditSettings(path=tmp_path / "a.log", fail_closed=False, max_bytes=1234, keep_files=3)
+    log = AuditLog.from_settings(settings)
+    assert (log.path, log.fail_closed, log.max_bytes, log.keep_files) == (tmp_path / "a.log", False, 1234, 3)
+
+
+async def test_concurrent_records_are_group_committed(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    async with AuditLog(path) as log:
+        await asyncio.gather(*(log.record(event(i)) for i in range(200)))
+        assert log.records_written == 200
+        assert log.fsync_count < 200
+        assert log.batch_count == log.fsync_count  # one fsync per batch, no rotation here
+    lines = lines_of(path)
+    assert len(lines) == 200
+    assert sorted(json.loads(line)["request_id"] for line in lines) == sorted(f"req-{i}" for i in range(200))
+    res = verify([path])
+    assert res.ok and res.records == 200 and res.last_seq == 200
+
+
+async def test_record_returns_only_after_its_line_is_fsynced_off_the_loop(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "audit.log"
+    real_fsync = os.fsync
+    synced: list[int] = []  # file sizes at each fsync of the audit file
+    threads: set[str] = set()
+    loop_thread = threading.current_thread().name
+
+    def spy(fd: int) -> None:
+        real_fsync(fd)
+        if os.path.samestat(os.fstat(fd), path.stat()):
+            synced.append(os.fstat(fd).st_size)
+            threads.add(threading.current_thread().name)
+
+    monkeypatch.setattr(os, "fsync", spy)
+
+    async def one(i: int) -> None:
+        await log.record(event(i))
+        data = path.read_bytes()
+        end = data.index(f'"req-{i}"'.encode())
+        end = data.index(b"\n", end) + 1
+        assert synced and max(synced) >= end, f"req-{i} returned before its line was fsynced"
+
+    async with AuditLog(path) as log:
+        await asyncio.gather(*(one(i) for i in range(50)))
+        for i in range(50, 60):
+            await one(i)
+    assert synced
+    assert loop_thread not in threads
+    assert verify([path]).records == 60
+
+
+async def test_close_flushes_pending_and_refuses_later_records(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    log = AuditLog(path)
+    await log.start()
+    tasks = [asyncio.create_task(log.record(event(i))) for i in range(30)]
+    await asyncio.sleep(0)  # the tasks queue their records
+    await log.close()
+    assert all(t.done() and t.exception() is None for t in tasks)
+    assert len(lines_of(path)) == 30
+    with pytest.raises(AuditWriteError, match="closed"):
+        await log.record(event(99))
+    assert verify([path]).ok
+
+
+async def test_record_starts_the_writer_lazily(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path / "audit.log")
+    try:
+        await log.record(event(1))
+    finally:
+        await log.close()
+    assert verify([tmp_path / "audit.log"]).records == 1
+
+
+async def test_server_writer_keeps_its_file_open_yet_follows_other_writers(tmp_path: Path) -> None:
+    """The server's writer keeps the audit file open between appends; a CLI append or a rotation by another
+    writer in between must still be chained after, never written to the old, renamed file."""
+    path = tmp_path / "audit.log"
+    server, cli = AuditLog(path, max_bytes=1500), AuditLog(path, max_bytes=1500)
+    async with server:
+        for i in range(12):
+            await server.record(event(i))
+            cli.record_sync(event(100 + i))  # fills the file, so some of these rotate it under the server
+        head_reads = server.head_reads
+        await server.record(event(999))
+        await server.record(event(1000))
+        assert server.head_reads == head_reads + 1  # re-read once after the CLI's append, then cached
+    assert cli.rotations > 0 and server.rotations > 0
+    res = verify_chain_files(path)
+    assert res.ok, res
+    assert res.records == 26 and res.files > 2
+
+
+async def test_write_failure_fails_every_waiter_and_marks_unhealthy(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    calls: list[int] = []
+    log = AuditLog(blocker / "audit.log", on_failure=lambda: calls.append(1))
+    assert not log.check_writable()
+    async with log:
+        results = await asyncio.gather(*(log.record(event(i)) for i in range(5)), return_exceptions=True)
+    assert all(isinstance(r, AuditWriteError) for r in results), results
+    assert not log.healthy
+    assert log.write_failures >= 1
+    assert len(calls) == log.write_failures
+    assert log.last_error is not None and "NotADirectoryError" in log.last_error
+    with pytest.raises(AuditWriteError):
+        log.record_sync(event(9))
+    assert len(calls) == log.write_failures
+
+
+async def test_recovery_after_the_directory_comes_back(tmp_path: Path) -> None:
+    directory = tmp_path / "audit"
+    directory.mkdir()
+    path = directory / "audit.log"
+    failures: list[int] = []
+    async with AuditLog(path, on_failure=lambda: failures.append(1)) as log:
+        await log.record(event(1))
+        assert log.healthy and log.check_writable()
+        shutil.rmtree(directory)
+        assert not log.check_writable()
+        with pytest.raises(AuditWriteError):
+            await log.record(event(2))
+        assert not log.healthy and log.write_failures == 1 and failures == [1]
+        error = log.last_error
+        directory.mkdir()
+        await log.record(event(3))
+        assert log.healthy
+        assert log.last_error == error  # kept for diagnosis
+    res = verify([path])
+    assert res.ok and res.records == 1

@@ -1,0 +1,143 @@
+"""lkm.audit.record: the record format, forbidden and reserved fields, the actor of the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lkm.audit import (
+    FORBIDDEN_FIELDS,
+    GENESIS_PREV,
+    AuditAction,
+    AuditLog,
+    AuditOutcome,
+    local_actor,
+    verify,
+    verify_chain_files,
+)
+from tests.audit.chain import canonical, event, lines_of, sha
+
+
+def test_record_format_and_chain_links(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    log = AuditLog(path)
+    log.record_sync(event(1))
+    log.record_sync(event(2, time="2024-01-02T03:04:05.678Z"))
+    raw = path.read_bytes()
+    assert raw.endswith(b"\n")
+    first, second = raw.splitlines()
+    r1, r2 = json.loads(first), json.loads(second)
+    # compact, sorted keys, the exact bytes hashed by the next record
+    assert first == canonical(r1)
+    assert r1["seq"] == 1 and r2["seq"] == 2
+    assert r1["prev"] == GENESIS_PREV
+    assert r2["prev"] == sha(first)
+    assert r1["hash"] == sha(canonical({k: v for k, v in r1.items() if k != "hash"}))
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", r1["time"])
+    assert r2["time"] == "2024-01-02T03:04:05.678Z"  # a caller's time is kept
+    assert r1["actor"]["fingerprint"] == "ab" * 32
+    res = verify([path])
+    assert res.ok and res.records == 2 and res.files == 1 and not res.anchored
+    assert res.last_seq == 2 and res.head == sha(second)
+
+
+def test_event_is_snapshotted_at_record_time(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    ev = event(1)
+    log = AuditLog(path)
+    log.record_sync(ev)
+    ev["outcome"] = "deny"
+    assert json.loads(lines_of(path)[0])["outcome"] == "allow"
+    assert "seq" not in ev and "hash" not in ev
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"action": "wrap", "key": "MIIE..."},
+        {"action": "wrap", "details": {"wrapped_key": "AAAA"}},
+        {"action": "wrap", "details": [{"ok": 1}, {"Plaintext": "x"}]},
+        {"action": "wrap", "ciphertext": "x"},
+        {"action": "wrap", "body": "{...}"},
+        {"action": "wrap", "actor": {"kind": "cli", "private_key": "-----BEGIN"}},
+    ],
+)
+async def test_forbidden_fields_are_refused_at_any_depth(tmp_path: Path, bad: dict[str, Any]) -> None:
+    path = tmp_path / "audit.log"
+    log = AuditLog(path)
+    with pytest.raises(ValueError, match="must not carry"):
+        log.record_sync(bad)
+    async with log:
+        with pytest.raises(ValueError, match="must not carry"):
+            await log.record(bad)
+    assert not path.exists() or path.read_bytes() == b""
+    assert log.healthy and log.write_failures == 0  # the caller's mistake, not a write failure
+
+
+def test_forbidden_field_list_and_key_id_allowed(tmp_path: Path) -> None:
+    assert {"key", "wrapped_key", "plaintext", "ciphertext", "body", "private_key"} <= FORBIDDEN_FIELDS
+    log = AuditLog(tmp_path / "audit.log")
+    log.record_sync({"key_id": "kek-1", "actor": {"hawk_id": "h1"}})
+    assert verify([tmp_path / "audit.log"]).records == 1
+
+
+@pytest.mark.parametrize("field", ["seq", "prev", "hash"])
+def test_reserved_fields_are_refused(tmp_path: Path, field: str) -> None:
+    with pytest.raises(ValueError, match="set by the audit chain"):
+        AuditLog(tmp_path / "audit.log").record_sync({"action": "x", field: 1})
+
+
+def test_local_actor() -> None:
+    actor = local_actor()
+    assert actor["kind"] == "cli"
+    assert actor["pid"] == os.getpid()
+    assert isinstance(actor["user"], str) and actor["user"]
+    assert isinstance(actor["host"], str) and actor["host"]
+
+
+# A trail written by lkm before the audit module became a package; its bytes must keep verifying and new
+# records must be sealed to the very same bytes, or every trail in the field breaks.
+TRAIL_V1 = Path(__file__).parent / "vectors" / "trail-v1.log"
+TRAIL_V1_HEAD = "d14b8c143cf0e597599caa596d11865c79d6a92bc3c4fb82d7d359f393b0f9e8"
+
+
+def _trail_v1_events() -> list[dict[str, Any]]:
+    keep = ("seq", "prev", "hash")
+    return [{k: v for k, v in json.loads(line).items() if k not in keep} for line in lines_of(TRAIL_V1)]
+
+
+def test_a_trail_written_before_still_verifies_and_continues(tmp_path: Path) -> None:
+    res = verify([TRAIL_V1])
+    assert res.ok and res.records == 4 and res.head == TRAIL_V1_HEAD
+    path = tmp_path / "audit.log"
+    shutil.copy(TRAIL_V1, path)
+    AuditLog(path).record_sync({"action": AuditAction.UNWRAP, "key_id": None, "outcome": AuditOutcome.OK})
+    res = verify_chain_files(path)
+    assert res.ok and res.records == 5
+    assert json.loads(lines_of(path)[-1])["prev"] == TRAIL_V1_HEAD
+
+
+def test_the_same_events_seal_to_the_same_bytes(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    log = AuditLog(path)
+    for ev in _trail_v1_events():
+        # The enums stand in for the strings they replace without changing a byte.
+        ev["action"] = AuditAction(ev["action"])
+        ev["outcome"] = AuditOutcome(ev["outcome"])
+        log.record_sync(ev)
+    assert path.read_bytes() == TRAIL_V1.read_bytes()
+
+
+def test_audit_action_values_are_the_strings_the_trail_has_always_held() -> None:
+    assert {a.value for a in AuditAction} == {
+        "unwrap", "authenticate", "authorize", "create_key", "import_key", "rotate_key", "register_key",
+        "activate_key", "disable_key", "enable_key", "schedule_destruction", "cancel_destruction", "destroy_key",
+        "destroy_key_dry_run", "backup_create", "backup_restore", "restore_key", "hawk_create", "hawk_revoke"}
+    assert {o.value for o in AuditOutcome} == {"ok", "error", "denied"}
+    assert json.dumps({"action": AuditAction.ROTATE_KEY}) == '{"action": "rotate_key"}'
