@@ -11,6 +11,7 @@ import hashlib
 import ipaddress
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from cryptography import x509
@@ -19,9 +20,18 @@ from lkm.config import ClientRule, Role
 from lkm.errors import Forbidden
 
 
+class ActorKind(StrEnum):
+    """How a caller proved who it is; also the `method` label of the auth-failure metric."""
+
+    MTLS = "mtls"      # a client certificate on the native listener
+    HAWK = "hawk"      # a Hawk credential on the platform listener
+    CLI = "cli"        # an operator at the key store's host
+    SYSTEM = "system"  # the server itself (scheduled rotation, registration)
+
+
 @dataclass(frozen=True)
 class Actor:
-    kind: str  # "mtls" | "hawk" | "cli" | "system"
+    kind: ActorKind
     name: str
     roles: frozenset[Role] = field(default_factory=frozenset)
     subject: str | None = None
@@ -43,7 +53,7 @@ class Actor:
 
 
 def platform_actor(hawk_id: str) -> Actor:
-    return Actor(kind="hawk", name=f"hawk:{hawk_id}", roles=frozenset({Role.UNWRAP}), hawk_id=hawk_id)
+    return Actor(kind=ActorKind.HAWK, name=f"hawk:{hawk_id}", roles=frozenset({Role.UNWRAP}), hawk_id=hawk_id)
 
 
 @dataclass(frozen=True)
@@ -109,7 +119,7 @@ class ClientPolicy:
             roles |= rule.roles
         if not names:
             return None
-        return Actor(kind="mtls", name="+".join(names), roles=frozenset(roles), subject=facts.subject_text,
+        return Actor(kind=ActorKind.MTLS, name="+".join(names), roles=frozenset(roles), subject=facts.subject_text,
                      fingerprint=facts.fingerprint)
 
 

@@ -17,12 +17,15 @@
     ConfigError                  not an LkmError: a bad configuration stops start-up before anything serves
     KeyStoreError                a backend failure (I/O, token); the service turns it into Unavailable/Internal
     AuditWriteError              an audit record is not durable; a fail-closed server refuses to act unaudited
+    HawkError                    a failed Hawk authentication; the platform route answers it with a 401
 
 Messages are public: they never hold key material, ciphertext or plaintext, and a DecryptionFailed message
 never says why decryption failed.
 """
 
 from __future__ import annotations
+
+from enum import StrEnum
 
 
 class LkmError(Exception):
@@ -136,3 +139,49 @@ class KeyStoreError(Exception):
 
 class AuditWriteError(Exception):
     """The record is not durable. A fail-closed server must not act on the decision it describes."""
+
+
+# --- web and auth ---
+
+class HawkReason(StrEnum):
+    """Why a Hawk authentication failed: the `reason` label of the auth-failure metric and the `hawk_*` codes."""
+
+    MISSING = "missing"
+    MALFORMED = "malformed"
+    UNKNOWN_ID = "unknown_id"
+    BAD_MAC = "bad_mac"
+    BAD_HASH = "bad_hash"
+    STALE_TIMESTAMP = "stale_timestamp"
+    REPLAY = "replay"
+    UNSUPPORTED_ALGORITHM = "unsupported_algorithm"
+
+
+# Reasons a caller must not be able to tell apart (they would reveal which credential ids exist).
+_HAWK_AUTH_FAILED = "Invalid credentials or mac"
+_HAWK_MESSAGES: dict[HawkReason, str] = {
+    HawkReason.MISSING: "Hawk authentication required",
+    HawkReason.MALFORMED: "Bad Hawk authorization header",
+    HawkReason.UNKNOWN_ID: _HAWK_AUTH_FAILED,
+    HawkReason.BAD_MAC: _HAWK_AUTH_FAILED,
+    HawkReason.UNSUPPORTED_ALGORITHM: _HAWK_AUTH_FAILED,
+    HawkReason.BAD_HASH: "Bad payload hash",
+    HawkReason.STALE_TIMESTAMP: "Stale timestamp",
+    HawkReason.REPLAY: "Invalid nonce",
+}
+
+
+class HawkError(Exception):
+    """A failed Hawk authentication. `reason` is for logs and metrics; the message is safe to send to callers.
+
+    Not an LkmError: the platform route turns it into its own 401 (`Unauthenticated`, code `hawk_<reason>`)
+    with the `WWW-Authenticate` challenge this carries.
+    """
+
+    def __init__(self, reason: HawkReason, message: str | None = None, *,
+                 www_authenticate: str | None = None) -> None:
+        self.reason = reason
+        self.message = message or _HAWK_MESSAGES[reason]
+        if www_authenticate is None:
+            www_authenticate = "Hawk" if reason is HawkReason.MISSING else f'Hawk error="{self.message}"'
+        self.www_authenticate: str | None = www_authenticate
+        super().__init__(self.message)

@@ -20,15 +20,13 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
+from lkm.errors import HawkError, HawkReason
 from lkm.fsutil import atomic_write, ensure_private_dir, file_lock
 
 ALGORITHM = "sha256"
 CREDENTIALS_FILE_VERSION = 1
-
-HawkReason = Literal["missing", "malformed", "unknown_id", "bad_mac", "bad_hash", "stale_timestamp", "replay",
-                     "unsupported_algorithm"]
 
 _ATTRIBUTES = frozenset({"id", "ts", "nonce", "hash", "ext", "mac", "app", "dlg"})
 _REQUIRED = ("id", "ts", "nonce", "mac")
@@ -43,20 +41,6 @@ _TS_RE = re.compile(r"[0-9]{1,15}")
 _HOST_RE = re.compile(r"[ \t]*(\[[0-9A-Za-z:.%]+\]|[^:\[\]\s/@\\]+)(?::([0-9]{1,5}))?[ \t]*")
 _ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
-# Reasons a caller must not be able to tell apart (they would reveal which credential ids exist).
-_AUTH_FAILED = "Invalid credentials or mac"
-_MESSAGES: dict[str, str] = {
-    "missing": "Hawk authentication required",
-    "malformed": "Bad Hawk authorization header",
-    "unknown_id": _AUTH_FAILED,
-    "bad_mac": _AUTH_FAILED,
-    "unsupported_algorithm": _AUTH_FAILED,
-    "bad_hash": "Bad payload hash",
-    "stale_timestamp": "Stale timestamp",
-    "replay": "Invalid nonce",
-}
-
-
 @dataclass(frozen=True)
 class HawkCredential:
     id: str
@@ -64,54 +48,41 @@ class HawkCredential:
     algorithm: str = ALGORITHM
 
 
-class HawkError(Exception):
-    """A failed authentication. `reason` is for logs and metrics; the message is safe to send to callers."""
-
-    def __init__(self, reason: HawkReason, message: str | None = None, *,
-                 www_authenticate: str | None = None) -> None:
-        self.reason: HawkReason = reason
-        self.message = message or _MESSAGES[reason]
-        if www_authenticate is None:
-            www_authenticate = "Hawk" if reason == "missing" else f'Hawk error="{self.message}"'
-        self.www_authenticate: str | None = www_authenticate
-        super().__init__(self.message)
-
-
 # --- wire format --------------------------------------------------------------------------------------------
 
 def parse_authorization(value: str) -> dict[str, str]:
     """Strict on content (Hawk's alphabet, known attributes, no duplicates), lenient on whitespace."""
     if not value or not value.strip():
-        raise HawkError("missing")
+        raise HawkError(HawkReason.MISSING)
     if len(value) > _MAX_HEADER_CHARS:
-        raise HawkError("malformed", "Header too long")
+        raise HawkError(HawkReason.MALFORMED, "Header too long")
     match = _SCHEME_RE.fullmatch(value)
     if match is None or match.group(1).lower() != "hawk" or not (match.group(2) or "").strip():
-        raise HawkError("malformed", "Bad header format")
+        raise HawkError(HawkReason.MALFORMED, "Bad header format")
     params: str = match.group(2)
     attributes: dict[str, str] = {}
     pos = 0
     while True:
         attr = _ATTR_RE.match(params, pos)
         if attr is None:
-            raise HawkError("malformed", "Bad header format")
+            raise HawkError(HawkReason.MALFORMED, "Bad header format")
         name, val = attr.group(1), attr.group(2)
         if name not in _ATTRIBUTES:
-            raise HawkError("malformed", "Unknown attribute")
+            raise HawkError(HawkReason.MALFORMED, "Unknown attribute")
         if name in attributes:
-            raise HawkError("malformed", f"Duplicate attribute: {name}")
+            raise HawkError(HawkReason.MALFORMED, f"Duplicate attribute: {name}")
         if not val and name not in _MAY_BE_EMPTY:
-            raise HawkError("malformed", f"Bad attribute value: {name}")
+            raise HawkError(HawkReason.MALFORMED, f"Bad attribute value: {name}")
         attributes[name] = val
         pos = attr.end()
         if pos == len(params):
             break
         if params[pos] != ",":
-            raise HawkError("malformed", "Bad header format")
+            raise HawkError(HawkReason.MALFORMED, "Bad header format")
         pos += 1
     missing = [name for name in _REQUIRED if name not in attributes]
     if missing:
-        raise HawkError("malformed", f"Missing attributes: {', '.join(missing)}")
+        raise HawkError(HawkReason.MALFORMED, f"Missing attributes: {', '.join(missing)}")
     return attributes
 
 
@@ -214,12 +185,12 @@ def _split_host(value: str) -> tuple[str, int | None]:
     # Header bytes that are not UTF-8 reach us as surrogates; a host name is ASCII in any case.
     match = _HOST_RE.fullmatch(value) if value.isascii() else None
     if match is None:
-        raise HawkError("malformed", "Invalid Host header")
+        raise HawkError(HawkReason.MALFORMED, "Invalid Host header")
     port: int | None = None
     if match.group(2) is not None:
         port = int(match.group(2))
         if not 0 < port < 65536:
-            raise HawkError("malformed", "Invalid Host header")
+            raise HawkError(HawkReason.MALFORMED, "Invalid Host header")
     return match.group(1), port
 
 
@@ -238,11 +209,11 @@ class HawkVerifier:
                content_type: str | None, body: bytes) -> HawkCredential:
         """Pass `path` and `query` as sent on the wire (percent-encoding intact, query without '?')."""
         if authorization is None:
-            raise HawkError("missing")
+            raise HawkError(HawkReason.MISSING)
         attrs = parse_authorization(authorization)
         ts_text = attrs["ts"]
         if not _TS_RE.fullmatch(ts_text):
-            raise HawkError("malformed", "Bad attribute value: ts")
+            raise HawkError(HawkReason.MALFORMED, "Bad attribute value: ts")
         host, port = self._host_port(host_header, public_host, public_port, default_port)
 
         credential = self.lookup(attrs["id"])
@@ -257,27 +228,27 @@ class HawkVerifier:
                                            attrs.get("dlg"))
             matched |= hmac.compare_digest(calculate_mac(key, normalized).encode("ascii"), given)
         if credential is None:
-            raise HawkError("unknown_id")
+            raise HawkError(HawkReason.UNKNOWN_ID)
         if not usable:
-            raise HawkError("unsupported_algorithm")
+            raise HawkError(HawkReason.UNSUPPORTED_ALGORITHM)
         if not matched:
-            raise HawkError("bad_mac")
+            raise HawkError(HawkReason.BAD_MAC)
 
         if "hash" in attrs:
             expected = payload_hash(content_type, body).encode("ascii")
             if not hmac.compare_digest(expected, attrs["hash"].encode("ascii")):
-                raise HawkError("bad_hash")
+                raise HawkError(HawkReason.BAD_HASH)
 
         now = self.clock()
         ts = int(ts_text)
         if abs(now - ts) > self.skew_seconds:
             now_s = int(now)
-            raise HawkError("stale_timestamp", www_authenticate=(
+            raise HawkError(HawkReason.STALE_TIMESTAMP, www_authenticate=(
                 f'Hawk ts="{now_s}", tsm="{timestamp_mac(credential.key, now_s)}", error="Stale timestamp"'))
 
         if self.replay_check and not self.nonce_cache.check_and_remember(credential.id, attrs["nonce"], ts,
                                                                           now):
-            raise HawkError("replay")
+            raise HawkError(HawkReason.REPLAY)
         return credential
 
     @staticmethod
@@ -286,7 +257,7 @@ class HawkVerifier:
         if public_host is not None and public_port is not None:
             return public_host, public_port
         if host_header is None or not host_header.strip():
-            raise HawkError("malformed", "Missing Host header")
+            raise HawkError(HawkReason.MALFORMED, "Missing Host header")
         host, port = _split_host(host_header)
         return (public_host if public_host is not None else host,
                 public_port if public_port is not None else (port if port is not None else default_port))

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from lkm import genesys, lifecycle
-from lkm.auth import Actor
+from lkm.auth import Actor, ActorKind
 from lkm.config import GenesysSettings, Role, RotationSettings
 from lkm.errors import Forbidden
 from lkm.keys import KeyRecord, KeyState, utcnow
@@ -35,7 +35,7 @@ SCHEDULE_RETRY_MAX_SECONDS = 3600.0
 
 def system_context(route: str) -> RequestContext:
     """Who acts when nobody asked: the server itself, on its schedule."""
-    actor = Actor(kind="system", name=f"lkm-server:{socket.gethostname()}:{os.getpid()}",
+    actor = Actor(kind=ActorKind.SYSTEM, name=f"lkm-server:{socket.gethostname()}:{os.getpid()}",
                   roles=frozenset({Role.ADMIN}))
     return RequestContext(request_id=uuid.uuid4().hex, actor=actor, route=route)
 

@@ -12,6 +12,7 @@ import signal
 import sys
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -29,14 +30,17 @@ from lkm.keyadmin import KeyAdmin
 from lkm.keys import PADDINGS, Algorithm, KeyState, utcnow
 from lkm.keystore import KeyStore
 from lkm.keystore.open import open_keystore
-from lkm.metrics import AUTH_REASONS, LISTENERS, Metrics
+from lkm.metrics import AUTH_REASONS, OTHER_ROUTE, Metrics
 from lkm.pki import load_cert_expiry
 from lkm.service import KeyService
 from lkm.tlsconf import server_context
-from lkm.web import ReadinessView, WebContext, WebObserver, native_app, ops_app
-from lkm.web_admin import install_admin_routes
-from lkm.web_batch import install_batch_route
-from lkm.web_platform import PlatformHandler, platform_server
+from lkm.web.admin import install_admin_routes
+from lkm.web.batch import install_batch_route
+from lkm.web.native import native_app
+from lkm.web.ops import ReadinessView, ops_app
+from lkm.web.platform import PlatformHandler, platform_server
+from lkm.web.plumbing import WebContext, WebObserver
+from lkm.web.routes import ListenerName
 from lkm.workers import WorkerThreads
 
 log = logging.getLogger("lkm.server")
@@ -58,7 +62,7 @@ class MetricsObserver(WebObserver):
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
-        self._inflight = {listener: metrics.inflight.labels(listener) for listener in LISTENERS}
+        self._inflight: dict[str, Any] = {name: metrics.inflight.labels(name) for name in ListenerName}
 
     def _safely(self, func: Any, *args: Any) -> None:
         try:
@@ -67,7 +71,7 @@ class MetricsObserver(WebObserver):
             log.warning("metric not recorded: %s", exc)
 
     def request_done(self, listener: str, route: str, method: str, status: int, seconds: float) -> None:
-        self._safely(self.metrics.observe_http, listener, None if route == "other" else route, method, status,
+        self._safely(self.metrics.observe_http, listener, None if route == OTHER_ROUTE else route, method, status,
                      seconds)
 
     def inflight(self, listener: str, delta: int) -> None:
@@ -85,7 +89,7 @@ class MetricsObserver(WebObserver):
 
 @dataclass
 class Listener:
-    name: str
+    name: ListenerName
     site: web.BaseSite
     host: str
     port: int
@@ -100,7 +104,7 @@ class LkmServer:
         self.metrics = Metrics()
         self.observer = MetricsObserver(self.metrics)
         self.readiness = ReadinessView()
-        self.listeners: dict[str, Listener] = {}
+        self.listeners: dict[str, Listener] = {}  # by ListenerName
         self._runners: list[web.BaseRunner] = []
         self._tasks: list[asyncio.Task[None]] = []
         # Unwraps run on their own threads (`limits.worker_threads`, behind admission control); the rest of the
@@ -158,22 +162,25 @@ class LkmServer:
             handler = PlatformHandler(wctx, settings.platform, verifier, default_port=443 if ssl_ctx else 80)
             keepalive = float(settings.limits.keep_alive_seconds)
             runner = web.ServerRunner(platform_server(handler, keepalive_timeout=keepalive), handle_signals=False)
-            await self._listen("platform", runner, settings.platform.listen.host, settings.platform.listen.port,
-                               ssl_ctx)
+            listen = settings.platform.listen
+            await self._listen(ListenerName.PLATFORM, runner, listen.host, listen.port, ssl_ctx)
         if settings.native is not None:
             ssl_ctx = server_context(settings.native.tls, require_client_cert=True, source=settings.source,
                                      setting="native.tls")
             native = native_app(wctx, ClientPolicy(settings.native.clients))
             install_admin_routes(native, self.keyadmin)
             install_batch_route(native, settings.native.max_batch)
-            await self._listen("native", self._app_runner(native), settings.native.listen.host,
+            await self._listen(ListenerName.NATIVE, self._app_runner(native), settings.native.listen.host,
                                settings.native.listen.port, ssl_ctx)
         if settings.ops.enabled:
-            await self._listen("ops", self._app_runner(ops_app(wctx, self.readiness, self.metrics.render)),
+            await self._listen(ListenerName.OPS, self._app_runner(ops_app(wctx, self.readiness, self.metrics.render)),
                                settings.ops.listen.host, settings.ops.listen.port, None)
         await self.update_readiness(force_canary=True)
-        self._tasks.append(asyncio.create_task(self._refresh_loop(), name="lkm-refresh"))
-        self._tasks.append(asyncio.create_task(self._readiness_loop(), name="lkm-readiness"))
+        # Keys and Hawk credentials that the CLI or another server changed show up within seconds.
+        self._tasks.append(asyncio.create_task(self._every(settings.limits.refresh_seconds, self.refresh, "refresh"),
+                                               name="lkm-refresh"))
+        self._tasks.append(asyncio.create_task(self._every(READINESS_INTERVAL_SECONDS, self.update_readiness,
+                                                           "readiness check"), name="lkm-readiness"))
         if settings.rotation is not None:
             # The first look is immediate: a rotation missed while the server was down happens now.
             self._tasks.append(asyncio.create_task(self.keyadmin.schedule_loop(settings.limits.refresh_seconds),
@@ -184,13 +191,13 @@ class LkmServer:
                                                       for n, lst in self.listeners.items()}})
 
     def _count_shed(self, route: str) -> None:
-        self.metrics.shed.labels("platform" if route == "platform" else "native").inc()
+        self.metrics.shed.labels(ListenerName.PLATFORM if route == ListenerName.PLATFORM else ListenerName.NATIVE).inc()
 
     def _app_runner(self, app: web.Application) -> web.AppRunner:
         return web.AppRunner(app, access_log=None, keepalive_timeout=float(self.settings.limits.keep_alive_seconds),
                              handle_signals=False)
 
-    async def _listen(self, name: str, runner: web.BaseRunner, host: str, port: int, ssl_ctx: Any) -> None:
+    async def _listen(self, name: ListenerName, runner: web.BaseRunner, host: str, port: int, ssl_ctx: Any) -> None:
         await runner.setup()
         site = web.TCPSite(runner, host, port, ssl_context=ssl_ctx, backlog=1024, reuse_address=True)
         await site.start()
@@ -226,15 +233,14 @@ class LkmServer:
 
     # --- background work -----------------------------------------------------------------------------------
 
-    async def _refresh_loop(self) -> None:
-        """Keys and Hawk credentials that the CLI or another server changed show up within seconds."""
-        interval = self.settings.limits.refresh_seconds
+    async def _every(self, seconds: float, step: Callable[[], Awaitable[None]], what: str) -> None:
+        """Runs `step` every `seconds` until cancelled; a failed step is logged and the next one runs on time."""
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(seconds)
             try:
-                await self.refresh()
+                await step()
             except Exception:
-                log.exception("refresh failed")
+                log.exception("%s failed", what)
 
     async def refresh(self) -> None:
         assert self.store is not None
@@ -259,14 +265,6 @@ class LkmServer:
         active = [k for k in keys if k.state is KeyState.ACTIVE]
         newest = max(active, key=lambda k: k.created) if active else None
         self.metrics.set_active_key(newest.created.timestamp() if newest else None)
-
-    async def _readiness_loop(self) -> None:
-        while True:
-            await asyncio.sleep(READINESS_INTERVAL_SECONDS)
-            try:
-                await self.update_readiness()
-            except Exception:
-                log.exception("readiness check failed")
 
     async def update_readiness(self, *, force_canary: bool = False) -> None:
         assert self.store is not None and self.audit is not None
@@ -319,8 +317,8 @@ class LkmServer:
     def _certificate_check(self) -> tuple[bool, str]:
         now = utcnow()
         problems = []
-        for name, tls in (("platform", self.settings.platform.tls),
-                          ("native", self.settings.native.tls if self.settings.native else None)):
+        for name, tls in ((ListenerName.PLATFORM, self.settings.platform.tls),
+                          (ListenerName.NATIVE, self.settings.native.tls if self.settings.native else None)):
             if tls is None or name not in self.listeners:
                 continue
             try:

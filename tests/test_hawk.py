@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 
 from lkm import hawk
+from lkm.errors import HawkError
 from lkm.hawk import (
     CredentialSource,
     HawkCredential,
-    HawkError,
     HawkVerifier,
     NonceCache,
     calculate_mac,

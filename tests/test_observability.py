@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import json
-import logging
 import os
 import shutil
 import time
 from pathlib import Path
 
-import pytest
-import yarl
 from prometheus_client.parser import text_string_to_metric_families
 
 from lkm.hawk import HawkCredential
 from lkm.keys import KeyState
-from lkm.logs import JsonFormatter
 from tests.conftest import Running, wrap
 
 
@@ -101,79 +96,6 @@ async def test_audit_failure_fails_closed_and_unready(running: Running) -> None:
     samples = await scrape(running)
     assert value(samples, "lkm_audit_write_failures_total") >= 1
     audit_dir.unlink()
-
-
-async def test_access_log_is_one_json_line_per_request(running: Running, caplog: pytest.LogCaptureFixture) -> None:
-    record = running.create_key()
-    caplog.set_level(logging.INFO, logger="lkm.access")
-    reply = await running.platform().decrypt(record.id, wrap(record, b"l" * 32))
-    lines = [r for r in caplog.records if r.name == "lkm.access"]
-    assert len(lines) == 1
-    data = json.loads(JsonFormatter().format(lines[0]))
-    assert data["request_id"] == reply.headers["X-Request-Id"]
-    assert data["status"] == 200 and data["route"] == "/key-management/v1/decrypt"
-    assert data["latency_ms"] > 0 and data["listener"] == "platform"
-
-
-async def test_access_log_keeps_the_path_encoded(running: Running, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="lkm.access")
-    url = running.url("platform") + "/nope%0a2026-01-01%20forged%20line?x=%0a"
-    async with running.session.get(yarl.URL(url, encoded=True), ssl=running.platform().ssl) as resp:
-        assert resp.status == 404
-    (line,) = [r for r in caplog.records if r.name == "lkm.access"]
-    assert line.path == "/nope%0a2026-01-01%20forged%20line"  # as sent; no newline, no query
-    assert line.route == "other"
-
-
-def test_logs_are_written_off_the_loop_as_json(capsys: pytest.CaptureFixture[str]) -> None:
-    from lkm.logs import setup_logging
-
-    root = logging.getLogger()
-    saved = (root.handlers[:], root.level)
-    writer = setup_logging("info", "json")
-    try:
-        logging.getLogger("lkm.access").info("request", extra={"request_id": "abc", "status": 200})
-        logging.getLogger("lkm.test").debug("below the level")
-    finally:
-        writer.stop()
-        root.handlers[:], level = saved
-        root.setLevel(level)
-    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
-    assert len(lines) == 1
-    assert lines[0]["request_id"] == "abc" and lines[0]["status"] == 200
-    assert lines[0]["level"] == "info" and lines[0]["logger"] == "lkm.access" and lines[0]["time"].endswith("Z")
-
-
-def test_log_writer_batches_lines_and_writes_warnings_at_once(tmp_path: Path) -> None:
-    from lkm.logs import JsonFormatter, OffLoopHandler
-
-    out = (tmp_path / "log.txt").open("w+", encoding="utf-8")
-    target = logging.StreamHandler(out)
-    target.setFormatter(JsonFormatter())
-    writer = OffLoopHandler(target, interval=30.0)  # no timed flush during the test
-    logger = logging.getLogger("lkm.test.batch")
-    logger.addHandler(writer)
-    logger.propagate = False
-    logger.setLevel(logging.INFO)
-    try:
-        for i in range(5):
-            logger.info("line %d", i)
-        assert out.tell() == 0  # queued, not yet written: no thread wake-up per line
-        logger.warning("needs attention")
-
-        def written() -> list[str]:
-            out.flush()
-            return (tmp_path / "log.txt").read_text(encoding="utf-8").splitlines()
-
-        deadline = time.monotonic() + 5
-        while len(written()) < 6 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        messages = [json.loads(line)["message"] for line in written()]
-        assert messages == [f"line {i}" for i in range(5)] + ["needs attention"]
-    finally:
-        logger.removeHandler(writer)
-        writer.stop()
-        out.close()
 
 
 def test_denial_limiter_bounds_records_per_client() -> None:

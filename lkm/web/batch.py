@@ -19,7 +19,8 @@ from lkm.config import Role
 from lkm.errors import InvalidRequest, LkmError, PayloadTooLarge
 from lkm.keys import Algorithm, b64, parse_key_id
 from lkm.service import UnwrapItem
-from lkm.web import REQUEST_ID, SERVICE, actor_context, decode_b64, parse_json_object, read_body
+from lkm.web.plumbing import REQUEST_ID, SERVICE, actor_context, decode_b64, parse_json_object, read_body
+from lkm.web.routes import Route
 
 MAX_BATCH = web.AppKey("max_batch", int)
 ITEM_BYTES = 1024
@@ -28,7 +29,7 @@ ITEM_BYTES = 1024
 
 def install_batch_route(app: web.Application, max_batch: int) -> None:
     app[MAX_BATCH] = max_batch
-    app.router.add_post("/v1/unwrap", unwrap_batch)
+    app.router.add_post(Route.BATCH_UNWRAP, unwrap_batch)
 
 
 def _item(raw: object) -> UnwrapItem | LkmError:

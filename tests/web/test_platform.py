@@ -126,6 +126,7 @@ async def test_wrong_ciphertext_length_is_400(running: Running) -> None:
     assert status == 400 and "384" in str(body["message"])
 
 
+@pytest.mark.slow
 async def test_decryption_failures_answer_uniformly(running: Running) -> None:
     """Wrong key, tampered and random ciphertexts: one status, one body, no hint of the cause."""
     record = running.create_key()

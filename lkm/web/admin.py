@@ -25,23 +25,24 @@ from lkm.errors import InvalidRequest
 from lkm.keyadmin import KeyAdmin
 from lkm.keys import KeyRecord, parse_key_id, public_pkcs1_b64
 from lkm.lifecycle import DEFAULT_DESTRUCTION_DAYS
-from lkm.web import SERVICE, actor_context, key_json, parse_json_object, read_body
+from lkm.web.plumbing import SERVICE, actor_context, key_json, parse_json_object, read_body
+from lkm.web.routes import Route
 
 KEY_ADMIN = web.AppKey("key_admin", KeyAdmin)
 
 
 def install_admin_routes(app: web.Application, admin: KeyAdmin) -> None:
     app[KEY_ADMIN] = admin
-    app.router.add_post("/v1/keys", create_key)
-    app.router.add_post("/v1/keys/rotate", rotate)
-    app.router.add_post("/v1/keys/{id}/activate", activate)
-    app.router.add_post("/v1/keys/{id}/disable", disable)
-    app.router.add_post("/v1/keys/{id}/enable", enable)
-    app.router.add_post("/v1/keys/{id}/schedule-destruction", schedule_destruction)
-    app.router.add_post("/v1/keys/{id}/cancel-destruction", cancel_destruction)
-    app.router.add_post("/key-management/v1/keypair", sample_create)
-    app.router.add_get("/key-management/v1/keypair", sample_list)
-    app.router.add_get("/key-management/v1/keypair/{id}", sample_get)
+    app.router.add_post(Route.KEYS, create_key)
+    app.router.add_post(Route.ROTATE, rotate)
+    app.router.add_post(Route.ACTIVATE, activate)
+    app.router.add_post(Route.DISABLE, disable)
+    app.router.add_post(Route.ENABLE, enable)
+    app.router.add_post(Route.SCHEDULE_DESTRUCTION, schedule_destruction)
+    app.router.add_post(Route.CANCEL_DESTRUCTION, cancel_destruction)
+    app.router.add_post(Route.SAMPLE_KEYPAIRS, sample_create)
+    app.router.add_get(Route.SAMPLE_KEYPAIRS, sample_list)
+    app.router.add_get(Route.SAMPLE_KEYPAIR, sample_get)
 
 
 async def _body(request: web.Request) -> dict[str, Any]:

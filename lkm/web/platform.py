@@ -16,21 +16,22 @@ from typing import Any
 
 from aiohttp import web
 
-from lkm.auth import Actor, platform_actor
+from lkm.auth import Actor, ActorKind, platform_actor
 from lkm.config import PlatformSettings
-from lkm.errors import InvalidRequest, LkmError, Unauthenticated, UnsupportedAlgorithm
-from lkm.hawk import HawkError, HawkVerifier, parse_authorization
+from lkm.errors import HawkError, InvalidRequest, LkmError, Unauthenticated, UnsupportedAlgorithm
+from lkm.hawk import HawkVerifier, parse_authorization
 from lkm.keys import Algorithm, b64, parse_key_id
+from lkm.metrics import OTHER_ROUTE
 from lkm.service import RequestContext
-from lkm.web import ACTOR, WebContext, decode_b64, parse_json_object, read_body, request_finished
+from lkm.web.plumbing import ACTOR, WebContext, decode_b64, parse_json_object, read_body, request_finished
+from lkm.web.routes import ListenerName, Route
 
 log = logging.getLogger("lkm.web")
 
-LISTENER = "platform"
-HEALTH_PATH = "/key-management/v1/health"
+LISTENER = ListenerName.PLATFORM
+HEALTH_PATH = Route.PLATFORM_HEALTH
 OPTIONS_BODY = {"encryptBody": {"keypairId": None, "body": None, "decryptType": None},
                 "decryptResponse": {"body": "Decrypted Response"}}
-OTHER_ROUTE = "other"
 
 
 def render_platform_error(error: LkmError, headers: dict[str, str] | None = None) -> web.Response:
@@ -119,9 +120,9 @@ class PlatformHandler:
                 body=body)
         except HawkError as exc:
             service = self.wctx.service
-            self.wctx.observer.auth_failure("hawk", exc.reason)
+            self.wctx.observer.auth_failure(ActorKind.HAWK, exc.reason)
             error = Unauthenticated(str(exc), code=f"hawk_{exc.reason}")
-            stranger = Actor(kind="hawk", name="hawk:unverified",
+            stranger = Actor(kind=ActorKind.HAWK, name="hawk:unverified",
                              hawk_id=_claimed_hawk_id(headers.get("Authorization")))
             await service.audit_denial(_context(request, request_id, stranger), "authenticate", error)
             return render_platform_error(error, {"WWW-Authenticate": exc.www_authenticate or "Hawk"})
@@ -167,7 +168,7 @@ class PlatformHandler:
 
 def _context(request: web.BaseRequest, request_id: str, actor: Actor) -> RequestContext:
     return RequestContext(request_id=request_id, actor=actor, client=request.remote,
-                          platform_user_id=_platform_user(request), route="platform")
+                          platform_user_id=_platform_user(request), route=LISTENER)
 
 
 def _claimed_hawk_id(authorization: str | None) -> str | None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import base64
 from datetime import timedelta
 
+import pytest
+
 from lkm import lifecycle
 from lkm.keys import KeyState, load_private_key_any, public_pkcs1_b64, utcnow
 from tests.conftest import VECTORS, Running, b64, wrap
@@ -13,6 +15,7 @@ from tests.conftest import VECTORS, Running, b64, wrap
 V0 = "3f0c8c1e-6a55-4a4e-9a0e-2b8f2f1f6d11"
 
 
+@pytest.mark.slow
 async def test_admin_walks_a_key_through_its_states(running: Running) -> None:
     admin = running.native("admin")
     first = await admin.request("POST", "/v1/keys", {"label": "first"})

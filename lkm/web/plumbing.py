@@ -1,0 +1,219 @@
+"""What every route shares: request ids, errors -> responses, request finishing and the access log, body reading.
+
+The native and ops listeners run this as aiohttp middleware (`context_middleware`); the platform listener,
+which has no middleware chain, calls `request_finished` itself. Error bodies on these listeners are
+`{"error": {"code", "message"}, "request_id"}`; the platform's own shape is in `lkm.web.platform`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import itertools
+import json
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+
+from lkm.auth import Actor
+from lkm.errors import InvalidRequest, LkmError, PayloadTooLarge
+from lkm.keys import KeyRecord, public_key_views
+from lkm.metrics import OTHER_ROUTE
+from lkm.service import KeyService, RequestContext
+from lkm.web.routes import ListenerName
+
+log = logging.getLogger("lkm.web")
+access_log = logging.getLogger("lkm.access")
+
+
+
+class WebObserver:
+    """What the web layer reports; the server plugs metrics in. The base class reports nothing."""
+
+    def request_done(self, listener: str, route: str, method: str, status: int, seconds: float) -> None:
+        pass
+
+    def inflight(self, listener: str, delta: int) -> None:
+        pass
+
+    def auth_failure(self, method: str, reason: str) -> None:
+        pass
+
+
+class RequestIds:
+    """Request ids: a random prefix per server and a counter, 32 hex digits like a UUID's.
+
+    Unique without a system call per request; on a loaded server every system call on the event loop is a
+    chance for a worker thread to take the GIL, so the hot path avoids the ones it does not need.
+    """
+
+    def __init__(self) -> None:
+        self._prefix = secrets.token_hex(8)
+        self._next = itertools.count().__next__
+
+    def new(self) -> str:
+        return f"{self._prefix}{self._next() & 0xFFFF_FFFF_FFFF_FFFF:016x}"
+
+
+@dataclass(frozen=True)
+class WebContext:
+    service: KeyService
+    observer: WebObserver
+    max_body_bytes: int
+    request_ids: RequestIds = field(default_factory=RequestIds)
+
+
+SERVICE = web.AppKey("service", WebContext)
+LISTENER = web.AppKey("listener", ListenerName)
+REQUEST_ID = web.RequestKey("request_id", str)
+ACTOR = web.RequestKey("actor", Actor)
+
+
+# --- errors -> responses -----------------------------------------------------------------------------------
+
+def render_error(request: web.Request, error: LkmError) -> web.Response:
+    headers = {}
+    if error.retry_after is not None:
+        headers["Retry-After"] = str(error.retry_after)
+    body = {"error": {"code": error.code, "message": error.message}, "request_id": request.get(REQUEST_ID)}
+    return web.json_response(body, status=error.status, headers=headers)
+
+
+def _http_exception(request: web.Request, exc: web.HTTPException) -> web.Response:
+    codes = {404: "not_found", 405: "method_not_allowed"}
+    error = LkmError(exc.reason, code=codes.get(exc.status, "http_error"))
+    error.status = exc.status
+    response = render_error(request, error)
+    if exc.status == 405 and "Allow" in exc.headers:
+        response.headers["Allow"] = exc.headers["Allow"]
+    return response
+
+
+# --- request finishing and the access log ------------------------------------------------------------------
+
+def _route_name(request: web.Request) -> str:
+    info = request.match_info.route.resource
+    return info.canonical if info is not None else OTHER_ROUTE
+
+
+@web.middleware
+async def context_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Request id, one access-log line, metrics, and error rendering for every request."""
+    ctx = request.app[SERVICE]
+    request_id = ctx.request_ids.new()
+    request[REQUEST_ID] = request_id
+    listener = request.app[LISTENER]
+    started = time.perf_counter()
+    ctx.observer.inflight(listener, 1)
+    status = 500
+    try:
+        try:
+            response = await handler(request)
+        except LkmError as exc:
+            response = render_error(request, exc)
+        except web.HTTPRequestEntityTooLarge:
+            response = render_error(request, PayloadTooLarge())
+        except web.HTTPException as exc:
+            response = _http_exception(request, exc)
+        except Exception:
+            log.exception("unhandled error", extra={"request_id": request_id})
+            response = render_error(request, LkmError())
+        status = response.status
+        response.headers["X-Request-Id"] = request_id
+        return response
+    finally:
+        request_finished(ctx.observer, listener, request, request_id=request_id, route=_route_name(request),
+                         status=status, started=started)
+
+
+def request_finished(observer: WebObserver, listener: str, request: web.BaseRequest, *, request_id: str,
+                     route: str, status: int, started: float) -> None:
+    """Every listener's end of a request: in-flight gauge, request metrics, one access-log line."""
+    elapsed = time.perf_counter() - started
+    observer.inflight(listener, -1)
+    observer.request_done(listener, route, request.method, status, elapsed)
+    if access_log.isEnabledFor(logging.INFO):
+        # makeRecord + handle is what info() does, minus the stack walk that finds the caller's line.
+        access_log.handle(access_log.makeRecord(access_log.name, logging.INFO, __file__, 0, "request", (), None,
+                                                extra={
+            "request_id": request_id, "listener": listener, "method": request.method, "route": route,
+            "path": logged_path(request), "status": status, "latency_ms": round(elapsed * 1000, 3),
+            "client": request.remote, "actor": getattr(request.get(ACTOR), "name", None)}))
+
+
+MAX_LOGGED_PATH = 256
+
+
+def logged_path(request: web.BaseRequest) -> str:
+    """The path as sent, percent-encoding intact (a decoded %0a would start a forged log line), cut short."""
+    raw = request.raw_path.split("?", 1)[0]
+    return raw if len(raw) <= MAX_LOGGED_PATH else raw[:MAX_LOGGED_PATH] + "..."
+
+
+def application(wctx: WebContext, listener: ListenerName, *middlewares: Middleware,
+                client_max_size: int = 1024**2) -> web.Application:
+    """An application for one listener, `context_middleware` first so every request is finished alike."""
+    app = web.Application(middlewares=[context_middleware, *middlewares], client_max_size=client_max_size)
+    app[SERVICE] = wctx
+    app[LISTENER] = listener
+    return app
+
+
+# --- request bodies ----------------------------------------------------------------------------------------
+
+async def read_body(request: web.BaseRequest, limit: int) -> bytes:
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"request body larger than {limit} bytes")
+    # A body may arrive in several TLS records; read until its end, never trusting one read to hold it all.
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await request.content.read(limit + 1 - size):
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body larger than {limit} bytes")
+    return b"".join(chunks)
+
+
+def parse_json_object(body: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
+        raise InvalidRequest("request body must be valid JSON", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("request body must be a JSON object", code="invalid_json")
+    return data
+
+
+def decode_b64(value: object, field: str) -> bytes:
+    if not isinstance(value, str) or not value:
+        raise InvalidRequest(f"{field} must be a non-empty base64 string", code="invalid_base64")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequest(f"{field} is not valid base64", code="invalid_base64") from None
+
+
+# --- what handlers hand to the service ---------------------------------------------------------------------
+
+def native_context(request: web.Request, actor: Actor) -> RequestContext:
+    """The service's view of a native-listener request made by `actor`."""
+    return RequestContext(request_id=request[REQUEST_ID], actor=actor, client=request.remote,
+                          route=ListenerName.NATIVE)
+
+
+def actor_context(request: web.Request) -> RequestContext:
+    """The service's view of a request whose caller the identity middleware already established."""
+    return native_context(request, request[ACTOR])
+
+
+def key_json(record: KeyRecord, *, with_public: bool) -> dict[str, Any]:
+    data = record.to_json()
+    if with_public and record.public_key_der:
+        data.update(public_key_views(record))
+    return data

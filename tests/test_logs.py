@@ -1,0 +1,122 @@
+"""Logging set-up: JSON and text lines, and the writer thread that keeps log output off the event loop."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from lkm.logs import JsonFormatter, OffLoopHandler, TextFormatter, setup_logging
+
+
+def _record(msg: str = "request", **extra: object) -> logging.LogRecord:
+    record = logging.LogRecord("lkm.access", logging.INFO, __file__, 1, msg, (), None)
+    for key, value in extra.items():
+        setattr(record, key, value)
+    return record
+
+
+def test_json_lines_carry_the_extra_fields_and_never_the_private_ones() -> None:
+    data = json.loads(JsonFormatter().format(_record(request_id="abc", status=200, _private="x")))
+    assert data["request_id"] == "abc" and data["status"] == 200
+    assert data["message"] == "request" and data["logger"] == "lkm.access" and data["level"] == "info"
+    assert "_private" not in data and "msg" not in data and "args" not in data
+
+
+def test_json_line_is_one_line_even_for_a_newline_in_a_field() -> None:
+    line = JsonFormatter().format(_record(path="/a\nforged"))
+    assert "\n" not in line and json.loads(line)["path"] == "/a\nforged"
+
+
+def test_text_lines_append_the_extra_fields() -> None:
+    line = TextFormatter("%(levelname)s %(name)s: %(message)s").format(_record(status=404))
+    assert line == "INFO lkm.access: request status=404"
+
+
+class _HeldFormatter(logging.Formatter):
+    """Holds the writer thread inside its first format() until released, so the queue can be filled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def format(self, record: logging.LogRecord) -> str:
+        if not self.entered.is_set():
+            self.entered.set()
+            assert self.release.wait(10)
+        return record.getMessage()
+
+
+def test_a_full_queue_drops_and_counts(tmp_path: Path) -> None:
+    out = (tmp_path / "log.txt").open("w", encoding="utf-8")
+    target = logging.StreamHandler(out)
+    held = _HeldFormatter()
+    target.setFormatter(held)
+    writer = OffLoopHandler(target, interval=30.0, capacity=4)
+    try:
+        warning = _record("first")
+        warning.levelno = logging.WARNING
+        writer.emit(warning)  # wakes the writer, which then holds in format()
+        assert held.entered.wait(10)
+        for i in range(6):
+            writer.emit(_record(f"line {i}"))
+        assert writer.dropped == 2
+        held.release.set()
+    finally:
+        held.release.set()
+        writer.stop()
+        out.close()
+    lines = (tmp_path / "log.txt").read_text(encoding="utf-8").splitlines()
+    assert lines == ["first"] + [f"line {i}" for i in range(4)]
+
+
+def test_logs_are_written_off_the_loop_as_json(capsys: pytest.CaptureFixture[str]) -> None:
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    writer = setup_logging("info", "json")
+    try:
+        logging.getLogger("lkm.access").info("request", extra={"request_id": "abc", "status": 200})
+        logging.getLogger("lkm.test").debug("below the level")
+    finally:
+        writer.stop()
+        root.handlers[:], level = saved
+        root.setLevel(level)
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert len(lines) == 1
+    assert lines[0]["request_id"] == "abc" and lines[0]["status"] == 200
+    assert lines[0]["level"] == "info" and lines[0]["logger"] == "lkm.access" and lines[0]["time"].endswith("Z")
+
+
+def test_log_writer_batches_lines_and_writes_warnings_at_once(tmp_path: Path) -> None:
+    out = (tmp_path / "log.txt").open("w+", encoding="utf-8")
+    target = logging.StreamHandler(out)
+    target.setFormatter(JsonFormatter())
+    writer = OffLoopHandler(target, interval=30.0)  # no timed flush during the test
+    logger = logging.getLogger("lkm.test.batch")
+    logger.addHandler(writer)
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    try:
+        for i in range(5):
+            logger.info("line %d", i)
+        assert out.tell() == 0  # queued, not yet written: no thread wake-up per line
+        logger.warning("needs attention")
+
+        def written() -> list[str]:
+            out.flush()
+            return (tmp_path / "log.txt").read_text(encoding="utf-8").splitlines()
+
+        deadline = time.monotonic() + 5
+        while len(written()) < 6 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        messages = [json.loads(line)["message"] for line in written()]
+        assert messages == [f"line {i}" for i in range(5)] + ["needs attention"]
+    finally:
+        logger.removeHandler(writer)
+        writer.stop()
+        out.close()
