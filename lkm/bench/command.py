@@ -33,10 +33,10 @@ from lkm.bench.requests import (
     PlatformRequests,
     RequestSource,
     Target,
-    TargetError,
     fetch_public_key,
     make_pool,
 )
+from lkm.errors import TargetError
 from lkm.hawk import HawkCredential
 from lkm.keystore import KeyStore
 
