@@ -418,7 +418,7 @@ def test_without_python_pkcs11(monkeypatch: pytest.MonkeyPatch, module_token: So
     probe = subprocess.run([sys.executable, "-c", "import sys, lkm.keystore.pkcs11; print('pkcs11' in sys.modules)"],
                            check=True, capture_output=True, text=True)
     assert probe.stdout.strip() == "False"  # importing the backend loads neither python-pkcs11 nor the library
-    monkeypatch.setattr("lkm.keystore.pkcs11.pkcs11_available", lambda: False)
+    monkeypatch.setattr("lkm.keystore.pkcs11.store.pkcs11_available", lambda: False)
     with pytest.raises(KeyStoreError) as caught:
         module_token.store()
     assert not caught.value.transient

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from lkm.bench.load import LoadPlan
+from lkm.bench.measure import measure_server
 from lkm.bench.report import new_report
 from lkm.bench.spawn import Spawned, dev_target, spawn_server
 from lkm.keys import Algorithm, KeyRecord, KeyState, generate_private_key, new_key_id, public_der_pkcs1, utcnow
@@ -67,8 +68,6 @@ def grow_file_store(config: Path, total: int, *, real_keys: int = REAL_KEYS) -> 
 
 
 async def _latency(dev_dir: Path, spawned: Spawned, seconds: float) -> dict[str, Any]:
-    from lkm.bench.command import measure_server  # noqa: PLC0415
-
     plan = LoadPlan(concurrency=1, duration=seconds, warmup=0.5)
     return await measure_server(dev_target(dev_dir, spawned), plan, route="platform", padding="oaep-sha1",
                                 batch_size=1, name="latency")

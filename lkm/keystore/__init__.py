@@ -64,6 +64,16 @@ class KeyStore(Protocol):
     def close(self) -> None: ...
 
 
+@runtime_checkable
+class DecryptLoop(Protocol):
+    """A store that can time its private-key operation inside its own session (PKCS#11: one worker's), so a
+    benchmark measures the token, not the pipe to it."""
+
+    def decrypt_loop(self, key_id: str, ciphertexts: list[bytes], algorithm: Algorithm, seconds: float) -> int:
+        """Decrypts in a loop for `seconds`; returns how many operations completed."""
+        ...
+
+
 # --- the checks before a private-key operation, shared by the service and every backend --------------------------
 
 UNWRAPPABLE_STATES = frozenset({KeyState.PENDING_ACTIVATION, KeyState.ACTIVE, KeyState.RETIRED})
