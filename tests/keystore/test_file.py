@@ -109,7 +109,9 @@ def test_killed_writer_leaves_only_whole_keys(tmp_path: Path) -> None:
     FileKeyStore(path, PASS)
     proc = subprocess.Popen([sys.executable, "-c", CREATE_LOOP, str(path)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-    time.sleep(2.5)
+    deadline = time.monotonic() + 60
+    while len(list((path / "keys").glob("*.json"))) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)  # polling a condition: the writer is mid-loop once it has made a few keys
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     proc.stdout.close()

@@ -1,6 +1,6 @@
 """The PKCS#11 key store against a real SoftHSM2 token: what only an HSM store must prove.
 
-The behaviour shared with the file store (create, list, errors, vectors, ...) is in test_keystore_contract.py.
+The behaviour shared with the file store (create, list, errors, vectors, ...) is in tests/keystore/test_contract.py.
 """
 
 # ruff: noqa: F811 - the fixtures imported from tests.hsm are used as test parameters
@@ -41,7 +41,7 @@ from tests.hsm import (  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.hsm
 
-VECTORS = {v["name"]: v for v in json.loads((Path(__file__).parent / "vectors" / "genesys-sample.json")
+VECTORS = {v["name"]: v for v in json.loads((Path(__file__).parent.parent / "vectors" / "genesys-sample.json")
                                             .read_text())["vectors"]}
 
 # Reads a key's objects back from the token in a separate process (the test process never loads the library).
