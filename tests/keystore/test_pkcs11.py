@@ -173,6 +173,7 @@ def test_imported_key_is_sensitive_but_not_always_sensitive(pkcs11_store: Pkcs11
     assert seen["metadata"]["VALUE"]["extra"] == {"imported": True}
 
 
+@pytest.mark.slow
 def test_import_can_be_disabled(module_token: SoftHsmToken) -> None:
     store = module_token.store(allow_import=False, pool_size=1)
     try:
@@ -283,6 +284,7 @@ def test_metadata_lives_on_the_token(pkcs11_store: Pkcs11KeyStore, module_token:
 
 # --- concurrency --------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_concurrency_soak(pkcs11_store: Pkcs11KeyStore, generated: str) -> None:
     other = pkcs11_store.import_key(str(uuid.uuid4()), vector_key("oaep-sha1"), state=KeyState.ACTIVE).id
     work = []
@@ -320,6 +322,7 @@ def test_concurrency_soak(pkcs11_store: Pkcs11KeyStore, generated: str) -> None:
 
 # --- recovery -----------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_token_removed_and_back(softhsm_token: SoftHsmToken, tmp_path: Path) -> None:
     store = softhsm_token.store(retry_interval=0.2)
     try:
@@ -375,6 +378,7 @@ def test_worker_killed(pkcs11_store: Pkcs11KeyStore, generated: str) -> None:
     assert victim not in pkcs11_store.worker_pids()
 
 
+@pytest.mark.slow
 def test_token_absent_at_start_then_created(softhsm_conf: tuple[Path, Path]) -> None:
     conf, module = softhsm_conf
     label = f"late-{uuid.uuid4().hex[:8]}"
