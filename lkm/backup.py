@@ -24,7 +24,6 @@ the keys themselves are backed up with the HSM vendor's tools (see the README).
 from __future__ import annotations
 
 import json
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -33,9 +32,10 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from lkm import fsutil, lifecycle
+from lkm.canonical import canonical_json
+from lkm.errors import BackupError as BackupError  # noqa: PLC0414 - re-exported for callers
 from lkm.errors import LkmError
 from lkm.keys import (
     KeyRecord,
@@ -50,15 +50,12 @@ from lkm.keys import (
     utcnow,
 )
 from lkm.keystore import KeyStore
+from lkm.sealing import ScryptParams, new_nonce
 
 FORMAT = "lkm-backup"
 VERSION = 1
 MIN_PASSPHRASE_CHARS = 12
 _SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**16, 8, 1
-
-
-class BackupError(Exception):
-    """The bundle is unreadable, damaged, or the passphrase is wrong; the text is for the operator."""
 
 
 @runtime_checkable
@@ -78,14 +75,6 @@ class Bundle:
     backend: str
     private_keys: bool
     keys: tuple[BundleKey, ...]
-
-
-def _canonical(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-
-
-def _derive(passphrase: bytes, salt: bytes, n: int, r: int, p: int) -> bytes:
-    return Scrypt(salt=salt, length=32, n=n, r=r, p=p).derive(passphrase)
 
 
 def _record_doc(record: KeyRecord) -> dict[str, Any]:
@@ -124,11 +113,10 @@ def create_backup(store: KeyStore, path: Path, passphrase: bytes) -> Bundle:
             bundle_keys.append(BundleKey(record, private))
     header = {"format": FORMAT, "version": VERSION, "created": format_time(utcnow()), "backend": store.backend,
               "manifest": {"private_keys": exporting, "keys": manifest_keys}}
-    salt, nonce = secrets.token_bytes(16), secrets.token_bytes(12)
-    key = _derive(passphrase, salt, _SCRYPT_N, _SCRYPT_R, _SCRYPT_P)
-    ciphertext = AESGCM(key).encrypt(nonce, _canonical({"keys": entries}), _canonical(header))
-    envelope = {**header,
-                "kdf": {"name": "scrypt", "salt": b64(salt), "n": _SCRYPT_N, "r": _SCRYPT_R, "p": _SCRYPT_P},
+    params, nonce = ScryptParams.fresh(_SCRYPT_N, _SCRYPT_R, _SCRYPT_P), new_nonce()
+    ciphertext = AESGCM(params.derive(passphrase)).encrypt(nonce, canonical_json({"keys": entries}),
+                                                           canonical_json(header))
+    envelope = {**header, "kdf": params.to_doc(),
                 "cipher": {"name": "AES-256-GCM", "nonce": b64(nonce)},
                 "ciphertext": b64(ciphertext)}
     fsutil.atomic_write(path, json.dumps(envelope, indent=1).encode() + b"\n", mode=0o600)
@@ -154,8 +142,8 @@ def read_backup(path: Path, passphrase: bytes) -> Bundle:
         kdf, cipher = envelope["kdf"], envelope["cipher"]
         if kdf.get("name") != "scrypt" or cipher.get("name") != "AES-256-GCM":
             raise BackupError(f"{path}: unknown key derivation or cipher")
-        key = _derive(passphrase, unb64(kdf["salt"]), int(kdf["n"]), int(kdf["r"]), int(kdf["p"]))
-        plain = AESGCM(key).decrypt(unb64(cipher["nonce"]), unb64(envelope["ciphertext"]), _canonical(header))
+        key = ScryptParams.from_doc(kdf).derive(passphrase)
+        plain = AESGCM(key).decrypt(unb64(cipher["nonce"]), unb64(envelope["ciphertext"]), canonical_json(header))
     except InvalidTag:
         raise BackupError(f"{path}: wrong passphrase, or the bundle was changed or damaged") from None
     except (KeyError, TypeError, ValueError, AttributeError) as exc:

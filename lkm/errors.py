@@ -19,6 +19,14 @@
     AuditWriteError              an audit record is not durable; a fail-closed server refuses to act unaudited
     HawkError                    a failed Hawk authentication; the platform route answers it with a 401
 
+    Operator tools (text for a person at a terminal, never sent over the API):
+    BackupError                  a backup bundle is unreadable, damaged, or the passphrase is wrong
+    ExportUnreadable(ValueError) a key export file as a whole cannot be read; nothing was imported
+    TargetError                  lkm bench: the target is incomplete or unreachable
+    ProtocolError                lkm bench: the server's answer was not HTTP/1.1 as lkm writes it
+    SpawnError                   lkm bench: a child server did not become ready
+    FloorError(OSError)          lkm bench: the floor endpoint did not start
+
 Messages are public: they never hold key material, ciphertext or plaintext, and a DecryptionFailed message
 never says why decryption failed.
 """
@@ -185,3 +193,28 @@ class HawkError(Exception):
             www_authenticate = "Hawk" if reason is HawkReason.MISSING else f'Hawk error="{self.message}"'
         self.www_authenticate: str | None = www_authenticate
         super().__init__(self.message)
+
+# --- storage and bench ---
+
+class BackupError(Exception):
+    """The bundle is unreadable, damaged, or the passphrase is wrong; the text is for the operator."""
+
+
+class ExportUnreadable(ValueError):
+    """The file as a whole cannot be read (not the sample's export); nothing was imported."""
+
+
+class TargetError(Exception):
+    """The target is incomplete or unreachable; the message says what to pass."""
+
+
+class ProtocolError(Exception):
+    """The server's answer was not HTTP/1.1 as lkm writes it, or the connection ended mid-answer."""
+
+
+class SpawnError(Exception):
+    """The child server did not become ready; the message holds the end of its log."""
+
+
+class FloorError(OSError):
+    """The floor endpoint did not start; the message holds the end of its error output."""

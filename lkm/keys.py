@@ -17,7 +17,7 @@ from typing import Any
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from lkm.errors import InvalidRequest
+from lkm.errors import IllegalTransition, InvalidRequest
 
 KEY_BITS = 3072
 PUBLIC_EXPONENT = 65537
@@ -41,7 +41,7 @@ def parse_key_id(value: object) -> str:
 
 
 class KeyState(enum.StrEnum):
-    """Where a key is in its life; lkm.lifecycle holds the transitions between these states."""
+    """Where a key is in its life; TRANSITIONS below says which moves exist, lkm.lifecycle makes them."""
 
     PENDING_ACTIVATION = "pending_activation"  # new, serves unwraps, becomes active once the platform has it
     ACTIVE = "active"
@@ -49,6 +49,29 @@ class KeyState(enum.StrEnum):
     DISABLED = "disabled"
     PENDING_DESTRUCTION = "pending_destruction"
     DESTROYED = "destroyed"
+
+
+S = KeyState
+TRANSITIONS: dict[KeyState, frozenset[KeyState]] = {
+    S.PENDING_ACTIVATION: frozenset({S.ACTIVE, S.DISABLED}),
+    S.ACTIVE: frozenset({S.RETIRED, S.DISABLED}),
+    S.RETIRED: frozenset({S.DISABLED}),
+    # enable goes back to where the key was: retired, pending activation, or active if nothing else is.
+    S.DISABLED: frozenset({S.RETIRED, S.PENDING_ACTIVATION, S.ACTIVE, S.PENDING_DESTRUCTION}),
+    S.PENDING_DESTRUCTION: frozenset({S.DISABLED, S.DESTROYED}),
+    S.DESTROYED: frozenset(),
+}
+"""The one place that says which state changes exist; the lifecycle and both stores' destruction obey it."""
+
+
+def check_transition(before: KeyState, after: KeyState, why: str = "") -> None:
+    """Raises IllegalTransition unless TRANSITIONS allows before -> after."""
+    if after not in TRANSITIONS[before]:
+        raise IllegalTransition(f"cannot go from {before.value} to {after.value}" + (f": {why}" if why else ""))
+
+
+DESTRUCTION_RULE = "only a key pending destruction loses its private half"
+"""Why a store refuses to destroy a key in any other state (its message names both states, then this)."""
 
 
 class Algorithm(enum.StrEnum):

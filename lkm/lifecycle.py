@@ -36,19 +36,17 @@ from typing import Any, Protocol, runtime_checkable
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from lkm.errors import Conflict, IllegalTransition, InvalidRequest
-from lkm.keys import KeyRecord, KeyState, format_time, parse_time, public_der_pkcs1, utcnow
+from lkm.keys import (  # noqa: F401 - TRANSITIONS is re-exported: lifecycle.TRANSITIONS keeps working
+    TRANSITIONS,
+    KeyRecord,
+    KeyState,
+    check_transition,
+    format_time,
+    parse_time,
+    public_der_pkcs1,
+    utcnow,
+)
 from lkm.keystore import KeyStore
-
-S = KeyState
-TRANSITIONS: dict[KeyState, frozenset[KeyState]] = {
-    S.PENDING_ACTIVATION: frozenset({S.ACTIVE, S.DISABLED}),
-    S.ACTIVE: frozenset({S.RETIRED, S.DISABLED}),
-    S.RETIRED: frozenset({S.DISABLED}),
-    # enable goes back to where the key was: retired, pending activation, or active if nothing else is.
-    S.DISABLED: frozenset({S.RETIRED, S.PENDING_ACTIVATION, S.ACTIVE, S.PENDING_DESTRUCTION}),
-    S.PENDING_DESTRUCTION: frozenset({S.DISABLED, S.DESTROYED}),
-    S.DESTROYED: frozenset(),
-}
 
 DEFAULT_DESTRUCTION_DAYS = 30
 MIN_DESTRUCTION_DAYS = 7
@@ -59,12 +57,6 @@ DISABLED_FROM = "disabled_from"
 DISABLED_AT = "disabled_at"
 DESTRUCTION_SCHEDULED_AT = "destruction_scheduled_at"
 REGISTRATION_LEASE = "registration_lease"
-
-
-def check_transition(before: KeyState, after: KeyState, why: str = "") -> None:
-    """Raises IllegalTransition unless TRANSITIONS allows before -> after."""
-    if after not in TRANSITIONS[before]:
-        raise IllegalTransition(f"cannot go from {before.value} to {after.value}" + (f": {why}" if why else ""))
 
 
 # --- locking -------------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lkm import lifecycle
+from lkm.errors import ExportUnreadable as ExportUnreadable  # noqa: PLC0414 - re-exported for callers
 from lkm.errors import LkmError
 from lkm.keys import KeyState, load_private_key_any, parse_key_id, public_der_pkcs1
 from lkm.keystore import KeyStore
@@ -31,10 +32,6 @@ ID_COLUMNS = ("id", "keypairId", "keypair_id")
 PRIVATE_COLUMNS = ("private_key", "privateKey")
 PUBLIC_COLUMNS = ("public_key", "publicKey")
 IMPORT_LABEL = "imported"  # the label every bulk-imported key gets
-
-
-class ExportUnreadable(ValueError):
-    """The file as a whole cannot be read (not the sample's export); nothing was imported."""
 
 
 @dataclass(frozen=True)

@@ -19,16 +19,13 @@ from lkm.admission import Admission, is_shed
 from lkm.auth import Actor
 from lkm.config import Role
 from lkm.errors import (
-    InternalError,
     InvalidRequest,
     KeyStoreError,
-    KeyUnusable,
     LkmError,
     Unavailable,
-    UnsupportedAlgorithm,
 )
-from lkm.keys import CIPHERTEXT_BYTES, Algorithm, KeyRecord, KeyState
-from lkm.keystore import KeyStore
+from lkm.keys import CIPHERTEXT_BYTES, Algorithm, KeyRecord
+from lkm.keystore import UNWRAPPABLE_STATES, KeyStore, key_unusable, usable_record  # noqa: F401 - re-exported
 from lkm.outcomes import KEY_KNOWN_OUTCOMES, unwrap_outcome
 
 log = logging.getLogger("lkm.service")
@@ -106,7 +103,6 @@ class DenialLimiter:
 
 
 # A key waiting for platform registration must unwrap: the platform tests it with a decrypt before it counts.
-UNWRAPPABLE_STATES = frozenset({KeyState.PENDING_ACTIVATION, KeyState.ACTIVE, KeyState.RETIRED})
 
 
 def outcome_of(error: BaseException | None) -> str:
@@ -187,11 +183,7 @@ class KeyService:
             raise Unavailable("key store unavailable", code="keystore_unavailable") from None
 
     def _unwrap_in_store(self, key_id: str, ciphertext: bytes, algorithm: Algorithm) -> bytes:
-        record = self.store.get_key(key_id)
-        if record.state not in UNWRAPPABLE_STATES:
-            raise key_unusable(record)
-        if algorithm not in self.store.supported_algorithms():
-            raise UnsupportedAlgorithm(f"this key store does not support {algorithm.value}")
+        usable_record(self.store, key_id, algorithm)
         started = time.perf_counter()
         try:
             return self.store.decrypt(key_id, ciphertext, algorithm)
@@ -333,16 +325,7 @@ class KeyService:
                 await self._audit(ctx, action, key_id=key_id, error=error, started=started,
                                   extra=dict(details) if details else None, fail_closed=error is not None)
 
+
 def _bad_length(length: int) -> InvalidRequest:
     return InvalidRequest(f"wrapped key must be {CIPHERTEXT_BYTES} bytes (RSA-3072), got {length}",
                           code="invalid_ciphertext_length")
-
-
-def key_unusable(record: KeyRecord) -> KeyUnusable:
-    if record.state is KeyState.DESTROYED:
-        return KeyUnusable("key has been destroyed", code="key_destroyed")
-    if record.state is KeyState.PENDING_DESTRUCTION:
-        return KeyUnusable("key is disabled and scheduled for destruction", code="key_disabled")
-    if record.state is KeyState.DISABLED:
-        return KeyUnusable("key is disabled", code="key_disabled")
-    raise InternalError(f"state {record.state} is unwrappable")

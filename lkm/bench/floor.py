@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lkm.bench.spawn import free_port, stop_child
+from lkm.errors import FloorError
 from lkm.keys import Algorithm
 from lkm.keystore import KeyStore
 
@@ -35,10 +36,6 @@ if TYPE_CHECKING:
 
 MAX_HEAD = 16 * 1024
 MAX_BODY = 64 * 1024
-
-
-class FloorError(OSError):
-    """The floor endpoint did not start; the message holds the end of its error output."""
 
 
 class _FloorProtocol(asyncio.Protocol):

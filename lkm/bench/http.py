@@ -15,12 +15,10 @@ import ssl
 from dataclasses import dataclass
 from typing import Any
 
+from lkm.errors import ProtocolError
+
 _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)", re.IGNORECASE)
 _CONNECTION_CLOSE = re.compile(rb"\r\nconnection:[ \t]*close", re.IGNORECASE)
-
-
-class ProtocolError(Exception):
-    """The server's answer was not HTTP/1.1 as lkm writes it, or the connection ended mid-answer."""
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,9 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from lkm.bench.http import Connection, ProtocolError, ResumingContext
+from lkm.bench.http import Connection, ResumingContext
 from lkm.bench.requests import RequestSource
+from lkm.errors import ProtocolError
 
 
 @dataclass(frozen=True)

@@ -14,15 +14,13 @@ import secrets
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from lkm.bench.requests import make_pool
 from lkm.keys import Algorithm, KeyState
-from lkm.keystore import KeyStore
-
-UNWRAPPABLE = (KeyState.ACTIVE, KeyState.PENDING_ACTIVATION, KeyState.RETIRED)
+from lkm.keystore import UNWRAPPABLE_STATES, DecryptLoop, KeyStore
 
 
 @dataclass(frozen=True)
@@ -40,7 +38,7 @@ def pick_key(store: KeyStore, key_id: str | None) -> str:
     """The given key, else the newest active key, else the newest key that can unwrap."""
     if key_id is not None:
         return store.get_key(key_id).id
-    keys = [k for k in store.list_keys() if k.state in UNWRAPPABLE]
+    keys = [k for k in store.list_keys() if k.state in UNWRAPPABLE_STATES]
     if not keys:
         raise ValueError("the key store has no key that can unwrap; create one or pass --key-id")
     active = [k for k in keys if k.state is KeyState.ACTIVE] or keys
@@ -73,13 +71,13 @@ def run_raw(store: KeyStore, key_id: str, algorithm: Algorithm, *, threads: int,
     counts = [0] * threads
     failures: list[BaseException] = []
 
-    in_session: Callable[..., int] | None = getattr(store, "decrypt_loop", None)  # PKCS#11: loop in a session
+    in_session = store if isinstance(store, DecryptLoop) else None  # PKCS#11: loop in a session
 
     def work_in_session(slot: int) -> None:
         assert in_session is not None
         try:
-            in_session(key_id, pool.ciphertexts, algorithm, max(start - time.perf_counter(), 0.0))
-            counts[slot] = in_session(key_id, pool.ciphertexts, algorithm, duration)
+            in_session.decrypt_loop(key_id, pool.ciphertexts, algorithm, max(start - time.perf_counter(), 0.0))
+            counts[slot] = in_session.decrypt_loop(key_id, pool.ciphertexts, algorithm, duration)
         except BaseException as exc:
             failures.append(exc)
 

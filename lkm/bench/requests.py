@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 from lkm import keys
 from lkm.bench.http import Connection, ResumingContext
+from lkm.errors import TargetError
 from lkm.hawk import HawkCredential, calculate_mac, normalized_string, payload_hash
 from lkm.keys import Algorithm, b64, load_public_pkcs1
 
@@ -29,10 +30,6 @@ PADDINGS: dict[str, Algorithm] = {
     "oaep-sha256": Algorithm.RSA_OAEP_SHA256,
 }
 DATA_KEY_BYTES = 32
-
-
-class TargetError(Exception):
-    """The target is incomplete or unreachable; the message says what to pass."""
 
 
 @dataclass(frozen=True)

@@ -24,11 +24,8 @@ from typing import Any
 import yaml
 
 from lkm.bench.requests import Target
+from lkm.errors import SpawnError
 from lkm.hawk import load_credentials_file
-
-
-class SpawnError(Exception):
-    """The child server did not become ready; the message holds the end of its log."""
 
 
 @dataclass(frozen=True)

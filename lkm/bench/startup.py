@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from lkm.bench.load import LoadPlan
+from lkm.bench.measure import measure_server
 from lkm.bench.report import new_report
 from lkm.bench.spawn import Spawned, dev_target, spawn_server
 from lkm.keys import Algorithm, KeyRecord, KeyState, generate_private_key, new_key_id, public_der_pkcs1, utcnow
@@ -31,7 +32,7 @@ def grow_file_store(config: Path, total: int, *, real_keys: int = REAL_KEYS) -> 
     """Adds retired keys until the store holds `total`; returns the seconds it took."""
     from lkm import fsutil  # noqa: PLC0415
     from lkm.config import load_settings  # noqa: PLC0415
-    from lkm.keystore.file import FileKeyStore, _doc_from_record, _dump  # noqa: PLC0415
+    from lkm.keystore.file import FileKeyStore  # noqa: PLC0415
 
     started = time.perf_counter()
     settings = load_settings(config)
@@ -48,12 +49,10 @@ def grow_file_store(config: Path, total: int, *, real_keys: int = REAL_KEYS) -> 
             record = KeyRecord(id=key_id, state=KeyState.RETIRED, created=created, updated=created,
                                public_key_der=public_der_pkcs1(key.public_key()), backend=store.backend,
                                label=f"bench {n}")
-            doc = _doc_from_record(record)
-            doc["private_key"] = store._seal(key_id, key)  # the store's own sealing, bound to the new id
             path = store.keys_dir / f"{key_id}.json"
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "wb") as f:
-                f.write(_dump(doc))
+                f.write(store.key_file_bytes(record, key))  # the store's own sealing, bound to the id
         fsutil.fsync_dir(store.keys_dir)
         store.refresh()
         sample = random.choice(store.list_keys())  # noqa: S311 - a sample, not a secret
@@ -69,8 +68,6 @@ def grow_file_store(config: Path, total: int, *, real_keys: int = REAL_KEYS) -> 
 
 
 async def _latency(dev_dir: Path, spawned: Spawned, seconds: float) -> dict[str, Any]:
-    from lkm.bench.command import measure_server  # noqa: PLC0415
-
     plan = LoadPlan(concurrency=1, duration=seconds, warmup=0.5)
     return await measure_server(dev_target(dev_dir, spawned), plan, route="platform", padding="oaep-sha1",
                                 batch_size=1, name="latency")

@@ -22,9 +22,11 @@ from typing import Any
 
 from lkm.bench.floor import floor_target
 from lkm.bench.load import LoadPlan
+from lkm.bench.measure import measure_raw, measure_server
 from lkm.bench.report import new_report
 from lkm.bench.requests import fetch_public_key
 from lkm.bench.spawn import dev_target, spawn_server
+from lkm.bench.startup import run_startup
 
 LATENCY_FRACTION = 0.8
 BATCH_SIZE = 100
@@ -39,7 +41,6 @@ async def _server_runs(dev_dir: Path, workers: int, plan: LoadPlan, *,
                        rounds: int | None = None) -> list[dict[str, Any]]:
     """With `rounds`: raw, server peak and floor alternating `rounds` times (so a neighbour's burst falls on all
     three), then the rest of the table against the same server. Without: the server's peak once."""
-    from lkm.bench.command import measure_raw, measure_server  # noqa: PLC0415
     from lkm.config import load_settings  # noqa: PLC0415
     from lkm.keystore.open import open_keystore  # noqa: PLC0415
 
@@ -157,7 +158,6 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
 
 def run_suite(dev_dir: Path, *, duration: float, warmup: float, concurrency: int, keys: int,
               rounds: int = 3) -> dict[str, Any]:
-    from lkm.bench.startup import run_startup  # noqa: PLC0415
     from lkm.devmode import ensure_dev_environment  # noqa: PLC0415
 
     dev_dir = dev_dir.resolve()

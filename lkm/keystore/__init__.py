@@ -11,6 +11,7 @@ from typing import Protocol, runtime_checkable
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from lkm.errors import DecryptionFailed, InternalError, KeyUnusable, UnsupportedAlgorithm
 from lkm.keys import Algorithm, KeyRecord, KeyState
 
 
@@ -61,3 +62,51 @@ class KeyStore(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class DecryptLoop(Protocol):
+    """A store that can time its private-key operation inside its own session (PKCS#11: one worker's), so a
+    benchmark measures the token, not the pipe to it."""
+
+    def decrypt_loop(self, key_id: str, ciphertexts: list[bytes], algorithm: Algorithm, seconds: float) -> int:
+        """Decrypts in a loop for `seconds`; returns how many operations completed."""
+        ...
+
+
+# --- the checks before a private-key operation, shared by the service and every backend --------------------------
+
+UNWRAPPABLE_STATES = frozenset({KeyState.PENDING_ACTIVATION, KeyState.ACTIVE, KeyState.RETIRED})
+"""States in which the service unwraps with a key."""
+
+HELD_STATES = frozenset(KeyState) - {KeyState.DESTROYED}
+"""States in which a store still holds the private half and will decrypt when asked directly."""
+
+
+def key_unusable(record: KeyRecord) -> KeyUnusable:
+    """The refusal for a key whose state forbids unwrapping; the code says why (destroyed or disabled)."""
+    if record.state is KeyState.DESTROYED:
+        return KeyUnusable("key has been destroyed", code="key_destroyed")
+    if record.state is KeyState.PENDING_DESTRUCTION:
+        return KeyUnusable("key is disabled and scheduled for destruction", code="key_disabled")
+    if record.state is KeyState.DISABLED:
+        return KeyUnusable("key is disabled", code="key_disabled")
+    raise InternalError(f"state {record.state} is unwrappable")
+
+
+def usable_record(store: KeyStore, key_id: str, algorithm: Algorithm,
+                  states: frozenset[KeyState] = UNWRAPPABLE_STATES) -> KeyRecord:
+    """The record of a key that may decrypt with `algorithm` now; KeyNotFound, KeyUnusable or
+    UnsupportedAlgorithm otherwise, in that order, whoever asks (the service, or a store guarding itself)."""
+    record = store.get_key(key_id)
+    if record.state not in states:
+        raise key_unusable(record)
+    if algorithm not in store.supported_algorithms():
+        raise UnsupportedAlgorithm(f"this key store does not support {algorithm.value}")
+    return record
+
+
+def check_ciphertext_length(ciphertext: bytes, key_bits: int) -> None:
+    """A ciphertext that is not exactly the modulus long fails like any other: uniformly, no oracle."""
+    if len(ciphertext) != (key_bits + 7) // 8:
+        raise DecryptionFailed()

@@ -18,7 +18,6 @@ import hmac
 import json
 import logging
 import os
-import secrets
 import threading
 import time
 from collections.abc import Iterator
@@ -30,27 +29,28 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from lkm import fsutil
-from lkm.errors import Conflict, DecryptionFailed, IllegalTransition, KeyNotFound, KeyStoreError, KeyUnusable
+from lkm.errors import Conflict, DecryptionFailed, KeyNotFound, KeyStoreError, KeyUnusable
 from lkm.keys import (
+    DESTRUCTION_RULE,
     PADDINGS,
     PUBLIC_EXPONENT,
     Algorithm,
     KeyRecord,
     KeyState,
-    b64,
     check_rsa_policy,
+    check_transition,
     generate_private_key,
     new_key_id,
     parse_key_id,
     public_der_pkcs1,
     record_from_doc,
     record_to_doc,
-    unb64,
     utcnow,
 )
+from lkm.keystore import check_ciphertext_length
+from lkm.sealing import ScryptParams, open_sealed, seal
 
 log = logging.getLogger("lkm.keystore.file")
 
@@ -94,21 +94,14 @@ class FileKeyStore:
         header_path = self.path / "keystore.json"
         with self._writer():
             if not header_path.exists():
-                salt = secrets.token_bytes(16)
-                key = self._derive(passphrase, salt, _SCRYPT_N, _SCRYPT_R, _SCRYPT_P)
-                nonce = secrets.token_bytes(12)
-                header = {"format": FORMAT, "version": 1,
-                          "kdf": {"name": "scrypt", "salt": b64(salt), "n": _SCRYPT_N, "r": _SCRYPT_R,
-                                  "p": _SCRYPT_P},
-                          "check": {"nonce": b64(nonce),
-                                    "ciphertext": b64(AESGCM(key).encrypt(nonce, _CHECK_PLAINTEXT, None))}}
+                params = ScryptParams.fresh(_SCRYPT_N, _SCRYPT_R, _SCRYPT_P)
+                header = {"format": FORMAT, "version": 1, "kdf": params.to_doc(),
+                          "check": seal(AESGCM(params.derive(passphrase)), _CHECK_PLAINTEXT, None)}
                 fsutil.atomic_create(header_path, json.dumps(header, indent=1).encode())
         try:
             header = json.loads(header_path.read_bytes())
-            kdf = header["kdf"]
-            key = self._derive(passphrase, unb64(kdf["salt"]), int(kdf["n"]), int(kdf["r"]), int(kdf["p"]))
-            check = header["check"]
-            plain = AESGCM(key).decrypt(unb64(check["nonce"]), unb64(check["ciphertext"]), None)
+            key = ScryptParams.from_doc(header["kdf"]).derive(passphrase)
+            plain = open_sealed(AESGCM(key), header["check"], None)
         except InvalidTag:
             raise KeyStoreError(f"wrong passphrase for the key store {self.path}", transient=False) from None
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -116,10 +109,6 @@ class FileKeyStore:
         if not hmac.compare_digest(plain, _CHECK_PLAINTEXT):
             raise KeyStoreError(f"wrong passphrase for the key store {self.path}", transient=False)
         return key
-
-    @staticmethod
-    def _derive(passphrase: bytes, salt: bytes, n: int, r: int, p: int) -> bytes:
-        return Scrypt(salt=salt, length=32, n=n, r=r, p=p).derive(passphrase)
 
     # --- reading -------------------------------------------------------------------------------------------
 
@@ -231,7 +220,7 @@ class FileKeyStore:
         if sealed is None:
             raise KeyUnusable("key has been destroyed", code="key_destroyed")
         try:
-            der = self._aead.decrypt(unb64(sealed["nonce"]), unb64(sealed["ciphertext"]), _aad(key_id))
+            der = open_sealed(self._aead, sealed, _aad(key_id))
         except (InvalidTag, KeyError, ValueError, TypeError):
             raise KeyStoreError(f"key {key_id}: sealed private key does not open (tampered or other store)",
                                 transient=False) from None
@@ -245,8 +234,7 @@ class FileKeyStore:
 
     def decrypt(self, key_id: str, ciphertext: bytes, algorithm: Algorithm) -> bytes:
         key = self._private_key(key_id)
-        if len(ciphertext) != key.key_size // 8:
-            raise DecryptionFailed()
+        check_ciphertext_length(ciphertext, key.key_size)
         try:
             return key.decrypt(ciphertext, PADDINGS[algorithm])
         except ValueError:
@@ -291,20 +279,23 @@ class FileKeyStore:
         """The private half, for an encrypted backup (lkm.backup); KeyUnusable once destroyed."""
         return self._private_key(key_id)
 
-    def _seal(self, key_id: str, key: rsa.RSAPrivateKey) -> dict[str, str]:
+    def seal_private_key(self, key_id: str, key: rsa.RSAPrivateKey) -> dict[str, str]:
+        """The stored form of a private key, sealed under this store's master key and bound to `key_id`."""
         der = key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
-        nonce = secrets.token_bytes(12)
-        return {"alg": "A256GCM", "nonce": b64(nonce), "ciphertext": b64(self._aead.encrypt(nonce, der,
-                                                                                             _aad(key_id)))}
+        return {"alg": "A256GCM", **seal(self._aead, der, _aad(key_id))}
+
+    def key_file_bytes(self, record: KeyRecord, key: rsa.RSAPrivateKey | None) -> bytes:
+        """The exact bytes of a key file for `record` (lkm bench writes thousands of them directly)."""
+        doc = _doc_from_record(record)
+        doc["private_key"] = None if key is None else self.seal_private_key(record.id, key)
+        return _dump(doc)
 
     def _write_new(self, key_id: str, key: rsa.RSAPrivateKey, state: KeyState, label: str) -> KeyRecord | None:
         now = utcnow()
         record = KeyRecord(id=key_id, state=state, created=now, updated=now,
                            public_key_der=public_der_pkcs1(key.public_key()), backend=self.backend, label=label)
-        doc = _doc_from_record(record)
-        doc["private_key"] = self._seal(key_id, key)
-        if not fsutil.atomic_create(self._key_path(key_id), _dump(doc)):
+        if not fsutil.atomic_create(self._key_path(key_id), self.key_file_bytes(record, key)):
             return None
         self._load_file(self._key_path(key_id))
         with self._lock:
@@ -351,11 +342,9 @@ class FileKeyStore:
         with self._writer():
             doc = self._read_doc(key_id)
             stored = _record_from_doc(doc)
-            if stored.state is not KeyState.PENDING_DESTRUCTION:
-                # Checked against the file, under the lock: a key enabled a moment ago by another process is
-                # never erased on the strength of an older view.
-                raise IllegalTransition(f"cannot go from {stored.state.value} to destroyed: only a key pending "
-                                        "destruction loses its private half")
+            # Checked against the file, under the lock: a key enabled a moment ago by another process is never
+            # erased on the strength of an older view.
+            check_transition(stored.state, KeyState.DESTROYED, DESTRUCTION_RULE)
             record = stored.with_changes(state=KeyState.DESTROYED, updated=utcnow())
             new_doc = _doc_from_record(record)
             new_doc["private_key"] = None

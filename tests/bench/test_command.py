@@ -4,18 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from lkm import cli
-from lkm.bench.report import percentile, render_table
-from lkm.bench.startup import grow_file_store
-from lkm.config import load_settings
-from lkm.keys import PADDINGS, Algorithm, KeyState
-from lkm.keystore.file import FileKeyStore
+from lkm.bench.report import render_table
 from tests.conftest import Running
 
 LATENCY_FIELDS = {"p50", "p90", "p99", "max", "mean"}
@@ -69,6 +64,7 @@ async def test_bench_new_connections_resume(running: Running, capsys: pytest.Cap
     assert run["connections"] >= run["requests"] and run["resumed"] >= 1
 
 
+@pytest.mark.slow
 async def test_bench_compare_reports_the_ratio(running: Running, capsys: pytest.CaptureFixture[str]) -> None:
     record = running.create_key()
     status, report = await _bench(capsys, *_target_args(running, "native"), "-c", str(running.config_path),
@@ -85,6 +81,7 @@ async def test_bench_compare_reports_the_ratio(running: Running, capsys: pytest.
     assert "server/raw" in render_table(report)
 
 
+@pytest.mark.slow
 async def test_bench_compare_rounds_alternate_and_take_medians(running: Running,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
     record = running.create_key()
@@ -104,6 +101,7 @@ async def test_bench_compare_rounds_alternate_and_take_medians(running: Running,
     assert "medians of 3 alternating rounds" in render_table(report)
 
 
+@pytest.mark.slow
 async def test_bench_floor_is_measured_on_the_servers_own_store(running: Running,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
     record = running.create_key()
@@ -121,24 +119,7 @@ async def test_bench_floor_is_measured_on_the_servers_own_store(running: Running
     assert comparison["server_over_floor"] == pytest.approx(peak["keys_per_s"] / floor["keys_per_s"], abs=0.01)
 
 
-def test_suite_runs_every_measurement_of_the_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    status = cli.main(["bench", "suite", "--dev-dir", str(tmp_path / "dev"), "--duration", "0.3", "--warmup", "0",
-                       "--concurrency", "2", "--keys", "0", "--rounds", "2", "--json"])
-    assert status == 0
-    report = json.loads(capsys.readouterr().out)
-    names = [run["name"] for run in report["runs"]]
-    cpus = report["machine"]["cpus"]
-    for tag in (" #1", " #2"):
-        assert f"raw {cpus} threads{tag}" in names and f"floor (leanest Python endpoint){tag}" in names
-    assert "platform at 80% of peak" in names and "batch of 100" in names and "native, new connection, resumed" in names
-    served = [run for run in report["runs"] if run["kind"] == "server"]
-    assert all(run["errors"]["mismatch"] == 0 and run["requests"] > 0 for run in served), served
-    assert all(run["errors"]["total"] == 0 for run in served if "#" in run["name"]), served  # closed loop
-    summary = report["summary"]
-    assert len(summary["round_ratios"]) == 2
-    assert summary["server_over_raw"] > 0 and summary["floor_over_raw"] > 0 and summary["p99_ms_at_80_percent"] > 0
-
-
+@pytest.mark.slow
 def test_raw_on_a_temporary_store(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["bench", "--raw", "--threads", "2", "--duration", "0.3", "--json"]) == 0
     (run,) = json.loads(capsys.readouterr().out)["runs"]
@@ -148,27 +129,3 @@ def test_raw_on_a_temporary_store(capsys: pytest.CaptureFixture[str]) -> None:
 def test_bench_without_a_target_says_what_to_pass(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["bench", "--dev-json", str(tmp_path / "missing.json")]) == 2
     assert "lkm serve --dev" in capsys.readouterr().err
-
-
-def test_synthetic_store_holds_valid_keys(running: Running) -> None:
-    running.create_key()
-    assert grow_file_store(running.config_path, 12, real_keys=1) > 0
-    settings = load_settings(running.config_path)
-    assert settings.keystore.path is not None and settings.keystore.passphrase is not None
-    store = FileKeyStore(settings.keystore.path, settings.keystore.passphrase.read_bytes())
-    try:
-        keys = store.list_keys()
-        assert len(keys) == 12
-        assert sum(k.state is KeyState.RETIRED for k in keys) == 11
-        for record in keys[:3]:  # sealed under their own ids: each opens and unwraps
-            secret = os.urandom(32)
-            wrapped = record.public_key.encrypt(secret, PADDINGS[Algorithm.RSA_OAEP_SHA1])
-            assert store.decrypt(record.id, wrapped, Algorithm.RSA_OAEP_SHA1) == secret
-    finally:
-        store.close()
-
-
-def test_percentile_is_nearest_rank() -> None:
-    values = [float(v) for v in range(1, 101)]
-    assert percentile(values, 0.5) == 50.0 and percentile(values, 0.99) == 99.0 and percentile(values, 1) == 100.0
-    assert percentile([], 0.5) == 0.0 and percentile([7.0], 0.99) == 7.0

@@ -23,6 +23,7 @@ from lkm.errors import (
     DecryptionFailed,
     InvalidRequest,
     KeyNotFound,
+    KeyStoreError,
     KeyUnusable,
     UnsupportedAlgorithm,
 )
@@ -42,7 +43,7 @@ from lkm.keystore import KeyStore
 from lkm.keystore.file import FileKeyStore
 from tests.hsm import module_token, softhsm_conf  # noqa: F401 - fixtures
 
-VECTORS = json.loads((Path(__file__).parent / "vectors" / "genesys-sample.json").read_text())["vectors"]
+VECTORS = json.loads((Path(__file__).parent.parent / "vectors" / "genesys-sample.json").read_text())["vectors"]
 # The sample's vectors carry no key ids: these are ours, fixed so that a failure names the same key every run.
 VECTOR_IDS = {"oaep-sha1": "3f0c8c1e-6a55-4a4e-9a0e-2b8f2f1f6d11",
               "pkcs1-v1_5": "9b2e4f7a-1c3d-4e5f-8a6b-7c8d9e0f1a2b"}
@@ -130,8 +131,21 @@ def test_unknown_and_malformed_ids(backend: Backend) -> None:
         backend.store.get_key("not-a-uuid")
 
 
-def test_check_passes(backend: Backend) -> None:
+def test_check_passes(backend: Backend, another: KeyStore, tmp_path: Path) -> None:
+    """check() passes on a healthy store and fails once the store cannot serve (so the pass means something)."""
     backend.store.check()
+    broken: KeyStore
+    if isinstance(another, FileKeyStore):
+        file_store = FileKeyStore(tmp_path / "ks", b"passphrase")
+        file_store.check()
+        file_store.keys_dir.rename(tmp_path / "keys-gone")
+        broken = file_store
+    else:
+        broken = another
+        broken.check()
+        broken.close()
+    with pytest.raises(KeyStoreError):
+        broken.check()
 
 
 # --- decryption ---------------------------------------------------------------------------------------------
@@ -171,7 +185,7 @@ def test_platform_vectors(backend: Backend, vector: dict[str, str]) -> None:
                                                                              .public_key())
     if algorithm not in backend.store.supported_algorithms():
         pytest.skip(f"the {backend.name} store does not offer {algorithm.value} in its default configuration "
-                    "(the PKCS#11 store refuses PKCS#1 v1.5 unless allow_pkcs1; test_keystore_pkcs11 runs this "
+                    "(the PKCS#11 store refuses PKCS#1 v1.5 unless allow_pkcs1; test_pkcs11.py runs this "
                     "vector with it enabled)")
     plaintext = backend.store.decrypt(key_id, base64.b64decode(vector["ciphertext_b64"]), algorithm)
     assert plaintext == base64.b64decode(vector["plaintext_b64"])

@@ -1,6 +1,6 @@
 """The PKCS#11 key store against a real SoftHSM2 token: what only an HSM store must prove.
 
-The behaviour shared with the file store (create, list, errors, vectors, ...) is in test_keystore_contract.py.
+The behaviour shared with the file store (create, list, errors, vectors, ...) is in tests/keystore/test_contract.py.
 """
 
 # ruff: noqa: F811 - the fixtures imported from tests.hsm are used as test parameters
@@ -41,7 +41,7 @@ from tests.hsm import (  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.hsm
 
-VECTORS = {v["name"]: v for v in json.loads((Path(__file__).parent / "vectors" / "genesys-sample.json")
+VECTORS = {v["name"]: v for v in json.loads((Path(__file__).parent.parent / "vectors" / "genesys-sample.json")
                                             .read_text())["vectors"]}
 
 # Reads a key's objects back from the token in a separate process (the test process never loads the library).
@@ -173,6 +173,7 @@ def test_imported_key_is_sensitive_but_not_always_sensitive(pkcs11_store: Pkcs11
     assert seen["metadata"]["VALUE"]["extra"] == {"imported": True}
 
 
+@pytest.mark.slow
 def test_import_can_be_disabled(module_token: SoftHsmToken) -> None:
     store = module_token.store(allow_import=False, pool_size=1)
     try:
@@ -283,6 +284,7 @@ def test_metadata_lives_on_the_token(pkcs11_store: Pkcs11KeyStore, module_token:
 
 # --- concurrency --------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_concurrency_soak(pkcs11_store: Pkcs11KeyStore, generated: str) -> None:
     other = pkcs11_store.import_key(str(uuid.uuid4()), vector_key("oaep-sha1"), state=KeyState.ACTIVE).id
     work = []
@@ -320,6 +322,7 @@ def test_concurrency_soak(pkcs11_store: Pkcs11KeyStore, generated: str) -> None:
 
 # --- recovery -----------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_token_removed_and_back(softhsm_token: SoftHsmToken, tmp_path: Path) -> None:
     store = softhsm_token.store(retry_interval=0.2)
     try:
@@ -375,6 +378,7 @@ def test_worker_killed(pkcs11_store: Pkcs11KeyStore, generated: str) -> None:
     assert victim not in pkcs11_store.worker_pids()
 
 
+@pytest.mark.slow
 def test_token_absent_at_start_then_created(softhsm_conf: tuple[Path, Path]) -> None:
     conf, module = softhsm_conf
     label = f"late-{uuid.uuid4().hex[:8]}"
@@ -418,7 +422,7 @@ def test_without_python_pkcs11(monkeypatch: pytest.MonkeyPatch, module_token: So
     probe = subprocess.run([sys.executable, "-c", "import sys, lkm.keystore.pkcs11; print('pkcs11' in sys.modules)"],
                            check=True, capture_output=True, text=True)
     assert probe.stdout.strip() == "False"  # importing the backend loads neither python-pkcs11 nor the library
-    monkeypatch.setattr("lkm.keystore.pkcs11.pkcs11_available", lambda: False)
+    monkeypatch.setattr("lkm.keystore.pkcs11.store.pkcs11_available", lambda: False)
     with pytest.raises(KeyStoreError) as caught:
         module_token.store()
     assert not caught.value.transient

@@ -60,6 +60,7 @@ def test_key_file_under_another_name_does_not_open(tmp_path: Path) -> None:
         fresh.decrypt(other, wrap(record, b"x" * 32), Algorithm.RSA_OAEP_SHA1)
 
 
+@pytest.mark.slow
 def test_private_keys_load_lazily(tmp_path: Path) -> None:
     store = FileKeyStore(tmp_path / "ks", PASS)
     records = [store.create_key(state=KeyState.RETIRED) for _ in range(3)]
@@ -103,13 +104,16 @@ while True:
 """
 
 
+@pytest.mark.slow
 def test_killed_writer_leaves_only_whole_keys(tmp_path: Path) -> None:
     """SIGKILL a process in the middle of creating and updating keys: every key file left is whole."""
     path = tmp_path / "ks"
     FileKeyStore(path, PASS)
     proc = subprocess.Popen([sys.executable, "-c", CREATE_LOOP, str(path)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-    time.sleep(2.5)
+    deadline = time.monotonic() + 60
+    while len(list((path / "keys").glob("*.json"))) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)  # polling a condition: the writer is mid-loop once it has made a few keys
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     proc.stdout.close()

@@ -1,0 +1,29 @@
+"""`lkm bench suite`: every measurement of the README's table runs and is reported (never speed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lkm import cli
+
+
+@pytest.mark.slow
+def test_suite_runs_every_measurement_of_the_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    status = cli.main(["bench", "suite", "--dev-dir", str(tmp_path / "dev"), "--duration", "0.3", "--warmup", "0",
+                       "--concurrency", "2", "--keys", "0", "--rounds", "2", "--json"])
+    assert status == 0
+    report = json.loads(capsys.readouterr().out)
+    names = [run["name"] for run in report["runs"]]
+    cpus = report["machine"]["cpus"]
+    for tag in (" #1", " #2"):
+        assert f"raw {cpus} threads{tag}" in names and f"floor (leanest Python endpoint){tag}" in names
+    assert "platform at 80% of peak" in names and "batch of 100" in names and "native, new connection, resumed" in names
+    served = [run for run in report["runs"] if run["kind"] == "server"]
+    assert all(run["errors"]["mismatch"] == 0 and run["requests"] > 0 for run in served), served
+    assert all(run["errors"]["total"] == 0 for run in served if "#" in run["name"]), served  # closed loop
+    summary = report["summary"]
+    assert len(summary["round_ratios"]) == 2
+    assert summary["server_over_raw"] > 0 and summary["floor_over_raw"] > 0 and summary["p99_ms_at_80_percent"] > 0
