@@ -16,6 +16,8 @@
 
     ConfigError                  not an LkmError: a bad configuration stops start-up before anything serves
     KeyStoreError                a backend failure (I/O, token); the service turns it into Unavailable/Internal
+    RegistrationError            one failed attempt to register a key with the platform; stable `code`
+    CliError                     a command-line failure already phrased for the operator; exit status 1 or 2
 
 Messages are public: they never hold key material, ciphertext or plaintext, and a DecryptionFailed message
 never says why decryption failed.
@@ -129,3 +131,24 @@ class KeyStoreError(Exception):
     def __init__(self, message: str, *, transient: bool = True) -> None:
         self.transient = transient
         super().__init__(message)
+
+
+# --- platform registration ---
+
+class RegistrationError(Exception):
+    """One failed attempt. `code` is stable (audit, logs); the message is for operators."""
+
+    def __init__(self, message: str, *, code: str, retryable: bool) -> None:
+        super().__init__(message)
+        self.code = code
+        self.retryable = retryable
+
+
+# --- command line ---
+
+class CliError(Exception):
+    """A failure already phrased for the operator; exit status 1 (2 for usage and config)."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
