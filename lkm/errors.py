@@ -26,6 +26,8 @@
     ProtocolError                lkm bench: the server's answer was not HTTP/1.1 as lkm writes it
     SpawnError                   lkm bench: a child server did not become ready
     FloorError(OSError)          lkm bench: the floor endpoint did not start
+    RegistrationError            one failed attempt to register a key with the platform; stable `code`
+    CliError                     a command-line failure already phrased for the operator; exit status 1 or 2
 
 Messages are public: they never hold key material, ciphertext or plaintext, and a DecryptionFailed message
 never says why decryption failed.
@@ -218,3 +220,23 @@ class SpawnError(Exception):
 
 class FloorError(OSError):
     """The floor endpoint did not start; the message holds the end of its error output."""
+
+# --- platform registration ---
+
+class RegistrationError(Exception):
+    """One failed attempt. `code` is stable (audit, logs); the message is for operators."""
+
+    def __init__(self, message: str, *, code: str, retryable: bool) -> None:
+        super().__init__(message)
+        self.code = code
+        self.retryable = retryable
+
+
+# --- command line ---
+
+class CliError(Exception):
+    """A failure already phrased for the operator; exit status 1 (2 for usage and config)."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status

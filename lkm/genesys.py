@@ -23,7 +23,7 @@ from typing import Any
 import aiohttp
 
 from lkm.config import GenesysSettings
-from lkm.errors import ConfigError
+from lkm.errors import ConfigError, RegistrationError
 from lkm.keys import KeyRecord, public_pkcs1_b64
 
 log = logging.getLogger("lkm.genesys")
@@ -32,15 +32,6 @@ LOCALKEYS_PATH = "/api/v2/recording/localkeys"
 OAUTH_PATH = "/oauth/token"
 _RETRYABLE_STATUS = frozenset({408, 425, 429})
 _MAX_DETAIL = 200
-
-
-class RegistrationError(Exception):
-    """One failed attempt. `code` is stable (audit, logs); the message is for operators."""
-
-    def __init__(self, message: str, *, code: str, retryable: bool) -> None:
-        super().__init__(message)
-        self.code = code
-        self.retryable = retryable
 
 
 Attempt = Callable[[int, RegistrationError | None], Awaitable[None]]

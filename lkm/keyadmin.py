@@ -1,7 +1,7 @@
 """The key lifecycle inside the server: admin operations, the rotation schedule, and platform registration.
 
-lkm.lifecycle decides; this module runs its blocking operations in the worker pool one at a time (a server
-never races itself, whatever the store's own locking), audits each through KeyService.audited, counts
+lkm.lifecycle decides and lkm.changes names each change; this module runs them in the worker pool one at a time
+(a server never races itself, whatever the store's own locking), audits each through KeyService.audited, counts
 rotations and registrations, and keeps the registration of new keys going in the background: the previous key
 stays active until the platform accepts the new one.
 """
@@ -16,14 +16,14 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable
 from typing import Any
 
-from lkm import genesys, lifecycle
+from lkm import changes, lifecycle, registration
 from lkm.auth import Actor, ActorKind
 from lkm.config import GenesysSettings, Role, RotationSettings
 from lkm.errors import Forbidden
 from lkm.keys import KeyRecord, KeyState, utcnow
+from lkm.lifecycle import ChangeFacts
 from lkm.metrics import Metrics
 from lkm.service import KeyService, RequestContext
 
@@ -56,25 +56,23 @@ class KeyAdmin:
     def registration_required(self) -> bool:
         return self.genesys is not None
 
-    async def _change(self, ctx: RequestContext, action: str, key_id: str | None,
-                      func: Callable[..., KeyRecord], *args: Any, **kwargs: Any) -> KeyRecord:
-        details: dict[str, Any] = {}
-        call = functools.partial(func, self.store, *args, details=details, **kwargs)
+    async def apply(self, ctx: RequestContext, change: changes.KeyChange) -> KeyRecord:
+        """Makes one change, audited, after any other change of this server has finished."""
+        facts = ChangeFacts()
         async with self._changes:
-            return await self.service.audited(ctx, action, key_id, call, details=details)
+            return await self.service.audited(ctx, change.action, change.key_id, change.apply, self.store, facts,
+                                              facts=facts)
 
     # --- the operations ------------------------------------------------------------------------------------
 
     async def create(self, ctx: RequestContext, *, label: str = "") -> KeyRecord:
-        record = await self._change(ctx, "create_key", None, lifecycle.create_key,
-                                    registration=self.registration_required, label=label)
+        record = await self.apply(ctx, changes.create(registration=self.registration_required, label=label))
         self._register_if_pending(record)
         return record
 
     async def rotate(self, ctx: RequestContext, *, label: str = "") -> KeyRecord:
         try:
-            record = await self._change(ctx, "rotate_key", None, lifecycle.rotate,
-                                        registration=self.registration_required, label=label)
+            record = await self.apply(ctx, changes.rotate(registration=self.registration_required, label=label))
         except Forbidden:
             raise  # a caller without the admin role is no failed rotation (alerts watch that counter)
         except Exception:
@@ -85,22 +83,21 @@ class KeyAdmin:
         return record
 
     async def activate(self, ctx: RequestContext, key_id: str) -> KeyRecord:
-        return await self._change(ctx, "activate_key", key_id, lifecycle.activate, key_id)
+        return await self.apply(ctx, changes.activate(key_id))
 
     async def disable(self, ctx: RequestContext, key_id: str, *, force: bool = False) -> KeyRecord:
-        return await self._change(ctx, "disable_key", key_id, lifecycle.disable, key_id, force=force)
+        return await self.apply(ctx, changes.disable(key_id, force=force))
 
     async def enable(self, ctx: RequestContext, key_id: str) -> KeyRecord:
-        record = await self._change(ctx, "enable_key", key_id, lifecycle.enable, key_id)
+        record = await self.apply(ctx, changes.enable(key_id))
         self._register_if_pending(record)  # a pending key disabled mid-registration resumes registering
         return record
 
     async def schedule_destruction(self, ctx: RequestContext, key_id: str, days: int) -> KeyRecord:
-        return await self._change(ctx, "schedule_destruction", key_id, lifecycle.schedule_destruction, key_id,
-                                  days=days)
+        return await self.apply(ctx, changes.schedule_destruction(key_id, days))
 
     async def cancel_destruction(self, ctx: RequestContext, key_id: str) -> KeyRecord:
-        return await self._change(ctx, "cancel_destruction", key_id, lifecycle.cancel_destruction, key_id)
+        return await self.apply(ctx, changes.cancel_destruction(key_id))
 
     # --- the schedule --------------------------------------------------------------------------------------
 
@@ -115,21 +112,21 @@ class KeyAdmin:
         if due is not None and due > now:
             return None
         ctx = system_context("scheduler")
-        details: dict[str, Any] = {}
+        facts = ChangeFacts()
         started = time.perf_counter()
         call = functools.partial(lifecycle.rotate_if_due, self.store, every,
-                                 registration=self.registration_required, now=now, details=details)
+                                 registration=self.registration_required, now=now, facts=facts)
         try:
             async with self._changes:
                 record = await self.service.run(call)
         except Exception as exc:
             self._rotation_done(False)
-            await self._audit(ctx, "rotate_key", None, exc, started=started, details=details)
+            await self._audit(ctx, "rotate_key", None, exc, started=started, details=facts.audit_details())
             raise
         if record is None:
             return None  # another server sharing the store rotated for this period
         self._rotation_done(True)
-        await self._audit(ctx, "rotate_key", record.id, None, started=started, details=details)
+        await self._audit(ctx, "rotate_key", record.id, None, started=started, details=facts.audit_details())
         log.info("scheduled rotation: new key %s (%s)", record.id, record.state.value)
         self._register_if_pending(record)
         return record
@@ -176,34 +173,23 @@ class KeyAdmin:
     async def register(self, key_id: str) -> bool:
         """Registers one key (retrying with backoff) and activates it; False when it stays pending."""
         assert self.genesys is not None
-        settings = self.genesys
         ctx = system_context("registration")
-        claimed = await self.service.run(functools.partial(
-            lifecycle.claim_registration, self.store, key_id, self.owner,
-            genesys.registration_lease_seconds(settings)))
-        if not claimed:
-            log.info("key %s is being registered by another process; not registering it here", key_id)
-            return False
-        record = await self.service.run(self.store.get_key, key_id)
 
-        async def attempted(attempt: int, error: genesys.RegistrationError | None) -> None:
+        async def attempted(attempt: registration.Attempt) -> None:
             if self.metrics is not None:
-                self.metrics.registration_done(error is None)
-            details: dict[str, Any] = {"attempt": attempt, "max_attempts": settings.max_attempts}
-            if error is not None:
-                details.update(error_message=str(error), retrying=error.retryable and attempt < settings.max_attempts)
-            await self._audit(ctx, "register_key", key_id, error, started=time.perf_counter(), details=details)
+                self.metrics.registration_done(attempt.error is None)
+            await self._audit(ctx, "register_key", key_id, attempt.error, started=time.perf_counter(),
+                              details=attempt.audit_details())
 
-        try:
-            await genesys.register_key(settings, record, on_attempt=attempted)
-        except genesys.RegistrationError as exc:
-            log.error("key %s stays pending activation; key %s stays active: %s", key_id,
-                      ",".join(k.id for k in lifecycle.active_keys(self.store)) or "(none)", exc)
-            with contextlib.suppress(Exception):
-                await self.service.run(lifecycle.release_registration, self.store, key_id, self.owner)
-            return False
-        await self._change(ctx, "activate_key", key_id, lifecycle.mark_registered, key_id)
-        return True
+        outcome = await registration.register(self.store, self.genesys, key_id, self.owner, run=self.service.run,
+                                              on_attempt=attempted,
+                                              apply=functools.partial(self.apply, ctx))
+        if outcome.holder is not None:
+            log.info("key %s is being registered by another process; not registering it here", key_id)
+        elif outcome.error is not None:
+            log.error("key %s stays pending activation; key %s stays active: %s", key_id, outcome.active,
+                      outcome.error)
+        return outcome.activated is not None
 
     async def close(self) -> None:
         tasks = [t for t in self._registrations.values() if not t.done()]
@@ -221,12 +207,6 @@ class KeyAdmin:
 
     async def _audit(self, ctx: RequestContext, action: str, key_id: str | None, error: BaseException | None,
                      *, started: float, details: dict[str, Any]) -> None:
-        """For work the server does on its own: a failed audit write is logged, it cannot fail a caller.
-
-        A registration error is no LkmError but has its own stable code (platform_*): that code is recorded."""
-        extra = dict(details)
-        code = getattr(error, "code", None)
-        if code:
-            extra.setdefault("error_code", code)
-        await self.service._audit(ctx, action, key_id=key_id, error=error, started=started, extra=extra,
-                                  fail_closed=False)
+        """For work the server does on its own: a failed audit write is logged, it cannot fail a caller."""
+        await self.service.audit_decision(ctx, action, key_id=key_id, error=error, started=started, extra=details,
+                                          fail_closed=False)

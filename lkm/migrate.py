@@ -123,8 +123,12 @@ def _import_row(store: KeyStore, row: Row, state: KeyState, wanted_active: str |
             if given != public_der_pkcs1(private_key.public_key()):
                 return RowResult(row, key_id, "refused", "the public key does not match the private key")
         row_state = KeyState.ACTIVE if key_id == wanted_active else state
-        _, created = lifecycle.import_key(store, key_id, private_key, state=row_state, label=IMPORT_LABEL,
-                                            details=details)
+        facts = lifecycle.ChangeFacts()
+        try:
+            _, created = lifecycle.import_key(store, key_id, private_key, state=row_state, label=IMPORT_LABEL,
+                                                facts=facts)
+        finally:
+            details.update(facts.audit_details())
     except LkmError as exc:
         details["error_code"] = exc.code
         return RowResult(row, key_id, "refused", exc.message)

@@ -24,8 +24,10 @@ from lkm.errors import (
     LkmError,
     Unavailable,
 )
+from lkm.events import audit_event, error_code
 from lkm.keys import CIPHERTEXT_BYTES, Algorithm, KeyRecord
 from lkm.keystore import UNWRAPPABLE_STATES, KeyStore, key_unusable, usable_record  # noqa: F401 - re-exported
+from lkm.lifecycle import ChangeFacts
 from lkm.outcomes import KEY_KNOWN_OUTCOMES, unwrap_outcome
 
 log = logging.getLogger("lkm.service")
@@ -105,15 +107,6 @@ class DenialLimiter:
 # A key waiting for platform registration must unwrap: the platform tests it with a decrypt before it counts.
 
 
-def outcome_of(error: BaseException | None) -> str:
-    """The stable error code of an outcome, for the audit trail."""
-    if error is None:
-        return "ok"
-    if isinstance(error, LkmError):
-        return error.code
-    return "error"
-
-
 class KeyService:
     def __init__(self, store: KeyStore, audit: AuditSink, executor: Executor, *,
                  observer: UnwrapObserver | None = None, fail_closed: bool = True,
@@ -129,23 +122,17 @@ class KeyService:
     async def run(self, func: Callable[..., T], *args: Any) -> T:
         """Runs blocking key-store work in the worker pool, translating backend trouble to 503."""
         loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(self.executor, func, *args)
-        except KeyStoreError as exc:
-            log.error("key store error: %s", exc)
-            raise Unavailable("key store unavailable", code="keystore_unavailable") from None
+        return await loop.run_in_executor(self.executor, functools.partial(in_store, func, *args))
 
-    async def _audit(self, ctx: RequestContext, action: str, *, key_id: str | None, error: BaseException | None,
-                     started: float, extra: dict[str, Any] | None = None, fail_closed: bool = True) -> None:
-        event = ctx.audit_fields()
-        event.update({"action": action, "key_id": key_id, "outcome": "ok" if error is None else "error",
-                      "latency_ms": round((time.perf_counter() - started) * 1000, 3)})
-        if error is not None:
-            event["error_code"] = outcome_of(error)
-            if isinstance(error, LkmError):
-                error.audited = True
-        if extra:
-            event.update(extra)
+    async def audit_decision(self, ctx: RequestContext, action: str, *, key_id: str | None,
+                             error: BaseException | None, started: float, extra: dict[str, Any] | None = None,
+                             fail_closed: bool = True) -> None:
+        """Writes the record of one decision; unless `fail_closed` is off, a failed write refuses the act."""
+        origin = {**ctx.audit_fields(), "latency_ms": round((time.perf_counter() - started) * 1000, 3)}
+        if isinstance(error, LkmError):
+            error.audited = True
+        event = audit_event(origin, action, key_id, outcome="ok" if error is None else "error",
+                            error_code=None if error is None else error_code(error), extra=extra)
         try:
             await self.audit.record(event)
         except Exception as exc:
@@ -163,10 +150,8 @@ class KeyService:
         suppressed = self.denials.admit(ctx.client)
         if suppressed is None:
             return
-        event = ctx.audit_fields()
-        event.update({"action": action, "key_id": key_id, "outcome": "denied", "error_code": error.code})
-        if suppressed:
-            event["suppressed_denials"] = suppressed
+        event = audit_event(ctx.audit_fields(), action, key_id, outcome="denied", error_code=error.code,
+                            extra={"suppressed_denials": suppressed} if suppressed else None)
         try:
             await self.audit.record(event)
         except Exception as exc:
@@ -176,11 +161,7 @@ class KeyService:
 
     def _unwrap_sync(self, key_id: str, ciphertext: bytes, algorithm: Algorithm) -> bytes:
         """On a worker: one unwrap, with key-store trouble already translated to 503, whoever the caller."""
-        try:
-            return self._unwrap_in_store(key_id, ciphertext, algorithm)
-        except KeyStoreError as exc:
-            log.error("key store error: %s", exc)
-            raise Unavailable("key store unavailable", code="keystore_unavailable") from None
+        return in_store(self._unwrap_in_store, key_id, ciphertext, algorithm)
 
     def _unwrap_in_store(self, key_id: str, ciphertext: bytes, algorithm: Algorithm) -> bytes:
         usable_record(self.store, key_id, algorithm)
@@ -225,8 +206,8 @@ class KeyService:
             # add an fsync'd record exactly when the server has no time to spare.
             return
         # The response waits for its record to be durable: no unaudited unwrap leaves the server.
-        await self._audit(ctx, "unwrap", key_id=key_id, error=error, started=started,
-                          extra={"algorithm": algorithm.value})
+        await self.audit_decision(ctx, "unwrap", key_id=key_id, error=error, started=started,
+                                  extra={"algorithm": algorithm.value})
 
     async def unwrap_batch(self, ctx: RequestContext, items: Sequence[UnwrapItem | LkmError]) -> list[bytes | LkmError]:
         """Unwraps each item independently, in order: an item's problem becomes its result, never the batch's.
@@ -284,7 +265,7 @@ class KeyService:
         extra: dict[str, Any] = {"batch_index": index}
         if not isinstance(item, LkmError):
             extra["algorithm"] = item.algorithm.value
-        await self._audit(ctx, "unwrap", key_id=key_id, error=error, started=started, extra=extra)
+        await self.audit_decision(ctx, "unwrap", key_id=key_id, error=error, started=started, extra=extra)
 
     # --- reading keys --------------------------------------------------------------------------------------
 
@@ -299,10 +280,10 @@ class KeyService:
     # --- changing keys -------------------------------------------------------------------------------------
 
     async def audited(self, ctx: RequestContext, action: str, key_id: str | None,
-                      func: Callable[..., T], *args: Any, details: dict[str, Any] | None = None) -> T:
+                      func: Callable[..., T], *args: Any, facts: ChangeFacts | None = None) -> T:
         """Runs a key change off the loop and audits it, success or failure.
 
-        `details` may be filled by `func` while it runs (states before and after, say): what it holds when
+        `facts` may be filled by `func` while it runs (states before and after, say): what it holds when
         `func` returns or fails goes into the audit record, so a refused change records what was refused.
         """
         started = time.perf_counter()
@@ -322,8 +303,18 @@ class KeyService:
                 # Fail closed before acting is the unwrap rule; a change that already happened is reported as
                 # done even if its record cannot be written (logged and counted), so that a retry does not
                 # rotate or create twice.
-                await self._audit(ctx, action, key_id=key_id, error=error, started=started,
-                                  extra=dict(details) if details else None, fail_closed=error is not None)
+                await self.audit_decision(ctx, action, key_id=key_id, error=error, started=started,
+                                          extra=facts.audit_details() if facts else None, fail_closed=error is not None)
+
+def in_store(func: Callable[..., T], *args: Any) -> T:
+    """Blocking key-store work with backend trouble translated to 503, whoever calls: the one place that
+    decides what a caller learns of a KeyStoreError (nothing but "unavailable"; the log has the cause)."""
+    try:
+        return func(*args)
+    except KeyStoreError as exc:
+        log.error("key store error: %s", exc)
+        raise Unavailable("key store unavailable", code="keystore_unavailable") from None
+
 
 
 def _bad_length(length: int) -> InvalidRequest:

@@ -71,10 +71,11 @@ def test_a_created_key_is_active_only_when_nothing_is_and_no_registration_waits(
 
 def test_rotation_without_registration_activates_at_once_and_old_keys_keep_unwrapping(store: FileKeyStore) -> None:
     add(store, 0, KeyState.ACTIVE)
-    details: dict[str, object] = {}
-    new = lifecycle.rotate(store, registration=False, details=details)
+    facts = lifecycle.ChangeFacts()
+    new = lifecycle.rotate(store, registration=False, facts=facts)
     assert states(store) == {V0: KeyState.RETIRED, new.id: KeyState.ACTIVE}
-    assert details["previous_active"] == V0 and details["retired"] == V0
+    assert facts.previous_active == V0 and facts.retired == V0
+    assert facts.audit_details()["previous_active"] == V0 and facts.audit_details()["to_state"] == "active"
     assert unwrap_vector(store, 0) == base64.b64decode(VECTORS["vectors"][0]["plaintext_b64"])
 
 

@@ -1,0 +1,80 @@
+"""The key state changes as use cases: which lifecycle operation each audit action runs, in one place.
+
+The admin API (lkm.keyadmin) and the command line (lkm.cli) build the same KeyChange for the same request, and
+each applies it with its own way of running blocking work and writing the audit record: what is changed, how,
+and what the record says cannot drift apart between them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from lkm import lifecycle
+from lkm.keys import KeyRecord
+from lkm.keystore import KeyStore
+from lkm.lifecycle import ChangeFacts
+
+
+@dataclass(frozen=True)
+class KeyChange:
+    """One audited change: its audit action, the key it is about (None: a key it creates), the operation."""
+
+    action: str
+    key_id: str | None
+    operation: Callable[..., KeyRecord]
+    args: tuple[Any, ...] = ()
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def apply(self, store: KeyStore, facts: ChangeFacts) -> KeyRecord:
+        """Blocking: the caller runs it where blocking is allowed (a worker thread, or the CLI itself)."""
+        return self.operation(store, *self.args, facts=facts, **self.kwargs)
+
+
+@dataclass(frozen=True)
+class Applied:
+    """A change that was made: the record after it and the facts for its audit record and its report."""
+
+    record: KeyRecord
+    facts: ChangeFacts
+
+
+def create(*, registration: bool, label: str = "") -> KeyChange:
+    return KeyChange("create_key", None, lifecycle.create_key,
+                     kwargs={"registration": registration, "label": label})
+
+
+def rotate(*, registration: bool, label: str = "") -> KeyChange:
+    return KeyChange("rotate_key", None, lifecycle.rotate, kwargs={"registration": registration, "label": label})
+
+
+def activate(key_id: str) -> KeyChange:
+    return KeyChange("activate_key", key_id, lifecycle.activate, (key_id,))
+
+
+def mark_registered(key_id: str) -> KeyChange:
+    """The platform has the key: recorded as its activation."""
+    return KeyChange("activate_key", key_id, lifecycle.mark_registered, (key_id,))
+
+
+def disable(key_id: str, *, force: bool = False) -> KeyChange:
+    return KeyChange("disable_key", key_id, lifecycle.disable, (key_id,), {"force": force})
+
+
+def enable(key_id: str) -> KeyChange:
+    return KeyChange("enable_key", key_id, lifecycle.enable, (key_id,))
+
+
+def schedule_destruction(key_id: str, days: int) -> KeyChange:
+    return KeyChange("schedule_destruction", key_id, lifecycle.schedule_destruction, (key_id,), {"days": days})
+
+
+def cancel_destruction(key_id: str) -> KeyChange:
+    return KeyChange("cancel_destruction", key_id, lifecycle.cancel_destruction, (key_id,))
+
+
+def destroy(key_id: str, *, now: datetime | None = None) -> KeyChange:
+    return KeyChange("destroy_key", key_id, lifecycle.destroy, (key_id,), {"now": now} if now else {})
+

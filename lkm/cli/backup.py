@@ -1,0 +1,95 @@
+"""`lkm backup create|verify|restore`: encrypted bundles of the key store, each step audited."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+from lkm import backup
+from lkm.cli.common import AddCommand, audit, open_store, settings_of
+from lkm.errors import CliError
+
+PASSPHRASE_ENV = "LKM_BACKUP_PASSPHRASE"  # noqa: S105 - the name of a variable, not a secret
+
+
+def _passphrase(args: argparse.Namespace) -> bytes:
+    if args.passphrase_file:
+        try:
+            return Path(args.passphrase_file).read_bytes().rstrip(b"\r\n")
+        except OSError as exc:
+            raise CliError(f"cannot read {args.passphrase_file}: {exc.strerror}") from None
+    value = os.environ.get(PASSPHRASE_ENV)
+    if not value:
+        raise CliError(f"no backup passphrase: pass --passphrase-file FILE or set {PASSPHRASE_ENV}", status=2)
+    return value.encode("utf-8")
+
+
+def cmd_backup_create(args: argparse.Namespace) -> int:
+    settings = settings_of(args)
+    passphrase = _passphrase(args)
+    store = open_store(settings)
+    path = Path(args.file)
+    try:
+        bundle = backup.create_backup(store, path, passphrase)
+    except backup.BackupError as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        store.close()
+    audit(settings, "backup_create", None, file=str(path.resolve()), keys=len(bundle.keys),
+          key_ids=[k.record.id for k in bundle.keys], private_keys=bundle.private_keys)
+    print(f"{path}: {len(bundle.keys)} key(s) backed up"
+          + ("" if bundle.private_keys else " (metadata only: back the HSM up with its own tools)"))
+    return 0
+
+
+def _read(args: argparse.Namespace) -> backup.Bundle:
+    try:
+        return backup.read_backup(Path(args.file), _passphrase(args))
+    except backup.BackupError as exc:
+        raise CliError(str(exc)) from None
+
+
+def cmd_backup_verify(args: argparse.Namespace) -> int:
+    bundle = _read(args)
+    with_private = sum(k.private_key is not None for k in bundle.keys)
+    print(f"{args.file}: OK, whole and decryptable; created {bundle.created} from a {bundle.backend} store; "
+          f"{len(bundle.keys)} key(s), {with_private} with a private key that matches its public key")
+    for item in bundle.keys:
+        print(f"  {item.record.id}  {item.record.state.value}")
+    return 0
+
+
+def cmd_backup_restore(args: argparse.Namespace) -> int:
+    settings = settings_of(args)
+    bundle = _read(args)
+    store = open_store(settings)
+    try:
+        results = backup.restore_backup(store, bundle)
+    finally:
+        store.close()
+    for result in results:
+        if result.outcome == "restored":
+            audit(settings, "restore_key", result.key_id, to_state=result.state, file=str(Path(args.file)))
+        elif result.outcome == "refused":
+            audit(settings, "restore_key", result.key_id, outcome="error", error_code="key_exists",
+                  reason=result.reason)
+        print(result.line())
+    counts = {o: sum(r.outcome == o for r in results) for o in ("restored", "skipped", "refused", "not restored")}
+    audit(settings, "backup_restore", None, file=str(Path(args.file).resolve()),
+          counts={k.replace(" ", "_"): v for k, v in counts.items()})
+    print(", ".join(f"{v} {k}" for k, v in counts.items()))
+    return 1 if counts["refused"] else 0
+
+
+def add_commands(sub: Any, add: AddCommand) -> None:
+    bak = sub.add_parser("backup", help="encrypted backups of the key store").add_subparsers(
+        dest="backup_command", required=True, metavar="ACTION")
+    for name, func, text in (
+            ("create", cmd_backup_create, "write an encrypted bundle of every key and its metadata"),
+            ("verify", cmd_backup_verify, "prove a bundle is whole and decryptable, without restoring"),
+            ("restore", cmd_backup_restore, "restore a bundle; never overwrites a different key")):
+        p = add(name, func, text, bak)
+        p.add_argument("file")
+        p.add_argument("--passphrase-file", help=f"file holding the backup passphrase (default: ${PASSPHRASE_ENV})")

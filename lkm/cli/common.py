@@ -1,0 +1,109 @@
+"""What every command shares: the settings, the key store, the audit record of a CLI action, the output."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from lkm.changes import Applied, KeyChange
+from lkm.config import Settings, load_settings
+from lkm.errors import CliError
+from lkm.events import audit_event, error_code
+from lkm.keys import KeyRecord, public_key_views
+from lkm.keystore import KeyStore
+from lkm.lifecycle import ChangeFacts
+
+DEFAULT_DEV_DIR = "lkm-dev"
+
+AddCommand = Callable[..., argparse.ArgumentParser]
+"""add(name, func, help, parent): a sub-command with the shared -c/--config option."""
+
+
+def config_path(args: argparse.Namespace) -> str:
+    path = getattr(args, "config", None) or os.environ.get("LKM_CONFIG")
+    if not path:
+        raise CliError("no configuration: pass -c FILE or set LKM_CONFIG", status=2)
+    return str(path)
+
+
+def settings_of(args: argparse.Namespace) -> Settings:
+    return load_settings(config_path(args))
+
+
+def open_store(settings: Settings) -> KeyStore:
+    from lkm.keystore.open import open_keystore  # noqa: PLC0415 - keeps `lkm --help` fast
+
+    return open_keystore(settings.keystore)
+
+
+def read_input(name: str) -> bytes:
+    """A file's bytes, or standard input's for "-"."""
+    return Path(name).read_bytes() if name != "-" else sys.stdin.buffer.read()
+
+
+def audit(settings: Settings, action: str, key_id: str | None, outcome: str = "ok", *,
+          error_code: str | None = None, **extra: Any) -> None:
+    """Writes the audit record of one CLI action to the same trail the server writes."""
+    from lkm.audit import AuditLog, local_actor  # noqa: PLC0415
+
+    origin = {"request_id": None, "actor": local_actor(), "route": "cli"}
+    event = audit_event(origin, action, key_id, outcome=outcome, error_code=error_code, extra=extra)
+    settings.audit.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    AuditLog(settings.audit.path, max_bytes=settings.audit.max_bytes,
+             keep_files=settings.audit.keep_files).record_sync(event)
+
+
+def apply(settings: Settings, change: KeyChange, *, store: KeyStore | None = None) -> Applied:
+    """Makes one change and audits it, success or refusal: on `store` when given (the caller closes it), else on
+    a freshly opened store."""
+    target = store if store is not None else open_store(settings)
+    facts = ChangeFacts()
+    try:
+        record = change.apply(target, facts)
+    except Exception as exc:
+        audit(settings, change.action, change.key_id, outcome="error",
+              error_code=error_code(exc, fallback=exc.__class__.__name__), **facts.audit_details())
+        raise
+    finally:
+        if store is None:
+            target.close()
+    audit(settings, change.action, record.id, **facts.audit_details())
+    return Applied(record, facts)
+
+
+def transition_line(applied: Applied) -> str:
+    """"id: before -> after"."""
+    before = applied.facts.from_state or applied.record.state
+    return f"{applied.record.id}: {before.value} -> {applied.record.state.value}"
+
+
+def print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, sort_keys=False))
+
+
+def key_lines(record: KeyRecord) -> str:
+    views = public_key_views(record)
+    return "\n".join([
+        f"id:        {record.id}",
+        f"state:     {record.state.value}",
+        f"created:   {record.to_json()['created']}",
+        f"backend:   {record.backend}",
+        *([f"label:     {record.label}"] if record.label else []),
+        "public key (platform format, base64 DER PKCS#1):",
+        views["public_key_pkcs1_b64"],
+        "public key (PEM SubjectPublicKeyInfo):",
+        views["public_key_pem"].rstrip(),
+    ])
+
+
+def show_key(args: argparse.Namespace, record: KeyRecord, text: str) -> None:
+    """The record as JSON with --json, else `text`."""
+    if getattr(args, "json", False):
+        print_json({**record.to_json(), **public_key_views(record)})
+    else:
+        print(text)

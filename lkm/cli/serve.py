@@ -1,0 +1,125 @@
+"""`lkm serve` (with --dev, the embedded default), `check-config`, `demo` and `bench`: running things."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+from lkm.cli.common import DEFAULT_DEV_DIR, AddCommand, config_path, settings_of
+from lkm.config import load_settings
+from lkm.errors import CliError
+from lkm.keys import KeyState
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from lkm import devmode  # noqa: PLC0415
+    from lkm.logs import setup_logging  # noqa: PLC0415
+    from lkm.server import LkmServer, serve_forever  # noqa: PLC0415
+
+    if args.dev:
+        pkcs11 = None
+        if args.keystore == "pkcs11":
+            pkcs11 = _dev_pkcs11(Path(args.dev_dir))
+        path = devmode.ensure_dev_environment(Path(args.dev_dir), port_base=args.dev_port_base,
+                                                     keystore=args.keystore, pkcs11=pkcs11)
+    else:
+        path = Path(config_path(args))
+    settings = load_settings(path)
+    log_writer = setup_logging(settings.logging.level, settings.logging.format)
+
+    def started(server: LkmServer) -> None:
+        if args.dev:
+            active = [k.id for k in server.store.list_keys() if k.state is KeyState.ACTIVE] \
+                if server.store else []
+            urls = {name: server.url(name) for name in server.listeners}
+            dev_json = devmode.write_dev_json(settings, urls, active[-1] if active else None)
+            print(devmode.usage_text(dev_json), flush=True)
+        else:
+            print("lkm serving: " + ", ".join(f"{n} {server.url(n)}" for n in server.listeners), flush=True)
+
+    try:
+        asyncio.run(serve_forever(settings, on_started=started))
+    finally:
+        log_writer.stop()  # writes out what is queued
+    return 0
+
+
+def _dev_pkcs11(dev_dir: Path) -> dict[str, Any]:
+    """Makes (once) a private SoftHSM2 token for the dev mode and returns its keystore settings."""
+    import subprocess  # noqa: PLC0415
+
+    token_dir = dev_dir.resolve() / "softhsm"
+    script = Path(__file__).resolve().parents[2] / "softhsm" / "make-token.sh"
+    settings_file = token_dir / "lkm-keystore.json"
+    if not settings_file.exists():
+        if not script.exists():
+            raise CliError(f"the SoftHSM helper script {script} is missing (run from a source checkout)")
+        subprocess.run(["bash", str(script), "--dir", str(token_dir), "--json", str(settings_file)],
+                       check=True)
+    data: dict[str, Any] = json.loads(settings_file.read_text())
+    data["module_env"] = {"SOFTHSM2_CONF": data.pop("softhsm2_conf")}
+    return data
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    settings = settings_of(args)
+    from lkm.tlsconf import server_context  # noqa: PLC0415
+
+    if settings.platform.tls:
+        server_context(settings.platform.tls, require_client_cert=False, source=settings.source,
+                       setting="platform.tls")
+    if settings.native:
+        server_context(settings.native.tls, require_client_cert=True, source=settings.source,
+                       setting="native.tls")
+    if settings.keystore.passphrase:
+        settings.keystore.passphrase.read_bytes()
+    if settings.keystore.pin:
+        settings.keystore.pin.read_bytes()
+    for ref in settings.platform.hawk.credentials:
+        ref.key.read_bytes()
+    print(f"{settings.source}: configuration is valid")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from lkm.bench.command import run  # noqa: PLC0415
+
+    return run(args)
+
+
+def _bench_arguments(parser: argparse.ArgumentParser) -> None:
+    from lkm.bench.options import add_arguments  # noqa: PLC0415
+
+    add_arguments(parser)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from lkm.demo import run_demo  # noqa: PLC0415
+
+    return asyncio.run(run_demo(Path(args.dev_json) if args.dev_json else None, args.config))
+
+
+def add_commands(sub: Any, add: AddCommand) -> None:
+    """serve and check-config, first in the help."""
+    serve = add("serve", cmd_serve, "run the server")
+    serve.add_argument("--dev", action="store_true",
+                       help="embedded default: make (once) and use a dev CA, certificates, key and config")
+    serve.add_argument("--dev-dir", default=DEFAULT_DEV_DIR, help="data directory for --dev (default: %(default)s)")
+    serve.add_argument("--dev-port-base", type=int, default=8443,
+                       help="--dev listeners use this port and the next two (0: any free ports)")
+    serve.add_argument("--keystore", choices=("file", "pkcs11"), default="file",
+                       help="key store for a new --dev environment (pkcs11: a private SoftHSM2 token)")
+
+    add("check-config", cmd_check_config, "validate a config file without serving")
+
+
+def add_tools(sub: Any, add: AddCommand) -> None:
+    """demo and bench, last in the help."""
+    p = add("demo", cmd_demo, "play the platform once against a running server (wrap, unwrap, decrypt)")
+    p.add_argument("--dev-json", help=f"dev.json of a --dev server (default: {DEFAULT_DEV_DIR}/dev.json)")
+    p = add("bench", cmd_bench, "measure throughput and latency: a load generator, the raw key-store rate, "
+                                "start-up with many keys")
+    _bench_arguments(p)

@@ -1,0 +1,100 @@
+"""The use cases of lkm.service and lkm.keyadmin against a real file store, without HTTP."""
+
+from __future__ import annotations
+
+import base64
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lkm.auth import Actor
+from lkm.config import Role
+from lkm.errors import Forbidden, IllegalTransition, KeyUnusable, Unavailable
+from lkm.keyadmin import KeyAdmin
+from lkm.keys import Algorithm, KeyState
+from lkm.keystore.file import FileKeyStore
+from lkm.service import KeyService, RequestContext, in_store
+from tests.test_lifecycle import V0, VECTORS, add
+
+
+class Trail:
+    """An audit sink that keeps the events, as the audit log would receive them."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+
+    async def record(self, event: dict[str, Any]) -> None:
+        self.events.append(dict(event))
+
+
+def context(*roles: Role) -> RequestContext:
+    return RequestContext(request_id="r1", actor=Actor(kind="mtls", name="tester", roles=frozenset(roles)))
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> FileKeyStore:
+    return FileKeyStore(tmp_path / "keys", b"service test passphrase")
+
+
+@pytest.fixture
+async def service(store: FileKeyStore) -> Any:
+    with ThreadPoolExecutor(2) as pool:
+        yield KeyService(store, Trail(), pool)
+
+
+async def test_unwrap_of_a_vector_is_audited_with_its_algorithm(store: FileKeyStore, service: KeyService) -> None:
+    add(store, 0, KeyState.ACTIVE)
+    vector = VECTORS["vectors"][0]
+    plain = await service.unwrap(context(Role.UNWRAP), V0, base64.b64decode(vector["ciphertext_b64"]),
+                                 Algorithm.RSA_OAEP_SHA1)
+    assert plain
+    [event] = service.audit.events  # type: ignore[attr-defined]
+    assert event["action"] == "unwrap" and event["outcome"] == "ok" and event["key_id"] == V0
+    assert event["algorithm"] == "RSA-OAEP-SHA1" and event["actor"]["name"] == "tester"
+    assert "latency_ms" in event and "error_code" not in event
+
+
+async def test_unwrap_with_a_disabled_key_is_refused_and_audited(store: FileKeyStore, service: KeyService) -> None:
+    add(store, 0, KeyState.DISABLED)
+    with pytest.raises(KeyUnusable):
+        await service.unwrap(context(Role.UNWRAP), V0, bytes(384), Algorithm.RSA_OAEP_SHA1)
+    [event] = service.audit.events  # type: ignore[attr-defined]
+    assert event["outcome"] == "error" and event["error_code"] == "key_disabled"
+
+
+async def test_create_and_rotate_through_the_admin_use_cases(store: FileKeyStore, service: KeyService) -> None:
+    admin = KeyAdmin(service, rotation=None, genesys_settings=None)
+    first = await admin.create(context(Role.ADMIN))
+    assert first.state is KeyState.ACTIVE
+    second = await admin.rotate(context(Role.ADMIN))
+    assert second.state is KeyState.ACTIVE and store.get_key(first.id).state is KeyState.RETIRED
+    create, rotate = service.audit.events  # type: ignore[attr-defined]
+    assert create["action"] == "create_key" and create["to_state"] == "active"
+    assert rotate["action"] == "rotate_key" and rotate["previous_active"] == first.id
+    assert rotate["retired"] == first.id and rotate["key_id"] == second.id
+
+
+async def test_a_refused_change_is_audited_with_what_was_asked(store: FileKeyStore, service: KeyService) -> None:
+    admin = KeyAdmin(service, rotation=None, genesys_settings=None)
+    add(store, 0, KeyState.ACTIVE)
+    with pytest.raises(IllegalTransition):
+        await admin.disable(context(Role.ADMIN), V0)
+    with pytest.raises(Forbidden):
+        await admin.disable(context(Role.READ), V0, force=True)
+    refused, forbidden = service.audit.events  # type: ignore[attr-defined]
+    assert refused["error_code"] == "illegal_transition"
+    assert (refused["from_state"], refused["to_state"]) == ("active", "disabled")
+    assert forbidden["error_code"] == "forbidden_role" and store.get_key(V0).state is KeyState.ACTIVE
+
+
+def test_key_store_trouble_is_unavailable_whoever_calls(store: FileKeyStore) -> None:
+    from lkm.errors import KeyStoreError
+
+    def broken() -> None:
+        raise KeyStoreError("disk on fire /secret/path")
+
+    with pytest.raises(Unavailable) as caught:
+        in_store(broken)
+    assert caught.value.code == "keystore_unavailable" and "secret" not in caught.value.message
