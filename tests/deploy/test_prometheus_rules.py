@@ -3,25 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
-DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "prometheus"
+from tests.deploy.common import ROOT, tool
+
+DEPLOY = ROOT / "deploy" / "prometheus"
 
 
 @pytest.fixture(scope="module")
 def promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail("promtool is required in CI (apt-get install prometheus)")
-        pytest.skip("promtool not installed (apt-get install prometheus); CI runs these checks")
-    return path
+    return tool("promtool", "apt-get install prometheus")
 
 
 @pytest.mark.parametrize("args", [
