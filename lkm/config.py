@@ -6,7 +6,6 @@ setting (as a dotted path) and what was expected; unknown settings are errors.
 
 from __future__ import annotations
 
-import enum
 import os
 import re
 from dataclasses import dataclass
@@ -16,12 +15,9 @@ from typing import Any, TypeVar
 import yaml
 
 from lkm.errors import ConfigError
+from lkm.roles import Role
 
-
-class Role(enum.StrEnum):
-    READ = "read"
-    UNWRAP = "unwrap"
-    ADMIN = "admin"
+__all__ = ["Role"]  # importable from here too while every caller moves to lkm.roles
 
 
 # --- settings -----------------------------------------------------------------------------------------------

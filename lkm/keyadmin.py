@@ -21,10 +21,11 @@ from typing import Any
 
 from lkm import genesys, lifecycle
 from lkm.auth import Actor
-from lkm.config import GenesysSettings, Role, RotationSettings
+from lkm.config import GenesysSettings, RotationSettings
 from lkm.errors import Forbidden
 from lkm.keys import KeyRecord, KeyState, utcnow
 from lkm.metrics import Metrics
+from lkm.roles import Role
 from lkm.service import KeyService, RequestContext
 
 log = logging.getLogger("lkm.keyadmin")

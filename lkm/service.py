@@ -17,7 +17,6 @@ from typing import Any, Protocol, TypeVar
 
 from lkm.admission import Admission, is_shed
 from lkm.auth import Actor
-from lkm.config import Role
 from lkm.errors import (
     DecryptionFailed,
     Forbidden,
@@ -32,6 +31,7 @@ from lkm.errors import (
 )
 from lkm.keys import CIPHERTEXT_BYTES, Algorithm, KeyRecord, KeyState
 from lkm.keystore import KeyStore
+from lkm.roles import Role
 
 log = logging.getLogger("lkm.service")
 T = TypeVar("T")

@@ -21,7 +21,6 @@ from typing import Any
 from aiohttp import web
 
 from lkm.auth import Actor, ClientPolicy
-from lkm.config import Role
 from lkm.errors import (
     Forbidden,
     InvalidRequest,
@@ -30,6 +29,7 @@ from lkm.errors import (
     Unauthenticated,
 )
 from lkm.keys import Algorithm, KeyRecord, b64, parse_key_id, public_key_views
+from lkm.roles import Role
 from lkm.service import KeyService, RequestContext
 
 log = logging.getLogger("lkm.web")

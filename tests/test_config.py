@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lkm.config import Role, load_settings
+from lkm.config import load_settings
 from lkm.errors import ConfigError
+from lkm.roles import Role
 
 LKM = [sys.executable, "-m", "lkm"]
 
