@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TypeVar, overload
 
-from lkm.config.secrets import SecretKind, SecretRef
+from lkm.config.secrets import CREDENTIALS_DIRECTORY, REFERENCE_FORMS, SecretKind, SecretRef, is_credential_name
 from lkm.errors import ConfigError
 
 D = TypeVar("D")
@@ -204,13 +204,15 @@ class Section:
         if self._absent(key):
             return self._default(key, default)
         if isinstance(self._data[key], str):
-            raise self.error(key, "a reference {file: PATH} or {env: NAME}, not an inline secret")
+            raise self.error(key, f"a reference {REFERENCE_FORMS}, not an inline secret")
         sub = self.section(key)
         kinds = [kind for kind in SecretKind if sub.has(kind)]
         if len(kinds) != 1:
-            raise self.error(key, "exactly one of {file: PATH} or {env: NAME}")
+            raise self.error(key, f"exactly one of {REFERENCE_FORMS}")
         kind = kinds[0]
         name = str(sub.path(kind)) if kind is SecretKind.FILE else sub.string(kind)
+        if kind is SecretKind.CREDENTIAL and not is_credential_name(name):
+            raise sub.error(kind, f"a credential name (a file name in ${CREDENTIALS_DIRECTORY}), got {name!r}")
         sub.done()
         return SecretRef(kind=kind, name=name, setting=self.name(key), source=self.source)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,17 @@ from lkm.errors import ConfigError
 class SecretKind(enum.StrEnum):
     FILE = "file"  # {file: PATH}
     ENV = "env"  # {env: NAME}
+    CREDENTIAL = "credential"  # {credential: NAME}: $CREDENTIALS_DIRECTORY/NAME (systemd LoadCredential=)
+
+
+REFERENCE_FORMS = "{file: PATH}, {env: NAME} or {credential: NAME}"
+CREDENTIALS_DIRECTORY = "CREDENTIALS_DIRECTORY"
+_CREDENTIAL_NAME_RE = re.compile(r"^(?!\.\.?$)[^/\x00]+$")
+
+
+def is_credential_name(name: str) -> bool:
+    """A name systemd can pass: one file name inside the credentials directory, never a path out of it."""
+    return bool(_CREDENTIAL_NAME_RE.match(name))
 
 
 @dataclass(frozen=True)
@@ -34,6 +46,14 @@ class SecretRef:
             if value is None:
                 raise ConfigError(self.source, self.setting, f"environment variable {self.name} to be set")
             return value.encode("utf-8")
+        if self.kind == SecretKind.CREDENTIAL:
+            # systemd sets the variable for the service's own process only, so it is looked up when read.
+            directory = os.environ.get(CREDENTIALS_DIRECTORY)
+            if not directory:
+                raise ConfigError(self.source, self.setting,
+                                  f"environment variable {CREDENTIALS_DIRECTORY} to be set (systemd sets it for "
+                                  f"LoadCredential=) to read credential {self.name}")
+            return self._read_file(Path(directory) / self.name, "a readable credential file")
         return self._read_file(Path(self.name), "a readable secret file")
 
     def read_text(self) -> str:

@@ -67,8 +67,9 @@ def test_a_required_setting_must_be_there() -> None:
     ("choice", "loud", (LogLevel,), "one of debug, info, warning, error, got 'loud'"),
     ("members", ["read", 1], (Role,), "roles from read, unwrap, admin, got ['read', 1]"),
     ("items", "read", (), "a list, got 'read'"),
-    ("secret", "inline", (), "a reference {file: PATH} or {env: NAME}, not an inline secret"),
-    ("secret", {}, (), "exactly one of {file: PATH} or {env: NAME}"),
+    ("secret", "inline", (), "a reference {file: PATH}, {env: NAME} or {credential: NAME}, not an inline secret"),
+    ("secret", {}, (), "exactly one of {file: PATH}, {env: NAME} or {credential: NAME}"),
+    ("secret", {"env": "A", "credential": "b"}, (), "exactly one of {file: PATH}, {env: NAME} or {credential: NAME}"),
 ])
 def test_a_wrong_value_names_what_was_expected(read: str, value: object, args: tuple[object, ...],
                                                 expected: str) -> None:
@@ -104,10 +105,11 @@ def test_existing_file_names_the_missing_path(tmp_path: Path) -> None:
 
 
 def test_secrets_are_references_resolved_against_the_config_folder() -> None:
-    sec = section(a={"file": "secrets/a"}, b={"env": "LKM_B"})
-    a, b = sec.secret("a"), sec.secret("b")
+    sec = section(a={"file": "secrets/a"}, b={"env": "LKM_B"}, c={"credential": "keystore.pass"})
+    a, b, c = sec.secret("a"), sec.secret("b"), sec.secret("c")
     assert (a.kind, a.name, a.setting, a.source) == (SecretKind.FILE, str(BASE / "secrets" / "a"), "top.a", "lkm.yaml")
     assert (b.kind, b.name) == (SecretKind.ENV, "LKM_B")
+    assert (c.kind, c.name) == (SecretKind.CREDENTIAL, "keystore.pass")  # a name in the directory, not a path
     with pytest.raises(ConfigError) as info:
         section(c={"env": "X", "extra": 1}).secret("c")
     assert (info.value.setting, info.value.expected) == (
@@ -142,3 +144,11 @@ def test_parse_duration() -> None:
     for bad in ("", "5", "5w", "-1h", "1.5h"):
         with pytest.raises(ValueError):
             parse_duration(bad)
+
+
+@pytest.mark.parametrize("name", ["../etc/shadow", "sub/name", "..", "."])
+def test_a_credential_is_a_file_name_never_a_path(name: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        section(pin={"credential": name}).secret("pin")
+    assert (info.value.source, info.value.setting) == ("lkm.yaml", "top.pin.credential")
+    assert info.value.expected == f"a credential name (a file name in $CREDENTIALS_DIRECTORY), got {name!r}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -53,3 +54,46 @@ def test_missing_secret_env_is_reported_at_check(config_factory: Callable[..., P
     assert result.returncode == 2
     assert (f"{path}: keystore.passphrase: environment variable LKM_TEST_UNSET_VARIABLE to be set"
             in result.stderr)
+
+
+def test_a_credential_is_read_from_the_credentials_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "keystore.pass").write_bytes(b"from systemd\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    assert ref(SecretKind.CREDENTIAL, "keystore.pass").read_bytes() == b"from systemd"
+
+
+def test_a_credential_without_the_directory_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    with pytest.raises(ConfigError) as info:
+        ref(SecretKind.CREDENTIAL, "keystore.pass").read_bytes()
+    assert (info.value.source, info.value.setting) == ("lkm.yaml", "keystore.passphrase")
+    assert info.value.expected == ("environment variable CREDENTIALS_DIRECTORY to be set (systemd sets it for "
+                                   "LoadCredential=) to read credential keystore.pass")
+
+
+def test_a_missing_credential_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    with pytest.raises(ConfigError) as info:
+        ref(SecretKind.CREDENTIAL, "absent").read_bytes()
+    assert (info.value.source, info.value.setting) == ("lkm.yaml", "keystore.passphrase")
+    assert info.value.expected == f"a readable credential file at {tmp_path / 'absent'} (No such file or directory)"
+
+
+def test_check_config_reads_a_credential(tmp_path: Path, config_factory: Callable[..., Path]) -> None:
+    path = config_factory(**{"keystore.passphrase": {"credential": "keystore.pass"}})
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "CREDENTIALS_DIRECTORY"}
+    result = subprocess.run([*LKM, "check-config", "-c", str(path)], capture_output=True, text=True, check=False,
+                            env=env)
+    assert result.returncode == 2
+    assert f"{path}: keystore.passphrase: environment variable CREDENTIALS_DIRECTORY to be set" in result.stderr
+    env["CREDENTIALS_DIRECTORY"] = str(credentials)
+    result = subprocess.run([*LKM, "check-config", "-c", str(path)], capture_output=True, text=True, check=False,
+                            env=env)
+    assert result.returncode == 2
+    assert f"a readable credential file at {credentials / 'keystore.pass'}" in result.stderr
+    (credentials / "keystore.pass").write_text("correct horse battery staple\n")
+    result = subprocess.run([*LKM, "check-config", "-c", str(path)], capture_output=True, text=True, check=False,
+                            env=env)
+    assert result.returncode == 0, result.stderr
