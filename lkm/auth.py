@@ -16,8 +16,9 @@ from typing import Any
 
 from cryptography import x509
 
-from lkm.config import ClientRule, Role
+from lkm.config import ClientRule
 from lkm.errors import Forbidden
+from lkm.roles import Role
 
 
 class ActorKind(StrEnum):

@@ -20,11 +20,12 @@ from typing import Any
 
 from lkm import changes, lifecycle, registration
 from lkm.auth import Actor, ActorKind
-from lkm.config import GenesysSettings, Role, RotationSettings
+from lkm.config import GenesysSettings, RotationSettings
 from lkm.errors import Forbidden
 from lkm.keys import KeyRecord, KeyState, utcnow
 from lkm.lifecycle import ChangeFacts
 from lkm.metrics import Metrics
+from lkm.roles import Role
 from lkm.service import KeyService, RequestContext
 
 log = logging.getLogger("lkm.keyadmin")

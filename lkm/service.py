@@ -17,7 +17,6 @@ from typing import Any, Protocol, TypeVar
 
 from lkm.admission import Admission, is_shed
 from lkm.auth import Actor
-from lkm.config import Role
 from lkm.errors import (
     InvalidRequest,
     KeyStoreError,
@@ -29,6 +28,7 @@ from lkm.keys import CIPHERTEXT_BYTES, Algorithm, KeyRecord
 from lkm.keystore import UNWRAPPABLE_STATES, KeyStore, key_unusable, usable_record  # noqa: F401 - re-exported
 from lkm.lifecycle import ChangeFacts
 from lkm.outcomes import KEY_KNOWN_OUTCOMES, unwrap_outcome
+from lkm.roles import Role
 
 log = logging.getLogger("lkm.service")
 T = TypeVar("T")

@@ -9,8 +9,9 @@ from cryptography.hazmat.primitives import serialization
 
 from lkm import pki
 from lkm.auth import Actor, ActorKind, ClientPolicy, certificate_facts, platform_actor
-from lkm.config import ClientRule, Role
+from lkm.config import ClientRule
 from lkm.errors import Forbidden
+from lkm.roles import Role
 
 
 @pytest.fixture(scope="module")

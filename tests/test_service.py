@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 
 from lkm.auth import Actor
-from lkm.config import Role
 from lkm.errors import Forbidden, IllegalTransition, KeyUnusable, Unavailable
 from lkm.keyadmin import KeyAdmin
 from lkm.keys import Algorithm, KeyState
 from lkm.keystore.file import FileKeyStore
+from lkm.roles import Role
 from lkm.service import KeyService, RequestContext, in_store
 from tests.test_lifecycle import V0, VECTORS, add
 

@@ -15,9 +15,9 @@ from typing import Any
 
 from aiohttp import web
 
-from lkm.config import Role
 from lkm.errors import InvalidRequest, LkmError, PayloadTooLarge
 from lkm.keys import Algorithm, b64, parse_key_id
+from lkm.roles import Role
 from lkm.service import UnwrapItem
 from lkm.web.plumbing import REQUEST_ID, SERVICE, actor_context, decode_b64, parse_json_object, read_body
 from lkm.web.routes import Route

@@ -13,9 +13,9 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from lkm.auth import Actor, ActorKind, ClientPolicy
-from lkm.config import Role
 from lkm.errors import Forbidden, InvalidRequest, Unauthenticated
 from lkm.keys import Algorithm, b64, parse_key_id
+from lkm.roles import Role
 from lkm.web.plumbing import (
     ACTOR,
     SERVICE,

@@ -1,0 +1,171 @@
+"""The validated configuration: frozen settings, built once by lkm.config.load and read everywhere else.
+
+Closed vocabularies are enums so a setting that parsed is one the code knows; secrets stay references.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from pathlib import Path
+
+from lkm.config.secrets import SecretRef
+from lkm.roles import Role
+
+
+class KeyStoreType(enum.StrEnum):
+    FILE = "file"
+    PKCS11 = "pkcs11"
+
+
+class LogLevel(enum.StrEnum):
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+
+class LogFormat(enum.StrEnum):
+    JSON = "json"
+    TEXT = "text"
+
+
+@dataclass(frozen=True)
+class ListenSettings:
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class TLSSettings:
+    cert_file: Path
+    key_file: Path
+    client_ca_file: Path | None = None
+    key_password: SecretRef | None = None
+
+
+@dataclass(frozen=True)
+class HawkCredentialRef:
+    id: str
+    key: SecretRef
+
+
+@dataclass(frozen=True)
+class HawkSettings:
+    credentials_file: Path | None
+    credentials: tuple[HawkCredentialRef, ...]
+    timestamp_skew_seconds: int
+    replay_check: bool
+    nonce_cache_size: int
+
+
+@dataclass(frozen=True)
+class PlatformSettings:
+    enabled: bool
+    listen: ListenSettings
+    tls: TLSSettings | None
+    path: str
+    public_host: str | None
+    public_port: int | None
+    hawk: HawkSettings
+    allow_pkcs1: bool
+
+
+@dataclass(frozen=True)
+class ClientRule:
+    name: str
+    subject: str | None
+    san: str | None
+    fingerprint: str | None  # lowercase hex SHA-256 of the DER certificate
+    roles: frozenset[Role]
+
+
+@dataclass(frozen=True)
+class NativeSettings:
+    enabled: bool
+    listen: ListenSettings
+    tls: TLSSettings
+    clients: tuple[ClientRule, ...]
+    max_batch: int
+
+
+@dataclass(frozen=True)
+class OpsSettings:
+    enabled: bool
+    listen: ListenSettings
+
+
+@dataclass(frozen=True)
+class KeyStoreSettings:
+    type: KeyStoreType
+    path: Path | None = None
+    passphrase: SecretRef | None = None
+    # pkcs11
+    module: Path | None = None
+    token_label: str | None = None
+    token_serial: str | None = None
+    pin: SecretRef | None = None
+    pool_size: int = 2
+    pkcs11_allow_pkcs1: bool = False
+    pkcs11_allow_import: bool = True  # plaintext private keys may be imported into the token
+    module_env: tuple[tuple[str, str], ...] = ()  # environment the PKCS#11 module reads (SOFTHSM2_CONF, ...)
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    path: Path
+    fail_closed: bool
+    max_bytes: int
+    keep_files: int
+
+
+@dataclass(frozen=True)
+class LoggingSettings:
+    level: LogLevel
+    format: LogFormat
+
+
+@dataclass(frozen=True)
+class LimitsSettings:
+    max_body_bytes: int
+    worker_threads: int
+    request_deadline_ms: int
+    keep_alive_seconds: int
+    refresh_seconds: float
+
+
+@dataclass(frozen=True)
+class RotationSettings:
+    every_seconds: int  # scheduled rotation period; at least MIN_ROTATION_SECONDS
+
+
+MIN_ROTATION_SECONDS = 3600
+
+
+@dataclass(frozen=True)
+class GenesysSettings:
+    """Where and how to register new public keys with the platform (`POST /api/v2/recording/localkeys`)."""
+
+    login_url: str  # e.g. https://login.mypurecloud.com
+    api_url: str  # e.g. https://api.mypurecloud.com
+    client_id: str
+    client_secret: SecretRef
+    config_id: str  # the key configuration (type LocalKeyManager) the keys belong to
+    timeout_seconds: float
+    max_attempts: int
+    retry_initial_seconds: float
+    retry_max_seconds: float
+
+
+@dataclass(frozen=True)
+class Settings:
+    source: str
+    keystore: KeyStoreSettings
+    platform: PlatformSettings
+    native: NativeSettings | None
+    ops: OpsSettings
+    audit: AuditSettings
+    logging: LoggingSettings
+    limits: LimitsSettings
+    rotation: RotationSettings | None = None
+    genesys: GenesysSettings | None = None
