@@ -119,9 +119,14 @@ class OpsSettings:
 
 @dataclass(frozen=True)
 class KeyStoreSettings:
-    type: str  # "file" | "pkcs11"
+    type: str  # "file" | "pkcs11" | "postgresql"
     path: Path | None = None
-    passphrase: SecretRef | None = None
+    passphrase: SecretRef | None = None  # file and postgresql: private keys are sealed under a key derived from it
+    # postgresql
+    dsn: SecretRef | None = None  # a libpq connection string (TLS to the database: sslmode, sslrootcert)
+    pool_min: int = 1
+    pool_max: int = 4
+    connect_timeout: float = 5.0
     # pkcs11
     module: Path | None = None
     token_label: str | None = None
@@ -358,9 +363,19 @@ def _tls(sec: Section, *, client_ca: bool) -> TLSSettings:
 
 
 def _keystore(sec: Section) -> KeyStoreSettings:
-    kind = sec.string("type", "file", choices=("file", "pkcs11"))
+    kind = sec.string("type", "file", choices=("file", "pkcs11", "postgresql"))
     if kind == "file":
         result = KeyStoreSettings(type="file", path=sec.path("path"), passphrase=sec.secret("passphrase"))
+    elif kind == "postgresql":
+        pool_min = sec.integer("pool_min", 1, minimum=1, maximum=64)
+        result = KeyStoreSettings(
+            type="postgresql",
+            dsn=sec.secret("dsn"),  # it usually holds a password
+            passphrase=sec.secret("passphrase"),
+            pool_min=pool_min,
+            pool_max=sec.integer("pool_max", max(4, pool_min), minimum=pool_min, maximum=64),
+            connect_timeout=sec.number("connect_timeout", 5.0, minimum=1.0),
+        )
     else:
         if not (sec.has("token_label") or sec.has("token_serial")):
             raise sec.error("token_label", "token_label or token_serial to find the token (slot numbers change)")

@@ -53,7 +53,7 @@ AUTH_FAILURE_PAIRS = (
     ("cli", "forbidden_role"),
 )
 KEY_STATES = ("pending_activation", "active", "retired", "disabled", "pending_destruction", "destroyed")
-KEYSTORE_BACKENDS = ("file", "pkcs11")
+KEYSTORE_BACKENDS = ("file", "pkcs11", "postgresql")
 KEYSTORE_OPERATIONS = ("decrypt", "create", "list", "refresh", "check")
 READINESS_CHECKS = ("keystore", "active_key", "certificates", "audit", "canary")
 OUTCOMES = ("ok", "failed")
