@@ -37,8 +37,8 @@ from lkm.keys import (
 )
 from lkm.keystore.file import ALL_ALGORITHMS, WITHOUT_PKCS1, implicit_rejection
 from lkm.keystore.health import StoreHealth, StoreStatus
-from lkm.keystore.postgresql import schema
 from lkm.keystore.postgresql.listener import Listener, describe
+from lkm.keystore.postgresql.schema import CHANNEL, LOCK_CLASS, STORE_LOCK, WRITE_LOCK, migrate
 from lkm.keystore.postgresql.sealing import Sealer, key_aad, new_header
 
 log = logging.getLogger("lkm.keystore.postgresql")
@@ -82,14 +82,14 @@ class PostgresKeyStore:
         try:
             self._pool.open(wait=True, timeout=connect_timeout)
             with self.connection() as conn:
-                schema.migrate(conn)
+                migrate(conn)
                 self.sealer = Sealer(passphrase, self._header(conn, passphrase))
             self.refresh()
         except BaseException:
             self._pool.close()
             raise
         if listen:
-            self._listener = Listener(self.connect, schema.CHANNEL, on_change=self._refresh_quietly,
+            self._listener = Listener(self.connect, CHANNEL, on_change=self._refresh_quietly,
                                       on_down=self._mark_degraded, on_up=self._mark_ok)
 
     # --- connections ---------------------------------------------------------------------------------------
@@ -115,9 +115,9 @@ class PostgresKeyStore:
         """One write transaction. Writers queue on a transaction lock so change numbers follow commit order (a
         refresh that loaded change N has seen every change below N), and the commit notifies every replica."""
         with self.connection() as conn, conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (schema.LOCK_CLASS, schema.WRITE_LOCK))
+            conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (LOCK_CLASS, WRITE_LOCK))
             yield conn
-            conn.execute("SELECT pg_notify(%s, %s)", (schema.CHANNEL, what))
+            conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, what))
 
     def _failure(self, exc: BaseException) -> KeyStoreError:
         message = f"PostgreSQL key store: {describe(exc)}"
@@ -305,7 +305,7 @@ class PostgresKeyStore:
         conn = self.connect()
         try:
             try:
-                conn.execute("SELECT pg_advisory_lock(%s, %s)", (schema.LOCK_CLASS, schema.STORE_LOCK))
+                conn.execute("SELECT pg_advisory_lock(%s, %s)", (LOCK_CLASS, STORE_LOCK))
             except psycopg.Error as exc:
                 raise self._failure(exc) from None
             self._held.depth = 1
