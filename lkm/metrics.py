@@ -58,6 +58,7 @@ class AuthReason(StrEnum):
 class KeystoreBackend(StrEnum):
     FILE = "file"
     PKCS11 = "pkcs11"
+    POSTGRESQL = "postgresql"
 
 
 class KeystoreOperation(StrEnum):

@@ -49,6 +49,16 @@ def read_keystore(sec: Section) -> settings.KeyStoreSettings:
     kind = sec.choice("type", settings.KeyStoreType, settings.KeyStoreType.FILE)
     if kind is settings.KeyStoreType.FILE:
         result = settings.KeyStoreSettings(type=kind, path=sec.path("path"), passphrase=sec.secret("passphrase"))
+    elif kind is settings.KeyStoreType.POSTGRESQL:
+        pool_min = sec.integer("pool_min", 1, minimum=1, maximum=64)
+        result = settings.KeyStoreSettings(
+            type=kind,
+            dsn=sec.secret("dsn"),  # it usually holds a password
+            passphrase=sec.secret("passphrase"),
+            pool_min=pool_min,
+            pool_max=sec.integer("pool_max", max(4, pool_min), minimum=pool_min, maximum=64),
+            connect_timeout=sec.number("connect_timeout", 5.0, minimum=1.0),
+        )
     else:
         if not (sec.has("token_label") or sec.has("token_serial")):
             raise sec.error("token_label", "token_label or token_serial to find the token (slot numbers change)")

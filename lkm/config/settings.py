@@ -16,6 +16,7 @@ from lkm.roles import Role
 class KeyStoreType(enum.StrEnum):
     FILE = "file"
     PKCS11 = "pkcs11"
+    POSTGRESQL = "postgresql"
 
 
 class LogLevel(enum.StrEnum):
@@ -99,7 +100,12 @@ class OpsSettings:
 class KeyStoreSettings:
     type: KeyStoreType
     path: Path | None = None
-    passphrase: SecretRef | None = None
+    passphrase: SecretRef | None = None  # file and postgresql: private keys are sealed under a key derived from it
+    # postgresql
+    dsn: SecretRef | None = None  # a libpq connection string (TLS to the database: sslmode, sslrootcert)
+    pool_min: int = 1
+    pool_max: int = 4
+    connect_timeout: float = 5.0
     # pkcs11
     module: Path | None = None
     token_label: str | None = None

@@ -1,4 +1,5 @@
-"""One contract for every key store: the same tests against the file store and the PKCS#11 store (SoftHSM2).
+"""One contract for every key store: the same tests against the file store, the PKCS#11 store (SoftHSM2) and
+the PostgreSQL store (a throwaway cluster).
 
 A store may lack a padding (SoftHSM2 2.6 has no RSA-OAEP-SHA256; the PKCS#11 store refuses PKCS#1 v1.5 unless
 configured): tests skip on that capability, say so, and check that the store refuses it clearly.
@@ -42,6 +43,7 @@ from lkm.keys import (
 from lkm.keystore import KeyStore
 from lkm.keystore.file import FileKeyStore
 from tests.hsm import module_token, softhsm_conf  # noqa: F401 - fixtures
+from tests.pg import pg_cluster  # noqa: F401 - fixture
 
 VECTORS = json.loads((Path(__file__).parent.parent / "vectors" / "genesys-sample.json").read_text())["vectors"]
 # The sample's vectors carry no key ids: these are ours, fixed so that a failure names the same key every run.
@@ -58,7 +60,7 @@ class Backend:
     open_another: Callable[[], KeyStore]  # a second instance on the same storage (another server, the CLI)
 
 
-@pytest.fixture(scope="module", params=["file", "pkcs11"])
+@pytest.fixture(scope="module", params=["file", "pkcs11", "postgresql"])
 def backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
     opener: Callable[[], KeyStore]
     if request.param == "file":
@@ -66,6 +68,14 @@ def backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
 
         def opener() -> KeyStore:
             return FileKeyStore(path, b"passphrase")
+    elif request.param == "postgresql":
+        from lkm.keystore.postgresql import PostgresKeyStore
+
+        cluster = request.getfixturevalue("pg_cluster")
+        dsn = cluster.dsn(cluster.create_database())
+
+        def opener() -> KeyStore:
+            return PostgresKeyStore(dsn, b"passphrase")
     else:
         token = request.getfixturevalue("module_token")
 

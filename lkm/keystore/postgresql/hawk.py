@@ -1,0 +1,124 @@
+"""Hawk credentials and the cluster-wide nonce check, in the key store's database.
+
+With several replicas, a credential minted with `lkm hawk create` on one machine must authenticate on all of
+them, and a request replayed to another replica must be refused there too. Both tables live next to the keys,
+so there is no file to copy and no second system to run.
+
+- Credentials are sealed like private keys (same master key, the credential id as associated data): the HMAC
+  key is a secret shared with the platform, and a database dump alone must not yield it.
+- The nonce check is one INSERT ... ON CONFLICT round trip: the row's primary key is (id, nonce, ts), so two
+  replicas racing on the same nonce cannot both win. An entry whose window has passed may be taken again, as
+  the in-memory NonceCache does (the timestamp check refuses such a request anyway). Expired rows are purged
+  at most once a window, by whichever replica gets there.
+- Every change to credentials NOTIFYs the key store's channel, so replicas can reload at once.
+
+While the database is away these functions raise KeyStoreError; the caller decides (playback must go on: fall
+back to the per-server nonce cache and the credentials loaded last).
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime
+
+from cryptography.exceptions import InvalidTag
+
+from lkm.errors import KeyStoreError
+from lkm.hawk import ALGORITHM, HawkCredential
+from lkm.keystore.postgresql.sealing import hawk_aad
+from lkm.keystore.postgresql.store import PostgresKeyStore
+
+_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")  # the credential ids `lkm hawk` accepts
+
+
+@dataclass(frozen=True)
+class CredentialInfo:
+    """A credential as `lkm hawk list` shows it: never the key."""
+
+    id: str
+    algorithm: str
+    created: datetime
+
+
+class ClusterHawk:
+    """Credentials and nonces of every replica on one database."""
+
+    def __init__(self, store: PostgresKeyStore, *, window_seconds: int) -> None:
+        self._store = store
+        self.window_seconds = window_seconds
+        self._purged_at = 0.0
+        self._purge_lock = threading.Lock()
+
+    # --- credentials -----------------------------------------------------------------------------------------
+
+    def create(self, cred_id: str) -> HawkCredential:
+        """A new credential with a random key; ValueError for a bad or taken id."""
+        if not _ID_RE.match(cred_id):
+            raise ValueError(f"Hawk credential id {cred_id!r}: expected 1-64 characters of A-Z a-z 0-9 . _ -")
+        credential = HawkCredential(cred_id, secrets.token_urlsafe(32))
+        sealed = self._store.sealer.seal(credential.key.encode(), hawk_aad(cred_id))
+        with self._store.writing(f"hawk:{cred_id}") as conn:
+            row = conn.execute("INSERT INTO lkm_hawk_credentials (id, key_sealed, algorithm) VALUES (%s, %s, %s) "
+                               "ON CONFLICT (id) DO NOTHING RETURNING id", (cred_id, sealed, ALGORITHM)).fetchone()
+        if row is None:
+            raise ValueError(f"a Hawk credential with id {cred_id!r} already exists")
+        return credential
+
+    def revoke(self, cred_id: str) -> bool:
+        """False when there was no such credential."""
+        with self._store.writing(f"hawk:{cred_id}") as conn:
+            row = conn.execute("DELETE FROM lkm_hawk_credentials WHERE id = %s RETURNING id", (cred_id,)).fetchone()
+        return row is not None
+
+    def list(self) -> list[CredentialInfo]:
+        with self._store.connection() as conn:
+            rows = conn.execute("SELECT id, algorithm, created FROM lkm_hawk_credentials ORDER BY id").fetchall()
+        return [CredentialInfo(str(r[0]), str(r[1]), r[2]) for r in rows]
+
+    def load(self) -> dict[str, HawkCredential]:
+        """Every credential with its key, for the verifier. A row that does not open (tampered, or sealed under
+        another passphrase) is a KeyStoreError naming it, never a credential with a wrong key."""
+        with self._store.connection() as conn:
+            rows = conn.execute("SELECT id, key_sealed, algorithm FROM lkm_hawk_credentials").fetchall()
+        loaded: dict[str, HawkCredential] = {}
+        for cred_id, sealed, algorithm in rows:
+            try:
+                key = self._store.sealer.open(bytes(sealed), hawk_aad(cred_id)).decode()
+            except (InvalidTag, UnicodeDecodeError):
+                raise KeyStoreError(f"Hawk credential {cred_id}: sealed key does not open", transient=False) from None
+            loaded[cred_id] = HawkCredential(cred_id, key, algorithm)
+        return loaded
+
+    # --- nonces --------------------------------------------------------------------------------------------
+
+    def check_and_remember(self, cred_id: str, nonce: str, ts: int, now: float) -> bool:
+        """False when this (id, nonce, ts) was already seen by any replica and is still inside the window;
+        the same contract as lkm.hawk.NonceCache.check_and_remember."""
+        with self._store.connection() as conn:
+            row = conn.execute(
+                "INSERT INTO lkm_hawk_nonces (cred_id, nonce, ts, expires) VALUES (%s, %s, %s, to_timestamp(%s)) "
+                "ON CONFLICT (cred_id, nonce, ts) DO UPDATE SET expires = EXCLUDED.expires "
+                "WHERE lkm_hawk_nonces.expires < to_timestamp(%s) RETURNING 1",
+                (cred_id, nonce, ts, ts + self.window_seconds, now)).fetchone()
+        self._purge_if_due(now)
+        return row is not None
+
+    def _purge_if_due(self, now: float) -> None:
+        if now - self._purged_at < self.window_seconds or not self._purge_lock.acquire(blocking=False):
+            return
+        try:
+            self._purged_at = now
+            self.purge(now)
+        finally:
+            self._purge_lock.release()
+
+    def purge(self, now: float | None = None) -> int:
+        """Drops nonces whose window has passed; returns how many."""
+        with self._store.connection() as conn:
+            cursor = conn.execute("DELETE FROM lkm_hawk_nonces WHERE expires < to_timestamp(%s)",
+                                  (time.time() if now is None else now,))
+            return cursor.rowcount
