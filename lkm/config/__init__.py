@@ -36,7 +36,6 @@ from lkm.config.settings import (
     Settings,
     TLSSettings,
 )
-from lkm.roles import Role
 
 __all__ = [
     "MIN_ROTATION_SECONDS",
@@ -55,7 +54,6 @@ __all__ = [
     "NativeSettings",
     "OpsSettings",
     "PlatformSettings",
-    "Role",  # kept importable from here while every caller moves to lkm.roles
     "RotationSettings",
     "SecretKind",
     "SecretRef",

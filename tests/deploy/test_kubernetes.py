@@ -13,7 +13,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from lkm.config import ConfigError
+from lkm.errors import ConfigError
 from tests.deploy.common import DEPLOY, tool, validate_lkm_config
 
 K8S = DEPLOY / "kubernetes"

@@ -23,7 +23,7 @@ from lkm.keystore.postgresql import PostgresKeyStore
 from lkm.keystore.postgresql.hawk import ClusterHawk
 from lkm.keystore.postgresql.schema import CODE_VERSION, schema_version
 from tests.pg import PgCluster
-from tests.test_keystore_contract import vector_key
+from tests.keystore.test_contract import vector_key
 
 PASSPHRASE = b"correct horse battery staple"
 
