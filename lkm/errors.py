@@ -18,6 +18,7 @@
     KeyStoreError                a backend failure (I/O, token); the service turns it into Unavailable/Internal
     AuditWriteError              an audit record is not durable; a fail-closed server refuses to act unaudited
     HawkError                    a failed Hawk authentication; the platform route answers it with a 401
+    WorkerFailure                a PKCS#11 worker's answer other than success; the store maps its kind to an error
 
     Operator tools (text for a person at a terminal, never sent over the API):
     BackupError                  a backup bundle is unreadable, damaged, or the passphrase is wrong
@@ -240,3 +241,18 @@ class CliError(Exception):
     def __init__(self, message: str, status: int = 1) -> None:
         super().__init__(message)
         self.status = status
+
+
+# --- the PKCS#11 worker protocol ---
+
+class WorkerFailure(Exception):
+    """A PKCS#11 worker's answer other than success, `kind` being one of the worker protocol's kinds.
+
+    Raised inside a worker process, and raised again in the server process once the (kind, text) pair has
+    crossed the pipe; the key store turns each kind into one lkm error at its edge.
+    """
+
+    def __init__(self, kind: StrEnum, text: str = "") -> None:
+        self.kind = kind
+        self.text = text
+        super().__init__(kind.value, text)

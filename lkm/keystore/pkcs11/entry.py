@@ -7,7 +7,8 @@ import signal
 from multiprocessing.connection import Connection
 from typing import Any
 
-from lkm.keystore.pkcs11.protocol import ERR, OK, Fail, Op, TokenConfig, WorkerFailure
+from lkm.errors import WorkerFailure
+from lkm.keystore.pkcs11.protocol import ERR, OK, Fail, Op, TokenConfig
 from lkm.keystore.pkcs11.worker import TokenWorker
 
 

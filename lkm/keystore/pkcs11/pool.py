@@ -18,7 +18,7 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
-from lkm.errors import KeyStoreError
+from lkm.errors import KeyStoreError, WorkerFailure
 from lkm.keystore.pkcs11.entry import worker_main
 from lkm.keystore.pkcs11.protocol import OK, SPAWN_TIMEOUT, STOP_TIMEOUT, Fail, Op, TokenConfig
 
@@ -26,15 +26,6 @@ if TYPE_CHECKING:
     from multiprocessing.context import SpawnContext, SpawnProcess
 
 log = logging.getLogger("lkm.keystore.pkcs11")
-
-
-class RemoteFailure(Exception):
-    """A worker's answer other than success, for the key store to translate."""
-
-    def __init__(self, kind: Fail, text: str) -> None:
-        self.kind = kind
-        self.text = text
-        super().__init__(kind, text)
 
 
 class _Slot:
@@ -139,7 +130,7 @@ class WorkerPool:
     def _greet(self, slot: _Slot, pin: str) -> None:
         try:
             self.token_info = self._roundtrip(slot, Op.HELLO, (pin,), SPAWN_TIMEOUT)
-        except RemoteFailure as remote:
+        except WorkerFailure as remote:
             self._stop(slot, graceful=False)
             raise KeyStoreError(f"HSM not available: {remote.text}") from None
         with self._lock:
@@ -174,7 +165,7 @@ class WorkerPool:
     # --- calls -----------------------------------------------------------------------------------------------
 
     def call(self, op: Op, *args: Any, timeout: float | None = None) -> Any:
-        """Runs `op` on an idle worker, (re)spawning it first when needed. Raises RemoteFailure or KeyStoreError."""
+        """Runs `op` on an idle worker, (re)spawning it first when needed. Raises WorkerFailure or KeyStoreError."""
         if self._closed:
             raise KeyStoreError("the PKCS#11 key store is closed", transient=False)
         wait = self.op_timeout if timeout is None else timeout
@@ -240,7 +231,7 @@ class WorkerPool:
                 self.fatal = text
                 self.healthy = False
             raise KeyStoreError(text, transient=False)
-        raise RemoteFailure(kind, text)
+        raise WorkerFailure(kind, text)
 
     def _token_failed(self, slot: _Slot, text: str) -> None:
         """Retires every worker of this generation: their library instances may all be stale."""

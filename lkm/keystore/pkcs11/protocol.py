@@ -57,15 +57,6 @@ class Fail(enum.StrEnum):
     FATAL = "fatal"  # KeyStoreError, not transient (wrong PIN, no module, ambiguous token)
 
 
-class WorkerFailure(Exception):
-    """Raised in a worker for an answer other than success; travels to the server process as (kind, text)."""
-
-    def __init__(self, kind: Fail, text: str = "") -> None:
-        self.kind = kind
-        self.text = text
-        super().__init__(kind.value, text)
-
-
 @dataclass(frozen=True)
 class TokenConfig:
     """What a worker needs to find its token; picklable, and without the PIN (sent once, over the pipe)."""

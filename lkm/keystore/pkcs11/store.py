@@ -29,6 +29,7 @@ from lkm.errors import (
     KeyStoreError,
     KeyUnusable,
     LkmError,
+    WorkerFailure,
 )
 from lkm.keys import (
     Algorithm,
@@ -43,7 +44,7 @@ from lkm.keys import (
 )
 from lkm.keystore import HELD_STATES, check_ciphertext_length, usable_record
 from lkm.keystore.pkcs11.meta import BACKEND, doc_from_record, record_from_meta
-from lkm.keystore.pkcs11.pool import RemoteFailure, WorkerPool
+from lkm.keystore.pkcs11.pool import WorkerPool
 from lkm.keystore.pkcs11.protocol import (
     INSTALL_HINT,
     KEYGEN_TIMEOUT,
@@ -129,7 +130,7 @@ class Pkcs11KeyStore:
     def _probe(self) -> frozenset[Algorithm]:
         try:
             names = self._pool.call(Op.PROBE, timeout=KEYGEN_TIMEOUT)
-        except RemoteFailure as remote:
+        except WorkerFailure as remote:
             log.warning("cannot probe the token's mechanisms (%s); assuming RSA-OAEP-SHA1 and RSA-PKCS1-V1_5",
                         remote.text)
             names = [Algorithm.RSA_OAEP_SHA1.value, Algorithm.RSA_PKCS1_V1_5.value]
@@ -319,7 +320,7 @@ class Pkcs11KeyStore:
     def _call(self, op: Op, *args: Any, timeout: float | None = None) -> Any:
         try:
             return self._pool.call(op, *args, timeout=timeout)
-        except RemoteFailure as remote:
+        except WorkerFailure as remote:
             kind, text = remote.kind, remote.text
         if kind is Fail.NOT_FOUND:
             raise KeyNotFound()

@@ -15,7 +15,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from lkm.errors import IllegalTransition
+from lkm.errors import IllegalTransition, WorkerFailure
 from lkm.keys import (
     DESTRUCTION_RULE,
     KEY_BITS,
@@ -42,7 +42,6 @@ from lkm.keystore.pkcs11.protocol import (
     PROBE_BITS,
     Fail,
     TokenConfig,
-    WorkerFailure,
     key_id_bytes,
 )
 
