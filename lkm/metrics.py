@@ -20,26 +20,16 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from lkm.auth import ActorKind
 from lkm.keys import KeyState
 from lkm.outcomes import UnwrapOutcome
-
-
-class Listener(StrEnum):
-    PLATFORM = "platform"
-    NATIVE = "native"
-    OPS = "ops"
+from lkm.web.routes import ListenerName
 
 
 class UnwrapRoute(StrEnum):
     PLATFORM = "platform"
     NATIVE = "native"
     BATCH = "batch"
-
-
-class AuthMethod(StrEnum):
-    MTLS = "mtls"
-    HAWK = "hawk"
-    CLI = "cli"
 
 
 class AuthReason(StrEnum):
@@ -85,10 +75,10 @@ class Outcome(StrEnum):
 
 
 # The label sets as tuples of plain values, in declaration order, for the callers that iterate or test membership.
-LISTENERS: tuple[str, ...] = tuple(Listener)
+LISTENERS: tuple[str, ...] = tuple(ListenerName)
 UNWRAP_ROUTES: tuple[str, ...] = tuple(UnwrapRoute)
 UNWRAP_OUTCOMES: tuple[str, ...] = tuple(UnwrapOutcome)
-AUTH_METHODS: tuple[str, ...] = tuple(AuthMethod)
+AUTH_METHODS: tuple[str, ...] = tuple(kind for kind in ActorKind if kind is not ActorKind.SYSTEM)
 AUTH_REASONS: tuple[str, ...] = tuple(AuthReason)
 KEY_STATES: tuple[str, ...] = tuple(KeyState)
 KEYSTORE_BACKENDS: tuple[str, ...] = tuple(KeystoreBackend)
@@ -96,13 +86,13 @@ KEYSTORE_OPERATIONS: tuple[str, ...] = tuple(KeystoreOperation)
 READINESS_CHECKS: tuple[str, ...] = tuple(ReadinessCheck)
 OUTCOMES: tuple[str, ...] = tuple(Outcome)
 # The pairs that can happen, created at 0 on start so that alerts see the first failure of each.
-AUTH_FAILURE_PAIRS: tuple[tuple[AuthMethod, AuthReason], ...] = (
-    *((AuthMethod.HAWK, reason) for reason in (
+AUTH_FAILURE_PAIRS: tuple[tuple[ActorKind, AuthReason], ...] = (
+    *((ActorKind.HAWK, reason) for reason in (
         AuthReason.UNKNOWN_ID, AuthReason.BAD_MAC, AuthReason.BAD_HASH, AuthReason.STALE_TIMESTAMP,
         AuthReason.REPLAY, AuthReason.MALFORMED, AuthReason.MISSING, AuthReason.FORBIDDEN_ROLE)),
-    *((AuthMethod.MTLS, reason) for reason in (
+    *((ActorKind.MTLS, reason) for reason in (
         AuthReason.NO_CERTIFICATE, AuthReason.UNKNOWN_CLIENT, AuthReason.FORBIDDEN_ROLE, AuthReason.MALFORMED)),
-    (AuthMethod.CLI, AuthReason.FORBIDDEN_ROLE),
+    (ActorKind.CLI, AuthReason.FORBIDDEN_ROLE),
 )
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
