@@ -41,7 +41,7 @@ from tests.hsm import (  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.hsm
 
-VECTORS = {v["name"]: v for v in json.loads((Path(__file__).parent.parent / "vectors" / "genesys-sample.json")
+VECTORS = {v["name"]: v for v in json.loads((Path(__file__).parents[2] / "vectors" / "genesys-sample.json")
                                             .read_text())["vectors"]}
 
 # Reads a key's objects back from the token in a separate process (the test process never loads the library).
