@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime as dt
+import functools
 import itertools
 import json
 import os
 import shutil
+import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -28,11 +30,12 @@ import yaml
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from lkm import pki
+from lkm import fsutil, pki
 from lkm.client import NativeClient, PlatformClient, client_ssl_context
 from lkm.config import load_settings
 from lkm.hawk import HawkCredential, mint_credential
 from lkm.keys import KeyRecord, KeyState, generate_private_key, load_public_pkcs1, new_key_id
+from lkm.keystore.file import FileKeyStore
 from lkm.server import LkmServer
 from tests.hsm import module_token, pkcs11_store, softhsm_conf, softhsm_token  # noqa: F401 - shared fixtures
 
@@ -74,9 +77,10 @@ class KeyPool:
     `size`. Keys are made on first demand, so a run that needs two keys pays for two.
     """
 
-    def __init__(self, size: int = 12) -> None:
+    def __init__(self, size: int = 12, factory: Callable[[], rsa.RSAPrivateKey] = generate_private_key) -> None:
         self._keys: list[rsa.RSAPrivateKey] = []
         self._size = size
+        self._factory = factory
         self._turn = itertools.count()
         self._lock = threading.Lock()
 
@@ -84,7 +88,7 @@ class KeyPool:
         index = next(self._turn) % self._size
         with self._lock:  # threads of one test may take at once; each key is still made only once
             while len(self._keys) <= index:
-                self._keys.append(generate_private_key())
+                self._keys.append(self._factory())
             return self._keys[index]
 
 
@@ -115,8 +119,29 @@ def make_pki(directory: Path) -> Pki:
     return env
 
 
+PASSPHRASE = "correct horse battery staple"
+
+
+@functools.cache
+def keystore_header() -> bytes:
+    """The header (salt, scrypt parameters, sealed check value) of a file store with the tests' passphrase,
+    made once by the real FileKeyStore. Opening a new store derives its master key twice (create, then check);
+    a store that starts with this header derives it once."""
+    with tempfile.TemporaryDirectory() as directory:
+        FileKeyStore(Path(directory) / "ks", PASSPHRASE.encode()).close()
+        return (Path(directory) / "ks" / "keystore.json").read_bytes()
+
+
+def seed_keystore(directory: Path) -> None:
+    """An empty file store at `directory` with the tests' passphrase, unless one is there already."""
+    fsutil.ensure_private_dir(directory)
+    header = directory / "keystore.json"
+    if not header.exists():
+        fsutil.atomic_create(header, keystore_header())
+
+
 def base_config(tmp: Path, certs: Pki, **overrides: Any) -> dict[str, Any]:
-    (tmp / "keystore.pass").write_text("correct horse battery staple\n")
+    (tmp / "keystore.pass").write_text(PASSPHRASE + "\n")
     os.chmod(tmp / "keystore.pass", 0o600)
     config: dict[str, Any] = {
         "keystore": {"type": "file", "path": str(tmp / "keys"), "passphrase": {"file": str(tmp / "keystore.pass")}},
@@ -143,6 +168,9 @@ def base_config(tmp: Path, certs: Pki, **overrides: Any) -> dict[str, Any]:
         for part in parts[:-1]:
             target = target.setdefault(part, {})
         target[parts[-1]] = value
+    keystore = config["keystore"]
+    if keystore.get("type") == "file" and keystore.get("passphrase") == {"file": str(tmp / "keystore.pass")}:
+        seed_keystore(Path(keystore["path"]))
     return config
 
 
@@ -182,6 +210,7 @@ class Running:
         """A new key in the server's store. On the file store it is a pooled key imported under a new id (the
         store keeps it exactly as a generated one); `fresh=True`, or an HSM store, generates it in the store."""
         store = self.server.store
+        assert store is not None
         record: KeyRecord
         if fresh or store.backend != "file":
             record = store.create_key(state=state)
@@ -294,3 +323,12 @@ class start_server:
         await self.session.close()
         await self.server.stop()
 
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test on a SoftHSM2 token is marked `hsm` and `slow`: it spawns HSM worker processes and generates
+    keys on the token, seconds a test, so the inner loop (`tests/run -m "not slow"`) leaves them out."""
+    for item in items:
+        if "softhsm_conf" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.hsm)
+            item.add_marker(pytest.mark.slow)

@@ -345,6 +345,7 @@ print(n)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("max_bytes", [0, 4096], ids=["one-file", "rotating"])
 def test_processes_appending_concurrently_form_one_chain(tmp_path: Path, max_bytes: int) -> None:
     path = tmp_path / "audit.log"

@@ -69,6 +69,7 @@ async def test_bench_new_connections_resume(running: Running, capsys: pytest.Cap
     assert run["connections"] >= run["requests"] and run["resumed"] >= 1
 
 
+@pytest.mark.slow
 async def test_bench_compare_reports_the_ratio(running: Running, capsys: pytest.CaptureFixture[str]) -> None:
     record = running.create_key()
     status, report = await _bench(capsys, *_target_args(running, "native"), "-c", str(running.config_path),
@@ -85,6 +86,7 @@ async def test_bench_compare_reports_the_ratio(running: Running, capsys: pytest.
     assert "server/raw" in render_table(report)
 
 
+@pytest.mark.slow
 async def test_bench_compare_rounds_alternate_and_take_medians(running: Running,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
     record = running.create_key()
@@ -104,6 +106,7 @@ async def test_bench_compare_rounds_alternate_and_take_medians(running: Running,
     assert "medians of 3 alternating rounds" in render_table(report)
 
 
+@pytest.mark.slow
 async def test_bench_floor_is_measured_on_the_servers_own_store(running: Running,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
     record = running.create_key()
@@ -121,6 +124,7 @@ async def test_bench_floor_is_measured_on_the_servers_own_store(running: Running
     assert comparison["server_over_floor"] == pytest.approx(peak["keys_per_s"] / floor["keys_per_s"], abs=0.01)
 
 
+@pytest.mark.slow
 def test_suite_runs_every_measurement_of_the_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     status = cli.main(["bench", "suite", "--dev-dir", str(tmp_path / "dev"), "--duration", "0.3", "--warmup", "0",
                        "--concurrency", "2", "--keys", "0", "--rounds", "2", "--json"])

@@ -103,6 +103,7 @@ while True:
 """
 
 
+@pytest.mark.slow
 def test_killed_writer_leaves_only_whole_keys(tmp_path: Path) -> None:
     """SIGKILL a process in the middle of creating and updating keys: every key file left is whole."""
     path = tmp_path / "ks"
@@ -124,6 +125,7 @@ def test_killed_writer_leaves_only_whole_keys(tmp_path: Path) -> None:
             json.loads((path / "keys" / name).read_text())
 
 
+@pytest.mark.slow
 def test_a_bad_file_does_not_hide_other_changes(tmp_path: Path) -> None:
     server_view = FileKeyStore(tmp_path / "ks", PASS)
     cli_view = FileKeyStore(tmp_path / "ks", PASS)
