@@ -37,8 +37,12 @@ async def _bench(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, d
     return status, json.loads(out)
 
 
-@pytest.mark.parametrize(("route", "padding"), [("platform", "oaep-sha1"), ("platform", "pkcs1"),
-                                                ("native", "oaep-sha256"), ("batch", "oaep-sha1")])
+@pytest.mark.parametrize(("route", "padding"), [
+    ("platform", "oaep-sha1"),  # one timed run stays in the inner loop; the others are slow
+    pytest.param("platform", "pkcs1", marks=pytest.mark.slow),
+    pytest.param("native", "oaep-sha256", marks=pytest.mark.slow),
+    pytest.param("batch", "oaep-sha1", marks=pytest.mark.slow),
+])
 async def test_bench_drives_each_route(running: Running, capsys: pytest.CaptureFixture[str], route: str,
                                        padding: str) -> None:
     running.create_key()
@@ -143,6 +147,7 @@ def test_suite_runs_every_measurement_of_the_table(tmp_path: Path, capsys: pytes
     assert summary["server_over_raw"] > 0 and summary["floor_over_raw"] > 0 and summary["p99_ms_at_80_percent"] > 0
 
 
+@pytest.mark.slow
 def test_raw_on_a_temporary_store(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["bench", "--raw", "--threads", "2", "--duration", "0.3", "--json"]) == 0
     (run,) = json.loads(capsys.readouterr().out)["runs"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import ssl
 from pathlib import Path
 
@@ -11,7 +12,16 @@ import pytest
 from lkm.errors import KeyStoreError
 from lkm.keys import KEY_BITS, KeyState, check_rsa_policy, new_key_id, public_der_pkcs1
 from lkm.keystore.file import FileKeyStore
-from tests.conftest import OAEP_SHA1, PASSPHRASE, FakeClock, KeyPool, Pki, Running, seed_keystore
+from tests.conftest import (
+    OAEP_SHA1,
+    PASSPHRASE,
+    TEST_SCRYPT_N,
+    FakeClock,
+    KeyPool,
+    Pki,
+    Running,
+    seed_keystore,
+)
 
 
 def test_pooled_keys_are_distinct_real_keys(key_pool: KeyPool) -> None:
@@ -56,6 +66,12 @@ def test_a_seeded_keystore_opens_with_the_passphrase_only(tmp_path: Path, key_po
     assert store.list_keys() == [record]
     with pytest.raises(KeyStoreError, match="wrong passphrase"):
         FileKeyStore(tmp_path / "ks", b"another passphrase")
+    assert json.loads((tmp_path / "ks" / "keystore.json").read_text())["kdf"]["n"] == TEST_SCRYPT_N
+
+
+def test_only_the_seeded_stores_are_cheap(tmp_path: Path) -> None:
+    FileKeyStore(tmp_path / "ks", PASSPHRASE.encode()).close()
+    assert json.loads((tmp_path / "ks" / "keystore.json").read_text())["kdf"]["n"] == 2**15  # the production cost
 
 
 def test_the_fake_clock_moves_only_when_told(clock: FakeClock) -> None:
