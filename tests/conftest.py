@@ -211,12 +211,12 @@ class Running:
         return NativeClient(self.session, self.url("native"), client_ssl_context(self.certs.ca_file, cert, key))
 
     def create_key(self, state: KeyState = KeyState.ACTIVE, *, fresh: bool = False) -> KeyRecord:
-        """A new key in the server's store. On the file store it is a pooled key imported under a new id (the
-        store keeps it exactly as a generated one); `fresh=True`, or an HSM store, generates it in the store."""
+        """A new key in the server's store: a pooled key imported under a new id, which serves exactly as a
+        generated one (on an HSM, generating costs seconds); `fresh=True` generates it in the store."""
         store = self.server.store
         assert store is not None
         record: KeyRecord
-        if fresh or store.backend != "file":
+        if fresh:
             record = store.create_key(state=state)
         else:
             record = store.import_key(new_key_id(), KEY_POOL.take(), state=state)
