@@ -1,12 +1,23 @@
-"""Shared fixtures: a real lkm server over real TLS, with certificates made for each test."""
+"""Shared fixtures: a real lkm server over real TLS.
+
+What is immutable is made once per session: the certificates (`certs`; a test that changes cert files takes
+`own_certs`, a private copy) and a pool of real RSA-3072 keys (`key_pool`), which `Running.create_key` imports
+into a file store instead of generating a key per call. Everything a test changes (key store, audit log,
+config, HSM token) stays per test. `clock` is a fake clock for code that takes a clock parameter.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import datetime as dt
+import functools
+import itertools
 import json
 import os
+import shutil
+import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -17,13 +28,14 @@ import aiohttp
 import pytest
 import yaml
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import padding
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from lkm import pki
+from lkm import fsutil, pki
 from lkm.client import NativeClient, PlatformClient, client_ssl_context
 from lkm.config import load_settings
 from lkm.hawk import HawkCredential, mint_credential
-from lkm.keys import KeyRecord, KeyState, load_public_pkcs1
+from lkm.keys import KeyRecord, KeyState, generate_private_key, load_public_pkcs1, new_key_id
+from lkm.keystore.file import FileKeyStore
 from lkm.server import LkmServer
 from tests.hsm import module_token, pkcs11_store, softhsm_conf, softhsm_token  # noqa: F401 - shared fixtures
 
@@ -50,6 +62,38 @@ class Pki:
     def client(self, name: str) -> tuple[Path, Path]:
         return self.files[name]
 
+    def copy_to(self, directory: Path) -> Pki:
+        """The same certificates in another directory, for a test that changes or removes cert files."""
+        shutil.copytree(self.dir, directory)
+        files = {name: (directory / cert.name, directory / key.name) for name, (cert, key) in self.files.items()}
+        return Pki(directory, self.ca, files)
+
+
+class KeyPool:
+    """Real RSA-3072 keys, each generated once per session and handed out in turn.
+
+    Generating a key costs 0.1-1 s; a test that only needs *a* key imports one of these instead. Any `size`
+    consecutive takes are distinct keys, so one test never sees the same key twice unless it takes more than
+    `size`. Keys are made on first demand, so a run that needs two keys pays for two.
+    """
+
+    def __init__(self, size: int = 12, factory: Callable[[], rsa.RSAPrivateKey] = generate_private_key) -> None:
+        self._keys: list[rsa.RSAPrivateKey] = []
+        self._size = size
+        self._factory = factory
+        self._turn = itertools.count()
+        self._lock = threading.Lock()
+
+    def take(self) -> rsa.RSAPrivateKey:
+        index = next(self._turn) % self._size
+        with self._lock:  # threads of one test may take at once; each key is still made only once
+            while len(self._keys) <= index:
+                self._keys.append(self._factory())
+            return self._keys[index]
+
+
+KEY_POOL = KeyPool()
+
 
 def make_pki(directory: Path) -> Pki:
     directory.mkdir(parents=True, exist_ok=True)
@@ -75,8 +119,33 @@ def make_pki(directory: Path) -> Pki:
     return env
 
 
+PASSPHRASE = "correct horse battery staple"
+
+
+# The scrypt cost of the stores the test servers use: every server start and CLI call derives the master key,
+# 80 ms at the production cost. Tests of the file store itself (FileKeyStore(path, passphrase)) keep that cost.
+TEST_SCRYPT_N = 2**10
+
+
+@functools.cache
+def keystore_header() -> bytes:
+    """The header (salt, scrypt parameters, sealed check value) of a file store with the tests' passphrase and
+    TEST_SCRYPT_N, made once by the real FileKeyStore."""
+    with tempfile.TemporaryDirectory() as directory:
+        FileKeyStore(Path(directory) / "ks", PASSPHRASE.encode(), scrypt_n=TEST_SCRYPT_N).close()
+        return (Path(directory) / "ks" / "keystore.json").read_bytes()
+
+
+def seed_keystore(directory: Path) -> None:
+    """An empty file store at `directory` with the tests' passphrase, unless one is there already."""
+    fsutil.ensure_private_dir(directory)
+    header = directory / "keystore.json"
+    if not header.exists():
+        fsutil.atomic_create(header, keystore_header())
+
+
 def base_config(tmp: Path, certs: Pki, **overrides: Any) -> dict[str, Any]:
-    (tmp / "keystore.pass").write_text("correct horse battery staple\n")
+    (tmp / "keystore.pass").write_text(PASSPHRASE + "\n")
     os.chmod(tmp / "keystore.pass", 0o600)
     config: dict[str, Any] = {
         "keystore": {"type": "file", "path": str(tmp / "keys"), "passphrase": {"file": str(tmp / "keystore.pass")}},
@@ -103,6 +172,9 @@ def base_config(tmp: Path, certs: Pki, **overrides: Any) -> dict[str, Any]:
         for part in parts[:-1]:
             target = target.setdefault(part, {})
         target[parts[-1]] = value
+    keystore = config["keystore"]
+    if keystore.get("type") == "file" and keystore.get("passphrase") == {"file": str(tmp / "keystore.pass")}:
+        seed_keystore(Path(keystore["path"]))
     return config
 
 
@@ -138,8 +210,16 @@ class Running:
         cert, key = self.certs.client(who)
         return NativeClient(self.session, self.url("native"), client_ssl_context(self.certs.ca_file, cert, key))
 
-    def create_key(self, state: KeyState = KeyState.ACTIVE) -> KeyRecord:
-        record: KeyRecord = self.server.store.create_key(state=state)
+    def create_key(self, state: KeyState = KeyState.ACTIVE, *, fresh: bool = False) -> KeyRecord:
+        """A new key in the server's store: a pooled key imported under a new id, which serves exactly as a
+        generated one (on an HSM, generating costs seconds); `fresh=True` generates it in the store."""
+        store = self.server.store
+        assert store is not None
+        record: KeyRecord
+        if fresh:
+            record = store.create_key(state=state)
+        else:
+            record = store.import_key(new_key_id(), KEY_POOL.take(), state=state)
         return record
 
     def audit_lines(self) -> list[dict[str, Any]]:
@@ -165,9 +245,53 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """The session's certificates; read-only (a test that changes cert files uses `own_certs`)."""
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
 @pytest.fixture
-def certs(tmp_path: Path) -> Pki:
-    return make_pki(tmp_path / "pki")
+def own_certs(certs: Pki, tmp_path: Path) -> Pki:
+    """A private copy of the session's certificates, free to change."""
+    return certs.copy_to(tmp_path / "pki")
+
+
+@pytest.fixture(scope="session")
+def key_pool() -> KeyPool:
+    """Pre-made RSA-3072 private keys for tests that need a key but not a freshly generated one."""
+    return KEY_POOL
+
+
+@dataclass
+class FakeClock:
+    """A clock that moves only when the test says so, for code that takes a clock parameter.
+
+    Pass the reading the code expects: `monotonic` (seconds, for time.monotonic/perf_counter), `time` (epoch
+    seconds, for time.time) or `now` (an aware UTC datetime, for keys.utcnow).
+    """
+
+    start: dt.datetime = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    elapsed: float = 0.0
+
+    def monotonic(self) -> float:
+        return self.elapsed
+
+    def time(self) -> float:
+        return self.start.timestamp() + self.elapsed
+
+    def now(self) -> dt.datetime:
+        return self.start + dt.timedelta(seconds=self.elapsed)
+
+    def advance(self, seconds: float) -> None:
+        if seconds < 0:
+            raise ValueError("a clock does not go back")
+        self.elapsed += seconds
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
 
 
 @pytest.fixture
@@ -203,3 +327,12 @@ class start_server:
         await self.session.close()
         await self.server.stop()
 
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test on a SoftHSM2 token is marked `hsm` and `slow`: it spawns HSM worker processes and generates
+    keys on the token, seconds a test, so the inner loop (`tests/run -m "not slow"`) leaves them out."""
+    for item in items:
+        if "softhsm_conf" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.hsm)
+            item.add_marker(pytest.mark.slow)

@@ -10,6 +10,8 @@ import stat
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from lkm import backup
 from lkm.keys import KeyState, load_private_key_any
 from lkm.keystore.file import FileKeyStore
@@ -43,6 +45,7 @@ def fill_and_back_up(tmp: Path, config: str) -> tuple[Path, dict[str, Any]]:
     return bundle, rotated
 
 
+@pytest.mark.slow
 async def test_restore_into_a_fresh_store_and_unwrap_with_every_key(tmp_path: Path, certs: Pki,
                                                                      config_factory: Any) -> None:
     config = str(config_factory())
@@ -80,6 +83,7 @@ async def test_restore_into_a_fresh_store_and_unwrap_with_every_key(tmp_path: Pa
         assert sorted(e["key_id"] for e in restores) == sorted([V0, V1, rotated["id"]])
 
 
+@pytest.mark.slow
 def test_a_damaged_bundle_or_wrong_passphrase_fails_verification(tmp_path: Path, config_factory: Any) -> None:
     config = str(config_factory())
     lkm("keys", "import", "--id", V0, vector_file(tmp_path, 0), "-c", config)
@@ -110,6 +114,7 @@ def test_a_damaged_bundle_or_wrong_passphrase_fails_verification(tmp_path: Path,
     assert short.returncode == 1 and "at least 12 characters" in short.stderr
 
 
+@pytest.mark.slow
 def test_restore_never_overwrites_a_different_key(tmp_path: Path, certs: Pki, config_factory: Any) -> None:
     config = str(config_factory())
     env = {"LKM_BACKUP_PASSPHRASE": PASSPHRASE}

@@ -63,6 +63,7 @@ def dev_server(tmp_path: Path) -> Iterator[dict[str, object]]:
     yield from start_dev(tmp_path / "dev")
 
 
+@pytest.mark.slow
 def test_dev_mode_on_softhsm(tmp_path: Path) -> None:
     from tests.hsm import require_softhsm
 
@@ -86,6 +87,7 @@ def test_dev_mode_on_softhsm(tmp_path: Path) -> None:
     assert os.environ.get("SOFTHSM2_CONF") == env_before
 
 
+@pytest.mark.slow
 async def test_dev_mode_end_to_end(dev_server: dict[str, object]) -> None:
     facts = dev_server
     config = str(facts["config"])
@@ -153,6 +155,7 @@ def config(tmp_path: Path, config_factory) -> str:  # type: ignore[no-untyped-de
     return str(config_factory())
 
 
+@pytest.mark.slow
 def test_keys_create_list_show(config: str) -> None:
     created = json.loads(lkm("keys", "create", "-c", config, "--json").stdout)
     assert created["state"] == "active"
@@ -167,6 +170,7 @@ def test_keys_create_list_show(config: str) -> None:
     assert missing.returncode == 1 and "key_not_found" in missing.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("form", ["pem-pkcs1", "pem-pkcs8", "der", "sample-b64"])
 def test_keys_import_forms(config: str, tmp_path: Path, form: str) -> None:
     key = rsa.generate_private_key(65537, 3072)

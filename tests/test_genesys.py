@@ -121,6 +121,7 @@ async def test_server_errors_are_retried_with_backoff(
         assert standin.calls == 3 and registrations(running, "failed") == 2 and registrations(running, "ok") == 1
 
 
+@pytest.mark.slow
 async def test_timeouts_exhaust_the_bounded_retries(
         tmp_path: Path, certs: Pki, config_factory: Callable[..., Path], standin: StandinPlatform) -> None:
     async with lkm_registering(tmp_path, certs, config_factory, standin, timeout=0.3, max_attempts=2) as running:
@@ -163,6 +164,7 @@ async def lkm_cli(*args: str) -> tuple[int, str, str]:
     return proc.returncode, out.decode(), err.decode()
 
 
+@pytest.mark.slow
 async def test_cli_registers_by_hand_and_rotation_registers(
         tmp_path: Path, certs: Pki, config_factory: Callable[..., Path], standin: StandinPlatform) -> None:
     async with lkm_registering(tmp_path, certs, config_factory, standin) as running:

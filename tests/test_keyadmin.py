@@ -13,6 +13,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from lkm.config import load_settings
 from lkm.hawk import mint_credential
 from lkm.keys import KeyRecord, KeyState, load_private_key_any, utcnow
@@ -38,6 +40,7 @@ def rotations(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [e for e in events if e.get("action") == "rotate_key" and e["outcome"] == "ok"]
 
 
+@pytest.mark.slow
 async def test_missed_rotation_happens_at_start_and_the_schedule_keeps_rotating(
         tmp_path: Path, certs: Pki, config_factory: Callable[..., Path]) -> None:
     config = config_factory(rotation={"every": "1h"})
@@ -62,6 +65,7 @@ async def test_missed_rotation_happens_at_start_and_the_schedule_keeps_rotating(
         assert metrics.get_sample_value("lkm_rotations_total", {"outcome": "ok"}) == 2
 
 
+@pytest.mark.slow
 def test_two_servers_sharing_a_store_rotate_once_per_period(tmp_path: Path,
                                                            config_factory: Callable[..., Path]) -> None:
     config = config_factory(rotation={"every": "1h"})

@@ -8,6 +8,8 @@ import json
 import subprocess
 import time
 
+import pytest
+
 from lkm.keys import KeyState
 from tests.conftest import Running, b64, wrap
 from tests.lkmcli import lkm
@@ -17,6 +19,7 @@ async def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str
     return await asyncio.to_thread(lkm, *args, check=check)
 
 
+@pytest.mark.slow
 async def test_operator_session(running: Running) -> None:
     config = str(running.config_path)
     a = json.loads((await cli("keys", "create", "--json", "-c", config)).stdout)

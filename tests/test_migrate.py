@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -40,6 +41,7 @@ def listing(config: str) -> dict[str, str]:
     return {k["id"]: k["state"] for k in json.loads(lkm("keys", "list", "--json", "-c", config).stdout)}
 
 
+@pytest.mark.slow
 def test_csv_export_of_the_sample_table(tmp_path: Path, config_factory: Any) -> None:
     config = str(config_factory())
     v0 = load_private_key_any(vector(0).encode())
@@ -78,6 +80,7 @@ def test_csv_export_of_the_sample_table(tmp_path: Path, config_factory: Any) -> 
                        (JUNK, "error"), (None, "error")]
 
 
+@pytest.mark.slow
 def test_json_export_and_existing_ids(tmp_path: Path, config_factory: Any) -> None:
     config = str(config_factory())
     first = [{"id": V0, "privateKey": vector(0), "publicKey": public_b64(load_private_key_any(vector(0).encode())),

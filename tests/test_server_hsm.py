@@ -8,7 +8,6 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from lkm.keys import KeyState
 from tests.conftest import OAEP_SHA256, Pki, start_server, wrap
 from tests.hsm import SoftHsmToken
 
@@ -22,7 +21,7 @@ async def test_platform_route_on_the_hsm_and_recovery(tmp_path: Path, certs: Pki
                                                       config_factory: Callable[..., Path],
                                                       softhsm_token: SoftHsmToken) -> None:
     async with start_server(tmp_path, certs, hsm_config(config_factory, softhsm_token)) as running:
-        record = await asyncio.to_thread(running.store.create_key, state=KeyState.ACTIVE)
+        record = await asyncio.to_thread(running.create_key)
         assert record.backend == "pkcs11"
         reply = await running.platform().decrypt(record.id, wrap(record, b"h" * 32))
         assert reply.status == 200 and base64.b64decode(reply.body["body"]) == b"h" * 32
@@ -72,7 +71,7 @@ async def test_concurrent_unwraps_through_the_server(tmp_path: Path, certs: Pki,
     async with start_server(tmp_path, certs, config) as running:
         admission = running.server.service.admission if running.server.service else None
         assert admission is not None and admission.workers == 2  # one operation per session, 2 sessions
-        record = await asyncio.to_thread(running.store.create_key, state=KeyState.ACTIVE)
+        record = await asyncio.to_thread(running.create_key)
         secrets_ = [os.urandom(32) for _ in range(120)]
         client = running.platform()
         replies = await asyncio.gather(*(client.decrypt(record.id, wrap(record, s)) for s in secrets_))

@@ -62,7 +62,9 @@ _SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**15, 8, 1
 class FileKeyStore:
     backend = "file"
 
-    def __init__(self, path: Path, passphrase: bytes, *, create: bool = True) -> None:
+    def __init__(self, path: Path, passphrase: bytes, *, create: bool = True, scrypt_n: int = _SCRYPT_N) -> None:
+        """`scrypt_n` is the scrypt cost written into the header of a NEW store (an existing store keeps the cost
+        its header names). Nothing in the configuration lowers it: only tests pass a cheaper one, explicitly."""
         self.path = path
         self.keys_dir = path / "keys"
         self._lock_path = path / ".lock"
@@ -83,18 +85,18 @@ class FileKeyStore:
             problem = fsutil.loose_permissions(directory)
             if problem:
                 raise KeyStoreError(f"refusing to use the key store: {problem}", transient=False)
-        self._aead = AESGCM(self._master_key(passphrase))
+        self._aead = AESGCM(self._master_key(passphrase, scrypt_n))
         self.refresh()
 
     # --- master key ----------------------------------------------------------------------------------------
 
-    def _master_key(self, passphrase: bytes) -> bytes:
+    def _master_key(self, passphrase: bytes, scrypt_n: int) -> bytes:
         if not passphrase:
             raise KeyStoreError("the key store passphrase is empty", transient=False)
         header_path = self.path / "keystore.json"
         with self._writer():
             if not header_path.exists():
-                params = ScryptParams.fresh(_SCRYPT_N, _SCRYPT_R, _SCRYPT_P)
+                params = ScryptParams.fresh(scrypt_n, _SCRYPT_R, _SCRYPT_P)
                 header = {"format": FORMAT, "version": 1, "kdf": params.to_doc(),
                           "check": seal(AESGCM(params.derive(passphrase)), _CHECK_PLAINTEXT, None)}
                 fsutil.atomic_create(header_path, json.dumps(header, indent=1).encode())

@@ -8,6 +8,7 @@ import ssl
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -81,6 +82,7 @@ async def test_platform_listener_resumes_sessions(running: Running) -> None:
     assert reused == [False, True, True]
 
 
+@pytest.mark.slow
 async def test_idle_connections_are_closed_after_keep_alive_seconds(
         tmp_path: Path, certs: Pki, config_factory: Callable[..., Path]) -> None:
     async with start_server(tmp_path, certs, config_factory(**{"limits.keep_alive_seconds": 1})) as running:

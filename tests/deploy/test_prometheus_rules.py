@@ -24,6 +24,7 @@ def promtool() -> str:
     ["test", "rules", "lkm-alerts.test.yml"],
     ["check", "config", "prometheus.yml"],
 ], ids=["check-rules", "test-rules", "check-config"])
+@pytest.mark.slow
 def test_promtool(promtool: str, args: list[str]) -> None:
     result = subprocess.run([promtool, *args], cwd=DEPLOY, capture_output=True, text=True, timeout=120,
                             check=False)

@@ -60,7 +60,9 @@ class Backend:
     open_another: Callable[[], KeyStore]  # a second instance on the same storage (another server, the CLI)
 
 
-@pytest.fixture(scope="module", params=["file", "pkcs11", "postgresql"])
+@pytest.fixture(scope="module",
+                params=["file", pytest.param("pkcs11", marks=[pytest.mark.hsm, pytest.mark.slow]),
+                        pytest.param("postgresql", marks=[pytest.mark.slow])])
 def backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
     opener: Callable[[], KeyStore]
     if request.param == "file":

@@ -128,6 +128,7 @@ def test_killed_writer_leaves_only_whole_keys(tmp_path: Path) -> None:
             json.loads((path / "keys" / name).read_text())
 
 
+@pytest.mark.slow
 def test_a_bad_file_does_not_hide_other_changes(tmp_path: Path) -> None:
     server_view = FileKeyStore(tmp_path / "ks", PASS)
     cli_view = FileKeyStore(tmp_path / "ks", PASS)
