@@ -97,20 +97,14 @@ def create_backup(store: KeyStore, path: Path, passphrase: bytes) -> Bundle:
     if len(passphrase.decode("utf-8", "replace")) < MIN_PASSPHRASE_CHARS:
         raise BackupError(f"the backup passphrase must have at least {MIN_PASSPHRASE_CHARS} characters")
     exporting = isinstance(store, ExportingStore)
+    bundle_keys = collect_keys(store)
     entries: list[dict[str, Any]] = []
     manifest_keys: list[dict[str, Any]] = []
-    bundle_keys: list[BundleKey] = []
-    with lifecycle.store_lock(store):  # one consistent view, no key changing half-way
-        for record in store.list_keys():
-            private: rsa.RSAPrivateKey | None = None
-            if exporting and record.state is not KeyState.DESTROYED:
-                assert isinstance(store, ExportingStore)
-                private = store.export_private_key(record.id)
-            der = private.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
-                                        serialization.NoEncryption()) if private else None
-            entries.append({"record": _record_doc(record), "private_key_pkcs8": b64(der) if der else None})
-            manifest_keys.append(_manifest_entry(record, der is not None))
-            bundle_keys.append(BundleKey(record, private))
+    for item in bundle_keys:
+        der = item.private_key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                                             serialization.NoEncryption()) if item.private_key else None
+        entries.append({"record": _record_doc(item.record), "private_key_pkcs8": b64(der) if der else None})
+        manifest_keys.append(_manifest_entry(item.record, der is not None))
     header = {"format": FORMAT, "version": VERSION, "created": format_time(utcnow()), "backend": store.backend,
               "manifest": {"private_keys": exporting, "keys": manifest_keys}}
     params, nonce = ScryptParams.fresh(_SCRYPT_N, _SCRYPT_R, _SCRYPT_P), new_nonce()
@@ -120,7 +114,22 @@ def create_backup(store: KeyStore, path: Path, passphrase: bytes) -> Bundle:
                 "cipher": {"name": "AES-256-GCM", "nonce": b64(nonce)},
                 "ciphertext": b64(ciphertext)}
     fsutil.atomic_write(path, json.dumps(envelope, indent=1).encode() + b"\n", mode=0o600)
-    return Bundle(str(header["created"]), store.backend, exporting, tuple(bundle_keys))
+    return Bundle(str(header["created"]), store.backend, exporting, bundle_keys)
+
+
+def collect_keys(store: KeyStore) -> tuple[BundleKey, ...]:
+    """Every key with its private half (when the store lets it out and it is not destroyed), read in one
+    consistent view under the store's lock: what a backup writes and a migration copies."""
+    exporting = isinstance(store, ExportingStore)
+    keys: list[BundleKey] = []
+    with lifecycle.store_lock(store):  # no key changing half-way
+        for record in store.list_keys():
+            private: rsa.RSAPrivateKey | None = None
+            if exporting and record.state is not KeyState.DESTROYED:
+                assert isinstance(store, ExportingStore)
+                private = store.export_private_key(record.id)
+            keys.append(BundleKey(record, private))
+    return tuple(keys)
 
 
 # --- read and verify -------------------------------------------------------------------------------------------

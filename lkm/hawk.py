@@ -194,6 +194,15 @@ def _split_host(value: str) -> tuple[str, int | None]:
     return match.group(1), port
 
 
+@dataclass(frozen=True)
+class Verified:
+    """A request whose MAC, payload hash and timestamp checked out; its nonce is still to be checked."""
+
+    credential: HawkCredential
+    nonce_key: tuple[str, str, int]  # (credential id, nonce, ts): what a replay check remembers
+    now: float
+
+
 class HawkVerifier:
     def __init__(self, lookup: Callable[[str], HawkCredential | None], skew_seconds: int, replay_check: bool,
                  nonce_cache_size: int, clock: Callable[[], float] = time.time) -> None:
@@ -204,10 +213,22 @@ class HawkVerifier:
         self.nonce_cache = NonceCache(nonce_cache_size, skew_seconds)
         self._dummy_key = secrets.token_urlsafe(32)
 
-    def verify(self, *, method: str, path: str, query: str, host_header: str | None, public_host: str | None,
-               public_port: int | None, default_port: int, authorization: str | None,
-               content_type: str | None, body: bytes) -> HawkCredential:
-        """Pass `path` and `query` as sent on the wire (percent-encoding intact, query without '?')."""
+    def verify(self, **request: Any) -> HawkCredential:
+        """verify_request, then the replay check in this server's memory (when it is on)."""
+        verified = self.verify_request(**request)
+        if not self.check_replay(verified):
+            raise HawkError(HawkReason.REPLAY)
+        return verified.credential
+
+    def check_replay(self, verified: Verified) -> bool:
+        """False for a nonce this server saw inside the window (always True with the replay check off)."""
+        return not self.replay_check or self.nonce_cache.check_and_remember(*verified.nonce_key, verified.now)
+
+    def verify_request(self, *, method: str, path: str, query: str, host_header: str | None,
+                       public_host: str | None, public_port: int | None, default_port: int,
+                       authorization: str | None, content_type: str | None, body: bytes) -> Verified:
+        """Every check but the replay check, whose place (memory or a shared database) the caller chooses.
+        Pass `path` and `query` as sent on the wire (percent-encoding intact, query without '?')."""
         if authorization is None:
             raise HawkError(HawkReason.MISSING)
         attrs = parse_authorization(authorization)
@@ -246,10 +267,7 @@ class HawkVerifier:
             raise HawkError(HawkReason.STALE_TIMESTAMP, www_authenticate=(
                 f'Hawk ts="{now_s}", tsm="{timestamp_mac(credential.key, now_s)}", error="Stale timestamp"'))
 
-        if self.replay_check and not self.nonce_cache.check_and_remember(credential.id, attrs["nonce"], ts,
-                                                                          now):
-            raise HawkError(HawkReason.REPLAY)
-        return credential
+        return Verified(credential, (credential.id, attrs["nonce"], ts), now)
 
     @staticmethod
     def _host_port(host_header: str | None, public_host: str | None, public_port: int | None,
@@ -265,8 +283,16 @@ class HawkVerifier:
 
 # --- credential storage -------------------------------------------------------------------------------------
 
-def _valid_id(cred_id: str) -> bool:
+def valid_credential_id(cred_id: str) -> bool:
+    """The ids `lkm hawk` accepts, wherever the credential is kept (file or database)."""
     return _ID_RE.fullmatch(cred_id) is not None
+
+
+def check_credential_id(cred_id: str) -> str:
+    """The id itself, or ValueError with the wording every store uses."""
+    if not valid_credential_id(cred_id):
+        raise ValueError(f"Hawk credential id {cred_id!r}: expected 1-64 characters of A-Z a-z 0-9 . _ -")
+    return cred_id
 
 
 def _read_entries(path: Path) -> list[dict[str, str]]:
@@ -291,7 +317,7 @@ def _read_entries(path: Path) -> list[dict[str, str]]:
             raise ValueError(f"{where}: expected an object")
         cred_id, key = item.get("id"), item.get("key")
         algorithm, created = item.get("algorithm", ALGORITHM), item.get("created", "")
-        if not isinstance(cred_id, str) or not _valid_id(cred_id):
+        if not isinstance(cred_id, str) or not valid_credential_id(cred_id):
             raise ValueError(f"{where}: id must be 1-64 characters of A-Z a-z 0-9 . _ -")
         if cred_id in seen:
             raise ValueError(f"{where}: duplicate id {cred_id!r}")
@@ -320,8 +346,7 @@ def load_credentials_file(path: Path) -> dict[str, HawkCredential]:
 
 
 def mint_credential(path: Path, cred_id: str) -> HawkCredential:
-    if not _valid_id(cred_id):
-        raise ValueError(f"Hawk credential id {cred_id!r}: expected 1-64 characters of A-Z a-z 0-9 . _ -")
+    check_credential_id(cred_id)
     ensure_private_dir(path.parent)
     with file_lock(_lock_path(path)):
         entries = _read_entries(path)
@@ -356,9 +381,21 @@ class CredentialSource:
         self.path = path
         self._extra = dict(extra or {})
         self._signature: tuple[int, int, int] | None = None
+        self._loaded: dict[str, HawkCredential] = {}  # from the file
+        self._shared: dict[str, HawkCredential] = {}  # from the key store's database, when it keeps them
         self._credentials: dict[str, HawkCredential] = dict(self._extra)
         self._lock = threading.Lock()
         self.reload_if_changed()
+
+    def set_shared(self, credentials: Mapping[str, HawkCredential]) -> bool:
+        """The credentials every replica reads from the database (`lkm hawk` writes there); True on a change.
+        The file and the configuration win on a clash (they are this machine's explicit choice)."""
+        with self._lock:
+            if dict(credentials) == self._shared:
+                return False
+            self._shared = dict(credentials)
+            self._credentials = {**self._shared, **self._loaded, **self._extra}
+            return True
 
     def get(self, cred_id: str) -> HawkCredential | None:
         return self._credentials.get(cred_id)
@@ -389,6 +426,7 @@ class CredentialSource:
             except ValueError:
                 self._signature = signature
                 raise
-            self._credentials = {**loaded, **self._extra}
+            self._loaded = loaded
+            self._credentials = {**self._shared, **loaded, **self._extra}
             self._signature = signature
             return True

@@ -12,6 +12,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
@@ -63,3 +64,16 @@ def seal(aead: AESGCM, plaintext: bytes, associated_data: bytes | None) -> dict[
 def open_sealed(aead: AESGCM, sealed: dict[str, Any], associated_data: bytes | None) -> bytes:
     """Inverse of seal; raises InvalidTag (wrong key, changed bytes) or KeyError/ValueError/TypeError (malformed)."""
     return aead.decrypt(unb64(sealed["nonce"]), unb64(sealed["ciphertext"]), associated_data)
+
+
+def seal_bytes(aead: AESGCM, plaintext: bytes, associated_data: bytes | None) -> bytes:
+    """The compact stored form (a database column): nonce || ciphertext-with-tag."""
+    nonce = new_nonce()
+    return nonce + aead.encrypt(nonce, plaintext, associated_data)
+
+
+def open_bytes(aead: AESGCM, blob: bytes, associated_data: bytes | None) -> bytes:
+    """Inverse of seal_bytes; raises InvalidTag for a blob sealed under another key or id, altered or cut short."""
+    if len(blob) <= NONCE_BYTES:
+        raise InvalidTag()
+    return aead.decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], associated_data)

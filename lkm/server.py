@@ -23,12 +23,13 @@ from lkm import __version__
 from lkm.admission import Admission
 from lkm.audit import AuditLog
 from lkm.auth import ClientPolicy
-from lkm.config import Settings
+from lkm.config import KeyStoreType, ReplayCheck, Settings
 from lkm.errors import KeyStoreError, LkmError
-from lkm.hawk import CredentialSource, HawkCredential, HawkVerifier
+from lkm.hawk import CredentialSource, HawkCredential, HawkVerifier, Verified
 from lkm.keyadmin import KeyAdmin
 from lkm.keys import PADDINGS, Algorithm, KeyState, utcnow
 from lkm.keystore import KeyStore
+from lkm.keystore.health import ReportsHealth, StoreStatus
 from lkm.keystore.open import open_keystore
 from lkm.metrics import AUTH_REASONS, OTHER_ROUTE, Metrics
 from lkm.pki import load_cert_expiry
@@ -118,6 +119,8 @@ class LkmServer:
         self.audit: AuditLog | None = None
         self.service: KeyService | None = None
         self.hawk_source: CredentialSource | None = None
+        self.shared_hawk: Any = None  # ClusterHawk when the store is PostgreSQL (credentials, nonces)
+        self._nonce_executor: ThreadPoolExecutor | None = None
         self.keyadmin: KeyAdmin | None = None
         self._last_canary = 0.0
 
@@ -155,11 +158,15 @@ class LkmServer:
             extra = {ref.id: HawkCredential(id=ref.id, key=ref.key.read_text()) for ref in hawk.credentials}
             self.hawk_source = CredentialSource(hawk.credentials_file, extra)
             verifier = HawkVerifier(lookup=self.hawk_source.get, skew_seconds=hawk.timestamp_skew_seconds,
-                                    replay_check=hawk.replay_check, nonce_cache_size=hawk.nonce_cache_size)
+                                    replay_check=hawk.replay_check is not ReplayCheck.OFF,
+                                    nonce_cache_size=hawk.nonce_cache_size)
+            shared_nonces = await self._share_hawk(verifier) if settings.keystore.type is KeyStoreType.POSTGRESQL \
+                else None
             tls = settings.platform.tls
             ssl_ctx = server_context(tls, require_client_cert=False, source=settings.source,
                                      setting="platform.tls") if tls else None
-            handler = PlatformHandler(wctx, settings.platform, verifier, default_port=443 if ssl_ctx else 80)
+            handler = PlatformHandler(wctx, settings.platform, verifier, default_port=443 if ssl_ctx else 80,
+                                      shared_nonces=shared_nonces)
             keepalive = float(settings.limits.keep_alive_seconds)
             runner = web.ServerRunner(platform_server(handler, keepalive_timeout=keepalive), handle_signals=False)
             listen = settings.platform.listen
@@ -189,6 +196,26 @@ class LkmServer:
             self.keyadmin.resume_registrations()
         log.info("lkm started", extra={"listeners": {n: f"{lst.host}:{lst.port}"
                                                       for n, lst in self.listeners.items()}})
+
+    async def _share_hawk(self, verifier: HawkVerifier) -> Callable[[Verified], Awaitable[bool]] | None:
+        """Hawk credentials from the key store's database (`lkm hawk` writes there), and with replay_check:
+        cluster the nonce check of every replica, run off the event loop."""
+        from lkm.keystore.postgresql.hawk import ClusterHawk  # noqa: PLC0415 - optional extra, loaded on demand
+
+        hawk = self.settings.platform.hawk
+        assert self.hawk_source is not None and self.store is not None
+        self.shared_hawk = shared = ClusterHawk.of(self.store, window_seconds=hawk.timestamp_skew_seconds)
+        loop = asyncio.get_running_loop()
+        self.hawk_source.set_shared(await loop.run_in_executor(self._executor, shared.load))
+        if hawk.replay_check is not ReplayCheck.CLUSTER:
+            return None
+        executor = self._nonce_executor = ThreadPoolExecutor(max_workers=self.settings.keystore.pool_max,
+                                                             thread_name_prefix="lkm-nonce")
+
+        async def fresh(verified: Verified) -> bool:
+            return await loop.run_in_executor(executor, shared.remember, verified, verifier.nonce_cache)
+
+        return fresh
 
     def _count_shed(self, route: str) -> None:
         self.metrics.shed.labels(ListenerName.PLATFORM if route == ListenerName.PLATFORM else ListenerName.NATIVE).inc()
@@ -230,6 +257,8 @@ class LkmServer:
         self._workers.close()
         self._executor.shutdown(wait=True, cancel_futures=True)
         self._admin_executor.shutdown(wait=True, cancel_futures=True)
+        if self._nonce_executor is not None:
+            self._nonce_executor.shutdown(wait=True, cancel_futures=True)
 
     # --- background work -----------------------------------------------------------------------------------
 
@@ -256,6 +285,11 @@ class LkmServer:
                 await loop.run_in_executor(self._executor, self.hawk_source.reload_if_changed)
             except (OSError, ValueError) as exc:
                 log.error("Hawk credentials reload failed: %s", exc)
+            if self.shared_hawk is not None:
+                try:
+                    self.hawk_source.set_shared(await loop.run_in_executor(self._executor, self.shared_hawk.load))
+                except KeyStoreError as exc:  # the database is away: the credentials loaded last stay live
+                    log.warning("Hawk credentials not reloaded: %s", exc)
         self._update_key_gauges()
 
     def _update_key_gauges(self) -> None:
@@ -273,7 +307,12 @@ class LkmServer:
         checks: dict[str, tuple[bool, str]] = {}
         try:
             await loop.run_in_executor(self._executor, store.check)
-            checks["keystore"] = (True, store.backend)
+            health = store.health() if isinstance(store, ReportsHealth) else None
+            if health is not None and health.status is StoreStatus.DEGRADED:
+                # Unwraps go on with the keys held: stay in the load balancer, but say that changes cannot be made.
+                checks["keystore"] = (True, f"{store.backend} {health.status}: {health.detail}")
+            else:
+                checks["keystore"] = (True, store.backend)
         except KeyStoreError as exc:
             log.error("key store check failed: %s", exc)
             checks["keystore"] = (False, "key store not available")

@@ -3,10 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
-from lkm.cli.common import AddCommand, audit, print_json, settings_of
+from lkm.cli.common import AddCommand, audit, open_store, print_json, settings_of
+from lkm.config import KeyStoreType, Settings
 from lkm.errors import CliError
+
+
+@contextlib.contextmanager
+def shared_credentials(settings: Settings) -> Iterator[Any]:
+    """The database's credentials (lkm.keystore.postgresql.hawk.ClusterHawk) when the key store is PostgreSQL,
+    so every replica sees them; None for a file store (the credentials file is used)."""
+    if settings.keystore.type is not KeyStoreType.POSTGRESQL:
+        yield None
+        return
+    from lkm.keystore.postgresql.hawk import ClusterHawk  # noqa: PLC0415 - optional extra, loaded on demand
+
+    store = open_store(settings)
+    try:
+        yield ClusterHawk.of(store, window_seconds=settings.platform.hawk.timestamp_skew_seconds)
+    finally:
+        store.close()
 
 
 def cmd_hawk_create(args: argparse.Namespace) -> int:
@@ -14,12 +33,16 @@ def cmd_hawk_create(args: argparse.Namespace) -> int:
 
     settings = settings_of(args)
     path = settings.platform.hawk.credentials_file
-    if path is None:
-        raise CliError(f"{settings.source}: platform.hawk.credentials_file is not set; nowhere to store it")
-    try:
-        credential = mint_credential(path, args.id)
-    except ValueError as exc:
-        raise CliError(str(exc)) from None
+    with shared_credentials(settings) as shared:
+        try:
+            if shared is not None:
+                credential = shared.create(args.id)
+            elif path is None:
+                raise CliError(f"{settings.source}: platform.hawk.credentials_file is not set; nowhere to store it")
+            else:
+                credential = mint_credential(path, args.id)
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
     audit(settings, "hawk_create", None, hawk_id=credential.id)
     if args.json:
         print_json({"id": credential.id, "key": credential.key, "algorithm": credential.algorithm})
@@ -35,6 +58,9 @@ def cmd_hawk_list(args: argparse.Namespace) -> int:
 
     settings = settings_of(args)
     path = settings.platform.hawk.credentials_file
+    with shared_credentials(settings) as shared:
+        for info in shared.list() if shared is not None else ():
+            print(f"{info.id} (database, created {info.created:%Y-%m-%dT%H:%M:%SZ})")
     creds = load_credentials_file(path) if path else {}
     for cred_id in sorted(creds):
         print(cred_id)
@@ -48,8 +74,10 @@ def cmd_hawk_revoke(args: argparse.Namespace) -> int:
 
     settings = settings_of(args)
     path = settings.platform.hawk.credentials_file
-    if path is None or not revoke_credential(path, args.id):
-        raise CliError(f"no Hawk credential {args.id!r} in the credentials file")
+    with shared_credentials(settings) as shared:
+        revoked = shared.revoke(args.id) if shared is not None else False
+    if not revoked and (path is None or not revoke_credential(path, args.id)):
+        raise CliError(f"no Hawk credential {args.id!r} in the key store's database or the credentials file")
     audit(settings, "hawk_revoke", None, hawk_id=args.id)
     print(f"revoked {args.id}")
     return 0

@@ -204,6 +204,33 @@ def cmd_keys_import_bulk(args: argparse.Namespace) -> int:
 
 # --- parser ------------------------------------------------------------------------------------------------------
 
+def cmd_keys_migrate(args: argparse.Namespace) -> int:
+    from lkm.config import load_settings  # noqa: PLC0415
+    from lkm.keycopy import copy_keys  # noqa: PLC0415
+
+    settings = settings_of(args)
+    target_settings = load_settings(args.to)
+    source = open_store(settings)
+    try:
+        target = open_store(target_settings)
+        try:
+            results = copy_keys(source, target)
+        finally:
+            target.close()
+    finally:
+        source.close()
+    for result in results:
+        if result.outcome == "copied":  # recorded in the target's trail: that is where the key now lives
+            audit(target_settings, "migrate_key", result.key_id, to_state=result.state, source=settings.source)
+        elif result.outcome == "refused":
+            audit(target_settings, "migrate_key", result.key_id, outcome="error", error_code="key_exists",
+                  reason=result.reason, source=settings.source)
+        print(result.line())
+    counts = {o: sum(r.outcome == o for r in results) for o in ("copied", "present", "refused", "not copied")}
+    print(", ".join(f"{v} {k}" for k, v in counts.items()))
+    return 1 if counts["refused"] else 0
+
+
 def add_commands(sub: Any, add: AddCommand) -> None:
     keys = sub.add_parser("keys", help="manage keys").add_subparsers(dest="keys_command", required=True,
                                                                     metavar="ACTION")
@@ -249,6 +276,10 @@ def add_commands(sub: Any, add: AddCommand) -> None:
     p.add_argument("id")
     p.add_argument("--dry-run", action="store_true",
                    help="check the safeguards and show when the key last unwrapped; change nothing")
+    p = add("migrate", cmd_keys_migrate,
+            "copy every key of this store into the store of another configuration (file <-> PostgreSQL); "
+            "each copy is proved by a test unwrap, and running it again is safe", keys)
+    p.add_argument("--to", required=True, metavar="OTHER_CONFIG", help="configuration of the target store")
     p = add("import-bulk", cmd_keys_import_bulk,
             "import keypairs exported from the platform's sample LKM (CSV or JSON with id and private key)", keys)
     p.add_argument("file", help="the export, or - for standard input")

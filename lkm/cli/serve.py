@@ -80,8 +80,23 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         settings.keystore.pin.read_bytes()
     for ref in settings.platform.hawk.credentials:
         ref.key.read_bytes()
+    if settings.keystore.dsn:
+        print(_database_schema(settings.keystore.dsn.read_text(), settings.keystore.connect_timeout))
     print(f"{settings.source}: configuration is valid")
     return 0
+
+
+def _database_schema(dsn: str, connect_timeout: float) -> str:
+    """Connects to the key store's database and reads its schema version, changing nothing."""
+    from lkm.errors import KeyStoreError  # noqa: PLC0415
+    from lkm.keystore.postgresql.schema import CODE_VERSION, inspect  # noqa: PLC0415 - optional extra
+
+    try:
+        found = inspect(dsn, connect_timeout)
+    except KeyStoreError as exc:
+        raise CliError(str(exc)) from None
+    state = "not created yet (lkm serve creates it)" if found == 0 else f"version {found}"
+    return f"keystore database: reachable, lkm schema {state}; this lkm writes version {CODE_VERSION}"
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

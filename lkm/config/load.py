@@ -32,7 +32,7 @@ def settings_from_mapping(data: object, *, source: str, base_dir: Path) -> Setti
     """Settings from an already parsed document (a ConfigMap's text, a test's dict); base_dir anchors paths."""
     top = Section(data, "", source, base_dir)
     keystore = sections.read_keystore(top.section("keystore", required=True))
-    platform = sections.read_platform(top.section("platform", required=True))
+    platform = sections.read_platform(top.section("platform", required=True), keystore)
     native = sections.read_native(top.section("native"))
     ops = sections.read_ops(top.section("ops"))
     audit = sections.read_audit(top.section("audit"))

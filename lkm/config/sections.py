@@ -87,7 +87,17 @@ def _module_env(env: Section) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
-def read_hawk(sec: Section) -> settings.HawkSettings:
+def _replay_check(sec: Section) -> settings.ReplayCheck:
+    """local (default) or cluster; true and false, the older forms, mean local and off."""
+    if not sec.has("replay_check"):
+        return settings.ReplayCheck.LOCAL
+    value = sec.raw("replay_check")
+    if isinstance(value, bool):
+        return settings.ReplayCheck.LOCAL if value else settings.ReplayCheck.OFF
+    return sec.choice("replay_check", settings.ReplayCheck)
+
+
+def read_hawk(sec: Section, keystore: settings.KeyStoreSettings) -> settings.HawkSettings:
     creds = []
     for entry in sec.entries("credentials"):
         creds.append(settings.HawkCredentialRef(id=entry.string("id"), key=entry.secret("key")))
@@ -96,24 +106,29 @@ def read_hawk(sec: Section) -> settings.HawkSettings:
         credentials_file=sec.path("credentials_file", None),
         credentials=tuple(creds),
         timestamp_skew_seconds=sec.duration("timestamp_skew", HAWK_SKEW_SECONDS, minimum=1),
-        replay_check=sec.flag("replay_check", True),
+        replay_check=_replay_check(sec),
         nonce_cache_size=sec.integer("nonce_cache_size", NONCE_CACHE_SIZE, minimum=100),
     )
     if result.timestamp_skew_seconds > 3600:
         # The window is also how long a captured request could be replayed to a server that forgot its nonce.
         raise sec.error("timestamp_skew", f"at most 1h, got {result.timestamp_skew_seconds} seconds")
-    if result.credentials_file is None and not result.credentials:
+    shared = keystore.type is settings.KeyStoreType.POSTGRESQL  # `lkm hawk create` writes to the database
+    if result.credentials_file is None and not result.credentials and not shared:
         raise sec.error("credentials_file", "a Hawk credentials file (see `lkm hawk create`) or credentials")
+    if result.replay_check is settings.ReplayCheck.CLUSTER and not shared:
+        raise sec.error("replay_check", "local or off: cluster needs keystore.type postgresql (the nonces are "
+                                        "kept in its database)")
     sec.done()
     return result
 
 
-def read_platform(sec: Section) -> settings.PlatformSettings:
+def read_platform(sec: Section, keystore: settings.KeyStoreSettings) -> settings.PlatformSettings:
     if not sec.flag("enabled", True):
         # A native-only server: the rest of the section is kept for when the route is switched on again.
         sec.ignore_rest()
         hawk = settings.HawkSettings(credentials_file=None, credentials=(), timestamp_skew_seconds=HAWK_SKEW_SECONDS,
-                                     replay_check=True, nonce_cache_size=NONCE_CACHE_SIZE)
+                                     replay_check=settings.ReplayCheck.LOCAL,
+                                     nonce_cache_size=NONCE_CACHE_SIZE)
         return settings.PlatformSettings(enabled=False, listen=settings.ListenSettings("127.0.0.1", 8443), tls=None,
                                          path=PLATFORM_PATH, public_host=None, public_port=None, hawk=hawk,
                                          allow_pkcs1=False)
@@ -127,7 +142,7 @@ def read_platform(sec: Section) -> settings.PlatformSettings:
         path=path,
         public_host=sec.string("public_host", None),
         public_port=sec.integer("public_port", None, minimum=1, maximum=65535),
-        hawk=read_hawk(sec.section("hawk", required=True)),
+        hawk=read_hawk(sec.section("hawk", required=True), keystore),
         allow_pkcs1=sec.flag("allow_pkcs1", True),
     )
     if result.tls is None and not sec.flag("insecure_plaintext", False):

@@ -19,6 +19,15 @@ class KeyStoreType(enum.StrEnum):
     POSTGRESQL = "postgresql"
 
 
+class ReplayCheck(enum.StrEnum):
+    """Where a Hawk nonce is remembered: nowhere, in this server's memory, or in the key store's database (a
+    request replayed to another replica is refused there too)."""
+
+    OFF = "off"
+    LOCAL = "local"
+    CLUSTER = "cluster"
+
+
 class LogLevel(enum.StrEnum):
     DEBUG = "debug"
     INFO = "info"
@@ -56,7 +65,7 @@ class HawkSettings:
     credentials_file: Path | None
     credentials: tuple[HawkCredentialRef, ...]
     timestamp_skew_seconds: int
-    replay_check: bool
+    replay_check: ReplayCheck
     nonce_cache_size: int
 
 

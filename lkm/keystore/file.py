@@ -14,7 +14,6 @@ or imported, not when a key that lkm sealed itself is loaded again.
 from __future__ import annotations
 
 import functools
-import hmac
 import json
 import logging
 import os
@@ -26,12 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from lkm import fsutil
-from lkm.errors import Conflict, DecryptionFailed, KeyNotFound, KeyStoreError, KeyUnusable
+from lkm.errors import Conflict, KeyNotFound, KeyStoreError, KeyUnusable
 from lkm.keys import (
     DESTRUCTION_RULE,
     PADDINGS,
@@ -49,20 +47,18 @@ from lkm.keys import (
     record_to_doc,
     utcnow,
 )
-from lkm.keystore import check_ciphertext_length
-from lkm.sealing import ScryptParams, open_sealed, seal
+from lkm.keystore import sealed
+from lkm.sealing import open_sealed, seal
 
 log = logging.getLogger("lkm.keystore.file")
 
 FORMAT = "lkm-file-keystore"
 KEY_FORMAT = "lkm-key"
-_CHECK_PLAINTEXT = b"lkm keystore passphrase check"
-_SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**15, 8, 1
 
 class FileKeyStore:
     backend = "file"
 
-    def __init__(self, path: Path, passphrase: bytes, *, create: bool = True, scrypt_n: int = _SCRYPT_N) -> None:
+    def __init__(self, path: Path, passphrase: bytes, *, create: bool = True, scrypt_n: int = sealed.SCRYPT_N) -> None:
         """`scrypt_n` is the scrypt cost written into the header of a NEW store (an existing store keeps the cost
         its header names). Nothing in the configuration lowers it: only tests pass a cheaper one, explicitly."""
         self.path = path
@@ -96,21 +92,13 @@ class FileKeyStore:
         header_path = self.path / "keystore.json"
         with self._writer():
             if not header_path.exists():
-                params = ScryptParams.fresh(scrypt_n, _SCRYPT_R, _SCRYPT_P)
-                header = {"format": FORMAT, "version": 1, "kdf": params.to_doc(),
-                          "check": seal(AESGCM(params.derive(passphrase)), _CHECK_PLAINTEXT, None)}
+                header = sealed.new_header(FORMAT, passphrase, scrypt_n)
                 fsutil.atomic_create(header_path, json.dumps(header, indent=1).encode())
         try:
             header = json.loads(header_path.read_bytes())
-            key = ScryptParams.from_doc(header["kdf"]).derive(passphrase)
-            plain = open_sealed(AESGCM(key), header["check"], None)
-        except InvalidTag:
-            raise KeyStoreError(f"wrong passphrase for the key store {self.path}", transient=False) from None
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError) as exc:
             raise KeyStoreError(f"unreadable key store header {header_path}: {exc}", transient=False) from None
-        if not hmac.compare_digest(plain, _CHECK_PLAINTEXT):
-            raise KeyStoreError(f"wrong passphrase for the key store {self.path}", transient=False)
-        return key
+        return sealed.master_key(header, FORMAT, passphrase, str(self.path))
 
     # --- reading -------------------------------------------------------------------------------------------
 
@@ -218,29 +206,20 @@ class FileKeyStore:
         key = self._private.get(key_id)  # asked by a non-canonical spelling of a key already open
         if key is not None:
             return key
-        sealed = self._read_doc(key_id).get("private_key")
-        if sealed is None:
+        stored = self._read_doc(key_id).get("private_key")
+        if stored is None:
             raise KeyUnusable("key has been destroyed", code="key_destroyed")
         try:
-            der = open_sealed(self._aead, sealed, _aad(key_id))
+            der = open_sealed(self._aead, stored, _aad(key_id))
         except (InvalidTag, KeyError, ValueError, TypeError):
-            raise KeyStoreError(f"key {key_id}: sealed private key does not open (tampered or other store)",
-                                transient=False) from None
-        loaded = serialization.load_der_private_key(der, password=None, unsafe_skip_rsa_key_validation=True)
-        if not isinstance(loaded, rsa.RSAPrivateKey) or public_der_pkcs1(loaded.public_key()) != \
-                record.public_key_der:
-            raise KeyStoreError(f"key {key_id}: private key does not match its public key", transient=False)
+            raise sealed.unsealing_failed(key_id) from None
+        loaded = sealed.load_private_key(der, record)
         with self._lock:
             self._private[key_id] = loaded
         return loaded
 
     def decrypt(self, key_id: str, ciphertext: bytes, algorithm: Algorithm) -> bytes:
-        key = self._private_key(key_id)
-        check_ciphertext_length(ciphertext, key.key_size)
-        try:
-            return key.decrypt(ciphertext, PADDINGS[algorithm])
-        except ValueError:
-            raise DecryptionFailed() from None
+        return sealed.rsa_decrypt(self._private_key(key_id), ciphertext, algorithm)
 
     def check(self) -> None:
         if not self.keys_dir.is_dir():
@@ -283,8 +262,7 @@ class FileKeyStore:
 
     def seal_private_key(self, key_id: str, key: rsa.RSAPrivateKey) -> dict[str, str]:
         """The stored form of a private key, sealed under this store's master key and bound to `key_id`."""
-        der = key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
+        der = sealed.pkcs8(key)
         return {"alg": "A256GCM", **seal(self._aead, der, _aad(key_id))}
 
     def key_file_bytes(self, record: KeyRecord, key: rsa.RSAPrivateKey | None) -> bytes:

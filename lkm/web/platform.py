@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
 from lkm.auth import Actor, ActorKind, platform_actor
 from lkm.config import PlatformSettings
-from lkm.errors import HawkError, InvalidRequest, LkmError, Unauthenticated, UnsupportedAlgorithm
-from lkm.hawk import HawkVerifier, parse_authorization
+from lkm.errors import HawkError, HawkReason, InvalidRequest, LkmError, Unauthenticated, UnsupportedAlgorithm
+from lkm.hawk import HawkVerifier, Verified, parse_authorization
 from lkm.keys import Algorithm, b64, parse_key_id
 from lkm.metrics import OTHER_ROUTE
 from lkm.service import RequestContext
@@ -52,10 +53,13 @@ class PlatformHandler:
     """Dispatches every request on the platform listener; one instance serves the listener."""
 
     def __init__(self, wctx: WebContext, settings: PlatformSettings, verifier: HawkVerifier,
-                 default_port: int) -> None:
+                 default_port: int, shared_nonces: Callable[[Verified], Awaitable[bool]] | None = None) -> None:
+        """`shared_nonces`, when given, replaces the verifier's in-memory replay check: True when the nonce is
+        new to every replica (platform.hawk.replay_check: cluster)."""
         self.wctx = wctx
         self.settings = settings
         self.verifier = verifier
+        self.shared_nonces = shared_nonces
         self.default_port = default_port
         self.path = settings.path
         self._actors: dict[str, Actor] = {}  # by Hawk id: only ids that verified, so bounded by the credentials
@@ -112,12 +116,17 @@ class PlatformHandler:
         """The verified caller, or the finished 401 response (audited) for one that is not."""
         headers = request.headers
         try:
-            credential = self.verifier.verify(
+            verified = self.verifier.verify_request(
                 method=request.method, path=request.rel_url.raw_path, query=request.rel_url.raw_query_string,
                 host_header=headers.get("Host"), public_host=self.settings.public_host,
                 public_port=self.settings.public_port, default_port=self.default_port,
                 authorization=headers.get("Authorization"), content_type=headers.get("Content-Type"),
                 body=body)
+            fresh = self.verifier.check_replay(verified) if self.shared_nonces is None else \
+                await self.shared_nonces(verified)
+            if not fresh:
+                raise HawkError(HawkReason.REPLAY)
+            credential = verified.credential
         except HawkError as exc:
             service = self.wctx.service
             self.wctx.observer.auth_failure(ActorKind.HAWK, exc.reason)

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from lkm.config import KeyStoreType, LogFormat, LogLevel, load_settings, settings_from_mapping
+from lkm.config import KeyStoreType, LogFormat, LogLevel, ReplayCheck, load_settings, settings_from_mapping
 from lkm.errors import ConfigError
 
 SECRET = {"env": "LKM_TEST_GENESYS_SECRET"}
@@ -40,6 +40,8 @@ def genesys(**changes: Any) -> dict[str, Any]:
     ({"platform.hawk.timestamp_skew": "soon"}, "platform.hawk.timestamp_skew", "a duration"),
     ({"platform.hawk.timestamp_skew": "2h"}, "platform.hawk.timestamp_skew", "at most 1h"),
     ({"logging.level": "loud"}, "logging.level", "one of debug"),
+    ({"platform.hawk.replay_check": "everywhere"}, "platform.hawk.replay_check", "one of off, local, cluster"),
+    ({"platform.hawk.replay_check": "cluster"}, "platform.hawk.replay_check", "needs keystore.type postgresql"),
     ({"surprise": {"a": 1}}, "surprise", "no such setting"),
 ])
 def test_config_errors_name_file_setting_and_expectation(config_factory: Callable[..., Path],
@@ -57,6 +59,15 @@ def test_closed_vocabularies_parse_to_their_enums(config_factory: Callable[..., 
     settings = load_settings(config_factory(**{"logging.level": "debug", "logging.format": "text"}))
     assert settings.keystore.type is KeyStoreType.FILE
     assert settings.logging.level is LogLevel.DEBUG and settings.logging.format is LogFormat.TEXT
+
+
+@pytest.mark.parametrize(("written", "meant"), [(None, ReplayCheck.LOCAL), (True, ReplayCheck.LOCAL),
+                                                (False, ReplayCheck.OFF), ("local", ReplayCheck.LOCAL),
+                                                ("off", ReplayCheck.OFF)])
+def test_replay_check_takes_its_names_and_the_older_true_false(config_factory: Callable[..., Path],
+                                                               written: object, meant: ReplayCheck) -> None:
+    overrides = {} if written is None else {"platform.hawk.replay_check": written}
+    assert load_settings(config_factory(**overrides)).platform.hawk.replay_check is meant
 
 
 def test_native_only_server_needs_no_platform_settings(tmp_path: Path, config_factory: Callable[..., Path]) -> None:

@@ -13,7 +13,6 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from lkm.errors import ConfigError
 from tests.deploy.common import DEPLOY, tool, validate_lkm_config
 
 K8S = DEPLOY / "kubernetes"
@@ -211,10 +210,5 @@ def test_file_store_config_is_a_valid_lkm_config(rendered: dict[str, Objects], t
 
 def test_ha_config_is_a_valid_lkm_config(rendered: dict[str, Objects], tmp_path: Path) -> None:
     text = rendered["ha-postgresql"]["ConfigMap/lkm-config"]["data"]["lkm.yaml"]
-    try:
-        settings = validate_lkm_config(text, tmp_path, "ha-postgresql lkm.yaml")
-    except ConfigError as exc:
-        if "keystore.type" in str(exc) and "got 'postgresql'" in str(exc):
-            pytest.skip(f"this lkm's config has no PostgreSQL key store yet: {exc}")
-        raise
+    settings = validate_lkm_config(text, tmp_path, "ha-postgresql lkm.yaml")
     assert settings.keystore.type == "postgresql"

@@ -16,7 +16,7 @@ from lkm.errors import ConfigError
 from lkm.keys import KeyState
 from lkm.keystore.open import open_keystore
 from lkm.keystore.postgresql import PostgresKeyStore
-from tests.conftest import Pki, b64, start_server, wrap
+from tests.conftest import Pki, b64, eventually, start_server, wrap
 from tests.pg import PgCluster
 
 
@@ -67,6 +67,13 @@ async def test_a_server_serves_through_a_database_outage(tmp_path: Path, certs: 
                 secret = os.urandom(32)
                 reply = await running.platform().decrypt(record.id, wrap(record, secret))
                 assert reply.status == 200 and reply.body["body"] == b64(secret), reply.body
+            # Still ready (playback goes on), but the store says it is degraded.
+            await eventually(lambda: running.server.store.health().status == "degraded", within=10)
+            await running.server.update_readiness()  # the periodic check, without waiting for its tick
+            async with running.session.get(running.url("ops") + "/readyz") as ready:
+                body = await ready.json()
+            assert ready.status == 200 and body["ready"], body
+            assert body["checks"]["keystore"]["detail"].startswith("postgresql degraded"), body
             refused = await admin.request("POST", "/v1/keys", {"label": "during the outage"})
             assert refused.status == 503 and refused.body["error"]["code"] == "keystore_unavailable"
             assert refused.headers["Retry-After"].isdigit()

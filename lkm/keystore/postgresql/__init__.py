@@ -4,7 +4,7 @@ Why each choice:
 - psycopg 3 with psycopg_pool: the maintained driver; a small pool serves reads that miss the cache and the
   rare writes; `check_connection` drops connections a database restart killed before they are handed out.
 - Private keys reach the database sealed (scrypt-derived master key, AES-256-GCM, key id as associated data;
-  lkm.keystore.postgresql.sealing), exactly as in the file store: a dump alone opens no key. The KDF header is
+  lkm.keystore.sealed), exactly as in the file store: a dump alone opens no key. The KDF header is
   a row of the database, so every replica with the passphrase derives the same key.
 - Every record and every sealed private key is cached in memory. Unwraps never touch the database, so with
   the database away every replica keeps serving the keys it holds; health() then reports degraded, and

@@ -18,7 +18,7 @@ back to the per-server nonce cache and the credentials loaded last).
 
 from __future__ import annotations
 
-import re
+import logging
 import secrets
 import threading
 import time
@@ -28,11 +28,12 @@ from datetime import datetime
 from cryptography.exceptions import InvalidTag
 
 from lkm.errors import KeyStoreError
-from lkm.hawk import ALGORITHM, HawkCredential
-from lkm.keystore.postgresql.sealing import hawk_aad
+from lkm.hawk import ALGORITHM, HawkCredential, NonceCache, Verified, check_credential_id
+from lkm.keystore import KeyStore
+from lkm.keystore.health import StoreStatus
 from lkm.keystore.postgresql.store import PostgresKeyStore
 
-_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")  # the credential ids `lkm hawk` accepts
+log = logging.getLogger("lkm.keystore.postgresql")
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,11 @@ class CredentialInfo:
     created: datetime
 
 
+def hawk_aad(cred_id: str) -> bytes:
+    """A credential's key opens only under its own id."""
+    return f"lkm-hawk:v1:{cred_id}".encode()
+
+
 class ClusterHawk:
     """Credentials and nonces of every replica on one database."""
 
@@ -53,14 +59,21 @@ class ClusterHawk:
         self._purged_at = 0.0
         self._purge_lock = threading.Lock()
 
+    @classmethod
+    def of(cls, store: KeyStore, *, window_seconds: int) -> ClusterHawk:
+        """For a store opened from the configuration (typed as any KeyStore); a store of another kind is a
+        KeyStoreError, since only the PostgreSQL store keeps credentials."""
+        if not isinstance(store, PostgresKeyStore):
+            raise KeyStoreError(f"the {store.backend} key store keeps no Hawk credentials", transient=False)
+        return cls(store, window_seconds=window_seconds)
+
     # --- credentials -----------------------------------------------------------------------------------------
 
     def create(self, cred_id: str) -> HawkCredential:
         """A new credential with a random key; ValueError for a bad or taken id."""
-        if not _ID_RE.match(cred_id):
-            raise ValueError(f"Hawk credential id {cred_id!r}: expected 1-64 characters of A-Z a-z 0-9 . _ -")
+        check_credential_id(cred_id)
         credential = HawkCredential(cred_id, secrets.token_urlsafe(32))
-        sealed = self._store.sealer.seal(credential.key.encode(), hawk_aad(cred_id))
+        sealed = self._store.seal(credential.key.encode(), hawk_aad(cred_id))
         with self._store.writing(f"hawk:{cred_id}") as conn:
             row = conn.execute("INSERT INTO lkm_hawk_credentials (id, key_sealed, algorithm) VALUES (%s, %s, %s) "
                                "ON CONFLICT (id) DO NOTHING RETURNING id", (cred_id, sealed, ALGORITHM)).fetchone()
@@ -87,7 +100,7 @@ class ClusterHawk:
         loaded: dict[str, HawkCredential] = {}
         for cred_id, sealed, algorithm in rows:
             try:
-                key = self._store.sealer.open(bytes(sealed), hawk_aad(cred_id)).decode()
+                key = self._store.unseal(bytes(sealed), hawk_aad(cred_id)).decode()
             except (InvalidTag, UnicodeDecodeError):
                 raise KeyStoreError(f"Hawk credential {cred_id}: sealed key does not open", transient=False) from None
             loaded[cred_id] = HawkCredential(cred_id, key, algorithm)
@@ -106,6 +119,16 @@ class ClusterHawk:
                 (cred_id, nonce, ts, ts + self.window_seconds, now)).fetchone()
         self._purge_if_due(now)
         return row is not None
+
+    def remember(self, verified: Verified, fallback: NonceCache) -> bool:
+        """check_and_remember for a verified request; with the database away (or failing now), this server's
+        own cache decides, so playback goes on and a replay to this same server is still refused."""
+        if self._store.health().status is StoreStatus.OK:
+            try:
+                return self.check_and_remember(*verified.nonce_key, verified.now)
+            except KeyStoreError as exc:
+                log.warning("cluster nonce check unavailable, using this server's cache: %s", exc)
+        return fallback.check_and_remember(*verified.nonce_key, verified.now)
 
     def _purge_if_due(self, now: float) -> None:
         if now - self._purged_at < self.window_seconds or not self._purge_lock.acquire(blocking=False):

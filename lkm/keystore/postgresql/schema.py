@@ -85,3 +85,20 @@ def migrate(conn: psycopg.Connection[Any]) -> tuple[int, int]:
             conn.execute("INSERT INTO lkm_schema_version (version) VALUES (%s) "
                          "ON CONFLICT (singleton) DO UPDATE SET version = EXCLUDED.version", (CODE_VERSION,))
     return found, CODE_VERSION
+
+
+def inspect(dsn: str, connect_timeout: float) -> int:
+    """The schema version of the database behind `dsn`, read without changing anything (`lkm check-config`);
+    KeyStoreError when it cannot be reached or is newer than this code."""
+    try:
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=max(1, round(connect_timeout))) as conn:
+            found = schema_version(conn)
+    except psycopg.Error as exc:
+        lines = str(exc).strip().splitlines()
+        raise KeyStoreError(f"cannot reach the PostgreSQL key store: {exc.__class__.__name__}: "
+                            f"{lines[0] if lines else 'no detail'}") from None
+    if found > CODE_VERSION:
+        raise KeyStoreError(f"the database's lkm schema is version {found}, newer than this lkm "
+                            f"(version {CODE_VERSION}): upgrade lkm before it serves this database",
+                            transient=False)
+    return found

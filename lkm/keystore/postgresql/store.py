@@ -15,14 +15,13 @@ from typing import Any
 
 import psycopg
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from lkm.errors import Conflict, DecryptionFailed, IllegalTransition, KeyNotFound, KeyStoreError, KeyUnusable
+from lkm.errors import Conflict, IllegalTransition, KeyNotFound, KeyStoreError, KeyUnusable
 from lkm.keys import (
-    PADDINGS,
     Algorithm,
     KeyRecord,
     KeyState,
@@ -35,14 +34,16 @@ from lkm.keys import (
     record_to_doc,
     utcnow,
 )
+from lkm.keystore import sealed
 from lkm.keystore.file import ALL_ALGORITHMS, WITHOUT_PKCS1, implicit_rejection
 from lkm.keystore.health import StoreHealth, StoreStatus
 from lkm.keystore.postgresql.listener import Listener, describe
 from lkm.keystore.postgresql.schema import CHANNEL, LOCK_CLASS, STORE_LOCK, WRITE_LOCK, migrate
-from lkm.keystore.postgresql.sealing import Sealer, key_aad, new_header
+from lkm.sealing import open_bytes, seal_bytes
 
 log = logging.getLogger("lkm.keystore.postgresql")
 
+HEADER_FORMAT = "lkm-postgresql-keystore"
 _SELECT_ONE = "SELECT id, doc, private_key, change FROM lkm_keys WHERE id = %s"
 
 @dataclass(frozen=True)
@@ -83,7 +84,8 @@ class PostgresKeyStore:
             self._pool.open(wait=True, timeout=connect_timeout)
             with self.connection() as conn:
                 migrate(conn)
-                self.sealer = Sealer(passphrase, self._header(conn, passphrase))
+                self._aead = AESGCM(sealed.master_key(self._header(conn, passphrase), HEADER_FORMAT, passphrase,
+                                                      "in the PostgreSQL database"))
             self.refresh()
         except BaseException:
             self._pool.close()
@@ -129,11 +131,19 @@ class PostgresKeyStore:
         if row is None:
             # The first replica writes the header; a second one racing it keeps the winner's.
             conn.execute("INSERT INTO lkm_meta (name, value) VALUES ('kdf', %s) ON CONFLICT (name) DO NOTHING",
-                         (Jsonb(new_header(passphrase)),))
+                         (Jsonb(sealed.new_header(HEADER_FORMAT, passphrase)),))
             row = conn.execute("SELECT value FROM lkm_meta WHERE name = 'kdf'").fetchone()
         assert row is not None
         header: dict[str, Any] = row[0]
         return header
+
+    def seal(self, plaintext: bytes, aad: bytes) -> bytes:
+        """AES-256-GCM under the passphrase-derived master key, as a column holds it (lkm.sealing.seal_bytes)."""
+        return seal_bytes(self._aead, plaintext, aad)
+
+    def unseal(self, blob: bytes, aad: bytes) -> bytes:
+        """Raises InvalidTag for a blob sealed under another key or id, or altered."""
+        return open_bytes(self._aead, blob, aad)
 
     # --- health --------------------------------------------------------------------------------------------
 
@@ -247,18 +257,14 @@ class PostgresKeyStore:
         key = self._private.get(key_id)
         if key is not None:
             return key
-        sealed = self._fresh_sealed(key_id)
-        if sealed is None:
+        stored = self._fresh_sealed(key_id)
+        if stored is None:
             raise KeyUnusable("key has been destroyed", code="key_destroyed")
         try:
-            der = self.sealer.open(sealed, key_aad(key_id))
+            der = self.unseal(stored, key_aad(key_id))
         except InvalidTag:
-            raise KeyStoreError(f"key {key_id}: sealed private key does not open (tampered or other store)",
-                                transient=False) from None
-        loaded = serialization.load_der_private_key(der, password=None, unsafe_skip_rsa_key_validation=True)
-        if not isinstance(loaded, rsa.RSAPrivateKey) or public_der_pkcs1(loaded.public_key()) != \
-                record.public_key_der:
-            raise KeyStoreError(f"key {key_id}: private key does not match its public key", transient=False)
+            raise sealed.unsealing_failed(key_id) from None
+        loaded = sealed.load_private_key(der, record)
         with self._lock:
             if self._sealed.get(key_id) is not None:  # not destroyed while we were opening it
                 self._private[key_id] = loaded
@@ -275,13 +281,7 @@ class PostgresKeyStore:
         return self._sealed.get(key_id)
 
     def decrypt(self, key_id: str, ciphertext: bytes, algorithm: Algorithm) -> bytes:
-        key = self._private_key(key_id)
-        if len(ciphertext) != key.key_size // 8:
-            raise DecryptionFailed()
-        try:
-            return key.decrypt(ciphertext, PADDINGS[algorithm])
-        except ValueError:
-            raise DecryptionFailed() from None
+        return sealed.rsa_decrypt(self._private_key(key_id), ciphertext, algorithm)
 
     def export_private_key(self, key_id: str) -> rsa.RSAPrivateKey:
         """The private half, for an encrypted backup (lkm.backup); KeyUnusable once destroyed."""
@@ -340,14 +340,12 @@ class PostgresKeyStore:
         now = utcnow()
         record = KeyRecord(id=key_id, state=state, created=now, updated=now,
                            public_key_der=public_der_pkcs1(key.public_key()), backend=self.backend, label=label)
-        der = key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
-        sealed = self.sealer.seal(der, key_aad(key_id))
+        blob = self.seal(sealed.pkcs8(key), key_aad(key_id))
         with self.writing(f"key:{key_id}") as conn:
             raw = conn.execute("INSERT INTO lkm_keys (id, doc, private_key, change) "
                                "VALUES (%s, %s, %s, nextval('lkm_change_seq')) ON CONFLICT (id) DO NOTHING "
                                "RETURNING id, doc, private_key, change",
-                               (key_id, Jsonb(record_to_doc(record)), sealed)).fetchone()
+                               (key_id, Jsonb(record_to_doc(record)), blob)).fetchone()
         if raw is None:
             return None
         row = self._apply(_parse(raw))
@@ -397,6 +395,11 @@ class PostgresKeyStore:
         self._pool.close()
         with self._lock:
             self._private.clear()
+
+
+def key_aad(key_id: str) -> bytes:
+    """A private key opens only under the id it was sealed for (the same binding as the file store)."""
+    return f"lkm-key:v1:{key_id}".encode()
 
 
 def _parse(raw: tuple[Any, ...]) -> _Row:
