@@ -174,7 +174,7 @@ def base_config(tmp: Path, certs: Pki, **overrides: Any) -> dict[str, Any]:
         target[parts[-1]] = value
     keystore = config["keystore"]
     if keystore.get("type") == "file" and keystore.get("passphrase") == {"file": str(tmp / "keystore.pass")}:
-        seed_keystore(Path(keystore["path"]))
+        seed_keystore(tmp / keystore["path"])  # relative paths are relative to the config file
     return config
 
 
