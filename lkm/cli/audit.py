@@ -10,14 +10,14 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from lkm.cli.common import AddCommand
+from lkm.cli.common import AddCommand, settings_of
 from lkm.errors import CliError
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     from lkm.audit import FIRST_SEQ, verify_chain_files  # noqa: PLC0415
 
-    path = Path(args.file)
+    path = Path(args.file) if args.file else settings_of(args).audit.path
     if path.is_dir():
         raise CliError(f"{path} is a directory; pass the trail's current file (audit.path in the config, "
                        f"e.g. {path / 'audit.log'})")
@@ -47,6 +47,6 @@ def add_commands(sub: Any, add: AddCommand) -> None:
     audit = sub.add_parser("audit", help="the audit trail").add_subparsers(dest="audit_command", required=True,
                                                                          metavar="ACTION")
     p = add("verify", cmd_audit_verify, "verify the hash chain of an audit file and its rotated siblings", audit)
-    p.add_argument("file", help="the trail's current file (audit.path)")
+    p.add_argument("file", nargs="?", help="the trail's current file (default: audit.path of the config)")
     p.add_argument("--accept-pruned", action="store_true",
                    help="accept a trail whose oldest files audit.keep_files removed (the start is reported)")

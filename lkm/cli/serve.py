@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import json
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(serve_forever(settings, on_started=started))
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        fix = ("pass --dev-port-base N for other ports (0: any free ports)" if args.dev
+               else f"change listen.port in {settings.source}")
+        raise CliError(f"cannot listen: {exc.strerror or exc}; stop what holds the port or {fix}") from None
     finally:
         log_writer.stop()  # writes out what is queued
     return 0
@@ -97,9 +104,13 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from lkm.demo import run_demo  # noqa: PLC0415
+    import os  # noqa: PLC0415
 
-    return asyncio.run(run_demo(Path(args.dev_json) if args.dev_json else None, args.config))
+    from lkm.demo import dev_json_path, run_demo  # noqa: PLC0415
+
+    config = getattr(args, "config", None) or os.environ.get("LKM_CONFIG")
+    return asyncio.run(run_demo(dev_json_path(Path(args.dev_json) if args.dev_json else None, config,
+                                              Path(args.dev_dir))))
 
 
 def add_commands(sub: Any, add: AddCommand) -> None:
@@ -119,7 +130,9 @@ def add_commands(sub: Any, add: AddCommand) -> None:
 def add_tools(sub: Any, add: AddCommand) -> None:
     """demo and bench, last in the help."""
     p = add("demo", cmd_demo, "play the platform once against a running server (wrap, unwrap, decrypt)")
-    p.add_argument("--dev-json", help=f"dev.json of a --dev server (default: {DEFAULT_DEV_DIR}/dev.json)")
+    p.add_argument("--dev-json", help="dev.json of a --dev server (default: beside -c's config, else in --dev-dir)")
+    p.add_argument("--dev-dir", default=DEFAULT_DEV_DIR, help="data directory of the --dev server "
+                                                             "(default: %(default)s)")
     p = add("bench", cmd_bench, "measure throughput and latency: a load generator, the raw key-store rate, "
                                 "start-up with many keys")
     _bench_arguments(p)
