@@ -9,7 +9,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lkm.cli.common import DEFAULT_DEV_DIR, AddCommand, config_path, settings_of
+from lkm.cli import check
+from lkm.cli.common import DEFAULT_DEV_DIR, AddCommand, config_path
 from lkm.config import load_settings
 from lkm.errors import CliError
 from lkm.keys import KeyState
@@ -71,26 +72,6 @@ def _dev_pkcs11(dev_dir: Path) -> dict[str, Any]:
     return data
 
 
-def cmd_check_config(args: argparse.Namespace) -> int:
-    settings = settings_of(args)
-    from lkm.tlsconf import server_context  # noqa: PLC0415
-
-    if settings.platform.tls:
-        server_context(settings.platform.tls, require_client_cert=False, source=settings.source,
-                       setting="platform.tls")
-    if settings.native:
-        server_context(settings.native.tls, require_client_cert=True, source=settings.source,
-                       setting="native.tls")
-    if settings.keystore.passphrase:
-        settings.keystore.passphrase.read_bytes()
-    if settings.keystore.pin:
-        settings.keystore.pin.read_bytes()
-    for ref in settings.platform.hawk.credentials:
-        ref.key.read_bytes()
-    print(f"{settings.source}: configuration is valid")
-    return 0
-
-
 def cmd_bench(args: argparse.Namespace) -> int:
     from lkm.bench.command import run  # noqa: PLC0415
 
@@ -124,7 +105,8 @@ def add_commands(sub: Any, add: AddCommand) -> None:
     serve.add_argument("--keystore", choices=("file", "pkcs11"), default="file",
                        help="key store for a new --dev environment (pkcs11: a private SoftHSM2 token)")
 
-    add("check-config", cmd_check_config, "validate a config file without serving")
+    check.add_arguments(add("check-config", check.cmd_check_config,
+                            "validate a config file and open the key store with its secrets, without serving"))
 
 
 def add_tools(sub: Any, add: AddCommand) -> None:
