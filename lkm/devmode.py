@@ -123,7 +123,8 @@ def write_dev_json(settings: Settings, urls: dict[str, str], active_key: str | N
     return path
 
 
-def usage_text(dev_json: Path) -> str:
+def usage_text(dev_json: Path, program: str = "lkm") -> str:
+    """What to try next; `program` is the full path of the running lkm, so it works without an active venv."""
     facts = json.loads(dev_json.read_text())
     admin = facts["clients"]["admin"]
     native = facts["listeners"]["native"]["url"]
@@ -140,6 +141,6 @@ lkm dev server is up.  Facts for scripts: {dev_json}
 Try it:
   curl --cacert {facts["ca_file"]} --cert {admin["cert"]} --key {admin["key"]} {native}/v1/keys
   curl --cacert {facts["ca_file"]} --cert {admin["cert"]} --key {admin["key"]} {native}/v1/keys/{key}
-  lkm keys list -c {cfg}
-  lkm demo -c {cfg}      # plays the platform: wraps a data key, unwraps it over Hawk
+  {program} keys list -c {cfg}
+  {program} demo -c {cfg}      # plays the platform: wraps a data key, unwraps it over Hawk
 """

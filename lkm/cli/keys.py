@@ -41,9 +41,9 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
         print_json([{**r.to_json(), "public_key_pkcs1_b64": public_key_views(r)["public_key_pkcs1_b64"]}
                     for r in records])
         return 0
-    print(f"{'ID':36}  {'STATE':19}  CREATED")
+    print(f"{'ID':36}  {'STATE':19}  {'CREATED':20}  LABEL")
     for record in records:
-        print(f"{record.id:36}  {record.state.value:19}  {record.to_json()['created']}")
+        print(f"{record.id:36}  {record.state.value:19}  {record.to_json()['created']:20}  {record.label}".rstrip())
     return 0
 
 

@@ -38,7 +38,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 if server.store else []
             urls = {name: server.url(name) for name in server.listeners}
             dev_json = devmode.write_dev_json(settings, urls, active[-1] if active else None)
-            print(devmode.usage_text(dev_json), flush=True)
+            print(devmode.usage_text(dev_json, running_program()), flush=True)
         else:
             print("lkm serving: " + ", ".join(f"{n} {server.url(n)}" for n in server.listeners), flush=True)
 
@@ -53,6 +53,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         log_writer.stop()  # writes out what is queued
     return 0
+
+
+def running_program() -> str:
+    """The full path of the lkm that runs (`python -m lkm` spelled out), for examples that work without a venv."""
+    import shlex  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    argv0 = Path(sys.argv[0]).resolve()
+    if argv0.name == "__main__.py":
+        return f"{shlex.quote(sys.executable)} -m lkm"
+    return shlex.quote(str(argv0))
 
 
 def _dev_pkcs11(dev_dir: Path) -> dict[str, Any]:
