@@ -17,7 +17,9 @@ from typing import Any
 import yaml
 
 from lkm import fsutil, hawk, pki
+from lkm.audit import AuditLog, local_actor
 from lkm.config import Settings, load_settings
+from lkm.events import audit_event
 from lkm.keys import KeyState
 from lkm.keystore.open import open_keystore
 
@@ -44,7 +46,8 @@ def ensure_dev_environment(data_dir: Path, *, port_base: int = 8443, keystore: s
     ca = pki.make_ca()
     ca.write(data_dir / "certs" / "ca.pem", data_dir / "certs" / "ca-key.pem")
     names = ("localhost", socket.gethostname())
-    server = pki.issue(ca, "localhost", server=True, dns=tuple(dict.fromkeys(names)), ips=("127.0.0.1", "::1"))
+    server = pki.issue(ca, "localhost", server=True, dns=tuple(dict.fromkeys(names)), ips=("127.0.0.1",))
+    # Only 127.0.0.1: the dev listeners bind IPv4 loopback alone, so the certificate names no other address.
     server.write(data_dir / "certs" / "server.pem", data_dir / "certs" / "server-key.pem")
     for role in CLIENT_ROLES:
         client = pki.issue(ca, f"lkm-dev-{role}", server=False)
@@ -88,13 +91,23 @@ def ensure_dev_environment(data_dir: Path, *, port_base: int = 8443, keystore: s
     store = open_keystore(settings.keystore)
     try:
         if not any(k.state is KeyState.ACTIVE for k in store.list_keys()):
-            store.create_key(state=KeyState.ACTIVE, label="first key")
+            record = store.create_key(state=KeyState.ACTIVE, label="first key")
+            _audit_first_key(settings, record.id)
     finally:
         store.close()
     # The config appears last: its presence means the environment is complete.
     tmp_config.rename(config_path)
     fsutil.fsync_dir(data_dir)
     return config_path
+
+
+def _audit_first_key(settings: Settings, key_id: str) -> None:
+    """The first key is audited like any other: the trail starts with its creation."""
+    origin = {"request_id": None, "actor": local_actor(), "route": "dev"}
+    event = audit_event(origin, "create_key", key_id, outcome="ok", extra={"to_state": KeyState.ACTIVE.value,
+                                                             "label": "first key"})
+    AuditLog(settings.audit.path, max_bytes=settings.audit.max_bytes,
+             keep_files=settings.audit.keep_files).record_sync(event)
 
 
 def write_dev_json(settings: Settings, urls: dict[str, str], active_key: str | None) -> Path:
@@ -123,7 +136,8 @@ def write_dev_json(settings: Settings, urls: dict[str, str], active_key: str | N
     return path
 
 
-def usage_text(dev_json: Path) -> str:
+def usage_text(dev_json: Path, program: str = "lkm") -> str:
+    """What to try next; `program` is the full path of the running lkm, so it works without an active venv."""
     facts = json.loads(dev_json.read_text())
     admin = facts["clients"]["admin"]
     native = facts["listeners"]["native"]["url"]
@@ -140,6 +154,6 @@ lkm dev server is up.  Facts for scripts: {dev_json}
 Try it:
   curl --cacert {facts["ca_file"]} --cert {admin["cert"]} --key {admin["key"]} {native}/v1/keys
   curl --cacert {facts["ca_file"]} --cert {admin["cert"]} --key {admin["key"]} {native}/v1/keys/{key}
-  lkm keys list -c {cfg}
-  lkm demo -c {cfg}      # plays the platform: wraps a data key, unwraps it over Hawk
+  {program} keys list -c {cfg}
+  {program} demo -c {cfg}      # plays the platform: wraps a data key, unwraps it over Hawk
 """

@@ -254,8 +254,12 @@ def load_private_key_any(data: bytes, password: bytes | None = None) -> rsa.RSAP
                 except (binascii.Error, ValueError):
                     der = data
             key = serialization.load_der_private_key(der, password=password)
-    except (ValueError, TypeError) as exc:
-        raise ImportRejected(f"not a readable private key ({exc.__class__.__name__})") from None
+    except TypeError:
+        raise ImportRejected("the key is encrypted: pass --password-file FILE" if password is None
+                             else "the key is not encrypted: drop --password-file") from None
+    except ValueError:
+        raise ImportRejected("not a readable private key: expected PEM (PKCS#1 or PKCS#8), DER, or base64 DER "
+                             "PKCS#1" + (", or the password is wrong" if password is not None else "")) from None
     if not isinstance(key, rsa.RSAPrivateKey):
         raise ImportRejected("not an RSA private key")
     check_rsa_policy(key)

@@ -54,7 +54,7 @@ async def test_operator_session(running: Running) -> None:
     assert "disabled -> pending_destruction; may be destroyed after" in scheduled
 
     early = await cli("keys", "destroy", a["id"], "-c", config, check=False)
-    assert early.returncode == 1 and "waiting period passed: the waiting period ends" in early.stderr
+    assert early.returncode == 1 and "refused: the waiting period ends" in early.stderr
     assert "[FAIL] waiting period passed" in early.stdout
     running.store.refresh()
     assert running.store.get_key(a["id"]).state is KeyState.PENDING_DESTRUCTION  # nothing destroyed

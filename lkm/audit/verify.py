@@ -39,6 +39,8 @@ class VerifyResult:
     note: str | None = None
     last_seq: int | None = None
     head: str | None = None  # SHA-256 of the last intact line: what the next record's prev must be
+    first_seq: int | None = None  # where the chain starts: the oldest record's seq and hash
+    first_hash: str | None = None
 
 
 @dataclass
@@ -50,6 +52,8 @@ class _Walk:
     records: int = 0
     anchored: bool = False
     note: str | None = None
+    first_seq: int | None = None
+    first_hash: str | None = None
 
     def result(self, *, files: int, ok: bool = True, bad_file: str | None = None, bad_line: int | None = None,
                bad_seq: Any = None, reason: str | None = None) -> VerifyResult:
@@ -57,7 +61,8 @@ class _Walk:
             ok=ok, records=self.records, files=files, first_bad_file=bad_file, first_bad_line=bad_line,
             first_bad_seq=bad_seq if isinstance(bad_seq, int) and not isinstance(bad_seq, bool) else None,
             reason=reason, anchored=self.anchored, note=self.note,
-            last_seq=self.prev_seq if self.prev_digest is not None else None, head=self.prev_digest)
+            last_seq=self.prev_seq if self.prev_digest is not None else None, head=self.prev_digest,
+            first_seq=self.first_seq, first_hash=self.first_hash)
 
 
 def _check_line(raw: bytes, path: Path, walk: _Walk) -> tuple[str, Any] | None:
@@ -97,6 +102,8 @@ def _check_line(raw: bytes, path: Path, walk: _Walk) -> tuple[str, Any] | None:
             return _BROKEN_LINK, seq
         if seq != walk.prev_seq + 1:
             return f"{_GAP} (expected seq {walk.prev_seq + 1})", seq
+    if walk.first_seq is None:
+        walk.first_seq, walk.first_hash = seq, digest
     walk.prev_digest = sha256_hex(line)
     walk.prev_seq = seq
     walk.records += 1

@@ -26,11 +26,25 @@ def _passphrase(args: argparse.Namespace) -> bytes:
     return value.encode("utf-8")
 
 
+def _writable_target(path: Path, *, force: bool) -> None:
+    """Refuses, before any work, a bundle path that exists (without --force) or cannot be written."""
+    parent = path.parent
+    if path.is_dir():
+        raise CliError(f"{path} is a directory; name the bundle file, e.g. {path / 'lkm-backup.json'}")
+    if path.exists() and not force:
+        raise CliError(f"{path} exists; pass --force to overwrite it, or choose another file name")
+    if not parent.is_dir():
+        raise CliError(f"{parent}: no such directory; create it (mkdir -p {parent}) or choose another path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CliError(f"{parent}: not writable by this user; choose another path")
+
+
 def cmd_backup_create(args: argparse.Namespace) -> int:
     settings = settings_of(args)
+    path = Path(args.file)
+    _writable_target(path, force=args.force)
     passphrase = _passphrase(args)
     store = open_store(settings)
-    path = Path(args.file)
     try:
         bundle = backup.create_backup(store, path, passphrase)
     except backup.BackupError as exc:
@@ -91,5 +105,9 @@ def add_commands(sub: Any, add: AddCommand) -> None:
             ("verify", cmd_backup_verify, "prove a bundle is whole and decryptable, without restoring"),
             ("restore", cmd_backup_restore, "restore a bundle; never overwrites a different key")):
         p = add(name, func, text, bak)
-        p.add_argument("file")
+        if func is cmd_backup_create:
+            p.add_argument("file", metavar="OUTPUT", help="the bundle to write")
+            p.add_argument("--force", action="store_true", help="overwrite an existing bundle")
+        else:
+            p.add_argument("file", help="the bundle to read")
         p.add_argument("--passphrase-file", help=f"file holding the backup passphrase (default: ${PASSPHRASE_ENV})")

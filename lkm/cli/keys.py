@@ -24,7 +24,7 @@ from lkm.cli.common import (
     show_key,
     transition_line,
 )
-from lkm.errors import CliError, LkmError
+from lkm.errors import CliError, IllegalTransition, LkmError
 from lkm.keys import KeyState, format_time, load_private_key_any, parse_key_id, public_key_views
 from lkm.lifecycle import ChangeFacts
 
@@ -41,9 +41,9 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
         print_json([{**r.to_json(), "public_key_pkcs1_b64": public_key_views(r)["public_key_pkcs1_b64"]}
                     for r in records])
         return 0
-    print(f"{'ID':36}  {'STATE':19}  CREATED")
+    print(f"{'ID':36}  {'STATE':19}  {'CREATED':20}  LABEL")
     for record in records:
-        print(f"{record.id:36}  {record.state.value:19}  {record.to_json()['created']}")
+        print(f"{record.id:36}  {record.state.value:19}  {record.to_json()['created']:20}  {record.label}".rstrip())
     return 0
 
 
@@ -83,7 +83,11 @@ def cmd_keys_import(args: argparse.Namespace) -> int:
     store = open_store(settings)
     facts = ChangeFacts()
     try:
-        private_key = load_private_key_any(data, password)
+        try:
+            private_key = load_private_key_any(data, password)
+        except LkmError as exc:
+            exc.message = f"{args.file}: {exc.message}"
+            raise
         # Without --state: active if no key is, else retired; an id that is taken must hold identical material.
         record, _ = lifecycle.import_key(store, key_id, private_key,
                                          state=KeyState(args.state) if args.state else None,
@@ -123,7 +127,13 @@ def cmd_keys_activate(args: argparse.Namespace) -> int:
 
 def cmd_keys_disable(args: argparse.Namespace) -> int:
     key_id = parse_key_id(args.id)
-    applied = apply(settings_of(args), changes.disable(key_id, force=args.force))
+    try:
+        applied = apply(settings_of(args), changes.disable(key_id, force=args.force))
+    except IllegalTransition as exc:
+        if args.force:
+            raise
+        raise CliError(f"{exc.message} (`lkm keys rotate` first, or `lkm keys disable {key_id} --force` for the "
+                       f"cut-off)") from None
     print(transition_line(applied) + "  (unwraps with this key are refused; `lkm keys enable` undoes)")
     return 0
 
@@ -165,7 +175,13 @@ def cmd_keys_destroy(args: argparse.Namespace) -> int:
                   last_unwrap=format_time(report.last_unwrap) if report.last_unwrap else None)
             print("dry run: destruction " + ("would proceed" if report.allowed else "would be refused"))
             return 0 if report.allowed else 1
-        record = apply(settings, changes.destroy(key_id), store=store).record
+        try:
+            record = apply(settings, changes.destroy(key_id), store=store).record
+        except IllegalTransition:
+            failed = [c.detail for c in report.safeguards if not c.ok]
+            raise CliError(f"destruction of {key_id} refused: {'; '.join(failed) or 'not allowed now'}"
+                           + ("; run again after that" if any("waiting period" in f for f in failed) else "")) \
+                from None
     finally:
         store.close()
     print(f"{record.id}: destroyed (private key erased; the metadata stays so unwraps say 'destroyed')")
@@ -189,16 +205,27 @@ def cmd_keys_import_bulk(args: argparse.Namespace) -> int:
         else:
             audit(settings, "import_key", result.key_id, **details)
 
+    wanted = parse_key_id(args.activate) if args.activate else None
+    if wanted is not None and wanted not in {(r.key_id or "").strip().lower() for r in rows}:
+        raise CliError(f"--activate {wanted}: no row of {args.file} holds that id; nothing was imported. "
+                       f"Name an id from the file, or import without --activate and run `lkm keys rotate`")
     store = open_store(settings)
     try:
         results = migrate.import_rows(store, rows, state=KeyState(args.state), activate=args.activate,
                                       audit=audit_row)
+        activated = store.get_key(wanted) if wanted is not None and any(r.key_id == wanted for r in results) \
+            else None
     finally:
         store.close()
     for result in results:
         print(result.line())
     counts = {o: sum(r.outcome == o for r in results) for o in ("imported", "unchanged", "refused")}
     print(f"{counts['imported']} imported, {counts['unchanged']} unchanged, {counts['refused']} refused")
+    if wanted is not None and (activated is None or activated.state is not KeyState.ACTIVE):
+        state = activated.state.value if activated else "not imported"
+        raise CliError(f"--activate {wanted}: nothing was activated: the key is {state} (a key already in the "
+                       f"store is left as it is). See `lkm keys list`; a key pending activation is activated with "
+                       f"`lkm keys activate ID`")
     return 1 if counts["refused"] else 0
 
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import json
 from pathlib import Path
 from typing import Any
 
-from lkm.cli.common import DEFAULT_DEV_DIR, AddCommand, config_path, settings_of
+from lkm.cli import check
+from lkm.cli.common import DEFAULT_DEV_DIR, AddCommand, config_path
 from lkm.config import load_settings
 from lkm.errors import CliError
 from lkm.keys import KeyState
@@ -36,15 +38,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 if server.store else []
             urls = {name: server.url(name) for name in server.listeners}
             dev_json = devmode.write_dev_json(settings, urls, active[-1] if active else None)
-            print(devmode.usage_text(dev_json), flush=True)
+            print(devmode.usage_text(dev_json, running_program()), flush=True)
         else:
             print("lkm serving: " + ", ".join(f"{n} {server.url(n)}" for n in server.listeners), flush=True)
 
     try:
         asyncio.run(serve_forever(settings, on_started=started))
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        fix = ("pass --dev-port-base N for other ports (0: any free ports)" if args.dev
+               else f"change listen.port in {settings.source}")
+        raise CliError(f"cannot listen: {exc.strerror or exc}; stop what holds the port or {fix}") from None
     finally:
         log_writer.stop()  # writes out what is queued
     return 0
+
+
+def running_program() -> str:
+    """The full path of the lkm that runs (`python -m lkm` spelled out), for examples that work without a venv."""
+    import shlex  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    argv0 = Path(sys.argv[0]).resolve()
+    if argv0.name == "__main__.py":
+        return f"{shlex.quote(sys.executable)} -m lkm"
+    return shlex.quote(str(argv0))
 
 
 def _dev_pkcs11(dev_dir: Path) -> dict[str, Any]:
@@ -64,41 +83,6 @@ def _dev_pkcs11(dev_dir: Path) -> dict[str, Any]:
     return data
 
 
-def cmd_check_config(args: argparse.Namespace) -> int:
-    settings = settings_of(args)
-    from lkm.tlsconf import server_context  # noqa: PLC0415
-
-    if settings.platform.tls:
-        server_context(settings.platform.tls, require_client_cert=False, source=settings.source,
-                       setting="platform.tls")
-    if settings.native:
-        server_context(settings.native.tls, require_client_cert=True, source=settings.source,
-                       setting="native.tls")
-    if settings.keystore.passphrase:
-        settings.keystore.passphrase.read_bytes()
-    if settings.keystore.pin:
-        settings.keystore.pin.read_bytes()
-    for ref in settings.platform.hawk.credentials:
-        ref.key.read_bytes()
-    if settings.keystore.dsn:
-        print(_database_schema(settings.keystore.dsn.read_text(), settings.keystore.connect_timeout))
-    print(f"{settings.source}: configuration is valid")
-    return 0
-
-
-def _database_schema(dsn: str, connect_timeout: float) -> str:
-    """Connects to the key store's database and reads its schema version, changing nothing."""
-    from lkm.errors import KeyStoreError  # noqa: PLC0415
-    from lkm.keystore.postgresql.schema import CODE_VERSION, inspect  # noqa: PLC0415 - optional extra
-
-    try:
-        found = inspect(dsn, connect_timeout)
-    except KeyStoreError as exc:
-        raise CliError(str(exc)) from None
-    state = "not created yet (lkm serve creates it)" if found == 0 else f"version {found}"
-    return f"keystore database: reachable, lkm schema {state}; this lkm writes version {CODE_VERSION}"
-
-
 def cmd_bench(args: argparse.Namespace) -> int:
     from lkm.bench.command import run  # noqa: PLC0415
 
@@ -112,9 +96,13 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from lkm.demo import run_demo  # noqa: PLC0415
+    import os  # noqa: PLC0415
 
-    return asyncio.run(run_demo(Path(args.dev_json) if args.dev_json else None, args.config))
+    from lkm.demo import dev_json_path, run_demo  # noqa: PLC0415
+
+    config = getattr(args, "config", None) or os.environ.get("LKM_CONFIG")
+    return asyncio.run(run_demo(dev_json_path(Path(args.dev_json) if args.dev_json else None, config,
+                                              Path(args.dev_dir))))
 
 
 def add_commands(sub: Any, add: AddCommand) -> None:
@@ -128,13 +116,16 @@ def add_commands(sub: Any, add: AddCommand) -> None:
     serve.add_argument("--keystore", choices=("file", "pkcs11"), default="file",
                        help="key store for a new --dev environment (pkcs11: a private SoftHSM2 token)")
 
-    add("check-config", cmd_check_config, "validate a config file without serving")
+    check.add_arguments(add("check-config", check.cmd_check_config,
+                            "validate a config file and open the key store with its secrets, without serving"))
 
 
 def add_tools(sub: Any, add: AddCommand) -> None:
     """demo and bench, last in the help."""
     p = add("demo", cmd_demo, "play the platform once against a running server (wrap, unwrap, decrypt)")
-    p.add_argument("--dev-json", help=f"dev.json of a --dev server (default: {DEFAULT_DEV_DIR}/dev.json)")
+    p.add_argument("--dev-json", help="dev.json of a --dev server (default: beside -c's config, else in --dev-dir)")
+    p.add_argument("--dev-dir", default=DEFAULT_DEV_DIR, help="data directory of the --dev server "
+                                                             "(default: %(default)s)")
     p = add("bench", cmd_bench, "measure throughput and latency: a load generator, the raw key-store rate, "
                                 "start-up with many keys")
     _bench_arguments(p)

@@ -1,0 +1,52 @@
+"""`lkm serve --dev` and `lkm demo` through the real CLI: the banner's examples run as printed, and the demo
+follows the server's active key after a rotation and a disable, from any directory."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.lkmcli import lkm
+
+LKM_SCRIPT = Path(sys.executable).parent / "lkm"
+
+
+@pytest.mark.slow
+def test_banner_names_the_running_lkm_and_demo_follows_the_active_key(tmp_path: Path) -> None:
+    dev_dir = tmp_path / "lkm-dev"
+    proc = subprocess.Popen([str(LKM_SCRIPT), "serve", "--dev", "--dev-dir", str(dev_dir), "--dev-port-base", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=tmp_path)
+    try:
+        assert proc.stdout is not None
+        banner = []
+        for line in proc.stdout:
+            banner.append(line)
+            if " demo -c " in line:
+                break
+        config = str(dev_dir / "lkm.yaml")
+        assert f"  {LKM_SCRIPT.resolve()} keys list -c {config}\n" in banner, "".join(banner)
+        first = json.loads((dev_dir / "dev.json").read_text())["active_key"]
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        demo = subprocess.run([str(LKM_SCRIPT), "demo", "--dev-dir", str(dev_dir)], capture_output=True,
+                              text=True, cwd=elsewhere, check=True, timeout=60)
+        assert f"fetched public key of {first}" in demo.stdout and "recording decrypts: True" in demo.stdout
+
+        rotated = json.loads(lkm("keys", "rotate", "--json", "-c", config).stdout)["id"]
+        lkm("keys", "disable", first, "-c", config)
+        deadline = time.monotonic() + 30
+        while True:  # the server picks CLI changes up within limits.refresh_seconds
+            demo = subprocess.run([str(LKM_SCRIPT), "-c", config, "demo"], capture_output=True, text=True,
+                                  cwd=elsewhere, check=False, timeout=60)
+            if f"fetched public key of {rotated}" in demo.stdout or time.monotonic() > deadline:
+                break
+        assert demo.returncode == 0 and "recording decrypts: True" in demo.stdout, demo.stdout + demo.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=20)
