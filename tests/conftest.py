@@ -139,6 +139,7 @@ def keystore_header() -> bytes:
 def seed_keystore(directory: Path) -> None:
     """An empty file store at `directory` with the tests' passphrase, unless one is there already."""
     fsutil.ensure_private_dir(directory)
+    fsutil.ensure_private_dir(directory / "keys")
     header = directory / "keystore.json"
     if not header.exists():
         fsutil.atomic_create(header, keystore_header())
