@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from lkm.errors import HawkError, HawkReason
-from lkm.fsutil import atomic_write, ensure_private_dir, file_lock
+from lkm.fsutil import atomic_write, ensure_private_dir, file_lock, remove_orphaned_temps
 
 ALGORITHM = "sha256"
 CREDENTIALS_FILE_VERSION = 1
@@ -324,6 +324,7 @@ def mint_credential(path: Path, cred_id: str) -> HawkCredential:
         raise ValueError(f"Hawk credential id {cred_id!r}: expected 1-64 characters of A-Z a-z 0-9 . _ -")
     ensure_private_dir(path.parent)
     with file_lock(_lock_path(path)):
+        remove_orphaned_temps(path.parent)  # a credential write killed before its rename
         entries = _read_entries(path)
         if any(e["id"] == cred_id for e in entries):
             raise ValueError(f"{path}: a Hawk credential with id {cred_id!r} already exists")
@@ -338,6 +339,7 @@ def revoke_credential(path: Path, cred_id: str) -> bool:
     if not path.exists():
         return False
     with file_lock(_lock_path(path)):
+        remove_orphaned_temps(path.parent)
         entries = _read_entries(path)
         kept = [e for e in entries if e["id"] != cred_id]
         if len(kept) == len(entries):
@@ -358,6 +360,8 @@ class CredentialSource:
         self._signature: tuple[int, int, int] | None = None
         self._credentials: dict[str, HawkCredential] = dict(self._extra)
         self._lock = threading.Lock()
+        if path is not None:
+            remove_orphaned_temps(path.parent)  # at start-up: writes killed before their rename
         self.reload_if_changed()
 
     def get(self, cred_id: str) -> HawkCredential | None:

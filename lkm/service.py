@@ -23,7 +23,7 @@ from lkm.errors import (
     LkmError,
     Unavailable,
 )
-from lkm.events import audit_event, error_code
+from lkm.events import Intent, audit_event, error_code
 from lkm.keys import CIPHERTEXT_BYTES, Algorithm, KeyRecord
 from lkm.keystore import UNWRAPPABLE_STATES, KeyStore, key_unusable, usable_record  # noqa: F401 - re-exported
 from lkm.lifecycle import ChangeFacts
@@ -126,13 +126,17 @@ class KeyService:
 
     async def audit_decision(self, ctx: RequestContext, action: str, *, key_id: str | None,
                              error: BaseException | None, started: float, extra: dict[str, Any] | None = None,
-                             fail_closed: bool = True) -> None:
-        """Writes the record of one decision; unless `fail_closed` is off, a failed write refuses the act."""
+                             fail_closed: bool = True, intent: Intent | None = None) -> None:
+        """Writes the record of one decision (with `intent`: the announcement of a change about to be made);
+        unless `fail_closed` is off, a failed write refuses the act."""
         origin = {**ctx.audit_fields(), "latency_ms": round((time.perf_counter() - started) * 1000, 3)}
         if isinstance(error, LkmError):
             error.audited = True
-        event = audit_event(origin, action, key_id, outcome="ok" if error is None else "error",
-                            error_code=None if error is None else error_code(error), extra=extra)
+        if intent is not None:
+            event = intent.event(origin)
+        else:
+            event = audit_event(origin, action, key_id, outcome="ok" if error is None else "error",
+                                error_code=None if error is None else error_code(error), extra=extra)
         try:
             await self.audit.record(event)
         except Exception as exc:
@@ -289,8 +293,12 @@ class KeyService:
         started = time.perf_counter()
         error: BaseException | None = None
         result: T | None = None
+        intent: Intent | None = None
         try:
             ctx.actor.require(Role.ADMIN)
+            # Announced durably before it is made: a crash in between leaves an intent, never an unrecorded change.
+            intent = Intent(action, key_id)
+            await self.audit_decision(ctx, action, key_id=key_id, error=None, started=started, intent=intent)
             result = await self.run(func, *args)
             if key_id is None and isinstance(result, KeyRecord):
                 key_id = result.id
@@ -304,7 +312,9 @@ class KeyService:
                 # done even if its record cannot be written (logged and counted), so that a retry does not
                 # rotate or create twice.
                 await self.audit_decision(ctx, action, key_id=key_id, error=error, started=started,
-                                          extra=facts.audit_details() if facts else None, fail_closed=error is not None)
+                                          extra={**(facts.audit_details() if facts else {}),
+                                                 **(intent.pairing() if intent else {})},
+                                          fail_closed=error is not None)
 
 def in_store(func: Callable[..., T], *args: Any) -> T:
     """Blocking key-store work with backend trouble translated to 503, whoever calls: the one place that

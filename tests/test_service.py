@@ -70,7 +70,11 @@ async def test_create_and_rotate_through_the_admin_use_cases(store: FileKeyStore
     assert first.state is KeyState.ACTIVE
     second = await admin.rotate(context(Role.ADMIN))
     assert second.state is KeyState.ACTIVE and store.get_key(first.id).state is KeyState.RETIRED
-    create, rotate = service.audit.events  # type: ignore[attr-defined]
+    create_intent, create, rotate_intent, rotate = service.audit.events  # type: ignore[attr-defined]
+    # Each change is announced before it is made, naming the key it will create; its outcome names the intent.
+    assert (create_intent["outcome"], create_intent["key_id"]) == ("intent", first.id)
+    assert (rotate_intent["outcome"], rotate_intent["key_id"]) == ("intent", second.id)
+    assert create["intent"] == create_intent["intent"] and rotate["intent"] == rotate_intent["intent"]
     assert create["action"] == "create_key" and create["to_state"] == "active"
     assert rotate["action"] == "rotate_key" and rotate["previous_active"] == first.id
     assert rotate["retired"] == first.id and rotate["key_id"] == second.id
@@ -83,7 +87,8 @@ async def test_a_refused_change_is_audited_with_what_was_asked(store: FileKeySto
         await admin.disable(context(Role.ADMIN), V0)
     with pytest.raises(Forbidden):
         await admin.disable(context(Role.READ), V0, force=True)
-    refused, forbidden = service.audit.events  # type: ignore[attr-defined]
+    intent, refused, forbidden = service.audit.events  # type: ignore[attr-defined]
+    assert intent["outcome"] == "intent" and refused["intent"] == intent["intent"]  # no intent without a role
     assert refused["error_code"] == "illegal_transition"
     assert (refused["from_state"], refused["to_state"]) == ("active", "disabled")
     assert forbidden["error_code"] == "forbidden_role" and store.get_key(V0).state is KeyState.ACTIVE

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from lkm.cli.common import AddCommand, audit, print_json, settings_of
+from lkm.cli.common import AddCommand, intended, print_json, settings_of
 from lkm.errors import CliError
 
 
@@ -17,10 +17,10 @@ def cmd_hawk_create(args: argparse.Namespace) -> int:
     if path is None:
         raise CliError(f"{settings.source}: platform.hawk.credentials_file is not set; nowhere to store it")
     try:
-        credential = mint_credential(path, args.id)
+        with intended(settings, "hawk_create", None, hawk_id=args.id):
+            credential = mint_credential(path, args.id)
     except ValueError as exc:
         raise CliError(str(exc)) from None
-    audit(settings, "hawk_create", None, hawk_id=credential.id)
     if args.json:
         print_json({"id": credential.id, "key": credential.key, "algorithm": credential.algorithm})
     else:
@@ -44,13 +44,15 @@ def cmd_hawk_list(args: argparse.Namespace) -> int:
 
 
 def cmd_hawk_revoke(args: argparse.Namespace) -> int:
-    from lkm.hawk import revoke_credential  # noqa: PLC0415
+    from lkm.hawk import load_credentials_file, revoke_credential  # noqa: PLC0415
 
     settings = settings_of(args)
     path = settings.platform.hawk.credentials_file
-    if path is None or not revoke_credential(path, args.id):
+    if path is None or args.id not in load_credentials_file(path):
         raise CliError(f"no Hawk credential {args.id!r} in the credentials file")
-    audit(settings, "hawk_revoke", None, hawk_id=args.id)
+    with intended(settings, "hawk_revoke", None, hawk_id=args.id):
+        if not revoke_credential(path, args.id):
+            raise CliError(f"no Hawk credential {args.id!r} in the credentials file")
     print(f"revoked {args.id}")
     return 0
 
