@@ -24,6 +24,7 @@ the keys themselves are backed up with the HSM vendor's tools (see the README).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -200,15 +201,18 @@ class RestoreResult:
         return f"{self.key_id}: {self.outcome}" + (f" ({self.reason})" if self.reason else "")
 
 
-def restore_backup(store: KeyStore, bundle: Bundle) -> list[RestoreResult]:
+def restore_backup(store: KeyStore, bundle: Bundle, *,
+                   before: Callable[[str], None] | None = None) -> list[RestoreResult]:
+    """Restores each key on its own; `before(key_id)` is called just before a key goes into the store (to
+    announce it durably, so that a crash cannot leave a restored key without a record)."""
     results = []
     with lifecycle.store_lock(store):
         for item in bundle.keys:
-            results.append(_restore_one(store, item))
+            results.append(_restore_one(store, item, before))
     return results
 
 
-def _restore_one(store: KeyStore, item: BundleKey) -> RestoreResult:
+def _restore_one(store: KeyStore, item: BundleKey, before: Callable[[str], None] | None) -> RestoreResult:
     record = item.record
     present = {k.id: k for k in store.list_keys()}
     existing = present.get(record.id)
@@ -224,6 +228,8 @@ def _restore_one(store: KeyStore, item: BundleKey) -> RestoreResult:
     note = ""
     if state is KeyState.ACTIVE and any(k.state is KeyState.ACTIVE for k in present.values()):
         state, note = KeyState.RETIRED, "restored as retired: the store has an active key"
+    if before is not None:
+        before(record.id)
     try:
         imported = store.import_key(record.id, item.private_key, state=state, label=record.label)
         store.save_record(imported.with_changes(created=record.created, registered=record.registered,

@@ -13,14 +13,15 @@ from datetime import datetime
 from typing import Any
 
 from lkm import lifecycle
-from lkm.keys import KeyRecord
+from lkm.keys import KeyRecord, new_key_id
 from lkm.keystore import KeyStore
 from lkm.lifecycle import ChangeFacts
 
 
 @dataclass(frozen=True)
 class KeyChange:
-    """One audited change: its audit action, the key it is about (None: a key it creates), the operation."""
+    """One audited change: its audit action, the key it is about (for a key it creates, the id chosen for it),
+    the operation."""
 
     action: str
     key_id: str | None
@@ -42,12 +43,17 @@ class Applied:
 
 
 def create(*, registration: bool, label: str = "") -> KeyChange:
-    return KeyChange("create_key", None, lifecycle.create_key,
-                     kwargs={"registration": registration, "label": label})
+    # The id is chosen before the change so that the audit intent written first can name the key it creates.
+    key_id = new_key_id()
+    return KeyChange("create_key", key_id, lifecycle.create_key,
+                     kwargs={"registration": registration, "label": label, "key_id": key_id})
 
 
 def rotate(*, registration: bool, label: str = "") -> KeyChange:
-    return KeyChange("rotate_key", None, lifecycle.rotate, kwargs={"registration": registration, "label": label})
+    """The new key (named in advance, like create's) made active, retiring the previous one."""
+    key_id = new_key_id()
+    return KeyChange("rotate_key", key_id, lifecycle.rotate,
+                     kwargs={"registration": registration, "label": label, "key_id": key_id})
 
 
 def activate(key_id: str) -> KeyChange:

@@ -7,6 +7,7 @@ import fcntl
 import os
 import secrets
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,8 +28,14 @@ def write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
+TEMP_MARK = ".tmp-"
+ORPHAN_AGE_SECONDS = 60.0
+"""A temp file without a writer's pid in its name is taken as orphaned once it is this old."""
+
+
 def _write_temp(directory: Path, name: str, data: bytes, mode: int) -> Path:
-    tmp = directory / f".{name}.tmp-{secrets.token_hex(6)}"
+    # The writer's pid in the name lets remove_orphaned_temps tell a crashed writer's file from a live one's.
+    tmp = directory / f".{name}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(6)}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     try:
         os.fchmod(fd, mode)  # the umask must not widen or narrow what we ask for
@@ -64,6 +71,44 @@ def atomic_create(path: Path, data: bytes, *, mode: int = 0o600) -> bool:
         tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)
     return True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_orphaned_temps(directory: Path) -> int:
+    """Removes the temp files of writers that died before their rename (kill -9, power loss); returns how many.
+
+    A temp file of a live process is left alone, so calling this while others write is safe.
+    """
+    removed = 0
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        if not (entry.name.startswith(".") and TEMP_MARK in entry.name) or not entry.is_file(follow_symlinks=False):
+            continue
+        tail = entry.name.rsplit(TEMP_MARK, 1)[1]
+        pid_text, _, _ = tail.partition("-")
+        try:
+            if pid_text.isdigit() and "-" in tail:
+                if int(pid_text) != os.getpid() and _alive(int(pid_text)):
+                    continue
+            elif time.time() - entry.stat(follow_symlinks=False).st_mtime < ORPHAN_AGE_SECONDS:
+                continue
+            os.unlink(entry.path)
+            removed += 1
+        except FileNotFoundError:
+            continue
+    return removed
 
 
 def ensure_private_dir(path: Path) -> None:

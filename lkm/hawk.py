@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from lkm.errors import HawkError, HawkReason
-from lkm.fsutil import atomic_write, ensure_private_dir, file_lock
+from lkm.fsutil import atomic_write, ensure_private_dir, file_lock, remove_orphaned_temps
 
 ALGORITHM = "sha256"
 CREDENTIALS_FILE_VERSION = 1
@@ -349,6 +349,7 @@ def mint_credential(path: Path, cred_id: str) -> HawkCredential:
     check_credential_id(cred_id)
     ensure_private_dir(path.parent)
     with file_lock(_lock_path(path)):
+        remove_orphaned_temps(path.parent)  # a credential write killed before its rename
         entries = _read_entries(path)
         if any(e["id"] == cred_id for e in entries):
             raise ValueError(f"{path}: a Hawk credential with id {cred_id!r} already exists")
@@ -363,6 +364,7 @@ def revoke_credential(path: Path, cred_id: str) -> bool:
     if not path.exists():
         return False
     with file_lock(_lock_path(path)):
+        remove_orphaned_temps(path.parent)
         entries = _read_entries(path)
         kept = [e for e in entries if e["id"] != cred_id]
         if len(kept) == len(entries):
@@ -385,6 +387,8 @@ class CredentialSource:
         self._shared: dict[str, HawkCredential] = {}  # from the key store's database, when it keeps them
         self._credentials: dict[str, HawkCredential] = dict(self._extra)
         self._lock = threading.Lock()
+        if path is not None:
+            remove_orphaned_temps(path.parent)  # at start-up: writes killed before their rename
         self.reload_if_changed()
 
     def set_shared(self, credentials: Mapping[str, HawkCredential]) -> bool:

@@ -22,7 +22,8 @@ from lkm import changes, lifecycle, registration
 from lkm.auth import Actor, ActorKind
 from lkm.config import GenesysSettings, RotationSettings
 from lkm.errors import Forbidden
-from lkm.keys import KeyRecord, KeyState, utcnow
+from lkm.events import Intent
+from lkm.keys import KeyRecord, KeyState, new_key_id, utcnow
 from lkm.lifecycle import ChangeFacts
 from lkm.metrics import Metrics
 from lkm.roles import Role
@@ -115,19 +116,29 @@ class KeyAdmin:
         ctx = system_context("scheduler")
         facts = ChangeFacts()
         started = time.perf_counter()
-        call = functools.partial(lifecycle.rotate_if_due, self.store, every,
+        key_id = new_key_id()
+        intent = Intent("rotate_key", key_id, {"scheduled": True})
+        # Announced before the change (a failed write stops it here; the loop retries later).
+        await self.service.audit_decision(ctx, "rotate_key", key_id=key_id, error=None, started=started,
+                                          intent=intent)
+        call = functools.partial(lifecycle.rotate_if_due, self.store, every, key_id=key_id,
                                  registration=self.registration_required, now=now, facts=facts)
         try:
             async with self._changes:
                 record = await self.service.run(call)
         except Exception as exc:
             self._rotation_done(False)
-            await self._audit(ctx, "rotate_key", None, exc, started=started, details=facts.audit_details())
+            await self._audit(ctx, "rotate_key", key_id, exc, started=started,
+                              details={**facts.audit_details(), **intent.pairing()})
             raise
         if record is None:
-            return None  # another server sharing the store rotated for this period
+            # Another server sharing the store rotated for this period: the announced change was not made.
+            await self._audit(ctx, "rotate_key", None, None, started=started,
+                              details={"unchanged": True, **intent.pairing()})
+            return None
         self._rotation_done(True)
-        await self._audit(ctx, "rotate_key", record.id, None, started=started, details=facts.audit_details())
+        await self._audit(ctx, "rotate_key", record.id, None, started=started,
+                          details={**facts.audit_details(), **intent.pairing()})
         log.info("scheduled rotation: new key %s (%s)", record.id, record.state.value)
         self._register_if_pending(record)
         return record

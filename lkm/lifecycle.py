@@ -130,30 +130,30 @@ def without(extra: dict[str, Any], *names: str) -> dict[str, Any]:
 
 # --- creation and rotation ---------------------------------------------------------------------------------
 
-def create_key(store: KeyStore, *, registration: bool, label: str = "",
+def create_key(store: KeyStore, *, registration: bool, label: str = "", key_id: str | None = None,
                facts: ChangeFacts | None = None) -> KeyRecord:
     """A new key. It is active at once only when nothing else is and no platform registration must come first;
     otherwise it waits in pending_activation (serving unwraps) for `activate` or a registration."""
     with store_lock(store):
         immediate = not registration and not active_keys(store)
         state = KeyState.ACTIVE if immediate else KeyState.PENDING_ACTIVATION
-        record = store.create_key(state=state, label=label)
+        record = store.create_key(state=state, label=label, key_id=key_id)
     _note(facts, to_state=record.state, public_key_sha256=public_key_sha256(record))
     return record
 
 
-def rotate(store: KeyStore, *, registration: bool, label: str = "",
+def rotate(store: KeyStore, *, registration: bool, label: str = "", key_id: str | None = None,
            facts: ChangeFacts | None = None) -> KeyRecord:
     """A new key that replaces the active one: at once, or (with `registration`) once the platform has it."""
     with store_lock(store):
-        return _rotate_locked(store, registration=registration, label=label, facts=facts)
+        return _rotate_locked(store, registration=registration, label=label, key_id=key_id, facts=facts)
 
 
-def _rotate_locked(store: KeyStore, *, registration: bool, label: str,
+def _rotate_locked(store: KeyStore, *, registration: bool, label: str, key_id: str | None = None,
                    facts: ChangeFacts | None) -> KeyRecord:
     previous = active_keys(store)
     _note(facts, previous_active=",".join(k.id for k in previous) or None)
-    record = store.create_key(state=KeyState.PENDING_ACTIVATION, label=label)
+    record = store.create_key(state=KeyState.PENDING_ACTIVATION, label=label, key_id=key_id)
     _note(facts, public_key_sha256=public_key_sha256(record), to_state=record.state)
     if registration:
         return record
@@ -171,7 +171,7 @@ def next_rotation_due(keys: list[KeyRecord], every_seconds: int) -> datetime | N
 
 
 def rotate_if_due(store: KeyStore, every_seconds: int, *, registration: bool, now: datetime | None = None,
-                  facts: ChangeFacts | None = None) -> KeyRecord | None:
+                  key_id: str | None = None, facts: ChangeFacts | None = None) -> KeyRecord | None:
     """The scheduled rotation, safe to run from several servers sharing one store: the due time is checked
     inside the store's lock, so the second server to get there sees the first one's key and stops. (The server
     looks without the lock first, lkm.keyadmin, so a period with nothing due takes no lock.)"""
@@ -181,7 +181,8 @@ def rotate_if_due(store: KeyStore, every_seconds: int, *, registration: bool, no
         if due is not None and due > now:
             return None
         _note(facts, due=format_time(due) if due else "no active key", scheduled=True)
-        return _rotate_locked(store, registration=registration, label="scheduled rotation", facts=facts)
+        return _rotate_locked(store, registration=registration, label="scheduled rotation", key_id=key_id,
+                              facts=facts)
 
 
 # --- activation and registration leases --------------------------------------------------------------------

@@ -90,13 +90,15 @@ def read_rows(data: bytes, fmt: str = "auto") -> list[Row]:
 
 def import_rows(store: KeyStore, rows: list[Row], *, state: KeyState = KeyState.RETIRED,
                 activate: str | None = None,
-                audit: Callable[[RowResult, dict[str, Any]], None] | None = None) -> list[RowResult]:
-    """Imports each row on its own; `audit` is called once per row with its result and audit details."""
+                audit: Callable[[RowResult, dict[str, Any]], None] | None = None,
+                before: Callable[[Row, str], None] | None = None) -> list[RowResult]:
+    """Imports each row on its own; `before(row, key_id)` is called just before a row's key goes into the store
+    (to announce it durably), `audit` once per row with its result and audit details."""
     wanted_active = parse_key_id(activate) if activate else None
     results = []
     for row in rows:
         details: dict[str, Any] = {"row": row.number}
-        result = _import_row(store, row, state, wanted_active, details=details)
+        result = _import_row(store, row, state, wanted_active, details=details, before=before)
         if audit is not None:
             audit(result, details)
         results.append(result)
@@ -104,7 +106,7 @@ def import_rows(store: KeyStore, rows: list[Row], *, state: KeyState = KeyState.
 
 
 def _import_row(store: KeyStore, row: Row, state: KeyState, wanted_active: str | None, *,
-                details: dict[str, Any]) -> RowResult:
+                details: dict[str, Any], before: Callable[[Row, str], None] | None = None) -> RowResult:
     try:
         if row.key_id is None:
             return RowResult(row, None, "refused", "no id")
@@ -124,6 +126,8 @@ def _import_row(store: KeyStore, row: Row, state: KeyState, wanted_active: str |
                 return RowResult(row, key_id, "refused", "the public key does not match the private key")
         row_state = KeyState.ACTIVE if key_id == wanted_active else state
         facts = lifecycle.ChangeFacts()
+        if before is not None:
+            before(row, key_id)
         try:
             _, created = lifecycle.import_key(store, key_id, private_key, state=row_state, label=IMPORT_LABEL,
                                                 facts=facts)

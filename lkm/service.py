@@ -23,7 +23,7 @@ from lkm.errors import (
     LkmError,
     Unavailable,
 )
-from lkm.events import audit_event, error_code
+from lkm.events import Intent, audit_event, error_code
 from lkm.keys import CIPHERTEXT_BYTES, Algorithm, KeyRecord
 from lkm.keystore import UNWRAPPABLE_STATES, KeyStore, key_unusable, usable_record  # noqa: F401 - re-exported
 from lkm.lifecycle import ChangeFacts
@@ -71,12 +71,12 @@ class UnwrapItem:
 
 
 class DenialLimiter:
-    """Bounds the audit records that refused callers can cause, per client address.
+    """Bounds the audit records that refused callers can cause, per caller (see `caller_key`).
 
-    Unauthenticated callers must not be able to fill the disk (or, with pruning, push real records out) by
-    sending garbage. Each client gets a burst of `burst` records, refilled at `per_second`; what it sends beyond
-    that is counted and the count goes into its next written record (`suppressed_denials`). Metrics still count
-    every failure. Clients are tracked in a bounded LRU.
+    Callers must not be able to fill the disk (or, with pruning, push real records out) by sending garbage or
+    asking for what they may not do. Each caller gets a burst of `burst` records, refilled at `per_second`; what
+    it sends beyond that is counted and the count goes into its next written record (`suppressed_denials`).
+    Metrics still count every failure. Callers are tracked in a bounded LRU.
     """
 
     def __init__(self, *, burst: int = 20, per_second: float = 2.0, clients: int = 10_000,
@@ -104,6 +104,32 @@ class DenialLimiter:
         return result
 
 
+def caller_key(ctx: RequestContext) -> str:
+    """Whose budget of refusal records a request spends: an authenticated identity's own (wherever it calls from),
+    else its client address (a failed authentication proves no identity)."""
+    return f"id:{ctx.actor.kind}:{ctx.actor.name}" if ctx.actor.roles else f"addr:{ctx.client or '-'}"
+
+
+def is_refusal(error: BaseException | None) -> bool:
+    """A caller's mistake or missing right (4xx): bounded per caller. Failures of the server are never bounded."""
+    return isinstance(error, LkmError) and 400 <= error.status < 500
+
+
+def batch_summary(items: Sequence[UnwrapItem | LkmError], results: Sequence[bytes | LkmError]) -> dict[str, Any]:
+    """The one audit record of a batch: how many items, which keys unwrapped how often, which errors how often."""
+    keys: dict[str, int] = {}
+    errors: dict[str, int] = {}
+    for item, result in zip(items, results, strict=True):
+        if isinstance(result, LkmError):
+            errors[result.code] = errors.get(result.code, 0) + 1
+        elif not isinstance(item, LkmError):
+            keys[item.key_id] = keys.get(item.key_id, 0) + 1
+    summary: dict[str, Any] = {"items": len(items), "ok": sum(keys.values()), "key_ids": keys}
+    if errors:
+        summary["errors"] = errors
+    return summary
+
+
 # A key waiting for platform registration must unwrap: the platform tests it with a decrypt before it counts.
 
 
@@ -126,13 +152,26 @@ class KeyService:
 
     async def audit_decision(self, ctx: RequestContext, action: str, *, key_id: str | None,
                              error: BaseException | None, started: float, extra: dict[str, Any] | None = None,
-                             fail_closed: bool = True) -> None:
-        """Writes the record of one decision; unless `fail_closed` is off, a failed write refuses the act."""
+                             fail_closed: bool = True, intent: Intent | None = None, bounded: bool = True,
+                             code: str | None = None) -> None:
+        """Writes the record of one decision (with `intent`: the announcement of a change about to be made);
+        unless `fail_closed` is off, a failed write refuses the act. A refusal (4xx) is `bounded` per caller
+        like every denial: a flood of them writes a burst, then a trickle that counts what it left out."""
         origin = {**ctx.audit_fields(), "latency_ms": round((time.perf_counter() - started) * 1000, 3)}
         if isinstance(error, LkmError):
             error.audited = True
-        event = audit_event(origin, action, key_id, outcome="ok" if error is None else "error",
-                            error_code=None if error is None else error_code(error), extra=extra)
+        if bounded and intent is None and is_refusal(error):
+            suppressed = self.denials.admit(caller_key(ctx))
+            if suppressed is None:
+                return
+            if suppressed:
+                extra = {**(extra or {}), "suppressed_denials": suppressed}
+        if intent is not None:
+            event = intent.event(origin)
+        else:
+            event = audit_event(origin, action, key_id, outcome="ok" if error is None else "error",
+                                error_code=code or (None if error is None else error_code(error)),
+                                extra=extra)
         try:
             await self.audit.record(event)
         except Exception as exc:
@@ -147,7 +186,7 @@ class KeyService:
         if error.audited:
             return
         error.audited = True
-        suppressed = self.denials.admit(ctx.client)
+        suppressed = self.denials.admit(caller_key(ctx))
         if suppressed is None:
             return
         event = audit_event(ctx.audit_fields(), action, key_id, outcome="denied", error_code=error.code,
@@ -214,7 +253,8 @@ class KeyService:
 
         The private-key work is split into one chunk per worker, so a batch uses every core and pays the
         request overhead (TLS, authentication, parsing) once. Each item gets its own audit record; they share
-        one group commit. Only a missing role, an overload refusal or an audit failure fail the whole request.
+        one record for the whole batch, with counts (bounded like any refusal when no item succeeded). Only a
+        missing role, an overload refusal or an audit failure fail the whole request.
         """
         started = time.perf_counter()
         ctx = replace(ctx, route="batch")
@@ -251,21 +291,16 @@ class KeyService:
             per_item = outcome if isinstance(outcome, list) else [outcome] * len(chunk)
             for (i, _), result in zip(chunk, per_item, strict=True):
                 results[i] = result
-        await asyncio.gather(*(self._finish_item(ctx, i, item, results[i], started)
-                               for i, item in enumerate(items)))
+        for item, result in zip(items, results, strict=True):
+            self._observe_unwrap(ctx, None if isinstance(item, LkmError) else item.key_id,
+                                 result if isinstance(result, LkmError) else None, started)
+        if all(isinstance(r, LkmError) and is_shed(r) for r in results):
+            return results  # nothing was tried: counted as shed, like a refused single unwrap
+        summary = batch_summary(items, results)
+        failed = None if summary["ok"] else next(r for r in results if isinstance(r, LkmError))
+        await self.audit_decision(ctx, "unwrap", key_id=None, error=failed, started=started, extra=summary,
+                                  code="batch_failed" if failed is not None else None)
         return results
-
-    async def _finish_item(self, ctx: RequestContext, index: int, item: UnwrapItem | LkmError,
-                           result: bytes | LkmError, started: float) -> None:
-        error = result if isinstance(result, LkmError) else None
-        key_id = None if isinstance(item, LkmError) else item.key_id
-        self._observe_unwrap(ctx, key_id, error, started)
-        if is_shed(error):
-            return
-        extra: dict[str, Any] = {"batch_index": index}
-        if not isinstance(item, LkmError):
-            extra["algorithm"] = item.algorithm.value
-        await self.audit_decision(ctx, "unwrap", key_id=key_id, error=error, started=started, extra=extra)
 
     # --- reading keys --------------------------------------------------------------------------------------
 
@@ -289,8 +324,12 @@ class KeyService:
         started = time.perf_counter()
         error: BaseException | None = None
         result: T | None = None
+        intent: Intent | None = None
         try:
             ctx.actor.require(Role.ADMIN)
+            # Announced durably before it is made: a crash in between leaves an intent, never an unrecorded change.
+            intent = Intent(action, key_id)
+            await self.audit_decision(ctx, action, key_id=key_id, error=None, started=started, intent=intent)
             result = await self.run(func, *args)
             if key_id is None and isinstance(result, KeyRecord):
                 key_id = result.id
@@ -304,7 +343,9 @@ class KeyService:
                 # done even if its record cannot be written (logged and counted), so that a retry does not
                 # rotate or create twice.
                 await self.audit_decision(ctx, action, key_id=key_id, error=error, started=started,
-                                          extra=facts.audit_details() if facts else None, fail_closed=error is not None)
+                                          extra={**(facts.audit_details() if facts else {}),
+                                                 **(intent.pairing() if intent else {})},
+                                          fail_closed=error is not None, bounded=intent is None)
 
 def in_store(func: Callable[..., T], *args: Any) -> T:
     """Blocking key-store work with backend trouble translated to 503, whoever calls: the one place that

@@ -47,7 +47,7 @@ async def lkm_registering(tmp_path: Path, certs: Pki, config_factory: Callable[.
 
 
 def events(running: Running, action: str) -> list[dict[str, Any]]:
-    return [e for e in running.audit_lines() if e.get("action") == action]
+    return [e for e in running.audit_lines() if e.get("action") == action and e["outcome"] != "intent"]
 
 
 def registrations(running: Running, outcome: str) -> float:

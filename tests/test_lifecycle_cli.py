@@ -71,7 +71,10 @@ async def test_operator_session(running: Running) -> None:
     assert refused.returncode == 1 and "cannot go from active to disabled without force" in refused.stderr
 
     audit = running.audit_lines()
-    cli_actions = [(e["action"], e["outcome"]) for e in audit if e["actor"]["kind"] == "cli"]
+    announced = {e["intent"] for e in audit if e["outcome"] == "intent"}
+    assert announced == {e["intent"] for e in audit if e["outcome"] != "intent" and "intent" in e}
+    cli_actions = [(e["action"], e["outcome"]) for e in audit
+                   if e["actor"]["kind"] == "cli" and e["outcome"] != "intent"]
     assert cli_actions == [
         ("create_key", "ok"), ("rotate_key", "ok"), ("rotate_key", "ok"), ("disable_key", "ok"),
         ("schedule_destruction", "error"), ("schedule_destruction", "ok"), ("destroy_key", "error"),

@@ -18,24 +18,27 @@ from lkm.audit.record import (
     FIRST_SEQ,
     FORBIDDEN_FIELDS,
     GENESIS_PREV,
+    INTENT_FIELD,
     RESERVED_FIELDS,
     AuditAction,
     AuditOutcome,
     local_actor,
     utc_timestamp,
 )
-from lkm.audit.verify import VerifyResult, verify, verify_chain_files
+from lkm.audit.verify import UnfinishedIntent, VerifyResult, verify, verify_chain_files
 from lkm.errors import AuditWriteError
 
 __all__ = [
     "FIRST_SEQ",
     "FORBIDDEN_FIELDS",
     "GENESIS_PREV",
+    "INTENT_FIELD",
     "RESERVED_FIELDS",
     "AuditAction",
     "AuditLog",
     "AuditOutcome",
     "AuditWriteError",
+    "UnfinishedIntent",
     "VerifyResult",
     "chain_files",
     "local_actor",

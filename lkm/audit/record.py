@@ -27,6 +27,7 @@ __all__ = [
     "FORBIDDEN_FIELDS",
     "GENESIS",
     "GENESIS_PREV",
+    "INTENT_FIELD",
     "RESERVED_FIELDS",
     "AuditAction",
     "AuditOutcome",
@@ -82,14 +83,26 @@ class AuditAction(StrEnum):
     RESTORE_KEY = "restore_key"
     HAWK_CREATE = "hawk_create"
     HAWK_REVOKE = "hawk_revoke"
+    FREEZE_CALLER = "freeze_caller"
+    UNFREEZE_CALLER = "unfreeze_caller"
 
 
 class AuditOutcome(StrEnum):
-    """The `outcome` of a record: done, failed (with an `error_code`), or refused before anything was tried."""
+    """The `outcome` of a record: done, failed (with an `error_code`), or refused before anything was tried.
+
+    INTENT is written, durably, before a change is made; the record of its outcome carries the same `intent`
+    id. A crash between the two leaves an intent without an outcome, which verification reports: no change
+    can happen without a record of it.
+    """
 
     OK = "ok"
     ERROR = "error"
     DENIED = "denied"
+    INTENT = "intent"
+
+
+INTENT_FIELD: Final = "intent"
+"""The field pairing an intent record with the record of its outcome."""
 
 
 PreparedEvent = NewType("PreparedEvent", dict[str, Any])

@@ -10,19 +10,35 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
 from lkm.audit.files import chain_files
-from lkm.audit.record import FIRST_SEQ, GENESIS_PREV, sha256_hex
+from lkm.audit.record import FIRST_SEQ, GENESIS_PREV, INTENT_FIELD, AuditOutcome, sha256_hex
 from lkm.canonical import canonical_json
 
-__all__ = ["VerifyResult", "verify", "verify_chain_files"]
+__all__ = ["UnfinishedIntent", "VerifyResult", "verify", "verify_chain_files"]
 
 _EDITED: Final = "hash mismatch (record edited)"
 _BROKEN_LINK: Final = "prev does not match the previous record (record deleted, inserted or reordered)"
 _GAP: Final = "sequence gap"
+
+
+@dataclass(frozen=True)
+class UnfinishedIntent:
+    """An intent record with no record of its outcome after it: the change may or may not have happened (the
+    process stopped in between). Not a fault of the chain; a finding for the operator to check."""
+
+    seq: int
+    time: str
+    action: str
+    key_id: str | None
+    subject: str | None  # what else the intent names (a Hawk credential id, a caller)
+
+    def line(self) -> str:
+        about = " ".join(f"{k} {v}" for k, v in (("key", self.key_id), ("subject", self.subject)) if v)
+        return f"seq {self.seq} {self.time} {self.action} {about}".rstrip()
 
 
 @dataclass(frozen=True)
@@ -41,6 +57,7 @@ class VerifyResult:
     head: str | None = None  # SHA-256 of the last intact line: what the next record's prev must be
     first_seq: int | None = None  # where the chain starts: the oldest record's seq and hash
     first_hash: str | None = None
+    unfinished: tuple[UnfinishedIntent, ...] = ()  # intents without an outcome, oldest first
 
 
 @dataclass
@@ -54,6 +71,20 @@ class _Walk:
     note: str | None = None
     first_seq: int | None = None
     first_hash: str | None = None
+    intents: dict[str, UnfinishedIntent] = field(default_factory=dict)  # open intents by id, in order
+
+    def pair(self, rec: dict[str, Any]) -> None:
+        """Opens an intent, or closes the one an outcome names (an outcome whose intent was pruned: nothing)."""
+        intent = rec.get(INTENT_FIELD)
+        if not isinstance(intent, str):
+            return
+        if rec.get("outcome") == AuditOutcome.INTENT:
+            subject = next((str(rec[k]) for k in ("hawk_id", "caller") if isinstance(rec.get(k), str)), None)
+            key_id = rec.get("key_id")
+            self.intents[intent] = UnfinishedIntent(rec["seq"], str(rec.get("time", "")), str(rec.get("action")),
+                                                    key_id if isinstance(key_id, str) else None, subject)
+        else:
+            self.intents.pop(intent, None)
 
     def result(self, *, files: int, ok: bool = True, bad_file: str | None = None, bad_line: int | None = None,
                bad_seq: Any = None, reason: str | None = None) -> VerifyResult:
@@ -62,7 +93,8 @@ class _Walk:
             first_bad_seq=bad_seq if isinstance(bad_seq, int) and not isinstance(bad_seq, bool) else None,
             reason=reason, anchored=self.anchored, note=self.note,
             last_seq=self.prev_seq if self.prev_digest is not None else None, head=self.prev_digest,
-            first_seq=self.first_seq, first_hash=self.first_hash)
+            first_seq=self.first_seq, first_hash=self.first_hash,
+            unfinished=tuple(self.intents.values()))
 
 
 def _check_line(raw: bytes, path: Path, walk: _Walk) -> tuple[str, Any] | None:
@@ -107,6 +139,7 @@ def _check_line(raw: bytes, path: Path, walk: _Walk) -> tuple[str, Any] | None:
     walk.prev_digest = sha256_hex(line)
     walk.prev_seq = seq
     walk.records += 1
+    walk.pair(rec)
     return None
 
 

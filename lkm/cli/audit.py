@@ -13,6 +13,9 @@ from typing import Any
 from lkm.cli.common import AddCommand, settings_of
 from lkm.errors import CliError
 
+UNFINISHED_STATUS = 3
+"""`lkm audit verify`: the chain is intact but holds intents without an outcome."""
+
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     from lkm.audit import FIRST_SEQ, verify_chain_files  # noqa: PLC0415
@@ -40,7 +43,14 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     pruned = " (older files pruned: nothing before it is vouched for)" if result.anchored else ""
     print(f"{path}: OK, {result.records} records in {result.files} file(s), chain intact from {start}{pruned} "
           f"to seq {result.last_seq} (head {result.head})")
-    return 0
+    if not result.unfinished:
+        return 0
+    # The chain is whole, but a process stopped between announcing a change and recording its outcome: the
+    # change may or may not have been made. Exit status 3 lets automation tell this from a broken chain.
+    print(f"{len(result.unfinished)} change(s) announced without a recorded outcome (check each in the store):")
+    for intent in result.unfinished:
+        print(f"  {intent.line()}")
+    return UNFINISHED_STATUS
 
 
 def add_commands(sub: Any, add: AddCommand) -> None:

@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from lkm import backup
-from lkm.cli.common import AddCommand, audit, open_store, settings_of
+from lkm.cli.common import AddCommand, audit, cli_origin, open_store, settings_of, write_event
 from lkm.errors import CliError
+from lkm.events import Intent
 
 PASSPHRASE_ENV = "LKM_BACKUP_PASSPHRASE"  # noqa: S105 - the name of a variable, not a secret
 
@@ -78,17 +79,27 @@ def cmd_backup_verify(args: argparse.Namespace) -> int:
 def cmd_backup_restore(args: argparse.Namespace) -> int:
     settings = settings_of(args)
     bundle = _read(args)
+    intents: dict[str, Intent] = {}
+
+    def announce(key_id: str) -> None:
+        # Written before the key goes into the store, so that a crash cannot leave it without a record.
+        intents[key_id] = intent = Intent("restore_key", key_id, {"file": str(Path(args.file))})
+        write_event(settings, intent.event(cli_origin()))
+
     store = open_store(settings)
     try:
-        results = backup.restore_backup(store, bundle)
+        results = backup.restore_backup(store, bundle, before=announce)
     finally:
         store.close()
     for result in results:
+        intent = intents.pop(result.key_id, None)
+        paired = intent.pairing() if intent is not None else {}
         if result.outcome == "restored":
-            audit(settings, "restore_key", result.key_id, to_state=result.state, file=str(Path(args.file)))
+            audit(settings, "restore_key", result.key_id, to_state=result.state, file=str(Path(args.file)),
+                  **paired)
         elif result.outcome == "refused":
             audit(settings, "restore_key", result.key_id, outcome="error", error_code="key_exists",
-                  reason=result.reason)
+                  reason=result.reason, **paired)
         print(result.line())
     counts = {o: sum(r.outcome == o for r in results) for o in ("restored", "skipped", "refused", "not restored")}
     audit(settings, "backup_restore", None, file=str(Path(args.file).resolve()),

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from lkm.changes import Applied, KeyChange
 from lkm.config import Settings, load_settings
 from lkm.errors import CliError
-from lkm.events import audit_event, error_code
+from lkm.events import Intent, audit_event
 from lkm.keys import KeyRecord, public_key_views
 from lkm.keystore import KeyStore
 from lkm.lifecycle import ChangeFacts
@@ -46,33 +47,67 @@ def read_input(name: str) -> bytes:
     return Path(name).read_bytes() if name != "-" else sys.stdin.buffer.read()
 
 
-def audit(settings: Settings, action: str, key_id: str | None, outcome: str = "ok", *,
-          error_code: str | None = None, **extra: Any) -> None:
-    """Writes the audit record of one CLI action to the same trail the server writes."""
-    from lkm.audit import AuditLog, local_actor  # noqa: PLC0415
+def cli_origin() -> dict[str, Any]:
+    from lkm.audit import local_actor  # noqa: PLC0415
 
-    origin = {"request_id": None, "actor": local_actor(), "route": "cli"}
-    event = audit_event(origin, action, key_id, outcome=outcome, error_code=error_code, extra=extra)
+    return {"request_id": None, "actor": local_actor(), "route": "cli"}
+
+
+def write_event(settings: Settings, event: dict[str, Any]) -> None:
+    from lkm.audit import AuditLog  # noqa: PLC0415
+
     settings.audit.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     AuditLog(settings.audit.path, max_bytes=settings.audit.max_bytes,
              keep_files=settings.audit.keep_files).record_sync(event)
 
 
+def audit(settings: Settings, action: str, key_id: str | None, outcome: str = "ok", *,
+          error_code: str | None = None, **extra: Any) -> None:
+    """Writes the audit record of one CLI action to the same trail the server writes."""
+    write_event(settings, audit_event(cli_origin(), action, key_id, outcome=outcome, error_code=error_code,
+                                 extra=extra))
+
+
+class IntendedChange:
+    """The outcome side of an announced change: what `intended` writes when the block ends (facts may be added)."""
+
+    def __init__(self, intent: Intent) -> None:
+        self.intent = intent
+        self.details: dict[str, Any] = {}
+
+
+@contextlib.contextmanager
+def intended(settings: Settings, action: str, key_id: str | None, **extra: Any) -> Iterator[IntendedChange]:
+    """Announces a change durably before it is made, and records its outcome after, success or failure.
+
+    If the process dies in between, the trail holds the intent without an outcome, which `lkm audit verify`
+    reports: the change may have happened, and no change can have happened without a record.
+    """
+    origin = cli_origin()
+    change = IntendedChange(Intent(action, key_id, extra))
+    write_event(settings, change.intent.event(origin))
+    try:
+        yield change
+    except BaseException as exc:
+        write_event(settings, change.intent.outcome(origin, exc, extra=change.details))
+        raise
+    write_event(settings, change.intent.outcome(origin, extra=change.details))
+
+
 def apply(settings: Settings, change: KeyChange, *, store: KeyStore | None = None) -> Applied:
-    """Makes one change and audits it, success or refusal: on `store` when given (the caller closes it), else on
-    a freshly opened store."""
+    """Makes one change, announced before and audited after, success or refusal: on `store` when given (the
+    caller closes it), else on a freshly opened store."""
     target = store if store is not None else open_store(settings)
     facts = ChangeFacts()
     try:
-        record = change.apply(target, facts)
-    except Exception as exc:
-        audit(settings, change.action, change.key_id, outcome="error",
-              error_code=error_code(exc, fallback=exc.__class__.__name__), **facts.audit_details())
-        raise
+        with intended(settings, change.action, change.key_id) as done:
+            try:
+                record = change.apply(target, facts)
+            finally:
+                done.details.update(facts.audit_details())
     finally:
         if store is None:
             target.close()
-    audit(settings, change.action, record.id, **facts.audit_details())
     return Applied(record, facts)
 
 

@@ -7,7 +7,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-from lkm.cli.common import AddCommand, audit, open_store, print_json, settings_of
+from lkm.cli.common import AddCommand, intended, open_store, print_json, settings_of
 from lkm.config import KeyStoreType, Settings
 from lkm.errors import CliError
 
@@ -34,16 +34,17 @@ def cmd_hawk_create(args: argparse.Namespace) -> int:
     settings = settings_of(args)
     path = settings.platform.hawk.credentials_file
     with shared_credentials(settings) as shared:
+        if shared is None and path is None:
+            raise CliError(f"{settings.source}: platform.hawk.credentials_file is not set; nowhere to store it")
         try:
-            if shared is not None:
-                credential = shared.create(args.id)
-            elif path is None:
-                raise CliError(f"{settings.source}: platform.hawk.credentials_file is not set; nowhere to store it")
-            else:
-                credential = mint_credential(path, args.id)
+            with intended(settings, "hawk_create", None, hawk_id=args.id):
+                if shared is not None:
+                    credential = shared.create(args.id)
+                else:
+                    assert path is not None
+                    credential = mint_credential(path, args.id)
         except ValueError as exc:
             raise CliError(str(exc)) from None
-    audit(settings, "hawk_create", None, hawk_id=credential.id)
     if args.json:
         print_json({"id": credential.id, "key": credential.key, "algorithm": credential.algorithm})
     else:
@@ -70,15 +71,19 @@ def cmd_hawk_list(args: argparse.Namespace) -> int:
 
 
 def cmd_hawk_revoke(args: argparse.Namespace) -> int:
-    from lkm.hawk import revoke_credential  # noqa: PLC0415
+    from lkm.hawk import load_credentials_file, revoke_credential  # noqa: PLC0415
 
     settings = settings_of(args)
     path = settings.platform.hawk.credentials_file
     with shared_credentials(settings) as shared:
-        revoked = shared.revoke(args.id) if shared is not None else False
-    if not revoked and (path is None or not revoke_credential(path, args.id)):
-        raise CliError(f"no Hawk credential {args.id!r} in the key store's database or the credentials file")
-    audit(settings, "hawk_revoke", None, hawk_id=args.id)
+        in_database = shared is not None and any(info.id == args.id for info in shared.list())
+        if not in_database and (path is None or args.id not in load_credentials_file(path)):
+            raise CliError(f"no Hawk credential {args.id!r} in the key store's database or the credentials file")
+        with intended(settings, "hawk_revoke", None, hawk_id=args.id):
+            revoked = shared.revoke(args.id) if in_database and shared is not None \
+                else path is not None and revoke_credential(path, args.id)
+            if not revoked:
+                raise CliError(f"no Hawk credential {args.id!r} to revoke")
     print(f"revoked {args.id}")
     return 0
 

@@ -16,6 +16,8 @@ from lkm.cli.common import (
     AddCommand,
     apply,
     audit,
+    cli_origin,
+    intended,
     key_lines,
     open_store,
     print_json,
@@ -23,8 +25,10 @@ from lkm.cli.common import (
     settings_of,
     show_key,
     transition_line,
+    write_event,
 )
 from lkm.errors import CliError, IllegalTransition, LkmError
+from lkm.events import Intent
 from lkm.keys import KeyState, format_time, load_private_key_any, parse_key_id, public_key_views
 from lkm.lifecycle import ChangeFacts
 
@@ -83,21 +87,21 @@ def cmd_keys_import(args: argparse.Namespace) -> int:
     store = open_store(settings)
     facts = ChangeFacts()
     try:
-        try:
-            private_key = load_private_key_any(data, password)
-        except LkmError as exc:
-            exc.message = f"{args.file}: {exc.message}"
-            raise
-        # Without --state: active if no key is, else retired; an id that is taken must hold identical material.
-        record, _ = lifecycle.import_key(store, key_id, private_key,
-                                         state=KeyState(args.state) if args.state else None,
-                                         label=args.label or "", facts=facts)
-    except LkmError as exc:
-        audit(settings, "import_key", key_id, outcome="error", error_code=exc.code, **facts.audit_details())
-        raise
+        with intended(settings, "import_key", key_id) as done:
+            try:
+                try:
+                    private_key = load_private_key_any(data, password)
+                except LkmError as exc:
+                    exc.message = f"{args.file}: {exc.message}"
+                    raise
+                # Without --state: active if no key is, else retired; a taken id must hold identical material.
+                record, _ = lifecycle.import_key(store, key_id, private_key,
+                                                 state=KeyState(args.state) if args.state else None,
+                                                 label=args.label or "", facts=facts)
+            finally:
+                done.details.update(facts.audit_details())
     finally:
         store.close()
-    audit(settings, "import_key", record.id, **facts.audit_details())
     print(key_lines(record))
     return 0
 
@@ -198,7 +202,16 @@ def cmd_keys_import_bulk(args: argparse.Namespace) -> int:
     except (migrate.ExportUnreadable, UnicodeDecodeError) as exc:
         raise CliError(f"{args.file}: {exc}") from None
 
+    intents: dict[int, Intent] = {}
+
+    def announce(row: migrate.Row, key_id: str) -> None:
+        intents[row.number] = intent = Intent("import_key", key_id)
+        write_event(settings, intent.event(cli_origin()))
+
     def audit_row(result: migrate.RowResult, details: dict[str, Any]) -> None:
+        intent = intents.pop(result.row.number, None)
+        if intent is not None:
+            details.update(intent.pairing())
         if result.outcome == "refused":
             audit(settings, "import_key", result.key_id, outcome="error",
                   error_code=details.pop("error_code", "import_rejected"), reason=result.reason, **details)
@@ -212,7 +225,7 @@ def cmd_keys_import_bulk(args: argparse.Namespace) -> int:
     store = open_store(settings)
     try:
         results = migrate.import_rows(store, rows, state=KeyState(args.state), activate=args.activate,
-                                      audit=audit_row)
+                                      audit=audit_row, before=announce)
         activated = store.get_key(wanted) if wanted is not None and any(r.key_id == wanted for r in results) \
             else None
     finally:

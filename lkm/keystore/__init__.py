@@ -30,7 +30,9 @@ class KeyStore(Protocol):
         """Raises KeyNotFound."""
         ...
 
-    def create_key(self, *, state: KeyState, label: str = "") -> KeyRecord: ...
+    def create_key(self, *, state: KeyState, label: str = "", key_id: str | None = None) -> KeyRecord:
+        """A new key; `key_id` chosen beforehand (so an audit intent can name it), else a fresh UUID."""
+        ...
 
     def import_key(self, key_id: str, private_key: rsa.RSAPrivateKey, *, state: KeyState,
                    label: str = "") -> KeyRecord:

@@ -81,6 +81,8 @@ class FileKeyStore:
             problem = fsutil.loose_permissions(directory)
             if problem:
                 raise KeyStoreError(f"refusing to use the key store: {problem}", transient=False)
+        for directory in (path, self.keys_dir):
+            fsutil.remove_orphaned_temps(directory)  # left by a writer killed before its rename
         self._aead = AESGCM(self._master_key(passphrase, scrypt_n))
         self.refresh()
 
@@ -282,11 +284,11 @@ class FileKeyStore:
             self._private[key_id] = key
         return self._records[key_id]
 
-    def create_key(self, *, state: KeyState, label: str = "") -> KeyRecord:
+    def create_key(self, *, state: KeyState, label: str = "", key_id: str | None = None) -> KeyRecord:
         key = generate_private_key()
         with self._writer():
-            for _ in range(3):
-                record = self._write_new(new_key_id(), key, state, label)
+            for _ in range(1 if key_id else 3):
+                record = self._write_new(key_id or new_key_id(), key, state, label)
                 if record is not None:
                     return record
         raise KeyStoreError("could not allocate a key id")

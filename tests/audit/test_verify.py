@@ -146,3 +146,19 @@ def test_verify_empty_set_and_missing_file(tmp_path: Path) -> None:
     assert verify_chain_files(tmp_path / "none.log") == VerifyResult(ok=True, records=0, files=0)
     res = verify([tmp_path / "missing.log"])
     assert not res.ok and res.reason is not None and res.reason.startswith("unreadable")
+
+
+def test_an_intent_without_an_outcome_is_a_finding_not_a_broken_chain(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    log = AuditLog(path)
+    log.record_sync({"action": "create_key", "key_id": "k1", "outcome": "intent", "intent": "a"})
+    log.record_sync({"action": "create_key", "key_id": "k1", "outcome": "ok", "intent": "a"})
+    log.record_sync({"action": "hawk_create", "key_id": None, "outcome": "intent", "intent": "b",
+                     "hawk_id": "platform"})
+    log.record_sync({"action": "restore_key", "key_id": "k2", "outcome": "intent", "intent": "c"})
+    log.record_sync({"action": "restore_key", "key_id": "k2", "outcome": "error", "intent": "c"})
+    result = verify_chain_files(path)
+    assert result.ok and result.records == 5
+    [open_intent] = result.unfinished
+    assert (open_intent.seq, open_intent.action, open_intent.subject) == (3, "hawk_create", "platform")
+    assert "hawk_create" in open_intent.line() and "platform" in open_intent.line()

@@ -272,9 +272,9 @@ class Pkcs11KeyStore:
 
     # --- writing ---------------------------------------------------------------------------------------------
 
-    def create_key(self, *, state: KeyState, label: str = "") -> KeyRecord:
+    def create_key(self, *, state: KeyState, label: str = "", key_id: str | None = None) -> KeyRecord:
         now = utcnow()
-        key_id = new_key_id()
+        key_id = key_id or new_key_id()
         doc = doc_from_record(KeyRecord(id=key_id, state=state, created=now, updated=now, public_key_der=b"",
                                          backend=self.backend, label=label))
         with self._write_lock:

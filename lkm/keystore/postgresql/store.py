@@ -316,10 +316,10 @@ class PostgresKeyStore:
         finally:
             conn.close()  # ends the session, which releases the lock
 
-    def create_key(self, *, state: KeyState, label: str = "") -> KeyRecord:
+    def create_key(self, *, state: KeyState, label: str = "", key_id: str | None = None) -> KeyRecord:
         key = generate_private_key()
-        for _ in range(3):
-            record = self._insert(new_key_id(), key, state, label)
+        for _ in range(1 if key_id else 3):
+            record = self._insert(key_id or new_key_id(), key, state, label)
             if record is not None:
                 return record
         raise KeyStoreError("could not allocate a key id")
