@@ -9,7 +9,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,6 +80,7 @@ class PostgresKeyStore:
                                     timeout=connect_timeout, open=False, name="lkm-keystore",
                                     check=ConnectionPool.check_connection)
         self._listener: Listener | None = None
+        self._subscribers: list[Callable[[frozenset[str] | None], None]] = []
         try:
             self._pool.open(wait=True, timeout=connect_timeout)
             with self.connection() as conn:
@@ -91,7 +92,7 @@ class PostgresKeyStore:
             self._pool.close()
             raise
         if listen:
-            self._listener = Listener(self.connect, CHANNEL, on_change=self._refresh_quietly,
+            self._listener = Listener(self.connect, CHANNEL, on_change=self._heard,
                                       on_down=self._mark_degraded, on_up=self._mark_ok)
 
     # --- connections ---------------------------------------------------------------------------------------
@@ -218,11 +219,23 @@ class PostgresKeyStore:
         self._mark_ok()
         return changed
 
-    def _refresh_quietly(self) -> None:
-        try:
-            self.refresh()
-        except KeyStoreError as exc:
-            log.error("key store refresh failed: %s", exc)
+    def subscribe(self, callback: Callable[[frozenset[str] | None], None]) -> None:
+        """`callback` runs on the listener's thread after each notification, with the payloads heard
+        ("key:<id>", "hawk:<id>") or None after a reconnect (anything may have changed): how a server reloads
+        the Hawk credentials another process changed without waiting for its refresh tick."""
+        self._subscribers.append(callback)
+
+    def _heard(self, payloads: frozenset[str] | None) -> None:
+        if payloads is None or any(p.startswith("key:") for p in payloads):
+            try:
+                self.refresh()
+            except KeyStoreError as exc:
+                log.error("key store refresh failed: %s", exc)
+        for callback in list(self._subscribers):
+            try:
+                callback(payloads)
+            except Exception:
+                log.exception("a change subscriber failed")
 
     def _drop_deleted(self) -> bool:
         """Rows removed behind lkm's back (a restore, an operator): forget them here too."""
