@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from lkm.errors import Conflict, IllegalTransition, KeyNotFound, KeyStoreError, KeyUnusable
+from lkm.errors import IllegalTransition, KeyNotFound, KeyStoreError, KeyUnusable
 from lkm.keys import (
     Algorithm,
     KeyRecord,
@@ -34,7 +34,7 @@ from lkm.keys import (
     record_to_doc,
     utcnow,
 )
-from lkm.keystore import sealed
+from lkm.keystore import check_record_only, same_key, sealed
 from lkm.keystore.file import ALL_ALGORITHMS, WITHOUT_PKCS1, implicit_rejection
 from lkm.keystore.health import StoreHealth, StoreStatus
 from lkm.keystore.postgresql.listener import Listener, describe
@@ -344,10 +344,7 @@ class PostgresKeyStore:
         record = self._insert(key_id, private_key, state, label)
         if record is not None:
             return record
-        existing = self.get_key(key_id)
-        if existing.public_key_der != public_der_pkcs1(private_key.public_key()):
-            raise Conflict(f"key {key_id} already exists with different key material", code="key_exists")
-        return existing
+        return same_key(self.get_key(key_id), public_der_pkcs1(private_key.public_key()))
 
     def _insert(self, key_id: str, key: rsa.RSAPrivateKey, state: KeyState, label: str) -> KeyRecord | None:
         now = utcnow()
@@ -365,6 +362,20 @@ class PostgresKeyStore:
         with self._lock:
             self._private[key_id] = key
         return row.record
+
+    def import_record(self, record: KeyRecord) -> KeyRecord:
+        """A destroyed key's record, copied from another store (lkm.keystore.RecordImporting)."""
+        key_id = parse_key_id(record.id)
+        check_record_only(record)
+        stored = record.with_changes(id=key_id, backend=self.backend)
+        with self.writing(f"key:{key_id}") as conn:
+            raw = conn.execute("INSERT INTO lkm_keys (id, doc, private_key, change) "
+                               "VALUES (%s, %s, NULL, nextval('lkm_change_seq')) ON CONFLICT (id) DO NOTHING "
+                               "RETURNING id, doc, private_key, change",
+                               (key_id, Jsonb(record_to_doc(stored)))).fetchone()
+        if raw is None:
+            return same_key(self.get_key(key_id), record.public_key_der)
+        return self._apply(_parse(raw)).record
 
     def _locked_row(self, conn: psycopg.Connection[Any], key_id: str) -> _Row:
         raw = conn.execute(_SELECT_ONE + " FOR UPDATE", (key_id,)).fetchone()
