@@ -22,8 +22,9 @@ import yaml
 
 from lkm.client import NativeClient, client_ssl_context
 from lkm.hawk import HawkCredential, sign_request
-from lkm.keys import KeyState, utcnow
+from lkm.keys import Algorithm, KeyRecord, KeyState, format_time, utcnow
 from lkm.keystore.postgresql import PostgresKeyStore
+from lkm.lifecycle_safeguards import DESTRUCTION_SCHEDULED_AT, DISABLED_AT
 from tests.conftest import Pki, b64, base_config, wrap
 from tests.lkmcli import lkm
 from tests.pg import PgCluster
@@ -230,3 +231,74 @@ def _active(dsn: str) -> Any:
         return record
     finally:
         store.close()
+
+
+# --- destruction safeguards across machines ----------------------------------------------------------------
+
+def _due_for_destruction(store: PostgresKeyStore) -> KeyRecord:
+    """A key whose scheduled waiting period has passed: `lkm keys destroy` may erase it now."""
+    now = utcnow()
+    record = store.create_key(state=KeyState.DISABLED, label="doomed")
+    return store.save_record(record.with_changes(
+        state=KeyState.PENDING_DESTRUCTION, destroy_after=now - timedelta(days=1),
+        extra={**record.extra, DISABLED_AT: format_time(now - timedelta(days=12)),
+               DESTRUCTION_SCHEDULED_AT: format_time(now - timedelta(days=11))}))
+
+
+def _cli(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "lkm", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _finish(proc: subprocess.Popen[str]) -> tuple[int, str]:
+    out, err = proc.communicate(timeout=120)
+    return proc.returncode, out + err
+
+
+@pytest.mark.slow
+def test_two_machines_destroy_concurrently(tmp_path: Path, certs: Pki, pg_dsn: str) -> None:
+    """Two `lkm keys destroy` on two "machines" (own configuration, one database): exactly one erases the key,
+    the other is refused with a clear message; and `cancel-destruction` + `enable` racing `destroy` never leave
+    an enabled key without its private half."""
+    dsn_file = tmp_path / "keystore.dsn"
+    dsn_file.write_text(pg_dsn + "\n")
+    machines = [replica_config(tmp_path, certs, dsn_file, i) for i in range(2)]
+    store = PostgresKeyStore(pg_dsn, PASSPHRASE.encode(), listen=False)
+    try:
+        doomed = _due_for_destruction(store)
+        racers = [_cli("keys", "destroy", doomed.id, "-c", str(config)) for config in machines]
+        results = [_finish(proc) for proc in racers]
+        assert sorted(code for code, _ in results) == [0, 1], results
+        (refusal,) = [text for code, text in results if code != 0]
+        assert "cannot go from destroyed to destroyed" in refusal and "Traceback" not in refusal, refusal
+        store.refresh()
+        assert store.get_key(doomed.id).state is KeyState.DESTROYED
+        erasures = [e for config in machines for e in _audit(config) if e.get("action") == "destroy_key"]
+        assert sorted(e["outcome"] for e in erasures) == ["error", "ok"], erasures
+
+        outcomes = []
+        for _ in range(3):
+            key = _due_for_destruction(store)
+            saver = _cli("keys", "cancel-destruction", key.id, "-c", str(machines[0]))
+            destroyer = _cli("keys", "destroy", key.id, "-c", str(machines[1]))
+            cancelled, _ = _finish(saver)
+            enabled = _finish(_cli("keys", "enable", key.id, "-c", str(machines[0])))[0] if cancelled == 0 else 1
+            destroyed, _ = _finish(destroyer)
+            assert (cancelled == 0) != (destroyed == 0), (cancelled, destroyed)  # one decision wins, never both
+            store.refresh()
+            final = store.get_key(key.id)
+            if destroyed == 0:
+                assert final.state is KeyState.DESTROYED and enabled != 0
+            else:
+                assert enabled == 0 and final.state is KeyState.RETIRED
+                secret = os.urandom(32)
+                assert store.decrypt(key.id, wrap(final, secret), Algorithm.RSA_OAEP_SHA1) == secret
+            outcomes.append(final.state.value)
+        print("\nenable/destroy races ended:", outcomes)
+    finally:
+        store.close()
+
+
+def _audit(config: Path) -> list[dict[str, Any]]:
+    path = config.parent / "audit" / "audit.log"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
