@@ -28,6 +28,7 @@ from lkm.lifecycle_safeguards import DESTRUCTION_SCHEDULED_AT, DISABLED_AT
 from tests.conftest import Pki, b64, base_config, wrap
 from tests.lkmcli import lkm
 from tests.pg import PgCluster
+from tests.standin_platform import StandinPlatform
 
 PASSPHRASE = "replica horse battery staple"
 PUBLIC_HOST, PUBLIC_PORT = "lkm.example", 443  # what the platform signs: the load balancer's name
@@ -302,3 +303,64 @@ def test_two_machines_destroy_concurrently(tmp_path: Path, certs: Pki, pg_dsn: s
 def _audit(config: Path) -> list[dict[str, Any]]:
     path = config.parent / "audit" / "audit.log"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+# --- registration with the platform, once across replicas ------------------------------------------------------
+
+@pytest.mark.slow
+async def test_registration_runs_once_across_replicas(tmp_path: Path, certs: Pki, pg_dsn: str) -> None:
+    """Three replicas start together with keys pending activation and an overdue active key (so the scheduled
+    rotation makes one more): the stand-in platform sees exactly one registration call per key."""
+    standin = StandinPlatform(certs.ca_file)
+    await standin.start()
+    dsn_file = tmp_path / "keystore.dsn"
+    dsn_file.write_text(pg_dsn + "\n")
+    configs = []
+    for index in range(3):
+        directory = tmp_path / f"replica{index}"
+        directory.mkdir()
+        (directory / "pass").write_text(PASSPHRASE + "\n")
+        config = base_config(directory, certs, **{
+            "keystore": {"type": "postgresql", "dsn": {"file": str(dsn_file)},
+                         "passphrase": {"file": str(directory / "pass")}, "pool_max": 3, "connect_timeout": 2},
+            "genesys": standin.genesys_config(directory / "client.secret"),
+            "rotation": {"every": "1h"}, "limits.refresh_seconds": 1.0})
+        configs.append(directory / "lkm.yaml")
+        configs[-1].write_text(yaml.safe_dump(config))
+    seed = PostgresKeyStore(pg_dsn, PASSPHRASE.encode(), listen=False)
+    try:
+        old = seed.create_key(state=KeyState.ACTIVE, label="overdue")
+        seed.save_record(old.with_changes(created=utcnow() - timedelta(hours=2), registered=utcnow()))
+        pending = [seed.create_key(state=KeyState.PENDING_ACTIVATION, label=f"pending {i}").id for i in range(2)]
+    finally:
+        seed.close()
+    created = json.loads(lkm("hawk", "create", "platform", "--json", "-c", str(configs[0])).stdout)
+    replicas: list[Replica] = []
+    try:
+        replicas = list(await asyncio.gather(*(asyncio.to_thread(Replica, config) for config in configs)))
+        standin.connect(replicas[0].urls["platform"] + DECRYPT_PATH, HawkCredential(created["id"], created["key"]))
+
+        def unregistered() -> list[str]:
+            store = PostgresKeyStore(pg_dsn, PASSPHRASE.encode(), listen=False)
+            try:
+                return [k.id for k in store.list_keys() if k.registered is None]
+            finally:
+                store.close()
+
+        async def all_registered() -> bool:
+            return not await asyncio.to_thread(unregistered)
+        await until(all_registered, 30)
+        await asyncio.sleep(2.5)  # more refresh and schedule ticks on every replica: nothing is registered twice
+        registered = [r.keypair_id for r in standin.registrations]
+        assert set(pending) <= set(registered), registered
+        assert len(registered) == len(set(registered)) == standin.calls, (registered, standin.calls)
+        assert not await asyncio.to_thread(unregistered)
+        attempts = [e for r in replicas for e in r.audit() if e.get("action") == "register_key"]
+        assert sorted(e["key_id"] for e in attempts if e.get("outcome") == "ok") == sorted(registered), attempts
+        print("\nregistration calls per key:", {k: registered.count(k) for k in registered},
+              "by replica:", [sum(e.get("outcome") == "ok" for e in r.audit() if e.get("action") == "register_key")
+                              for r in replicas])
+    finally:
+        for replica in replicas:
+            await asyncio.to_thread(replica.stop)
+        await standin.stop()
