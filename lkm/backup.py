@@ -50,7 +50,7 @@ from lkm.keys import (
     unb64,
     utcnow,
 )
-from lkm.keystore import KeyStore
+from lkm.keystore import KeyStore, RecordImporting
 from lkm.sealing import ScryptParams, new_nonce
 
 FORMAT = "lkm-backup"
@@ -220,6 +220,12 @@ def _restore_one(store: KeyStore, item: BundleKey, before: Callable[[str], None]
         if existing.public_key_der == record.public_key_der:
             return RestoreResult(record.id, "skipped", "identical key already present", existing.state.value)
         return RestoreResult(record.id, "refused", "a different key has this id in the store; left untouched")
+    if item.private_key is None and record.state is KeyState.DESTROYED and isinstance(store, RecordImporting):
+        try:
+            store.import_record(record)  # the record only: ids, dates and the fact of destruction travel too
+        except LkmError as exc:
+            return RestoreResult(record.id, "refused", exc.message)
+        return RestoreResult(record.id, "restored", "destroyed: record only", record.state.value)
     if item.private_key is None:
         why = "destroyed: nothing to restore" if record.state is KeyState.DESTROYED else \
             "the bundle holds no private key (restore the HSM from its own backup)"

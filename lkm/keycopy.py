@@ -5,7 +5,8 @@ A copy keeps each key's id, state, dates, label and registration status: it is t
 (lkm.backup) fed straight from the source store, so the two cannot disagree on what a key is made of, and it is
 safe to run again (a key already present and identical is skipped, a different key under the same id is
 refused and left alone). Every key that has a private half is then proved on the target by a real unwrap of a
-random value wrapped with its public key; the source is never changed.
+random value wrapped with its public key; the source is never changed. A destroyed key is copied as its record
+alone (state destroyed, no private half) where the target takes one (lkm.keystore.RecordImporting).
 """
 
 from __future__ import annotations

@@ -207,6 +207,7 @@ class LkmServer:
         self.shared_hawk = shared = ClusterHawk.of(self.store, window_seconds=hawk.timestamp_skew_seconds)
         loop = asyncio.get_running_loop()
         self.hawk_source.set_shared(await loop.run_in_executor(self._executor, shared.load))
+        shared.follow(self.hawk_source.set_shared)
         if hawk.replay_check is not ReplayCheck.CLUSTER:
             return None
         executor = self._nonce_executor = ThreadPoolExecutor(max_workers=self.settings.keystore.pool_max,

@@ -59,6 +59,8 @@ def test_migrate_file_to_postgresql_and_back(tmp_path: Path, certs: Pki, pg_dsn:
         retired = source.create_key(state=KeyState.RETIRED, label="old")
         source.save_record(retired.with_changes(registered=retired.created))
         disabled = source.create_key(state=KeyState.DISABLED)
+        doomed = source.create_key(state=KeyState.PENDING_DESTRUCTION, label="erased")
+        destroyed = source.destroy_private(doomed.id)
         before = {r.id: comparable(r) for r in source.list_keys()}
     finally:
         source.close()
@@ -66,21 +68,24 @@ def test_migrate_file_to_postgresql_and_back(tmp_path: Path, certs: Pki, pg_dsn:
 
     first = lkm("keys", "migrate", "-c", str(source_config), "--to", str(target_config))
     assert first.stdout.count("copied (unwrap verified)") == 3, first.stdout
-    assert "3 copied, 0 present, 0 refused, 0 not copied" in first.stdout
+    assert f"{destroyed.id}: copied (destroyed: record only)" in first.stdout, first.stdout
+    assert "4 copied, 0 present, 0 refused, 0 not copied" in first.stdout
     again = lkm("keys", "migrate", "-c", str(source_config), "--to", str(target_config))
-    assert "0 copied, 3 present, 0 refused" in again.stdout, again.stdout
+    assert "0 copied, 4 present, 0 refused" in again.stdout, again.stdout
 
     target = PostgresKeyStore(pg_dsn, PG_PASSPHRASE.encode(), listen=False)
     try:
         assert {r.id: comparable(r) for r in target.list_keys()} == before
         assert target.get_key(disabled.id).state is KeyState.DISABLED
+        assert target.get_key(destroyed.id).state is KeyState.DESTROYED
+        assert target.get_key(destroyed.id).updated == destroyed.updated
         assert target.get_key(active.id).backend == "postgresql"
     finally:
         target.close()
 
     back_config = file_config(tmp_path, certs, "back")
     back = lkm("keys", "migrate", "-c", str(target_config), "--to", str(back_config))
-    assert "3 copied" in back.stdout, back.stdout
+    assert "4 copied" in back.stdout, back.stdout
     returned = FileKeyStore(tmp_path / "back" / "keys", b"correct horse battery staple")
     try:
         assert {r.id: comparable(r) for r in returned.list_keys()} == before

@@ -11,7 +11,7 @@ from typing import Protocol, runtime_checkable
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from lkm.errors import DecryptionFailed, InternalError, KeyUnusable, UnsupportedAlgorithm
+from lkm.errors import Conflict, DecryptionFailed, InternalError, KeyUnusable, UnsupportedAlgorithm
 from lkm.keys import Algorithm, KeyRecord, KeyState
 
 
@@ -74,6 +74,31 @@ class DecryptLoop(Protocol):
     def decrypt_loop(self, key_id: str, ciphertexts: list[bytes], algorithm: Algorithm, seconds: float) -> int:
         """Decrypts in a loop for `seconds`; returns how many operations completed."""
         ...
+
+
+@runtime_checkable
+class RecordImporting(Protocol):
+    """A store that can take a key's record without its private half: a destroyed key copied from another store
+    (`lkm keys migrate`, a restore), so its id, dates and state travel too. The file and PostgreSQL stores."""
+
+    def import_record(self, record: KeyRecord) -> KeyRecord:
+        """Stores `record` (state destroyed only) as it is; idempotent for the same public key; Conflict when the
+        id holds a different key or the record is not destroyed (see check_record_only, same_key)."""
+        ...
+
+
+def check_record_only(record: KeyRecord) -> None:
+    """Only a destroyed key is stored without its private half; any other state would name a key nobody holds."""
+    if record.state is not KeyState.DESTROYED:
+        raise Conflict(f"key {record.id} is {record.state.value}: only a destroyed key is imported without its "
+                       "private half", code="private_key_required")
+
+
+def same_key(existing: KeyRecord, public_key_der: bytes) -> KeyRecord:
+    """`existing` when it is the same key (an import run again); Conflict when the id holds another key."""
+    if existing.public_key_der != public_key_der:
+        raise Conflict(f"key {existing.id} already exists with different key material", code="key_exists")
+    return existing
 
 
 # --- the checks before a private-key operation, shared by the service and every backend --------------------------

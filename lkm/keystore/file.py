@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from lkm import fsutil
-from lkm.errors import Conflict, KeyNotFound, KeyStoreError, KeyUnusable
+from lkm.errors import KeyNotFound, KeyStoreError, KeyUnusable
 from lkm.keys import (
     DESTRUCTION_RULE,
     PADDINGS,
@@ -47,7 +47,7 @@ from lkm.keys import (
     record_to_doc,
     utcnow,
 )
-from lkm.keystore import sealed
+from lkm.keystore import check_record_only, same_key, sealed
 from lkm.sealing import open_sealed, seal
 
 log = logging.getLogger("lkm.keystore.file")
@@ -301,10 +301,18 @@ class FileKeyStore:
             record = self._write_new(key_id, private_key, state, label)
             if record is not None:
                 return record
-            existing = self.get_key(key_id)
-            if existing.public_key_der != public_der_pkcs1(private_key.public_key()):
-                raise Conflict(f"key {key_id} already exists with different key material", code="key_exists")
-            return existing
+            return same_key(self.get_key(key_id), public_der_pkcs1(private_key.public_key()))
+
+    def import_record(self, record: KeyRecord) -> KeyRecord:
+        """A destroyed key's record, copied from another store (lkm.keystore.RecordImporting)."""
+        key_id = parse_key_id(record.id)
+        check_record_only(record)
+        stored = record.with_changes(id=key_id, backend=self.backend)
+        with self._writer():
+            if fsutil.atomic_create(self._key_path(key_id), self.key_file_bytes(stored, None)):
+                self._load_file(self._key_path(key_id))
+                return self._records[key_id]
+            return same_key(self.get_key(key_id), record.public_key_der)
 
     def save_record(self, record: KeyRecord) -> KeyRecord:
         with self._writer():

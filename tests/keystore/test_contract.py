@@ -40,7 +40,7 @@ from lkm.keys import (
     public_der_pkcs1,
     public_pkcs1_b64,
 )
-from lkm.keystore import KeyStore
+from lkm.keystore import KeyStore, RecordImporting
 from lkm.keystore.file import FileKeyStore
 from tests.hsm import module_token, softhsm_conf  # noqa: F401 - fixtures
 from tests.pg import pg_cluster  # noqa: F401 - fixture
@@ -297,3 +297,36 @@ def test_concurrent_decrypts(backend: Backend, created: KeyRecord) -> None:
     for thread in threads:
         thread.join()
     assert not errors, errors[:3]
+
+
+# --- a destroyed key's record, copied from another store -----------------------------------------------------
+
+def test_import_record_of_a_destroyed_key(backend: Backend, another: KeyStore, tmp_path: Path) -> None:
+    if not isinstance(backend.store, RecordImporting):
+        pytest.skip(f"the {backend.name} store keeps metadata in the token's objects; nothing to import")
+    source = FileKeyStore(tmp_path / "source", b"passphrase")
+    try:
+        record = source.create_key(state=KeyState.PENDING_DESTRUCTION, label="gone")
+        destroyed = source.destroy_private(record.id)
+        active = source.create_key(state=KeyState.ACTIVE)
+    finally:
+        source.close()
+    stored = backend.store.import_record(destroyed)
+    assert (stored.id, stored.state, stored.created, stored.updated, stored.label, stored.public_key_der) == \
+        (destroyed.id, KeyState.DESTROYED, destroyed.created, destroyed.updated, "gone", destroyed.public_key_der)
+    assert stored.backend == backend.store.backend
+    assert backend.store.import_record(destroyed) == stored  # run again: the same record, nothing changes
+    another.refresh()
+    assert another.get_key(destroyed.id) == stored
+    for store in (backend.store, another):
+        with pytest.raises(KeyUnusable) as caught:
+            store.decrypt(destroyed.id, wrap(destroyed, os.urandom(32)), Algorithm.RSA_OAEP_SHA1)
+        assert caught.value.code == "key_destroyed"
+    with pytest.raises(Conflict) as clash:
+        backend.store.import_record(destroyed.with_changes(public_key_der=active.public_key_der))
+    assert clash.value.code == "key_exists"
+    with pytest.raises(Conflict) as alive:
+        backend.store.import_record(active)
+    assert alive.value.code == "private_key_required"
+    with pytest.raises(KeyNotFound):
+        backend.store.get_key(active.id)

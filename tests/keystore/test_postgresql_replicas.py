@@ -22,11 +22,13 @@ import yaml
 
 from lkm.client import NativeClient, client_ssl_context
 from lkm.hawk import HawkCredential, sign_request
-from lkm.keys import KeyState, utcnow
+from lkm.keys import Algorithm, KeyRecord, KeyState, format_time, utcnow
 from lkm.keystore.postgresql import PostgresKeyStore
+from lkm.lifecycle_safeguards import DESTRUCTION_SCHEDULED_AT, DISABLED_AT
 from tests.conftest import Pki, b64, base_config, wrap
 from tests.lkmcli import lkm
 from tests.pg import PgCluster
+from tests.standin_platform import StandinPlatform
 
 PASSPHRASE = "replica horse battery staple"
 PUBLIC_HOST, PUBLIC_PORT = "lkm.example", 443  # what the platform signs: the load balancer's name
@@ -230,3 +232,135 @@ def _active(dsn: str) -> Any:
         return record
     finally:
         store.close()
+
+
+# --- destruction safeguards across machines ----------------------------------------------------------------
+
+def _due_for_destruction(store: PostgresKeyStore) -> KeyRecord:
+    """A key whose scheduled waiting period has passed: `lkm keys destroy` may erase it now."""
+    now = utcnow()
+    record = store.create_key(state=KeyState.DISABLED, label="doomed")
+    return store.save_record(record.with_changes(
+        state=KeyState.PENDING_DESTRUCTION, destroy_after=now - timedelta(days=1),
+        extra={**record.extra, DISABLED_AT: format_time(now - timedelta(days=12)),
+               DESTRUCTION_SCHEDULED_AT: format_time(now - timedelta(days=11))}))
+
+
+def _cli(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "lkm", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _finish(proc: subprocess.Popen[str]) -> tuple[int, str]:
+    out, err = proc.communicate(timeout=120)
+    return proc.returncode, out + err
+
+
+@pytest.mark.slow
+def test_two_machines_destroy_concurrently(tmp_path: Path, certs: Pki, pg_dsn: str) -> None:
+    """Two `lkm keys destroy` on two "machines" (own configuration, one database): exactly one erases the key,
+    the other is refused with a clear message; and `cancel-destruction` + `enable` racing `destroy` never leave
+    an enabled key without its private half."""
+    dsn_file = tmp_path / "keystore.dsn"
+    dsn_file.write_text(pg_dsn + "\n")
+    machines = [replica_config(tmp_path, certs, dsn_file, i) for i in range(2)]
+    store = PostgresKeyStore(pg_dsn, PASSPHRASE.encode(), listen=False)
+    try:
+        doomed = _due_for_destruction(store)
+        racers = [_cli("keys", "destroy", doomed.id, "-c", str(config)) for config in machines]
+        results = [_finish(proc) for proc in racers]
+        assert sorted(code for code, _ in results) == [0, 1], results
+        (refusal,) = [text for code, text in results if code != 0]
+        assert "cannot go from destroyed to destroyed" in refusal and "Traceback" not in refusal, refusal
+        store.refresh()
+        assert store.get_key(doomed.id).state is KeyState.DESTROYED
+        erasures = [e for config in machines for e in _audit(config) if e.get("action") == "destroy_key"]
+        assert sorted(e["outcome"] for e in erasures) == ["error", "ok"], erasures
+
+        outcomes = []
+        for _ in range(3):
+            key = _due_for_destruction(store)
+            saver = _cli("keys", "cancel-destruction", key.id, "-c", str(machines[0]))
+            destroyer = _cli("keys", "destroy", key.id, "-c", str(machines[1]))
+            cancelled, _ = _finish(saver)
+            enabled = _finish(_cli("keys", "enable", key.id, "-c", str(machines[0])))[0] if cancelled == 0 else 1
+            destroyed, _ = _finish(destroyer)
+            assert (cancelled == 0) != (destroyed == 0), (cancelled, destroyed)  # one decision wins, never both
+            store.refresh()
+            final = store.get_key(key.id)
+            if destroyed == 0:
+                assert final.state is KeyState.DESTROYED and enabled != 0
+            else:
+                assert enabled == 0 and final.state is KeyState.RETIRED
+                secret = os.urandom(32)
+                assert store.decrypt(key.id, wrap(final, secret), Algorithm.RSA_OAEP_SHA1) == secret
+            outcomes.append(final.state.value)
+        print("\nenable/destroy races ended:", outcomes)
+    finally:
+        store.close()
+
+
+def _audit(config: Path) -> list[dict[str, Any]]:
+    path = config.parent / "audit" / "audit.log"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+# --- registration with the platform, once across replicas ------------------------------------------------------
+
+@pytest.mark.slow
+async def test_registration_runs_once_across_replicas(tmp_path: Path, certs: Pki, pg_dsn: str) -> None:
+    """Three replicas start together with keys pending activation and an overdue active key (so the scheduled
+    rotation makes one more): the stand-in platform sees exactly one registration call per key."""
+    standin = StandinPlatform(certs.ca_file)
+    await standin.start()
+    dsn_file = tmp_path / "keystore.dsn"
+    dsn_file.write_text(pg_dsn + "\n")
+    configs = []
+    for index in range(3):
+        directory = tmp_path / f"replica{index}"
+        directory.mkdir()
+        (directory / "pass").write_text(PASSPHRASE + "\n")
+        config = base_config(directory, certs, **{
+            "keystore": {"type": "postgresql", "dsn": {"file": str(dsn_file)},
+                         "passphrase": {"file": str(directory / "pass")}, "pool_max": 3, "connect_timeout": 2},
+            "genesys": standin.genesys_config(directory / "client.secret"),
+            "rotation": {"every": "1h"}, "limits.refresh_seconds": 1.0})
+        configs.append(directory / "lkm.yaml")
+        configs[-1].write_text(yaml.safe_dump(config))
+    seed = PostgresKeyStore(pg_dsn, PASSPHRASE.encode(), listen=False)
+    try:
+        old = seed.create_key(state=KeyState.ACTIVE, label="overdue")
+        seed.save_record(old.with_changes(created=utcnow() - timedelta(hours=2), registered=utcnow()))
+        pending = [seed.create_key(state=KeyState.PENDING_ACTIVATION, label=f"pending {i}").id for i in range(2)]
+    finally:
+        seed.close()
+    created = json.loads(lkm("hawk", "create", "platform", "--json", "-c", str(configs[0])).stdout)
+    replicas: list[Replica] = []
+    try:
+        replicas = list(await asyncio.gather(*(asyncio.to_thread(Replica, config) for config in configs)))
+        standin.connect(replicas[0].urls["platform"] + DECRYPT_PATH, HawkCredential(created["id"], created["key"]))
+
+        def unregistered() -> list[str]:
+            store = PostgresKeyStore(pg_dsn, PASSPHRASE.encode(), listen=False)
+            try:
+                return [k.id for k in store.list_keys() if k.registered is None]
+            finally:
+                store.close()
+
+        async def all_registered() -> bool:
+            return not await asyncio.to_thread(unregistered)
+        await until(all_registered, 30)
+        await asyncio.sleep(2.5)  # more refresh and schedule ticks on every replica: nothing is registered twice
+        registered = [r.keypair_id for r in standin.registrations]
+        assert set(pending) <= set(registered), registered
+        assert len(registered) == len(set(registered)) == standin.calls, (registered, standin.calls)
+        assert not await asyncio.to_thread(unregistered)
+        attempts = [e for r in replicas for e in r.audit() if e.get("action") == "register_key"]
+        assert sorted(e["key_id"] for e in attempts if e.get("outcome") == "ok") == sorted(registered), attempts
+        print("\nregistration calls per key:", {k: registered.count(k) for k in registered},
+              "by replica:", [sum(e.get("outcome") == "ok" for e in r.audit() if e.get("action") == "register_key")
+                              for r in replicas])
+    finally:
+        for replica in replicas:
+            await asyncio.to_thread(replica.stop)
+        await standin.stop()

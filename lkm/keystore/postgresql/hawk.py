@@ -22,6 +22,7 @@ import logging
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -105,6 +106,18 @@ class ClusterHawk:
                 raise KeyStoreError(f"Hawk credential {cred_id}: sealed key does not open", transient=False) from None
             loaded[cred_id] = HawkCredential(cred_id, key, algorithm)
         return loaded
+
+    def follow(self, apply: Callable[[dict[str, HawkCredential]], object]) -> None:
+        """Calls `apply` with the credentials reloaded whenever a change to them is heard (any replica or `lkm
+        hawk` on any machine), well within a second; the server's refresh tick still reloads as a fallback."""
+        def heard(payloads: frozenset[str] | None) -> None:
+            if payloads is not None and not any(p.startswith("hawk:") for p in payloads):
+                return
+            try:
+                apply(self.load())
+            except KeyStoreError as exc:  # the credentials loaded last stay live
+                log.warning("Hawk credentials not reloaded: %s", exc)
+        self._store.subscribe(heard)
 
     # --- nonces --------------------------------------------------------------------------------------------
 

@@ -1,7 +1,8 @@
 """The thread that hears other replicas' changes: LISTEN on a connection of its own.
 
 A notification makes the store reload at once (well under a second), instead of waiting for the server's next
-refresh tick; the tick still reloads on its own, which heals a notification lost while this connection was
+refresh tick; on_change gets the payloads heard ("key:<id>", "hawk:<id>"), or None after a (re)connect, when
+anything may have changed; the tick still reloads on its own, which heals a notification lost while this connection was
 down. The thread also notices first when the database goes away or comes back, and says so (on_down / on_up),
 reconnecting with a capped back-off; after a reconnect it reloads, since notifications sent meanwhile are lost.
 """
@@ -26,7 +27,8 @@ _MAX_BACKOFF_SECONDS = 5.0
 
 class Listener:
     def __init__(self, connect: Callable[[], psycopg.Connection[Any]], channel: str, *,
-                 on_change: Callable[[], None], on_down: Callable[[str], None], on_up: Callable[[], None]) -> None:
+                 on_change: Callable[[frozenset[str] | None], None], on_down: Callable[[str], None],
+                 on_up: Callable[[], None]) -> None:
         self._connect = connect
         self._channel = channel
         self._on_change = on_change
@@ -49,7 +51,7 @@ class Listener:
                     conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
                     self.connected.set()
                     self._on_up()
-                    self._on_change()  # whatever changed while nobody listened
+                    self._on_change(None)  # whatever changed while nobody listened
                     backoff = _POLL_SECONDS
                     self._wait(conn)
             except (psycopg.Error, KeyStoreError) as exc:
@@ -63,11 +65,9 @@ class Listener:
 
     def _wait(self, conn: psycopg.Connection[Any]) -> None:
         while not self._stopping.is_set():
-            heard = False
-            for _ in conn.notifies(timeout=_POLL_SECONDS, stop_after=1):
-                heard = True
-            if heard:
-                self._on_change()
+            payloads = {note.payload for note in conn.notifies(timeout=_POLL_SECONDS, stop_after=1)}
+            if payloads:
+                self._on_change(frozenset(payloads))
 
 
 def describe(exc: BaseException) -> str:

@@ -9,7 +9,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from lkm.errors import Conflict, IllegalTransition, KeyNotFound, KeyStoreError, KeyUnusable
+from lkm.errors import IllegalTransition, KeyNotFound, KeyStoreError, KeyUnusable
 from lkm.keys import (
     Algorithm,
     KeyRecord,
@@ -34,7 +34,7 @@ from lkm.keys import (
     record_to_doc,
     utcnow,
 )
-from lkm.keystore import sealed
+from lkm.keystore import check_record_only, same_key, sealed
 from lkm.keystore.file import ALL_ALGORITHMS, WITHOUT_PKCS1, implicit_rejection
 from lkm.keystore.health import StoreHealth, StoreStatus
 from lkm.keystore.postgresql.listener import Listener, describe
@@ -80,6 +80,7 @@ class PostgresKeyStore:
                                     timeout=connect_timeout, open=False, name="lkm-keystore",
                                     check=ConnectionPool.check_connection)
         self._listener: Listener | None = None
+        self._subscribers: list[Callable[[frozenset[str] | None], None]] = []
         try:
             self._pool.open(wait=True, timeout=connect_timeout)
             with self.connection() as conn:
@@ -91,7 +92,7 @@ class PostgresKeyStore:
             self._pool.close()
             raise
         if listen:
-            self._listener = Listener(self.connect, CHANNEL, on_change=self._refresh_quietly,
+            self._listener = Listener(self.connect, CHANNEL, on_change=self._heard,
                                       on_down=self._mark_degraded, on_up=self._mark_ok)
 
     # --- connections ---------------------------------------------------------------------------------------
@@ -218,11 +219,23 @@ class PostgresKeyStore:
         self._mark_ok()
         return changed
 
-    def _refresh_quietly(self) -> None:
-        try:
-            self.refresh()
-        except KeyStoreError as exc:
-            log.error("key store refresh failed: %s", exc)
+    def subscribe(self, callback: Callable[[frozenset[str] | None], None]) -> None:
+        """`callback` runs on the listener's thread after each notification, with the payloads heard
+        ("key:<id>", "hawk:<id>") or None after a reconnect (anything may have changed): how a server reloads
+        the Hawk credentials another process changed without waiting for its refresh tick."""
+        self._subscribers.append(callback)
+
+    def _heard(self, payloads: frozenset[str] | None) -> None:
+        if payloads is None or any(p.startswith("key:") for p in payloads):
+            try:
+                self.refresh()
+            except KeyStoreError as exc:
+                log.error("key store refresh failed: %s", exc)
+        for callback in list(self._subscribers):
+            try:
+                callback(payloads)
+            except Exception:
+                log.exception("a change subscriber failed")
 
     def _drop_deleted(self) -> bool:
         """Rows removed behind lkm's back (a restore, an operator): forget them here too."""
@@ -331,10 +344,7 @@ class PostgresKeyStore:
         record = self._insert(key_id, private_key, state, label)
         if record is not None:
             return record
-        existing = self.get_key(key_id)
-        if existing.public_key_der != public_der_pkcs1(private_key.public_key()):
-            raise Conflict(f"key {key_id} already exists with different key material", code="key_exists")
-        return existing
+        return same_key(self.get_key(key_id), public_der_pkcs1(private_key.public_key()))
 
     def _insert(self, key_id: str, key: rsa.RSAPrivateKey, state: KeyState, label: str) -> KeyRecord | None:
         now = utcnow()
@@ -352,6 +362,20 @@ class PostgresKeyStore:
         with self._lock:
             self._private[key_id] = key
         return row.record
+
+    def import_record(self, record: KeyRecord) -> KeyRecord:
+        """A destroyed key's record, copied from another store (lkm.keystore.RecordImporting)."""
+        key_id = parse_key_id(record.id)
+        check_record_only(record)
+        stored = record.with_changes(id=key_id, backend=self.backend)
+        with self.writing(f"key:{key_id}") as conn:
+            raw = conn.execute("INSERT INTO lkm_keys (id, doc, private_key, change) "
+                               "VALUES (%s, %s, NULL, nextval('lkm_change_seq')) ON CONFLICT (id) DO NOTHING "
+                               "RETURNING id, doc, private_key, change",
+                               (key_id, Jsonb(record_to_doc(stored)))).fetchone()
+        if raw is None:
+            return same_key(self.get_key(key_id), record.public_key_der)
+        return self._apply(_parse(raw)).record
 
     def _locked_row(self, conn: psycopg.Connection[Any], key_id: str) -> _Row:
         raw = conn.execute(_SELECT_ONE + " FOR UPDATE", (key_id,)).fetchone()
