@@ -33,6 +33,7 @@ from lkm.keystore.open import open_keystore
 from lkm.metrics import AUTH_REASONS, OTHER_ROUTE, Metrics
 from lkm.pki import load_cert_expiry
 from lkm.service import KeyService
+from lkm.threadnames import LOOP, name_this_thread
 from lkm.tlsconf import server_context
 from lkm.web.admin import install_admin_routes
 from lkm.web.batch import install_batch_route
@@ -109,11 +110,13 @@ class LkmServer:
         self._tasks: list[asyncio.Task[None]] = []
         # Unwraps run on their own threads (`limits.worker_threads`, behind admission control); the rest of the
         # blocking work (refreshes, checks, key listings) runs here.
-        self._workers = WorkerThreads(settings.limits.worker_threads)
-        self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="lkm-io")
+        self._workers = WorkerThreads(settings.limits.worker_threads, name="lkm-rsa")
+        self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="lkm-io",
+                                            initializer=name_this_thread)
         # Key changes (RSA key generation, waiting for the key store's cross-process lock) run apart from the
         # refreshes, readiness checks and key listings of the executor above, so a rotation never delays them.
-        self._admin_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lkm-admin")
+        self._admin_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lkm-admin",
+                                                  initializer=name_this_thread)
         self.store: KeyStore | None = None
         self.audit: AuditLog | None = None
         self.service: KeyService | None = None
@@ -339,6 +342,7 @@ def forbid_core_dumps() -> None:
 
 async def serve_forever(settings: Settings, *, on_started: Any = None) -> None:
     forbid_core_dumps()
+    name_this_thread(LOOP)
     sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
     server = LkmServer(settings)
     stop = asyncio.Event()

@@ -23,7 +23,7 @@ from typing import Any
 from lkm.bench.floor import floor_target
 from lkm.bench.load import LoadPlan
 from lkm.bench.measure import measure_raw, measure_server
-from lkm.bench.report import new_report
+from lkm.bench.report import cpu_comparison, new_report
 from lkm.bench.requests import fetch_public_key
 from lkm.bench.spawn import dev_target, spawn_server
 from lkm.bench.startup import run_startup
@@ -101,7 +101,7 @@ def _find(runs: list[dict[str, Any]], prefix: str) -> dict[str, Any] | None:
     return next((r for r in runs if r["name"].startswith(prefix)), None)
 
 
-def summarize(report: dict[str, Any]) -> dict[str, Any]:
+def summarize(report: dict[str, Any], *, project_cores: int = 16) -> dict[str, Any]:
     """The ratios the README quotes, from the runs of a suite report."""
     runs = report["runs"]
     cpus = report["machine"]["cpus"] or 1
@@ -127,6 +127,14 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
         # had left (an estimate, for a reader who will run the platform's traffic from other machines).
         left = max(cpus - client_cores, 0.1) / cpus
         summary["server_over_raw_without_client"] = round(peak["keys_per_s"] / (raw["keys_per_s"] * left), 3)
+    if raw and peak and (cpu := cpu_comparison(raw, peak, cores=project_cores)) is not None:
+        summary["raw_cpu_us_per_operation"] = cpu["raw_cpu_us_per_operation"]
+        summary["server_cpu_us_per_unwrap"] = cpu["server_cpu_us_per_unwrap"]
+        summary["busiest_thread_us_per_unwrap"] = peak.get("busiest_thread_us_per_unwrap")
+        summary["efficiency"] = cpu["efficiency"]
+        summary[f"projected_{project_cores}_cores_over_raw"] = cpu["projected_over_raw"]
+        if floor and floor.get("server_cpu_us_per_unwrap"):
+            summary["floor_cpu_us_per_unwrap"] = floor["server_cpu_us_per_unwrap"]
     if floor and raw:
         summary["floor_over_raw"] = round(floor["keys_per_s"] / raw["keys_per_s"], 3)
         if peak:
@@ -157,7 +165,7 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_suite(dev_dir: Path, *, duration: float, warmup: float, concurrency: int, keys: int,
-              rounds: int = 3) -> dict[str, Any]:
+              rounds: int = 3, project_cores: int = 16) -> dict[str, Any]:
     from lkm.devmode import ensure_dev_environment  # noqa: PLC0415
 
     dev_dir = dev_dir.resolve()
@@ -172,7 +180,7 @@ def run_suite(dev_dir: Path, *, duration: float, warmup: float, concurrency: int
         startup = run_startup(keys=keys)
         report["startup"] = startup["startup"]
         report["notes"] = list(startup["notes"])
-    report["summary"] = summarize(report)
+    report["summary"] = summarize(report, project_cores=project_cores)
     report["notes"] = [*report.get("notes", []),
                        *(f"{name}: {value}" for name, value in report["summary"].items())]
     return report
