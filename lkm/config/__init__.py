@@ -33,6 +33,7 @@ from lkm.config.settings import (
     OpsSettings,
     PlatformSettings,
     RotationSettings,
+    RsaExecution,
     Settings,
     TLSSettings,
 )
@@ -55,6 +56,7 @@ __all__ = [
     "OpsSettings",
     "PlatformSettings",
     "RotationSettings",
+    "RsaExecution",
     "SecretKind",
     "SecretRef",
     "Section",
