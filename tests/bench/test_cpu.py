@@ -9,7 +9,7 @@ import textwrap
 import pytest
 
 from lkm.bench.cpu import process_tree, projection, server_figures, snapshot, usage
-from lkm.threadnames import LOOP, thread_kind
+from lkm.threadnames import LOOP
 
 # A process whose main thread is named like a server's event loop and which starts a child; on a line on stdin
 # each burns `seconds` of CPU (thread CPU time, so a busy machine does not change it) in a thread named
@@ -107,11 +107,6 @@ def test_a_process_that_is_gone_has_an_empty_snapshot() -> None:
     process = subprocess.Popen([sys.executable, "-c", "pass"])
     process.wait()
     assert snapshot(process.pid).processes == {}
-
-
-def test_thread_kind_drops_the_counter() -> None:
-    assert thread_kind("lkm-rsa-3") == "lkm-rsa" and thread_kind("lkm-io_0") == "lkm-io"
-    assert thread_kind("lkm-loop") == "lkm-loop" and thread_kind("42") == "42"
 
 
 def test_projection() -> None:
