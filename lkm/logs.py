@@ -11,6 +11,8 @@ import threading
 import time
 from typing import Any
 
+from lkm.threadnames import name_this_thread
+
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
 
@@ -74,6 +76,7 @@ class OffLoopHandler(logging.Handler):
             self._wake.set()
 
     def _run(self) -> None:
+        name_this_thread()
         while True:
             self._wake.wait(self.interval)
             self._wake.clear()

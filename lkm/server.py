@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import resource
 import secrets
 import signal
@@ -20,7 +21,7 @@ from typing import Any
 from aiohttp import web
 
 from lkm import __version__
-from lkm.admission import Admission
+from lkm.admission import Admission, runs_inline
 from lkm.audit import AuditLog
 from lkm.auth import ClientPolicy
 from lkm.config import KeyStoreType, ReplayCheck, Settings
@@ -34,6 +35,7 @@ from lkm.keystore.open import open_keystore
 from lkm.metrics import AUTH_REASONS, OTHER_ROUTE, Metrics
 from lkm.pki import load_cert_expiry
 from lkm.service import KeyService
+from lkm.threadnames import LOOP, name_this_thread
 from lkm.tlsconf import server_context
 from lkm.web.admin import install_admin_routes
 from lkm.web.batch import install_batch_route
@@ -100,7 +102,8 @@ class Listener:
 class LkmServer:
     """One running lkm: start() brings every listener up, stop() takes everything down in order."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, processes: int = 1) -> None:
+        """`processes`: how many server processes share the listeners (with one per core, RSA runs inline)."""
         self.settings = settings
         self.metrics = Metrics()
         self.observer = MetricsObserver(self.metrics)
@@ -108,13 +111,18 @@ class LkmServer:
         self.listeners: dict[str, Listener] = {}  # by ListenerName
         self._runners: list[web.BaseRunner] = []
         self._tasks: list[asyncio.Task[None]] = []
-        # Unwraps run on their own threads (`limits.worker_threads`, behind admission control); the rest of the
-        # blocking work (refreshes, checks, key listings) runs here.
-        self._workers = WorkerThreads(settings.limits.worker_threads)
-        self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="lkm-io")
+        # Unwraps run on the event loop (one process per core) or on their own threads (`limits.worker_threads`),
+        # behind admission control; the rest of the blocking work (refreshes, checks, key listings) runs here.
+        self.rsa_inline = runs_inline(settings.limits.rsa_execution,
+                                      in_process_store=settings.keystore.type != KeyStoreType.PKCS11,
+                                      processes=processes, cpus=len(os.sched_getaffinity(0)))
+        self._workers = None if self.rsa_inline else WorkerThreads(settings.limits.worker_threads, name="lkm-rsa")
+        self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="lkm-io",
+                                            initializer=name_this_thread)
         # Key changes (RSA key generation, waiting for the key store's cross-process lock) run apart from the
         # refreshes, readiness checks and key listings of the executor above, so a rotation never delays them.
-        self._admin_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lkm-admin")
+        self._admin_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lkm-admin",
+                                                  initializer=name_this_thread)
         self.store: KeyStore | None = None
         self.audit: AuditLog | None = None
         self.service: KeyService | None = None
@@ -135,7 +143,7 @@ class LkmServer:
                               keep_files=settings.audit.keep_files,
                               on_failure=self.metrics.audit_failures.inc, on_written=self.metrics.audit_records.inc)
         await self.audit.start()
-        parallel = settings.limits.worker_threads
+        parallel = 1 if self._workers is None else settings.limits.worker_threads
         if settings.keystore.type == "pkcs11":  # at most one operation per HSM session runs at a time
             parallel = min(parallel, settings.keystore.pool_size)
         admission = Admission(self._workers, deadline_seconds=settings.limits.request_deadline_ms / 1000,
@@ -195,7 +203,8 @@ class LkmServer:
         if settings.genesys is not None:
             self.keyadmin.resume_registrations()
         log.info("lkm started", extra={"listeners": {n: f"{lst.host}:{lst.port}"
-                                                      for n, lst in self.listeners.items()}})
+                                                      for n, lst in self.listeners.items()},
+                                       "rsa": "inline" if self.rsa_inline else "threads"})
 
     async def _share_hawk(self, verifier: HawkVerifier) -> Callable[[Verified], Awaitable[bool]] | None:
         """Hawk credentials from the key store's database (`lkm hawk` writes there), and with replay_check:
@@ -255,7 +264,8 @@ class LkmServer:
             await self.audit.close()
         if self.store is not None:
             self.store.close()
-        self._workers.close()
+        if self._workers is not None:
+            self._workers.close()
         self._executor.shutdown(wait=True, cancel_futures=True)
         self._admin_executor.shutdown(wait=True, cancel_futures=True)
         if self._nonce_executor is not None:
@@ -379,6 +389,7 @@ def forbid_core_dumps() -> None:
 
 async def serve_forever(settings: Settings, *, on_started: Any = None) -> None:
     forbid_core_dumps()
+    name_this_thread(LOOP)
     sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
     server = LkmServer(settings)
     stop = asyncio.Event()

@@ -16,6 +16,8 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from lkm.threadnames import name_this_thread
+
 T = TypeVar("T")
 
 _Job = tuple[asyncio.AbstractEventLoop, "asyncio.Future[Any]", Callable[..., Any], tuple[Any, ...]]
@@ -58,6 +60,7 @@ class WorkerThreads:
         return future
 
     def _serve(self) -> None:
+        name_this_thread()
         while (job := self._jobs.get()) is not None:
             loop, future, func, args = job
             callback: Callable[[asyncio.Future[Any], Any], None]

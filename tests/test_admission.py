@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from lkm.admission import Admission, is_shed
+from lkm.admission import Admission, is_shed, runs_inline
+from lkm.config import RsaExecution
 from lkm.errors import Unavailable
 from lkm.workers import WorkerThreads
 from tests.conftest import Pki, Running, b64, start_server, wrap
@@ -92,12 +93,14 @@ async def test_chunks_are_admitted_whole_and_late_chunks_fail_alone() -> None:
     assert admission.shed_count == 1 and admission.outstanding == 0
 
 
-@pytest.fixture
-async def overloadable(tmp_path: Path, certs: Pki, config_factory: Callable[..., Path],
-                       monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Running]:
-    """One worker thread, the smallest deadline, and a key store that takes 20 ms an operation (a slow HSM)."""
-    config = config_factory(**{"limits.worker_threads": 1, "limits.request_deadline_ms": 10})
+@pytest.fixture(params=["threads", "inline"])
+async def overloadable(request: pytest.FixtureRequest, tmp_path: Path, certs: Pki,
+                       config_factory: Callable[..., Path], monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Running]:
+    """One worker thread (or none: inline), the smallest deadline, and a key store that takes 20 ms an operation."""
+    config = config_factory(**{"limits.worker_threads": 1, "limits.request_deadline_ms": 10,
+                               "limits.rsa_execution": request.param})
     async with start_server(tmp_path, certs, config) as running:
+        assert running.server.rsa_inline is (request.param == "inline")
         store = running.server.store
         original = store.decrypt
 
@@ -151,3 +154,44 @@ async def test_a_batch_behind_the_deadline_is_refused_whole(overloadable: Runnin
         else:
             results = reply.body["results"]
             assert all("key" in r or r["error"]["code"] == "overloaded" for r in results)
+
+
+async def test_inline_operations_run_on_the_loop_and_late_ones_are_refused() -> None:
+    clock = Clock()
+    loop_thread = threading.get_ident()
+    ran_on: list[int] = []
+    admission = Admission(None, deadline_seconds=0.25, clock=clock)
+    admission.operation_seconds = 0.01  # the estimate admits all five; the clock then shows them late
+
+    def operation() -> str:
+        ran_on.append(threading.get_ident())
+        clock.now += 0.1  # each operation takes 0.1 s on the loop
+        return "done"
+
+    outcomes = await asyncio.gather(*(admission.run("platform", clock.now, 1, operation) for _ in range(5)),
+                                    return_exceptions=True)
+    # All five were ready together: the first three start within 0.25 s, the others would start after it.
+    assert outcomes[:3] == ["done"] * 3
+    assert all(is_shed(o) for o in outcomes[3:] if isinstance(o, BaseException)) and len(outcomes) == 5
+    assert ran_on == [loop_thread] * 3 and admission.shed_count == 2 and admission.outstanding == 0
+
+
+async def test_inline_admission_counts_the_operations_queued_on_the_loop() -> None:
+    clock = Clock()
+    admission = Admission(None, deadline_seconds=0.25, clock=clock)
+    admission.operation_seconds = 0.1
+    ran: list[int] = []
+    outcomes = await asyncio.gather(*(admission.run("native", clock.now, 1, ran.append, n) for n in range(5)),
+                                    return_exceptions=True)
+    # The estimate refuses the fourth and fifth before they queue (3 ahead x 0.1 s > 0.25 s): they never run.
+    assert ran == [0, 1, 2] and sum(is_shed(o) for o in outcomes if isinstance(o, BaseException)) == 2
+
+
+def test_automatic_execution_is_inline_with_one_process_per_core_on_an_in_process_store() -> None:
+    auto, inline, threaded = RsaExecution.AUTO, RsaExecution.INLINE, RsaExecution.THREADS
+    assert runs_inline(auto, in_process_store=True, processes=4, cpus=4)
+    assert runs_inline(auto, in_process_store=True, processes=1, cpus=1)
+    assert not runs_inline(auto, in_process_store=True, processes=1, cpus=4)  # threads use the other cores
+    assert not runs_inline(auto, in_process_store=False, processes=4, cpus=4)  # a token computes elsewhere
+    assert runs_inline(inline, in_process_store=False, processes=1, cpus=4)
+    assert not runs_inline(threaded, in_process_store=True, processes=4, cpus=4)

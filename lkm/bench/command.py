@@ -26,7 +26,7 @@ from lkm.bench.load import LoadPlan
 from lkm.bench.measure import measure_raw, measure_server
 from lkm.bench.options import DEFAULT_DEV_JSON
 from lkm.bench.raw import temporary_store
-from lkm.bench.report import new_report, render_table
+from lkm.bench.report import cpu_comparison, new_report, render_table
 from lkm.bench.requests import (
     Target,
     fetch_public_key,
@@ -107,8 +107,8 @@ def plan_from_args(args: argparse.Namespace, **changes: Any) -> LoadPlan:
 def _check_args(args: argparse.Namespace) -> None:
     if args.concurrency < 1 or args.duration <= 0 or args.warmup < 0 or args.batch_size < 1:
         raise TargetError("--concurrency and --batch-size must be at least 1, --duration positive")
-    if args.threads < 1 or (args.rounds is not None and args.rounds < 1):
-        raise TargetError("--threads and --rounds must be at least 1")
+    if args.threads < 1 or (args.rounds is not None and args.rounds < 1) or args.project_cores < 1:
+        raise TargetError("--threads, --rounds and --project-cores must be at least 1")
     if args.route == "platform" and args.padding == "oaep-sha256":
         raise TargetError("the platform route knows oaep-sha1 and pkcs1 only; use --route native for oaep-sha256")
     if args.resume and not args.new_connections:
@@ -132,8 +132,14 @@ async def _load_and_compare(args: argparse.Namespace, report: dict[str, Any]) ->
     key = await fetch_public_key(target)
     plan = plan_from_args(args)
     if not args.compare:
-        report["runs"].append(await measure_server(target, plan, route=args.route, padding=args.padding,
-                                                   batch_size=args.batch_size, key=key))
+        run = await measure_server(target, plan, route=args.route, padding=args.padding,
+                                   batch_size=args.batch_size, key=key)
+        report["runs"].append(run)
+        if run.get("server_cpu_us_per_unwrap"):  # the server's CPU is known: set it against the raw operation's
+            with raw_store(args, target) as store:
+                raw = _measure_raw_for(store, key[0], args)
+            report["runs"].append(raw)
+            _add_cpu_comparison(report, [(raw, run)], args.project_cores)
         return
     # Raw and server alternate, so a neighbour's burst on a shared machine falls on both sides of the ratio.
     rounds = args.rounds or 1
@@ -158,6 +164,7 @@ async def _load_and_compare(args: argparse.Namespace, report: dict[str, Any]) ->
     peak_rate = statistics.median(p["keys_per_s"] for p in peaks)
     if not raw_rate:
         return
+    raws = [r for r in report["runs"] if r["kind"] == "raw"]
     ratios = [p["keys_per_s"] / r for p, r in zip(peaks, raw_rates, strict=True) if r]
     report["comparison"] = {"raw_keys_per_s": raw_rate, "server_keys_per_s": peak_rate,
                             "server_over_raw": round(peak_rate / raw_rate, 3), "rounds": rounds,
@@ -171,6 +178,7 @@ async def _load_and_compare(args: argparse.Namespace, report: dict[str, Any]) ->
                            f"floor/raw = {floor_rate:.0f}/{raw_rate:.0f} = {floor_rate / raw_rate:.2f}: the leanest "
                            f"Python TLS endpoint (no Hawk, audit, metrics or logs) on this machine; "
                            f"server/floor = {peak_rate / floor_rate if floor_rate else 0:.2f}"]
+    _add_cpu_comparison(report, list(zip(raws, peaks, strict=True)), args.project_cores)
     client_cpu = sum(p["client_cpu_s"] for p in peaks)
     what = f"medians of {rounds} alternating rounds, " if rounds > 1 else ""
     spread = f"; rounds {min(ratios):.2f}-{max(ratios):.2f}" if rounds > 1 else ""
@@ -186,6 +194,20 @@ async def _load_and_compare(args: argparse.Namespace, report: dict[str, Any]) ->
         report["runs"].append(paced)
         report["comparison"]["latency_at"] = {"fraction": args.latency_at, "rate": round(rate, 1),
                                               "p99_ms": paced["latency_ms"]["p99"]}
+
+
+def _add_cpu_comparison(report: dict[str, Any], pairs: list[tuple[dict[str, Any], dict[str, Any]]],
+                        cores: int) -> None:
+    """Efficiency (raw CPU per operation / server CPU per unwrap) and the projection, median over rounds."""
+    found = [c for raw, server in pairs if (c := cpu_comparison(raw, server, cores=cores)) is not None]
+    if not found:
+        return
+    middle = sorted(found, key=lambda c: c["efficiency"])[(len(found) - 1) // 2]
+    report["cpu"] = {**middle, "round_efficiencies": [c["efficiency"] for c in found]}
+    report["notes"] = [*report.get("notes", []),
+                       f"server CPU per unwrap {middle['server_cpu_us_per_unwrap']:.0f} us, raw private operation "
+                       f"{middle['raw_cpu_us_per_operation']:.0f} us: efficiency {middle['efficiency']:.2f}; "
+                       f"projected on {cores} cores: {middle['projected_over_raw']:.2f} of the raw rate"]
 
 
 @contextlib.contextmanager
@@ -221,7 +243,8 @@ def run(args: argparse.Namespace) -> int:
             from lkm.bench.suite import run_suite  # noqa: PLC0415
 
             report = run_suite(Path(args.dev_dir), duration=args.duration, warmup=args.warmup,
-                               concurrency=args.concurrency, keys=args.keys, rounds=args.rounds or 3)
+                               concurrency=args.concurrency, keys=args.keys, rounds=args.rounds or 3,
+                               project_cores=args.project_cores)
         else:
             report = new_report()
             asyncio.run(_load_and_compare(args, report))

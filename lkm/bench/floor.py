@@ -30,6 +30,7 @@ from lkm.bench.spawn import free_port, stop_child
 from lkm.errors import FloorError
 from lkm.keys import Algorithm
 from lkm.keystore import KeyStore
+from lkm.threadnames import LOOP, name_this_thread
 
 if TYPE_CHECKING:
     from lkm.bench.requests import Target
@@ -117,8 +118,9 @@ async def _serve(config: Path, port: int, threads: int) -> None:
     if tls is None:
         raise SystemExit(f"{config}: the floor endpoint needs platform.tls")
     ssl_ctx = server_context(tls, require_client_cert=False, source=settings.source, setting="platform.tls")
+    name_this_thread(LOOP)
     store = open_keystore(settings.keystore)
-    pool = ThreadPoolExecutor(threads, thread_name_prefix="floor")
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="floor-rsa", initializer=name_this_thread)
     loop = asyncio.get_running_loop()
     server = await loop.create_server(lambda: _FloorProtocol(store, pool), "127.0.0.1", port, ssl=ssl_ctx)
     print("ready", flush=True)

@@ -9,12 +9,12 @@ warms the server's caches; nothing from it is recorded.
 from __future__ import annotations
 
 import asyncio
-import os
 import ssl
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+from lkm.bench.cpu import CpuSnapshot, CpuUsage, cpus_allowed, snapshot, usage
 from lkm.bench.http import Connection, ResumingContext
 from lkm.bench.requests import RequestSource
 from lkm.errors import ProtocolError
@@ -46,21 +46,21 @@ class LoadResult:
     connections: int = 0
     resumed: int = 0
     client_cpu: float = 0.0
-    server_cpu: float | None = None
+    server_cpu: float | None = None  # seconds, every process and thread of the server
+    server_usage: CpuUsage | None = None
 
     @property
     def errors(self) -> int:
         return sum(self.by_status.values()) + self.connection_errors + self.mismatches
 
 
-def process_cpu_seconds(pid: int) -> float | None:
-    """User plus system CPU time of another process on this host, from /proc; None when not readable."""
+def server_snapshot(pid: int) -> CpuSnapshot | None:
+    """The CPU counters of a server's process tree on this host, or None when it is not readable."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-    except (OSError, IndexError):
+        taken = snapshot(pid)
+    except OSError:
         return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return taken if taken.processes else None
 
 
 class _Run:
@@ -82,14 +82,14 @@ class _Run:
         self.live: set[Connection] = set()
         self.closing: list[Connection] = []  # closed by a worker, perhaps not gone yet
         self._cpu0 = 0.0
-        self._server0: float | None = None
+        self._server0: CpuSnapshot | None = None
         self._measuring = False
         self._stopped_at = 0.0
 
     def _start_measuring(self) -> None:
         self._measuring = True
         self._cpu0 = time.process_time()
-        self._server0 = process_cpu_seconds(self.server_pid) if self.server_pid else None
+        self._server0 = server_snapshot(self.server_pid) if self.server_pid else None
 
     def _stop_measuring(self) -> None:
         if self.finished:
@@ -102,8 +102,10 @@ class _Run:
         result.seconds = self._stopped_at - max(self.measure_from, self.rate_origin)
         result.client_cpu = time.process_time() - self._cpu0
         if self._server0 is not None and self.server_pid:
-            end = process_cpu_seconds(self.server_pid)
-            result.server_cpu = None if end is None else end - self._server0
+            end = server_snapshot(self.server_pid)
+            if end is not None:
+                result.server_usage = usage(self._server0, end, cpus_allowed=cpus_allowed(self.server_pid))
+                result.server_cpu = result.server_usage.seconds
 
     def _take(self) -> int | None:
         """The next request number, or None once the run is over."""

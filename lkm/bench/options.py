@@ -24,7 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     target.add_argument("--hawk-key-file", help="file holding the Hawk key")
     target.add_argument("--key-id", help="key to unwrap with (default: the newest active key)")
     target.add_argument("--public-key", help="its public key (base64 DER PKCS#1 or PEM) instead of asking the server")
-    target.add_argument("--server-pid", type=int, help="the server's process id, to report its CPU per request")
+    target.add_argument("--server-pid", type=int,
+                        help="the server's process id: report its CPU per unwrap (all its processes and threads, "
+                             "from /proc), by thread, against the raw private operation's CPU")
 
     load = p.add_argument_group("load")
     load.add_argument("--route", choices=("platform", "native", "batch"), default="platform")
@@ -56,6 +58,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                             "authentication, audit, metrics or logs) on the server's key store, each round")
     modes.add_argument("--latency-at", type=float, default=0.8,
                        help="with --compare: fraction of the peak for the latency run (0: skip)")
+    modes.add_argument("--project-cores", type=int, default=16,
+                       help="project the server's rate to a machine with this many cores (default: %(default)s)")
     modes.add_argument("--keys", type=int, default=5000, help="startup: keys in the synthetic store")
     modes.add_argument("--dev-dir", default="lkm-dev", help="suite: dev environment to use (made if missing)")
     modes.add_argument("--json", action="store_true", help="print the report as JSON")

@@ -1,5 +1,8 @@
 """The ceiling: the key store's own private-key operation, in this process, on N threads, with no server.
 
+Besides the rate, the CPU the operations took (from /proc, not wall time): the yardstick for a server's CPU per
+unwrap in the same run.
+
 This is the same `KeyStore.decrypt` the server's workers call, on the same kind of pre-wrapped data keys, so
 the ratio server/raw is what lkm's HTTP, TLS, authentication, audit and metrics cost on top. `cryptography`
 releases the GIL during the RSA operation, so threads scale up to the number of cores. On the PKCS#11 store,
@@ -10,6 +13,7 @@ so raw is the token's own rate with no pipe round trip per operation; use as man
 from __future__ import annotations
 
 import contextlib
+import os
 import secrets
 import tempfile
 import threading
@@ -18,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from lkm.bench.cpu import snapshot, usage
 from lkm.bench.requests import make_pool
 from lkm.keys import Algorithm, KeyState
 from lkm.keystore import UNWRAPPABLE_STATES, DecryptLoop, KeyStore
@@ -28,6 +33,13 @@ class RawResult:
     threads: int
     seconds: float
     operations: int
+    cpu_seconds: float | None = None  # CPU of this process (and a PKCS#11 store's token workers) meanwhile
+
+    @property
+    def cpu_us_per_operation(self) -> float | None:
+        if self.cpu_seconds is None or not self.operations:
+            return None
+        return self.cpu_seconds / self.operations * 1e6
 
     @property
     def ops_per_second(self) -> float:
@@ -102,8 +114,15 @@ def run_raw(store: KeyStore, key_id: str, algorithm: Algorithm, *, threads: int,
     workers = [threading.Thread(target=target, args=(i,), name=f"lkm-bench-raw-{i}") for i in range(threads)]
     for worker in workers:
         worker.start()
+    # CPU over the measured window, from /proc as for a server: every thread of this process and of a store's
+    # worker processes (a server or floor this process started is left out).
+    time.sleep(max(start - time.perf_counter(), 0.0))
+    before = snapshot(os.getpid(), skip_servers=True)
+    time.sleep(max(stop - time.perf_counter(), 0.0))
+    after = snapshot(os.getpid(), skip_servers=True)
     for worker in workers:
         worker.join()
     if failures:
         raise failures[0]
-    return RawResult(threads=threads, seconds=duration, operations=sum(counts))
+    return RawResult(threads=threads, seconds=duration, operations=sum(counts),
+                     cpu_seconds=usage(before, after).seconds)

@@ -13,6 +13,7 @@ import platform
 from typing import Any
 
 from lkm import __version__
+from lkm.bench.cpu import projection, server_figures
 from lkm.bench.load import LoadPlan, LoadResult
 from lkm.bench.raw import RawResult
 
@@ -75,6 +76,8 @@ def load_entry(name: str, result: LoadResult, plan: LoadPlan, *, route: str, pad
         "server_cpu_us_per_request": (round(result.server_cpu / requests * 1e6, 1)
                                       if result.server_cpu is not None and requests else None),
     }
+    if result.server_usage is not None:
+        entry.update(server_figures(result.server_usage, result.keys))
     return entry
 
 
@@ -83,7 +86,23 @@ def raw_entry(name: str, result: RawResult, *, padding: str) -> dict[str, Any]:
     return {"name": name, "kind": "raw", "padding": padding, "threads": result.threads,
             "seconds": round(result.seconds, 3), "operations": result.operations, "keys_per_s": rate,
             "requests_per_s": rate, "us_per_operation_per_thread": round(result.threads / rate * 1e6, 1)
-            if rate else None}
+            if rate else None,
+            "cpu_us_per_operation": None if result.cpu_us_per_operation is None
+            else round(result.cpu_us_per_operation, 1)}
+
+
+def cpu_comparison(raw: dict[str, Any], server: dict[str, Any], *, cores: int) -> dict[str, Any] | None:
+    """Server CPU per unwrap against the raw operation's CPU of the same run, and the projection to `cores`."""
+    raw_us = raw.get("cpu_us_per_operation")
+    server_us = server.get("server_cpu_us_per_unwrap")
+    if not raw_us or not server_us:
+        return None
+    projected = projection(server_us=server_us, busiest_us=server.get("busiest_thread_us_per_unwrap") or 0.0,
+                           processes=server.get("server_processes") or 1,
+                           one_per_core=bool(server.get("one_process_per_core")), raw_us=raw_us, cores=cores)
+    return {"raw_cpu_us_per_operation": raw_us, "server_cpu_us_per_unwrap": server_us,
+            "efficiency": round(raw_us / server_us, 3), "projection_cores": cores,
+            "projected_over_raw": round(projected, 3)}
 
 
 def _cell(value: Any, digits: int = 0) -> str:
@@ -99,12 +118,13 @@ def render_table(report: dict[str, Any]) -> str:
     lines = [f"lkm bench: {machine['cpus']} CPUs ({machine['cpu_model']}), Python {machine['python']}, "
              f"load average {' '.join(str(x) for x in machine['load_average'])} at start"]
     header = ("run", "kind", "conc", "keys/s", "req/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "errors",
-              "client us/req", "server us/req")
+              "client us/req", "CPU us/unwrap", "busiest us")
     rows: list[tuple[str, ...]] = [header]
     for run in report["runs"]:
         if run["kind"] == "raw":
             rows.append((run["name"], f"raw x{run['threads']}", "-", _cell(run["keys_per_s"]),
-                         _cell(run["requests_per_s"]), "-", "-", "-", "-", "0", "-", "-"))
+                         _cell(run["requests_per_s"]), "-", "-", "-", "-", "0", "-",
+                         _cell(run.get("cpu_us_per_operation")), "-"))
             continue
         lat = run["latency_ms"]
         conc = str(run["concurrency"]) + (f"@{run['rate']:.0f}/s" if run["rate"] else "")
@@ -112,11 +132,17 @@ def render_table(report: dict[str, Any]) -> str:
                      _cell(run["keys_per_s"]), _cell(run["requests_per_s"]), _cell(lat["p50"], 1),
                      _cell(lat["p90"], 1), _cell(lat["p99"], 1), _cell(lat["max"], 1),
                      _cell(run["errors"]["total"]), _cell(run["client_cpu_us_per_request"]),
-                     _cell(run["server_cpu_us_per_request"])))
+                     _cell(run.get("server_cpu_us_per_unwrap", run["server_cpu_us_per_request"])),
+                     _cell(run.get("busiest_thread_us_per_unwrap"))))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     for row in rows:
         lines.append("  ".join(cell.ljust(w) if i < 2 else cell.rjust(w)
                                for i, (cell, w) in enumerate(zip(row, widths, strict=True))))
+    for run in report["runs"]:
+        if run.get("threads_us_per_unwrap"):
+            parts = ", ".join(f"{kind} {us:.0f}" for kind, us in run["threads_us_per_unwrap"].items())
+            lines.append(f"  {run['name']}: server CPU us per unwrap by thread: {parts} "
+                         f"({run['server_processes']} process{'es' if run['server_processes'] > 1 else ''})")
     for run in report["runs"]:
         if run["kind"] == "server" and run["errors"]["total"]:
             err = run["errors"]

@@ -95,8 +95,11 @@ def _ready(port: int) -> bool:
 
 @contextlib.contextmanager
 def spawn_server(base_config: Path, overrides: dict[str, Any] | None = None, *,
-                 timeout: float = 60.0) -> Iterator[Spawned]:
-    """`lkm serve -c <derived config>`; yields once ready, stops it (SIGTERM) on the way out."""
+                 timeout: float = 60.0, cpus: set[int] | None = None) -> Iterator[Spawned]:
+    """`lkm serve -c <derived config>`; yields once ready, stops it (SIGTERM) on the way out.
+
+    `cpus`: the CPUs the server may run on (set before it starts any thread, so that all inherit them).
+    """
     ports = {"platform": free_port(), "native": free_port(), "ops": free_port()}
     config = _derived_config(base_config, ports, dict(overrides or {}))
     log_file = tempfile.TemporaryFile()  # noqa: SIM115 - closed below, after the child has exited
@@ -104,6 +107,8 @@ def spawn_server(base_config: Path, overrides: dict[str, Any] | None = None, *,
     process = subprocess.Popen([sys.executable, "-m", "lkm", "serve", "-c", str(config)],
                                stdout=subprocess.DEVNULL, stderr=log_file)
     try:
+        if cpus:  # the interpreter is still starting up: its threads come later and inherit the mask
+            os.sched_setaffinity(process.pid, cpus)
         while not _ready(ports["ops"]):
             if process.poll() is not None or time.perf_counter() - started > timeout:
                 log_file.seek(0)

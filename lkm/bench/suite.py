@@ -5,8 +5,10 @@ CPUs, that server's peak on the platform route and the floor (`lkm.bench.floor`,
 that unwraps, on the same key store and certificate), alternating for `rounds` rounds so that the ratios come
 from medians; the raw rate on one thread; then, against the same server, 80% of its median peak for latency,
 the native route, batches, and a new TLS connection per request on both routes (with and without session
-resumption); then a server with a single worker thread; and the start-up benchmark. Servers use the dev
-environment's config (made if missing) with only ports and worker threads changed, so they log and audit as
+resumption); then a server with a single worker thread; then a server pinned to one core (so that its RSA runs
+on the event loop, as it does with one process per core) against the raw operation on one thread, with the
+load generator on the other cores: the CPU per unwrap and the efficiency; and the start-up benchmark. Servers
+use the dev environment's config (made if missing) with only ports and worker threads changed, so they log and audit as
 a real one does.
 """
 
@@ -23,13 +25,15 @@ from typing import Any
 from lkm.bench.floor import floor_target
 from lkm.bench.load import LoadPlan
 from lkm.bench.measure import measure_raw, measure_server
-from lkm.bench.report import new_report
+from lkm.bench.report import cpu_comparison, new_report
 from lkm.bench.requests import fetch_public_key
 from lkm.bench.spawn import dev_target, spawn_server
 from lkm.bench.startup import run_startup
 
 LATENCY_FRACTION = 0.8
 BATCH_SIZE = 100
+ONE_CORE = "platform (1 process on 1 core, RSA inline)"
+RAW_ONE_CORE = "raw 1 thread, generator's cores"
 
 
 def _platform_name(workers: int) -> str:
@@ -91,6 +95,42 @@ async def _server_runs(dev_dir: Path, workers: int, plan: LoadPlan, *,
     return runs
 
 
+def _pinned_cores() -> tuple[set[int], set[int]] | None:
+    """(the server's core, the load generator's cores) on a machine with at least two, else None."""
+    cores = sorted(os.sched_getaffinity(0))
+    return ({cores[-1]}, set(cores[:-1])) if len(cores) > 1 else None
+
+
+async def _one_core_runs(dev_dir: Path, plan: LoadPlan, rounds: int) -> list[dict[str, Any]]:
+    """One server process on a core of its own (so RSA runs inline, as with one process per core) against the
+    raw operation on one thread, alternating; the load generator and raw run on the other cores meanwhile."""
+    from lkm.config import load_settings  # noqa: PLC0415
+    from lkm.keystore.open import open_keystore  # noqa: PLC0415
+
+    pinned = _pinned_cores()
+    if pinned is None:
+        return []
+    server_core, own = pinned
+    config = dev_dir / "lkm.yaml"
+    runs: list[dict[str, Any]] = []
+    before = os.sched_getaffinity(0)
+    with spawn_server(config, {"limits.rsa_execution": "auto"}, cpus=server_core) as spawned:
+        os.sched_setaffinity(0, own)
+        try:
+            target = dev_target(dev_dir, spawned)
+            key = await fetch_public_key(target)
+            with contextlib.closing(open_keystore(load_settings(config).keystore)) as store:
+                for round_ in range(1, rounds + 1):
+                    tag = f" #{round_}" if rounds > 1 else ""
+                    runs.append(measure_raw(store, key[0], "oaep-sha1", threads=1,
+                                            duration=plan.duration or 10.0, name=f"{RAW_ONE_CORE}{tag}"))
+                    runs.append(await measure_server(target, plan, route="platform", padding="oaep-sha1",
+                                                     batch_size=1, name=f"{ONE_CORE}{tag}", key=key))
+        finally:
+            os.sched_setaffinity(0, before)
+    return runs
+
+
 def _median_run(runs: list[dict[str, Any]], prefix: str) -> dict[str, Any] | None:
     """The run with the median rate among those named `prefix` (one per round)."""
     matching = sorted((r for r in runs if r["name"].startswith(prefix)), key=lambda r: r["keys_per_s"])
@@ -101,7 +141,7 @@ def _find(runs: list[dict[str, Any]], prefix: str) -> dict[str, Any] | None:
     return next((r for r in runs if r["name"].startswith(prefix)), None)
 
 
-def summarize(report: dict[str, Any]) -> dict[str, Any]:
+def summarize(report: dict[str, Any], *, project_cores: int = 16) -> dict[str, Any]:
     """The ratios the README quotes, from the runs of a suite report."""
     runs = report["runs"]
     cpus = report["machine"]["cpus"] or 1
@@ -127,6 +167,25 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
         # had left (an estimate, for a reader who will run the platform's traffic from other machines).
         left = max(cpus - client_cores, 0.1) / cpus
         summary["server_over_raw_without_client"] = round(peak["keys_per_s"] / (raw["keys_per_s"] * left), 3)
+    # CPU per unwrap: the server on a core of its own (what one process per core does) when there was one,
+    # else the server on every core; against the raw operation's CPU of the same rounds.
+    pairs = [(r, p) for r, p in zip((r for r in runs if r["name"].startswith(RAW_ONE_CORE)),
+                                    (p for p in runs if p["name"].startswith(ONE_CORE)), strict=False)]
+    if not pairs and raw and peak:
+        pairs = [(raw, peak)]
+    compared = sorted(((c, p) for r, p in pairs if (c := cpu_comparison(r, p, cores=project_cores)) is not None),
+                      key=lambda cp: cp[0]["efficiency"])
+    if compared:
+        cpu, run = compared[(len(compared) - 1) // 2]
+        summary["cpu_run"] = run["name"]
+        summary["raw_cpu_us_per_operation"] = cpu["raw_cpu_us_per_operation"]
+        summary["server_cpu_us_per_unwrap"] = cpu["server_cpu_us_per_unwrap"]
+        summary["busiest_thread_us_per_unwrap"] = run.get("busiest_thread_us_per_unwrap")
+        summary["efficiency"] = cpu["efficiency"]
+        summary["round_efficiencies"] = [c["efficiency"] for c, _ in compared]
+        summary[f"projected_{project_cores}_cores_over_raw"] = cpu["projected_over_raw"]
+        if floor and floor.get("server_cpu_us_per_unwrap"):
+            summary["floor_cpu_us_per_unwrap"] = floor["server_cpu_us_per_unwrap"]
     if floor and raw:
         summary["floor_over_raw"] = round(floor["keys_per_s"] / raw["keys_per_s"], 3)
         if peak:
@@ -157,7 +216,7 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_suite(dev_dir: Path, *, duration: float, warmup: float, concurrency: int, keys: int,
-              rounds: int = 3) -> dict[str, Any]:
+              rounds: int = 3, project_cores: int = 16) -> dict[str, Any]:
     from lkm.devmode import ensure_dev_environment  # noqa: PLC0415
 
     dev_dir = dev_dir.resolve()
@@ -168,11 +227,12 @@ def run_suite(dev_dir: Path, *, duration: float, warmup: float, concurrency: int
     report["runs"].extend(asyncio.run(_server_runs(dev_dir, cpus, plan, rounds=rounds)))
     if cpus > 1:
         report["runs"].extend(asyncio.run(_server_runs(dev_dir, 1, plan)))
+        report["runs"].extend(asyncio.run(_one_core_runs(dev_dir, plan, rounds)))
     if keys > 0:
         startup = run_startup(keys=keys)
         report["startup"] = startup["startup"]
         report["notes"] = list(startup["notes"])
-    report["summary"] = summarize(report)
+    report["summary"] = summarize(report, project_cores=project_cores)
     report["notes"] = [*report.get("notes", []),
                        *(f"{name}: {value}" for name, value in report["summary"].items())]
     return report

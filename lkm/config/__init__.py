@@ -34,6 +34,7 @@ from lkm.config.settings import (
     PlatformSettings,
     ReplayCheck,
     RotationSettings,
+    RsaExecution,
     Settings,
     TLSSettings,
 )
@@ -57,6 +58,7 @@ __all__ = [
     "PlatformSettings",
     "ReplayCheck",
     "RotationSettings",
+    "RsaExecution",
     "SecretKind",
     "SecretRef",
     "Section",

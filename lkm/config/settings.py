@@ -28,6 +28,14 @@ class ReplayCheck(enum.StrEnum):
     CLUSTER = "cluster"
 
 
+class RsaExecution(enum.StrEnum):
+    """Where a private-key operation runs (limits.rsa_execution)."""
+
+    AUTO = "auto"  # inline when the server runs one process per core on an in-process key store, else threads
+    INLINE = "inline"  # on the event loop's own thread: no hand-off between threads
+    THREADS = "threads"  # on worker threads (limits.worker_threads)
+
+
 class LogLevel(enum.StrEnum):
     DEBUG = "debug"
     INFO = "info"
@@ -147,6 +155,7 @@ class LimitsSettings:
     request_deadline_ms: int
     keep_alive_seconds: int
     refresh_seconds: float
+    rsa_execution: RsaExecution = RsaExecution.AUTO
 
 
 @dataclass(frozen=True)

@@ -27,3 +27,11 @@ def test_suite_runs_every_measurement_of_the_table(tmp_path: Path, capsys: pytes
     summary = report["summary"]
     assert len(summary["round_ratios"]) == 2
     assert summary["server_over_raw"] > 0 and summary["floor_over_raw"] > 0 and summary["p99_ms_at_80_percent"] > 0
+    # CPU per unwrap from /proc: the one-core server where there are two cores, against raw of the same rounds
+    assert summary["server_cpu_us_per_unwrap"] > 0 and summary["raw_cpu_us_per_operation"] > 0
+    assert summary["efficiency"] > 0 and summary["projected_16_cores_over_raw"] > 0
+    measured = next(run for run in report["runs"] if run["name"] == summary["cpu_run"])
+    assert "lkm-loop" in measured["threads_us_per_unwrap"] and "lkm-audit" in measured["threads_us_per_unwrap"]
+    if cpus > 1:
+        assert summary["cpu_run"].startswith("platform (1 process on 1 core, RSA inline)")
+        assert "lkm-rsa" not in measured["threads_us_per_unwrap"]  # inline: no worker threads

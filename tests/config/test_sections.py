@@ -10,7 +10,15 @@ from typing import Any
 
 import pytest
 
-from lkm.config import KeyStoreType, LogFormat, LogLevel, ReplayCheck, load_settings, settings_from_mapping
+from lkm.config import (
+    KeyStoreType,
+    LogFormat,
+    LogLevel,
+    ReplayCheck,
+    RsaExecution,
+    load_settings,
+    settings_from_mapping,
+)
 from lkm.errors import ConfigError
 
 SECRET = {"env": "LKM_TEST_GENESYS_SECRET"}
@@ -84,6 +92,14 @@ def test_worker_threads_default_covers_every_hsm_session(config_factory: Callabl
     assert load_settings(config_factory(keystore=hsm)).limits.worker_threads == cpus + 6
     pinned = load_settings(config_factory(keystore=hsm, **{"limits.worker_threads": 3}))
     assert pinned.limits.worker_threads == 3  # an explicit setting wins
+
+
+def test_rsa_execution_is_automatic_unless_chosen(config_factory: Callable[..., Path]) -> None:
+    assert load_settings(config_factory()).limits.rsa_execution is RsaExecution.AUTO
+    chosen = load_settings(config_factory(**{"limits.rsa_execution": "inline"}))
+    assert chosen.limits.rsa_execution is RsaExecution.INLINE
+    with pytest.raises(ConfigError, match="rsa_execution"):
+        load_settings(config_factory(**{"limits.rsa_execution": "sideways"}))
 
 
 def test_sections_become_typed_settings(config_factory: Callable[..., Path]) -> None:

@@ -10,10 +10,12 @@ from typing import Any
 from lkm.errors import WorkerFailure
 from lkm.keystore.pkcs11.protocol import ERR, OK, Fail, Op, TokenConfig
 from lkm.keystore.pkcs11.worker import TokenWorker
+from lkm.threadnames import name_this_thread
 
 
 def worker_main(conn: Connection, config: TokenConfig) -> None:
     """Entry point of a worker process: answers requests on `conn` until told to stop or the server is gone."""
+    name_this_thread("lkm-token")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the server, which stops its workers itself
     os.environ.update(dict(config.env))  # set before the module loads; the server's own environment is untouched
     worker: TokenWorker | None = None
