@@ -207,6 +207,7 @@ def read_limits(sec: Section, keystore: settings.KeyStoreSettings) -> settings.L
         request_deadline_ms=sec.integer("request_deadline_ms", 250, minimum=10),
         keep_alive_seconds=sec.integer("keep_alive_seconds", 75, minimum=1),
         refresh_seconds=sec.number("refresh_seconds", 2.0, minimum=0.1),
+        workers=sec.integer("workers", len(os.sched_getaffinity(0)), minimum=1, maximum=256),
     )
     sec.done()
     return result

@@ -138,6 +138,7 @@ class LimitsSettings:
     request_deadline_ms: int
     keep_alive_seconds: int
     refresh_seconds: float
+    workers: int = 1  # server processes, each with its own event loop, all serving every listener
 
 
 @dataclass(frozen=True)
