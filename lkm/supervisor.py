@@ -10,7 +10,9 @@ The parent opens no key store, holds no key and does no unwrap. It:
 - replaces a worker that exits (logged; the delay doubles while a worker keeps dying young, up to 30 s);
 - forwards SIGHUP to every worker and tells systemd RELOADING=1 until each has answered;
 - on SIGTERM or SIGINT tells systemd STOPPING=1 and lets every worker drain its in-flight requests;
-- tells systemd READY=1 once every worker serves, and pings its watchdog.
+- tells systemd READY=1 once every worker serves, and pings its watchdog;
+- stops everything if a worker fails before all have started (a broken configuration or host), so that
+  `lkm serve` exits with an error as a single process would.
 """
 
 from __future__ import annotations
@@ -90,6 +92,7 @@ class Supervisor:
         self.urls: dict[str, str] = {}
         self._stopping = asyncio.Event()
         self._announced = False
+        self.failed = False  # a worker failed to start: `lkm serve` exits with status 1
         self._run_dir = Path(tempfile.mkdtemp(prefix="lkm-run-"))
         self._metrics_dir = self._run_dir / "metrics"
         self._nonces = self._run_dir / "nonces"
@@ -158,6 +161,11 @@ class Supervisor:
             began = loop.time()
             code = await self._run_worker(slot)
             if self._stopping.is_set():
+                return
+            if not self._announced:  # a worker that cannot start means the configuration or host is broken
+                log.error("worker %d failed to start (%s); stopping", slot.index, _exit_text(code))
+                self.failed = True
+                self._stopping.set()
                 return
             lived = loop.time() - began
             delay = FIRST_RESTART_DELAY if lived >= HEALTHY_LIFETIME else min(delay * 2, MAX_RESTART_DELAY)

@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import socket
 import sys
 from enum import StrEnum
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from lkm.config import load_settings
+from lkm.errors import ConfigError, KeyStoreError, LkmError
 from lkm.keys import KeyState
 from lkm.logs import setup_logging
 from lkm.nonces import SharedNonceCache
@@ -101,12 +103,16 @@ async def _run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _arguments(sys.argv[1:] if argv is None else argv)
-    settings = load_settings(args.config)
-    log_writer = setup_logging(settings.logging.level, settings.logging.format)
     try:
-        asyncio.run(_run(args))
-    finally:
-        log_writer.stop()
+        settings = load_settings(args.config)
+        log_writer = setup_logging(settings.logging.level, settings.logging.format)
+        try:
+            asyncio.run(_run(args))
+        finally:
+            log_writer.stop()
+    except (ConfigError, KeyStoreError, LkmError) as exc:  # as `lkm serve` reports them, with the worker's pid
+        print(f"lkm: worker {os.getpid()}: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

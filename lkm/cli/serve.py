@@ -46,7 +46,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         if settings.limits.workers > 1:
-            asyncio.run(Supervisor(settings, Path(path), notifier, serving).run())
+            supervisor = Supervisor(settings, Path(path), notifier, serving)
+            asyncio.run(supervisor.run())
+            if supervisor.failed:
+                return 1
         else:
             asyncio.run(serve_forever(settings, on_started=started, config_path=Path(path), notifier=notifier))
     finally:
