@@ -240,3 +240,21 @@ async def test_systemd_hears_ready_reloading_and_stopping_and_sighup_renews_cert
             assert len(keep_alive.connector._conns) == 1
         server.signal(signal.SIGTERM)
         next_message(notify, "STOPPING=1")
+
+
+async def test_overload_is_shed_with_retry_after_and_counted_across_workers(
+        tmp_path: Path, certs: Pki, config_factory: Callable[..., Path]) -> None:
+    config = config_factory(**{"limits.workers": WORKERS, "limits.worker_threads": 1,
+                               "limits.request_deadline_ms": 10})
+    credential, record = prepare(config)
+    with ServeProcess(config, tmp_path / "serve.log") as server:
+        async with fresh_session() as session:
+            client = PlatformClient(session, server.urls["platform"] + "/key-management/v1/decrypt", credential,
+                                    client_ssl_context(certs.ca_file))
+            replies = await asyncio.gather(*(client.decrypt(record.id, wrap(record, b"s" * 32)) for _ in range(96)))
+        statuses = [reply.status for reply in replies]
+        assert set(statuses) == {200, 503}, statuses
+        assert all(reply.headers["Retry-After"] == "1" for reply in replies if reply.status == 503)
+        _, text = await get_json(server.urls["ops"] + "/metrics")
+        assert metric(text, "lkm_requests_shed_total") == statuses.count(503)
+        assert metric(text, 'lkm_unwraps_total{key_id="' + record.id + '",outcome="ok"') == statuses.count(200)
