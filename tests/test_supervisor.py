@@ -220,9 +220,10 @@ async def test_systemd_hears_ready_reloading_and_stopping_and_sighup_renews_cert
         tmp_path: Path, certs: Pki, config_factory: Callable[..., Path], workers: int) -> None:
     config = config_factory(**{"limits.workers": workers})
     credential, record = prepare(config)
-    notify_env = {"NOTIFY_SOCKET": str(tmp_path / "notify.sock")}
+    notify_env = {"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "400000"}
     with notify_socket(tmp_path) as notify, ServeProcess(config, tmp_path / "serve.log", env=notify_env) as server:
         assert "READY=1" in next_message(notify, "READY=1")
+        next_message(notify, "WATCHDOG=1")  # pinged every 0.2 s, half the timeout
         old = await peer_serial(server.urls["platform"], certs.ca_file)
         async with aiohttp.ClientSession() as keep_alive:  # one connection, made before the renewal
             client = PlatformClient(keep_alive, server.urls["platform"] + "/key-management/v1/decrypt", credential,
