@@ -95,6 +95,11 @@ class ClientPolicy:
         self._cache: OrderedDict[str, Actor | None] = OrderedDict()
         self._cache_size = cache_size
 
+    def replace(self, rules: tuple[ClientRule, ...]) -> None:
+        """A reload's allow-list: from the next request on, with nothing cached from the old one."""
+        parsed = [(rule, _parse_subject(rule.subject)) for rule in rules]
+        self._rules, self._cache = parsed, OrderedDict()
+
     def identify(self, der: bytes) -> Actor | None:
         fingerprint = hashlib.sha256(der).hexdigest()
         if fingerprint in self._cache:

@@ -24,6 +24,7 @@ from typing import Any
 
 from lkm.errors import HawkError, HawkReason
 from lkm.fsutil import atomic_write, ensure_private_dir, file_lock, remove_orphaned_temps
+from lkm.nonces import NonceStore
 
 ALGORITHM = "sha256"
 CREDENTIALS_FILE_VERSION = 1
@@ -205,12 +206,14 @@ class Verified:
 
 class HawkVerifier:
     def __init__(self, lookup: Callable[[str], HawkCredential | None], skew_seconds: int, replay_check: bool,
-                 nonce_cache_size: int, clock: Callable[[], float] = time.time) -> None:
+                 nonce_cache_size: int, clock: Callable[[], float] = time.time, *,
+                 nonce_cache: NonceStore | None = None) -> None:
         self.lookup = lookup
         self.skew_seconds = skew_seconds
         self.replay_check = replay_check
         self.clock = clock
-        self.nonce_cache = NonceCache(nonce_cache_size, skew_seconds)
+        # Several server processes pass one shared store; alone, a process keeps its nonces in memory.
+        self.nonce_cache: NonceStore = nonce_cache or NonceCache(nonce_cache_size, skew_seconds)
         self._dummy_key = secrets.token_urlsafe(32)
 
     def verify(self, **request: Any) -> HawkCredential:
@@ -403,6 +406,17 @@ class CredentialSource:
 
     def get(self, cred_id: str) -> HawkCredential | None:
         return self._credentials.get(cred_id)
+
+    def replace_inline(self, extra: Mapping[str, HawkCredential]) -> None:
+        """A reload's inline credentials, with the file read again; ValueError keeps the old set."""
+        loaded = load_credentials_file(self.path) if self.path is not None else {}
+        clash = sorted(set(loaded) & set(extra))
+        if clash:
+            raise ValueError(f"{self.path}: id {clash[0]!r} is also configured inline")
+        with self._lock:
+            self._extra = dict(extra)
+            self._credentials = {**loaded, **self._extra}
+            self._signature = None  # the next refresh reads the file again and records its signature
 
     def ids(self) -> list[str]:
         return sorted(self._credentials)

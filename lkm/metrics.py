@@ -6,24 +6,44 @@ operations listener's `/metrics`. prometheus_client is imported by this module o
 Label values are closed sets (the tuples below) or key ids of keys that exist in the store; request ids, raw
 paths, user ids and unknown key ids never become labels. The `observe_*`/`set_*` helpers enforce that and
 are what the rest of lkm calls; the collectors stay public attributes for the rare direct use.
+
+With several server processes, prometheus-client's multiprocess mode (PROMETHEUS_MULTIPROC_DIR, set by the
+supervisor before a worker starts) has each process write its values to files, and the supervisor's
+`/metrics` adds them up (`render_processes`); each gauge says how (its `multiprocess_mode`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import platform
 import time
 from collections.abc import Callable, Mapping
 from enum import StrEnum
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from lkm.auth import ActorKind
 from lkm.keys import KeyState
 from lkm.outcomes import UnwrapOutcome
 from lkm.web.routes import ListenerName
+
+_MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
+def render_processes(directory: str) -> tuple[bytes, str]:
+    """The totals of every server process that wrote to `directory` (prometheus-client multiprocess mode)."""
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+    return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+def forget_process(directory: str, pid: int) -> None:
+    """A worker process ended: its live gauges (in-flight requests, readiness) stop counting."""
+    multiprocess.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
+
 
 
 class UnwrapRoute(StrEnum):
@@ -153,7 +173,8 @@ class Metrics:
             "Rejected authentication or authorization attempts by method (mtls, hawk, cli) and reason.",
             ["method", "reason"], registry=r)
         self.inflight: Gauge = Gauge(
-            "lkm_inflight_requests", "Requests being handled now, by listener.", ["listener"], registry=r)
+            "lkm_inflight_requests", "Requests being handled now, by listener.", ["listener"], registry=r,
+            multiprocess_mode="livesum")
         self.shed: Counter = Counter(
             "lkm_requests_shed_total",
             "Requests refused with 503 because their private-key operation could not start within "
@@ -161,17 +182,18 @@ class Metrics:
             ["listener"], registry=r)
 
         # Keys and their lifecycle.
-        self.keys: Gauge = Gauge("lkm_keys", "Keys in the key store by state.", ["state"], registry=r)
+        self.keys: Gauge = Gauge("lkm_keys", "Keys in the key store by state.", ["state"], registry=r,
+                                 multiprocess_mode="livemostrecent")
         self.active_key_age: Gauge = Gauge(
             "lkm_active_key_age_seconds", "Seconds since the active key was created (0 when there is none).",
-            registry=r)
+            registry=r, multiprocess_mode="livemostrecent")
         self.next_rotation: Gauge = Gauge(
             "lkm_next_rotation_seconds",
             "Seconds until the next scheduled rotation; negative when overdue, 0 when no schedule.",
-            registry=r)
+            registry=r, multiprocess_mode="livemostrecent")
         self.rotation_period: Gauge = Gauge(
             "lkm_rotation_period_seconds", "Configured rotation period in seconds (0 when no schedule).",
-            registry=r)
+            registry=r, multiprocess_mode="livemax")
         self.rotations: Counter = Counter(
             "lkm_rotations_total", "Key rotations (manual and scheduled) by outcome.", ["outcome"],
             registry=r)
@@ -182,7 +204,7 @@ class Metrics:
         # Key store.
         self.keystore_up: Gauge = Gauge(
             "lkm_keystore_up", "1 if the key store answered its last check, else 0, by backend.",
-            ["backend"], registry=r)
+            ["backend"], registry=r, multiprocess_mode="livemin")
         self.keystore_duration: Histogram = Histogram(
             "lkm_keystore_operation_duration_seconds",
             "Key-store operation duration by backend and operation.",
@@ -192,24 +214,25 @@ class Metrics:
         self.tls_expiry: Gauge = Gauge(
             "lkm_tls_certificate_expiry_timestamp_seconds",
             "Unix time at which the listener's server certificate expires (notAfter).",
-            ["listener"], registry=r)
+            ["listener"], registry=r, multiprocess_mode="livemin")
         self.audit_records: Counter = Counter(
             "lkm_audit_records_total", "Audit records written.", registry=r)
         self.audit_failures: Counter = Counter(
             "lkm_audit_write_failures_total", "Audit records that could not be written.", registry=r)
-        self.ready: Gauge = Gauge("lkm_ready", "1 if /readyz answers ready, else 0.", registry=r)
+        self.ready: Gauge = Gauge("lkm_ready", "1 if /readyz answers ready, else 0.", registry=r,
+                                  multiprocess_mode="livemin")
         self.readiness_check: Gauge = Gauge(
             "lkm_readiness_check", "Result of each readiness check: 1 passing, 0 failing.", ["check"],
-            registry=r)
+            registry=r, multiprocess_mode="livemin")
 
         # Info.
         self.build_info: Gauge = Gauge(
             "lkm_build_info", "Always 1; the labels name the lkm version and Python version.",
-            ["version", "python"], registry=r)
+            ["version", "python"], registry=r, multiprocess_mode="livemax")
         self.config_info: Gauge = Gauge(
             "lkm_config_info",
             "Always 1; the labels say which key store and which optional features are configured.",
-            ["keystore", "rotation", "platform_registration"], registry=r)
+            ["keystore", "rotation", "platform_registration"], registry=r, multiprocess_mode="livemax")
 
         self._initialize_series()
 
@@ -248,12 +271,14 @@ class Metrics:
     # --- info ---------------------------------------------------------------------------------------------
 
     def set_build_info(self, version: str) -> None:
-        self.build_info.clear()
+        if not _MULTIPROCESS:  # prometheus-client cannot clear labels across processes; set once there
+            self.build_info.clear()
         self.build_info.labels(version, platform.python_version()).set(1)
 
     def set_config_info(self, keystore: str, rotation: bool, registration: bool) -> None:
         _check(keystore, KEYSTORE_BACKENDS, "keystore")
-        self.config_info.clear()
+        if not _MULTIPROCESS:
+            self.config_info.clear()
         self.config_info.labels(keystore, "on" if rotation else "off", "on" if registration else "off").set(1)
 
     # --- events -------------------------------------------------------------------------------------------

@@ -10,12 +10,15 @@ import os
 import resource
 import secrets
 import signal
+import socket
+import ssl
 import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -24,19 +27,21 @@ from lkm import __version__
 from lkm.admission import Admission, runs_inline
 from lkm.audit import AuditLog
 from lkm.auth import ClientPolicy
-from lkm.config import KeyStoreType, ReplayCheck, Settings
-from lkm.errors import KeyStoreError, LkmError
-from lkm.hawk import CredentialSource, HawkCredential, HawkVerifier, Verified
+from lkm.config import KeyStoreType, ReplayCheck, Settings, load_settings
+from lkm.errors import ConfigError, KeyStoreError, LkmError
+from lkm.hawk import CredentialSource, HawkVerifier, Verified
 from lkm.keyadmin import KeyAdmin
 from lkm.keys import PADDINGS, Algorithm, KeyState, utcnow
 from lkm.keystore import KeyStore
 from lkm.keystore.health import ReportsHealth, StoreStatus
 from lkm.keystore.open import open_keystore
 from lkm.metrics import AUTH_REASONS, OTHER_ROUTE, Metrics
+from lkm.nonces import NonceStore
 from lkm.pki import load_cert_expiry
+from lkm.reload import Reloadable, SwappableContext, inline_credentials, tls_context
+from lkm.sdnotify import Notifier
 from lkm.service import KeyService
 from lkm.threadnames import LOOP, name_this_thread
-from lkm.tlsconf import server_context
 from lkm.web.admin import install_admin_routes
 from lkm.web.batch import install_batch_route
 from lkm.web.native import native_app
@@ -102,9 +107,18 @@ class Listener:
 class LkmServer:
     """One running lkm: start() brings every listener up, stop() takes everything down in order."""
 
-    def __init__(self, settings: Settings, *, processes: int = 1) -> None:
-        """`processes`: how many server processes share the listeners (with one per core, RSA runs inline)."""
+    def __init__(self, settings: Settings, *, processes: int = 1,
+                 sockets: dict[ListenerName, socket.socket] | None = None,
+                 nonce_cache: NonceStore | None = None, ops: bool = True) -> None:
+        """`processes`: how many server processes share the listeners (with one per core, RSA runs inline);
+        `sockets`: listening sockets a supervisor bound (the listeners then serve those, not new ones);
+        `nonce_cache`: the Hawk nonces shared with the other processes; `ops`: serve the ops listener here."""
         self.settings = settings
+        self._sockets = sockets or {}
+        self._nonce_cache = nonce_cache
+        self._serve_ops = ops
+        self.reloadable = Reloadable()
+        self.on_readiness: Callable[[ReadinessView], None] | None = None
         self.metrics = Metrics()
         self.observer = MetricsObserver(self.metrics)
         self.readiness = ReadinessView()
@@ -163,16 +177,14 @@ class LkmServer:
 
         if settings.platform.enabled:
             hawk = settings.platform.hawk
-            extra = {ref.id: HawkCredential(id=ref.id, key=ref.key.read_text()) for ref in hawk.credentials}
-            self.hawk_source = CredentialSource(hawk.credentials_file, extra)
+            self.hawk_source = CredentialSource(hawk.credentials_file, inline_credentials(settings))
+            self.reloadable.hawk = self.hawk_source
             verifier = HawkVerifier(lookup=self.hawk_source.get, skew_seconds=hawk.timestamp_skew_seconds,
                                     replay_check=hawk.replay_check is not ReplayCheck.OFF,
-                                    nonce_cache_size=hawk.nonce_cache_size)
+                                    nonce_cache_size=hawk.nonce_cache_size, nonce_cache=self._nonce_cache)
             shared_nonces = await self._share_hawk(verifier) if settings.keystore.type is KeyStoreType.POSTGRESQL \
                 else None
-            tls = settings.platform.tls
-            ssl_ctx = server_context(tls, require_client_cert=False, source=settings.source,
-                                     setting="platform.tls") if tls else None
+            ssl_ctx = self._reloadable_context(ListenerName.PLATFORM)
             handler = PlatformHandler(wctx, settings.platform, verifier, default_port=443 if ssl_ctx else 80,
                                       shared_nonces=shared_nonces)
             keepalive = float(settings.limits.keep_alive_seconds)
@@ -180,14 +192,14 @@ class LkmServer:
             listen = settings.platform.listen
             await self._listen(ListenerName.PLATFORM, runner, listen.host, listen.port, ssl_ctx)
         if settings.native is not None:
-            ssl_ctx = server_context(settings.native.tls, require_client_cert=True, source=settings.source,
-                                     setting="native.tls")
-            native = native_app(wctx, ClientPolicy(settings.native.clients))
+            ssl_ctx = self._reloadable_context(ListenerName.NATIVE)
+            self.reloadable.policy = ClientPolicy(settings.native.clients)
+            native = native_app(wctx, self.reloadable.policy)
             install_admin_routes(native, self.keyadmin)
             install_batch_route(native, settings.native.max_batch)
             await self._listen(ListenerName.NATIVE, self._app_runner(native), settings.native.listen.host,
                                settings.native.listen.port, ssl_ctx)
-        if settings.ops.enabled:
+        if settings.ops.enabled and self._serve_ops:
             await self._listen(ListenerName.OPS, self._app_runner(ops_app(wctx, self.readiness, self.metrics.render)),
                                settings.ops.listen.host, settings.ops.listen.port, None)
         await self.update_readiness(force_canary=True)
@@ -227,6 +239,18 @@ class LkmServer:
 
         return fresh
 
+    def _reloadable_context(self, name: ListenerName) -> Any:
+        ctx = tls_context(self.settings, name)
+        if ctx is None:
+            return None
+        self.reloadable.contexts[name] = SwappableContext(ctx)
+        return ctx
+
+    def reload(self, settings: Settings) -> None:
+        """SIGHUP: new certificates, client CA, allow-list, Hawk credentials and log level, for new connections
+        and requests; raises (ConfigError, OSError, ValueError) with the old settings still in force."""
+        self.reloadable.apply(settings, lambda level: logging.getLogger().setLevel(level.upper()))
+
     def _count_shed(self, route: str) -> None:
         self.metrics.shed.labels(ListenerName.PLATFORM if route == ListenerName.PLATFORM else ListenerName.NATIVE).inc()
 
@@ -236,7 +260,9 @@ class LkmServer:
 
     async def _listen(self, name: ListenerName, runner: web.BaseRunner, host: str, port: int, ssl_ctx: Any) -> None:
         await runner.setup()
-        site = web.TCPSite(runner, host, port, ssl_context=ssl_ctx, backlog=1024, reuse_address=True)
+        sock = self._sockets.get(name)
+        site: web.BaseSite = web.SockSite(runner, sock, ssl_context=ssl_ctx) if sock is not None else \
+            web.TCPSite(runner, host, port, ssl_context=ssl_ctx, backlog=1024, reuse_address=True)
         await site.start()
         self._runners.append(runner)
         bound_port = port
@@ -247,8 +273,7 @@ class LkmServer:
 
     def url(self, name: str) -> str:
         listener = self.listeners[name]
-        host = "localhost" if listener.host in ("0.0.0.0", "127.0.0.1", "::", "::1") else listener.host  # noqa: S104
-        return f"{'https' if listener.tls else 'http'}://{host}:{listener.port}"
+        return listener_url(listener.host, listener.port, tls=listener.tls)
 
     async def stop(self) -> None:
         if self.keyadmin is not None:
@@ -344,6 +369,8 @@ class LkmServer:
         else:
             checks["canary"] = (False, "no active key to test")
         self.readiness.checks = checks
+        if self.on_readiness is not None:
+            self.on_readiness(self.readiness)
         self.metrics.set_readiness({name: ok for name, (ok, _) in checks.items()})
         self.metrics.set_keystore_up(store.backend, checks["keystore"][0])
 
@@ -387,25 +414,68 @@ def forbid_core_dumps() -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
-async def serve_forever(settings: Settings, *, on_started: Any = None) -> None:
+def listener_url(host: str, port: int, *, tls: bool) -> str:
+    shown = "localhost" if host in ("0.0.0.0", "127.0.0.1", "::", "::1") else host  # noqa: S104
+    return f"{'https' if tls else 'http'}://{shown}:{port}"
+
+
+async def reload_from(server: LkmServer, config_path: Path) -> str | None:
+    """Re-reads the config file and applies what a reload changes; the refusal's reason, or None."""
+    loop = asyncio.get_running_loop()
+    try:
+        settings = await loop.run_in_executor(None, load_settings, config_path)
+        await loop.run_in_executor(None, server.reload, settings)
+    except (ConfigError, LkmError, OSError, ValueError, ssl.SSLError) as exc:
+        log.error("reload refused, the previous settings stay in force: %s", exc)
+        return str(exc)
+    return None
+
+
+async def serve_forever(settings: Settings, *, on_started: Any = None, server: LkmServer | None = None,
+                        config_path: Path | None = None, notifier: Notifier | None = None,
+                        on_reloaded: Callable[[str | None], None] | None = None,
+                        stop: asyncio.Event | None = None) -> None:
+    """Runs one server until SIGTERM/SIGINT (or `stop`); SIGHUP reloads from `config_path`."""
     forbid_core_dumps()
     name_this_thread(LOOP)
     sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
-    server = LkmServer(settings)
-    stop = asyncio.Event()
+    server = server or LkmServer(settings)
+    notifier = notifier or Notifier()
+    stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task[None]] = set()
+
+    async def reload() -> None:
+        assert config_path is not None
+        notifier.reloading()
+        error = await reload_from(server, config_path)
+        notifier.ready("reload refused" if error else "reloaded")
+        if on_reloaded is not None:
+            on_reloaded(error)
+
+    if config_path is not None:
+        loop.add_signal_handler(signal.SIGHUP, lambda: _keep(reloads, asyncio.create_task(reload())))
     await server.start()
     # Everything built at start-up (modules, the app, the keys) lives as long as the process: moved out of the
     # collector's sight, a full collection under load walks only what requests allocate, and its pause (15 ms
     # measured under load on the platform route) stays out of the unwrap latency's tail.
     gc.collect()
     gc.freeze()
+    watchdog = asyncio.create_task(notifier.keep_watchdog(), name="lkm-watchdog")
     try:
         if on_started is not None:
             on_started(server)
+        notifier.ready("serving")
         await stop.wait()
     finally:
         log.info("lkm stopping")
+        notifier.stopping()
+        watchdog.cancel()
         await server.stop()
+
+
+def _keep(tasks: set[asyncio.Task[None]], task: asyncio.Task[None]) -> None:
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)

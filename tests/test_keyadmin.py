@@ -69,7 +69,8 @@ async def test_missed_rotation_happens_at_start_and_the_schedule_keeps_rotating(
 @pytest.mark.slow
 def test_two_servers_sharing_a_store_rotate_once_per_period(tmp_path: Path,
                                                            config_factory: Callable[..., Path]) -> None:
-    config = config_factory(rotation={"every": "1h"})
+    # Two servers of two worker processes each: four schedulers look at the same store.
+    config = config_factory(rotation={"every": "1h"}, **{"limits.workers": 2})
     settings = load_settings(config)
     assert settings.platform.hawk.credentials_file is not None
     mint_credential(settings.platform.hawk.credentials_file, "platform-test")

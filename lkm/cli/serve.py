@@ -19,8 +19,11 @@ from lkm.keys import KeyState
 def cmd_serve(args: argparse.Namespace) -> int:
     from lkm import devmode  # noqa: PLC0415
     from lkm.logs import setup_logging  # noqa: PLC0415
+    from lkm.sdnotify import Notifier  # noqa: PLC0415
     from lkm.server import LkmServer, serve_forever  # noqa: PLC0415
+    from lkm.supervisor import Supervisor  # noqa: PLC0415
 
+    notifier = Notifier.from_environ()  # only this process talks to systemd; workers do not inherit it
     if args.dev:
         pkcs11 = None
         if args.keystore == "pkcs11":
@@ -32,18 +35,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = load_settings(path)
     log_writer = setup_logging(settings.logging.level, settings.logging.format)
 
-    def started(server: LkmServer) -> None:
+    def serving(urls: dict[str, str], active_key: str | None) -> None:
         if args.dev:
-            active = [k.id for k in server.store.list_keys() if k.state is KeyState.ACTIVE] \
-                if server.store else []
-            urls = {name: server.url(name) for name in server.listeners}
-            dev_json = devmode.write_dev_json(settings, urls, active[-1] if active else None)
+            dev_json = devmode.write_dev_json(settings, urls, active_key)
             print(devmode.usage_text(dev_json, running_program()), flush=True)
         else:
-            print("lkm serving: " + ", ".join(f"{n} {server.url(n)}" for n in server.listeners), flush=True)
+            print("lkm serving: " + ", ".join(f"{n} {url}" for n, url in urls.items()), flush=True)
+
+    def started(server: LkmServer) -> None:
+        active = [k.id for k in server.store.list_keys() if k.state is KeyState.ACTIVE] if server.store else []
+        serving({name: server.url(name) for name in server.listeners}, active[-1] if active else None)
 
     try:
-        asyncio.run(serve_forever(settings, on_started=started))
+        if settings.limits.workers > 1:
+            supervisor = Supervisor(settings, Path(path), notifier, serving)
+            asyncio.run(supervisor.run())
+            if supervisor.failed:
+                return 1
+        else:
+            asyncio.run(serve_forever(settings, on_started=started, config_path=Path(path), notifier=notifier))
     except OSError as exc:
         if exc.errno != errno.EADDRINUSE:
             raise

@@ -223,6 +223,7 @@ def read_limits(sec: Section, keystore: settings.KeyStoreSettings) -> settings.L
         keep_alive_seconds=sec.integer("keep_alive_seconds", 75, minimum=1),
         refresh_seconds=sec.number("refresh_seconds", 2.0, minimum=0.1),
         rsa_execution=sec.choice("rsa_execution", settings.RsaExecution, settings.RsaExecution.AUTO),
+        workers=sec.integer("workers", len(os.sched_getaffinity(0)), minimum=1, maximum=256),
     )
     sec.done()
     return result

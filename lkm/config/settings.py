@@ -156,6 +156,7 @@ class LimitsSettings:
     keep_alive_seconds: int
     refresh_seconds: float
     rsa_execution: RsaExecution = RsaExecution.AUTO
+    workers: int = 1  # server processes, each with its own event loop, all serving every listener
 
 
 @dataclass(frozen=True)

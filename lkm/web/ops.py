@@ -60,3 +60,14 @@ def ops_app(wctx: WebContext, readiness: ReadinessView, render_metrics: MetricsR
         app[METRICS_RENDER] = render_metrics
         app.router.add_get(Route.METRICS, metrics)
     return app
+
+
+def supervisor_ops_app(readiness: ReadinessView, render_metrics: MetricsRender) -> web.Application:
+    """The ops listener of a supervisor of several server processes: their combined readiness and metrics."""
+    app = web.Application()
+    app[READINESS] = readiness
+    app[METRICS_RENDER] = render_metrics
+    app.router.add_get(Route.HEALTHZ, healthz)
+    app.router.add_get(Route.READYZ, readyz)
+    app.router.add_get(Route.METRICS, metrics)
+    return app

@@ -29,10 +29,11 @@ from datetime import datetime
 from cryptography.exceptions import InvalidTag
 
 from lkm.errors import KeyStoreError
-from lkm.hawk import ALGORITHM, HawkCredential, NonceCache, Verified, check_credential_id
+from lkm.hawk import ALGORITHM, HawkCredential, Verified, check_credential_id
 from lkm.keystore import KeyStore
 from lkm.keystore.health import StoreStatus
 from lkm.keystore.postgresql.store import PostgresKeyStore
+from lkm.nonces import NonceStore
 
 log = logging.getLogger("lkm.keystore.postgresql")
 
@@ -133,7 +134,7 @@ class ClusterHawk:
         self._purge_if_due(now)
         return row is not None
 
-    def remember(self, verified: Verified, fallback: NonceCache) -> bool:
+    def remember(self, verified: Verified, fallback: NonceStore) -> bool:
         """check_and_remember for a verified request; with the database away (or failing now), this server's
         own cache decides, so playback goes on and a replay to this same server is still refused."""
         if self._store.health().status is StoreStatus.OK:

@@ -1,0 +1,261 @@
+"""The real multi-process server (`lkm serve` with limits.workers > 1): every guarantee holds across processes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from cryptography import x509
+
+from lkm import pki
+from lkm.client import PlatformClient, client_ssl_context
+from lkm.config import load_settings
+from lkm.hawk import HawkCredential, mint_credential, sign_request
+from lkm.keys import KeyRecord, KeyState
+from lkm.keystore.file import FileKeyStore
+from tests.conftest import Pki, b64, wrap
+from tests.lkmcli import lkm
+from tests.serveproc import ServeProcess
+
+pytestmark = pytest.mark.slow
+WORKERS = 2
+
+
+def prepare(config: Path) -> tuple[HawkCredential, KeyRecord]:
+    settings = load_settings(config)
+    assert settings.platform.hawk.credentials_file is not None and settings.keystore.passphrase is not None
+    assert settings.keystore.path is not None
+    credential = mint_credential(settings.platform.hawk.credentials_file, "platform-test")
+    store = FileKeyStore(settings.keystore.path, settings.keystore.passphrase.read_bytes())
+    record = store.create_key(state=KeyState.ACTIVE)
+    store.close()
+    return credential, record
+
+
+def fresh_session() -> aiohttp.ClientSession:
+    """Every request on a new connection, so the kernel hands them to all the workers."""
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
+
+
+async def unwrap(server: ServeProcess, certs: Pki, credential: HawkCredential, record: KeyRecord) -> int:
+    async with fresh_session() as session:
+        client = PlatformClient(session, server.urls["platform"] + "/key-management/v1/decrypt", credential,
+                                client_ssl_context(certs.ca_file))
+        return (await client.decrypt(record.id, wrap(record, b"k" * 32))).status
+
+
+async def get_json(url: str) -> tuple[int, Any]:
+    async with fresh_session() as session, session.get(url) as response:
+        return response.status, await response.json() if "json" in response.content_type else await response.text()
+
+
+def metric(text: str, name: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+async def test_workers_serve_together_and_a_dead_one_is_replaced(tmp_path: Path, certs: Pki,
+                                                                 config_factory: Callable[..., Path]) -> None:
+    config = config_factory(**{"limits.workers": WORKERS})
+    credential, record = prepare(config)
+    with ServeProcess(config, tmp_path / "serve.log") as server:
+        assert len(server.workers()) == WORKERS
+        status, body = await get_json(server.urls["ops"] + "/readyz")
+        assert status == 200 and body["checks"]["workers"]["detail"] == f"{WORKERS}/{WORKERS} worker processes serving"
+
+        statuses = await asyncio.gather(*(unwrap(server, certs, credential, record) for _ in range(12)))
+        assert statuses == [200] * 12
+        _, text = await get_json(server.urls["ops"] + "/metrics")
+        assert metric(text, 'lkm_unwraps_total{key_id="' + record.id + '",outcome="ok",route="platform"}') == 12
+        assert metric(text, "lkm_ready ") == 1
+
+        victim = server.workers()[0]
+        os.kill(victim, signal.SIGKILL)
+
+        async def not_ready() -> bool:
+            status, body = await get_json(server.urls["ops"] + "/readyz")
+            return status == 503 and not body["checks"]["workers"]["ok"]
+
+        assert await poll(not_ready)
+
+        async def ready_again() -> bool:
+            return (await get_json(server.urls["ops"] + "/readyz"))[0] == 200
+
+        assert await poll(ready_again)
+        assert victim not in server.workers() and len(server.workers()) == WORKERS
+        assert "killed by SIGKILL" in server.log_text()
+        assert await unwrap(server, certs, credential, record) == 200
+        _, text = await get_json(server.urls["ops"] + "/metrics")
+        assert metric(text, 'lkm_unwraps_total{key_id="' + record.id + '",outcome="ok",route="platform"}') == 13
+        workers = server.workers()
+    assert server.proc.returncode == 0
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
+
+
+async def poll(check: Callable[[], Any], within: float = 20.0) -> bool:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while loop.time() < deadline:
+        if await check():
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+async def test_a_replayed_request_is_refused_whichever_worker_gets_it(tmp_path: Path, certs: Pki,
+                                                                      config_factory: Callable[..., Path]) -> None:
+    config = config_factory(**{"limits.workers": WORKERS})
+    credential, record = prepare(config)
+    with ServeProcess(config, tmp_path / "serve.log") as server:
+        url = server.urls["platform"] + "/key-management/v1/decrypt"
+        port = int(url.split(":")[2].split("/")[0])
+        body = json.dumps({"keypairId": record.id, "body": b64(wrap(record, b"r" * 32))}).encode()
+        headers = {"Content-Type": "application/json", "Authorization": sign_request(
+            credential, method="POST", resource="/key-management/v1/decrypt", host="localhost", port=port,
+            content_type="application/json", body=body)}
+        ssl_ctx = client_ssl_context(certs.ca_file)
+
+        async def send() -> int:
+            async with fresh_session() as session, session.post(url, data=body, headers=headers,
+                                                                ssl=ssl_ctx) as response:
+                return response.status
+
+        statuses = await asyncio.gather(*(send() for _ in range(24)))
+        assert sorted(statuses) == [200] + [401] * 23
+
+
+async def test_sigkill_under_load_leaves_a_complete_audit_trail(tmp_path: Path, certs: Pki,
+                                                               config_factory: Callable[..., Path]) -> None:
+    config = config_factory(**{"limits.workers": WORKERS})
+    credential, record = prepare(config)
+    ok = 0
+    with ServeProcess(config, tmp_path / "serve.log") as server:
+        stop = asyncio.Event()
+
+        async def client() -> None:
+            nonlocal ok
+            while not stop.is_set():
+                with contextlib.suppress(aiohttp.ClientError):  # a connection of the killed worker
+                    ok += await unwrap(server, certs, credential, record) == 200
+
+        clients = [asyncio.create_task(client()) for _ in range(4)]
+        await asyncio.sleep(1.5)
+        os.kill(server.workers()[0], signal.SIGKILL)
+        await asyncio.sleep(1.5)
+        stop.set()
+        await asyncio.gather(*clients)
+    audit = load_settings(config).audit.path
+    verified = lkm("audit", "verify", str(audit), check=False)
+    lines = [line for line in audit.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            assert number == len(lines), "only the last record may be torn"
+            assert verified.returncode != 0 and f"line {number}" in verified.stdout  # reported, not dropped
+    if len(records) == len(lines):
+        assert verified.returncode == 0, verified.stdout
+    unwrapped = [r for r in records if r.get("action") == "unwrap" and r.get("outcome") == "ok"
+                 and r.get("route") == "platform"]
+    assert ok > 0 and len(unwrapped) >= ok  # every 200 has its record
+
+
+async def test_cli_changes_reach_every_worker(tmp_path: Path, certs: Pki,
+                                              config_factory: Callable[..., Path]) -> None:
+    config = config_factory(**{"limits.workers": WORKERS})
+    credential, record = prepare(config)
+    with ServeProcess(config, tmp_path / "serve.log") as server:
+        assert await unwrap(server, certs, credential, record) == 200
+        lkm("keys", "disable", "--force", record.id, "-c", str(config))
+
+        async def all_refused() -> bool:
+            statuses = await asyncio.gather(*(unwrap(server, certs, credential, record) for _ in range(8)))
+            return all(status != 200 for status in statuses)
+
+        assert await poll(all_refused, within=2.0)  # refresh_seconds is 0.2
+        lkm("keys", "enable", record.id, "-c", str(config))
+        lkm("hawk", "revoke", credential.id, "-c", str(config))
+
+        async def all_unauthorized() -> bool:
+            statuses = await asyncio.gather(*(unwrap(server, certs, credential, record) for _ in range(8)))
+            return statuses == [401] * 8
+
+        assert await poll(all_unauthorized, within=2.0)
+
+
+def notify_socket(tmp_path: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify.sock"))
+    sock.settimeout(30)
+    return sock
+
+
+def next_message(sock: socket.socket, wanted: str) -> list[str]:
+    while True:
+        lines = sock.recv(4096).decode().splitlines()
+        if wanted in lines:
+            return lines
+
+
+async def peer_serial(url: str, ca_file: Path) -> int:
+    port = int(url.rsplit(":", 1)[1])
+    _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_ssl_context(ca_file),
+                                              server_hostname="localhost")
+    der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    writer.close()
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+@pytest.mark.parametrize("workers", [1, WORKERS])
+async def test_systemd_hears_ready_reloading_and_stopping_and_sighup_renews_certificates(
+        tmp_path: Path, certs: Pki, config_factory: Callable[..., Path], workers: int) -> None:
+    config = config_factory(**{"limits.workers": workers})
+    credential, record = prepare(config)
+    notify_env = {"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "400000"}
+    with notify_socket(tmp_path) as notify, ServeProcess(config, tmp_path / "serve.log", env=notify_env) as server:
+        assert "READY=1" in next_message(notify, "READY=1")
+        next_message(notify, "WATCHDOG=1")  # pinged every 0.2 s, half the timeout
+        old = await peer_serial(server.urls["platform"], certs.ca_file)
+        async with aiohttp.ClientSession() as keep_alive:  # one connection, made before the renewal
+            client = PlatformClient(keep_alive, server.urls["platform"] + "/key-management/v1/decrypt", credential,
+                                    client_ssl_context(certs.ca_file))
+            assert (await client.decrypt(record.id, wrap(record, b"a" * 32))).status == 200
+            renewed = pki.issue(certs.ca, "localhost", server=True, dns=("localhost",), ips=("127.0.0.1",))
+            renewed.write(certs.dir / "server.pem", certs.dir / "server-key.pem")
+            server.signal(signal.SIGHUP)
+            reloading = next_message(notify, "RELOADING=1")
+            assert any(line.startswith("MONOTONIC_USEC=") for line in reloading)
+            assert "STATUS=reloaded" in next_message(notify, "READY=1")
+            serials = {await peer_serial(server.urls["platform"], certs.ca_file) for _ in range(6)}
+            assert serials == {renewed.cert.serial_number} and old not in serials
+            assert (await client.decrypt(record.id, wrap(record, b"b" * 32))).status == 200
+            assert len(keep_alive.connector._conns) == 1
+        server.signal(signal.SIGTERM)
+        next_message(notify, "STOPPING=1")
+
+
+async def test_overload_is_shed_with_retry_after_and_counted_across_workers(
+        tmp_path: Path, certs: Pki, config_factory: Callable[..., Path]) -> None:
+    config = config_factory(**{"limits.workers": WORKERS, "limits.worker_threads": 1,
+                               "limits.request_deadline_ms": 10})
+    credential, record = prepare(config)
+    with ServeProcess(config, tmp_path / "serve.log") as server:
+        async with fresh_session() as session:
+            client = PlatformClient(session, server.urls["platform"] + "/key-management/v1/decrypt", credential,
+                                    client_ssl_context(certs.ca_file))
+            replies = await asyncio.gather(*(client.decrypt(record.id, wrap(record, b"s" * 32)) for _ in range(96)))
+        statuses = [reply.status for reply in replies]
+        assert set(statuses) == {200, 503}, statuses
+        assert all(reply.headers["Retry-After"] == "1" for reply in replies if reply.status == 503)
+        _, text = await get_json(server.urls["ops"] + "/metrics")
+        assert metric(text, "lkm_requests_shed_total") == statuses.count(503)
+        assert metric(text, 'lkm_unwraps_total{key_id="' + record.id + '",outcome="ok"') == statuses.count(200)
