@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -16,7 +17,14 @@ from lkm.client import client_ssl_context
 from lkm.config import load_settings
 from lkm.errors import ConfigError
 from lkm.server import reload_from
-from tests.conftest import Running
+from tests.conftest import Pki, Running, base_config, start_server, write_config
+
+
+@pytest.fixture
+async def running(tmp_path: Path, own_certs: Pki) -> AsyncIterator[Running]:
+    """A server on a private copy of the certificates: these tests renew and break them on disk."""
+    async with start_server(tmp_path, own_certs, write_config(tmp_path, base_config(tmp_path, own_certs))) as handle:
+        yield handle
 
 
 async def _peer_serial(url: str, ca_file: Path) -> int:

@@ -22,7 +22,7 @@ from lkm.config import load_settings
 from lkm.hawk import HawkCredential, mint_credential, sign_request
 from lkm.keys import KeyRecord, KeyState
 from lkm.keystore.file import FileKeyStore
-from tests.conftest import Pki, b64, wrap
+from tests.conftest import Pki, b64, base_config, wrap, write_config
 from tests.lkmcli import lkm
 from tests.serveproc import ServeProcess
 
@@ -217,8 +217,9 @@ async def peer_serial(url: str, ca_file: Path) -> int:
 
 @pytest.mark.parametrize("workers", [1, WORKERS])
 async def test_systemd_hears_ready_reloading_and_stopping_and_sighup_renews_certificates(
-        tmp_path: Path, certs: Pki, config_factory: Callable[..., Path], workers: int) -> None:
-    config = config_factory(**{"limits.workers": workers})
+        tmp_path: Path, own_certs: Pki, workers: int) -> None:
+    certs = own_certs  # renewed on disk below: a private copy
+    config = write_config(tmp_path, base_config(tmp_path, certs, **{"limits.workers": workers}))
     credential, record = prepare(config)
     notify_env = {"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "400000"}
     with notify_socket(tmp_path) as notify, ServeProcess(config, tmp_path / "serve.log", env=notify_env) as server:
