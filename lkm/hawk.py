@@ -207,7 +207,21 @@ class HawkVerifier:
     def verify(self, *, method: str, path: str, query: str, host_header: str | None, public_host: str | None,
                public_port: int | None, default_port: int, authorization: str | None,
                content_type: str | None, body: bytes) -> HawkCredential:
-        """Pass `path` and `query` as sent on the wire (percent-encoding intact, query without '?')."""
+        """Header, then payload: `verify_header` and `verify_payload` in one call, for a body already read."""
+        credential, claimed_hash = self.verify_header(
+            method=method, path=path, query=query, host_header=host_header, public_host=public_host,
+            public_port=public_port, default_port=default_port, authorization=authorization)
+        self.verify_payload(claimed_hash, content_type, body)
+        return credential
+
+    def verify_header(self, *, method: str, path: str, query: str, host_header: str | None,
+                      public_host: str | None, public_port: int | None, default_port: int,
+                      authorization: str | None) -> tuple[HawkCredential, str | None]:
+        """The caller's credential and the payload hash it claims, from the header alone: no body needed.
+
+        A server calls this before it reads a body, so an unknown id or a bad MAC never costs one. Pass `path`
+        and `query` as sent on the wire (percent-encoding intact, query without '?').
+        """
         if authorization is None:
             raise HawkError(HawkReason.MISSING)
         attrs = parse_authorization(authorization)
@@ -234,11 +248,6 @@ class HawkVerifier:
         if not matched:
             raise HawkError(HawkReason.BAD_MAC)
 
-        if "hash" in attrs:
-            expected = payload_hash(content_type, body).encode("ascii")
-            if not hmac.compare_digest(expected, attrs["hash"].encode("ascii")):
-                raise HawkError(HawkReason.BAD_HASH)
-
         now = self.clock()
         ts = int(ts_text)
         if abs(now - ts) > self.skew_seconds:
@@ -249,7 +258,15 @@ class HawkVerifier:
         if self.replay_check and not self.nonce_cache.check_and_remember(credential.id, attrs["nonce"], ts,
                                                                           now):
             raise HawkError(HawkReason.REPLAY)
-        return credential
+        return credential, attrs.get("hash")
+
+    @staticmethod
+    def verify_payload(claimed_hash: str | None, content_type: str | None, body: bytes) -> None:
+        """The body against the hash the MAC covered; nothing to check when the client sent none."""
+        if claimed_hash is not None:
+            expected = payload_hash(content_type, body).encode("ascii")
+            if not hmac.compare_digest(expected, claimed_hash.encode("ascii")):
+                raise HawkError(HawkReason.BAD_HASH)
 
     @staticmethod
     def _host_port(host_header: str | None, public_host: str | None, public_port: int | None,

@@ -23,7 +23,7 @@ from lkm import __version__
 from lkm.admission import Admission
 from lkm.audit import AuditLog
 from lkm.auth import ClientPolicy
-from lkm.config import Settings
+from lkm.config import ListenSettings, Settings
 from lkm.errors import KeyStoreError, LkmError
 from lkm.hawk import CredentialSource, HawkCredential, HawkVerifier
 from lkm.keyadmin import KeyAdmin
@@ -36,10 +36,12 @@ from lkm.service import KeyService
 from lkm.tlsconf import server_context
 from lkm.web.admin import install_admin_routes
 from lkm.web.batch import install_batch_route
+from lkm.web.connections import ConnectionGuard, GuardedSocket, raise_descriptor_limit
 from lkm.web.native import native_app
 from lkm.web.ops import ReadinessView, ops_app
-from lkm.web.platform import PlatformHandler, platform_server
-from lkm.web.plumbing import WebContext, WebObserver
+from lkm.web.platform import PlatformHandler, platform_error_shape, platform_server
+from lkm.web.plumbing import WebContext, WebObserver, error_shape
+from lkm.web.protocol import ErrorShape, GuardedSite, ListenerPolicy
 from lkm.web.routes import ListenerName
 from lkm.workers import WorkerThreads
 
@@ -70,7 +72,7 @@ class MetricsObserver(WebObserver):
         except ValueError as exc:
             log.warning("metric not recorded: %s", exc)
 
-    def request_done(self, listener: str, route: str, method: str, status: int, seconds: float) -> None:
+    def request_done(self, listener: str, route: str, method: str, status: int | str, seconds: float) -> None:
         self._safely(self.metrics.observe_http, listener, None if route == OTHER_ROUTE else route, method, status,
                      seconds)
 
@@ -79,6 +81,18 @@ class MetricsObserver(WebObserver):
 
     def auth_failure(self, method: str, reason: str) -> None:
         self._safely(self.metrics.auth_failed, method, reason if reason in AUTH_REASONS else "malformed")
+
+    def connection_refused(self, listener: str, reason: str) -> None:
+        self.metrics.connections_refused.labels(listener, reason).inc()
+
+    def connection_timed_out(self, listener: str) -> None:
+        self.metrics.connections_timed_out.labels(listener).inc()
+
+    def connections_open(self, listener: str, delta: int) -> None:
+        self.metrics.connections_open.labels(listener).inc(delta)
+
+    def malformed_request(self, listener: str, status: int) -> None:
+        self.request_done(listener, OTHER_ROUTE, "other", status, 0.0)
 
     def unwrap_done(self, route: str, key_id: str | None, outcome: str, seconds: float) -> None:
         self._safely(self.metrics.observe_unwrap, route, outcome, seconds, key_id)
@@ -160,21 +174,21 @@ class LkmServer:
             ssl_ctx = server_context(tls, require_client_cert=False, source=settings.source,
                                      setting="platform.tls") if tls else None
             handler = PlatformHandler(wctx, settings.platform, verifier, default_port=443 if ssl_ctx else 80)
-            keepalive = float(settings.limits.keep_alive_seconds)
-            runner = web.ServerRunner(platform_server(handler, keepalive_timeout=keepalive), handle_signals=False)
-            listen = settings.platform.listen
-            await self._listen(ListenerName.PLATFORM, runner, listen.host, listen.port, ssl_ctx)
+            runner = web.ServerRunner(platform_server(handler), handle_signals=False)
+            # No lingering: a body the handler left unread (a caller Hawk refused) is never read.
+            await self._listen(ListenerName.PLATFORM, runner, settings.platform.listen, ssl_ctx, platform_error_shape,
+                               lingering_time=0.0)
         if settings.native is not None:
             ssl_ctx = server_context(settings.native.tls, require_client_cert=True, source=settings.source,
                                      setting="native.tls")
             native = native_app(wctx, ClientPolicy(settings.native.clients))
             install_admin_routes(native, self.keyadmin)
             install_batch_route(native, settings.native.max_batch)
-            await self._listen(ListenerName.NATIVE, self._app_runner(native), settings.native.listen.host,
-                               settings.native.listen.port, ssl_ctx)
+            await self._listen(ListenerName.NATIVE, self._app_runner(native), settings.native.listen, ssl_ctx,
+                               error_shape(wctx.request_ids))
         if settings.ops.enabled:
             await self._listen(ListenerName.OPS, self._app_runner(ops_app(wctx, self.readiness, self.metrics.render)),
-                               settings.ops.listen.host, settings.ops.listen.port, None)
+                               settings.ops.listen, None, error_shape(wctx.request_ids))
         await self.update_readiness(force_canary=True)
         # Keys and Hawk credentials that the CLI or another server changed show up within seconds.
         self._tasks.append(asyncio.create_task(self._every(settings.limits.refresh_seconds, self.refresh, "refresh"),
@@ -194,19 +208,27 @@ class LkmServer:
         self.metrics.shed.labels(ListenerName.PLATFORM if route == ListenerName.PLATFORM else ListenerName.NATIVE).inc()
 
     def _app_runner(self, app: web.Application) -> web.AppRunner:
-        return web.AppRunner(app, access_log=None, keepalive_timeout=float(self.settings.limits.keep_alive_seconds),
-                             handle_signals=False)
+        return web.AppRunner(app, access_log=None, handle_signals=False)
 
-    async def _listen(self, name: ListenerName, runner: web.BaseRunner, host: str, port: int, ssl_ctx: Any) -> None:
+    async def _listen(self, name: ListenerName, runner: web.BaseRunner, listen: ListenSettings, ssl_ctx: Any,
+                      shape: ErrorShape, **handler_options: Any) -> None:
+        """One listener: a guarded socket (allow-list, connection caps) serving connections with a deadline."""
         await runner.setup()
-        site = web.TCPSite(runner, host, port, ssl_context=ssl_ctx, backlog=1024, reuse_address=True)
-        await site.start()
         self._runners.append(runner)
-        bound_port = port
-        sockets = getattr(site._server, "sockets", None)  # aiohttp exposes the bound sockets only here
-        if sockets:
-            bound_port = sockets[0].getsockname()[1]
-        self.listeners[name] = Listener(name, site, host, bound_port, ssl_ctx is not None)
+        observer = self.observer
+        guard = ConnectionGuard(name, listen, on_refused=observer.connection_refused,
+                                on_open=observer.connections_open)
+        sock = GuardedSocket.listen_on(listen.host, listen.port, guard, backlog=1024)
+        policy = ListenerPolicy(name, guard, listen.request_timeout_seconds, shape,
+                                on_timeout=observer.connection_timed_out, on_malformed=observer.malformed_request)
+        site = GuardedSite(runner, sock, policy, ssl_context=ssl_ctx, access_log=None,
+                           keepalive_timeout=float(self.settings.limits.keep_alive_seconds), **handler_options)
+        try:
+            await site.start()
+        except BaseException:
+            sock.close()
+            raise
+        self.listeners[name] = Listener(name, site, listen.host, site.port, ssl_ctx is not None)
 
     def url(self, name: str) -> str:
         listener = self.listeners[name]
@@ -339,6 +361,7 @@ def forbid_core_dumps() -> None:
 
 async def serve_forever(settings: Settings, *, on_started: Any = None) -> None:
     forbid_core_dumps()
+    raise_descriptor_limit()
     sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
     server = LkmServer(settings)
     stop = asyncio.Event()
