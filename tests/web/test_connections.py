@@ -6,6 +6,7 @@ import asyncio
 import ssl
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -140,3 +141,145 @@ async def test_an_unauthenticated_request_never_costs_a_body_read(running: Runni
     forged = platform_head(running.hawk, port, content_length=60000).replace(b'mac="', b'mac="AAAA')
     reply = await exchange(port, tls, forged + b"{", within=3)
     assert reply.status == 401 and reply.json()["message"]
+
+
+# --- the whole process under a slow-body flood, with few file descriptors ---------------------------------------
+
+FD_LIMIT = 128
+SLOW_DEADLINE = 2.0
+
+
+def spawn_with_fd_limit(config: Path, log: Any) -> Any:
+    import resource
+    import subprocess
+    import sys
+
+    def limit() -> None:  # soft = hard: lkm has nothing to raise
+        resource.setrlimit(resource.RLIMIT_NOFILE, (FD_LIMIT, FD_LIMIT))
+
+    return subprocess.Popen([sys.executable, "-m", "lkm", "serve", "-c", str(config)], stdout=subprocess.DEVNULL,
+                            stderr=log, preexec_fn=limit)  # noqa: PLW1509 - only setrlimit
+
+
+async def hold_slow_body(port: int, tls: ssl.SSLContext, source: str, head: bytes) -> float | None:
+    """One slow-body connection: headers, one byte, then silence. How long until the server closed it."""
+    try:
+        reader, writer = await connect(port, tls, source=source)
+    except (ConnectionError, ssl.SSLError, OSError):
+        return None  # refused at accept
+    try:
+        writer.write(head + b"{")
+        await writer.drain()
+        _, took = await read_until_closed(reader, within=30)
+        return took
+    except (ConnectionError, ssl.SSLError, OSError):
+        return None
+    finally:
+        writer.close()
+
+
+@pytest.mark.slow
+async def test_slow_bodies_against_few_descriptors_leave_unwraps_and_readyz_working(
+        tmp_path: Path, certs: Pki) -> None:
+    import json
+    import os
+
+    import aiohttp
+
+    from lkm.bench.spawn import free_port, stop_child
+    from lkm.client import PlatformClient
+    from lkm.config import load_settings
+    from lkm.hawk import mint_credential
+    from lkm.keys import KeyState
+    from lkm.keystore.open import open_keystore
+    from tests.conftest import base_config, wrap, write_config
+
+    ports = {name: free_port() for name in ("platform", "native", "ops")}
+    config = base_config(tmp_path, certs)
+    for name, port in ports.items():
+        config[name]["listen"] = {"host": "127.0.0.1", "port": port, "request_timeout": SLOW_DEADLINE}
+    # The platform listener's caps keep its connections well inside the descriptor limit; the native one has
+    # none that bind, so a flood of unfinished TLS handshakes there runs the whole process out of descriptors.
+    config["platform"]["listen"].update(max_connections=80, max_connections_per_client=16)
+    config["native"]["listen"].update(max_connections=5000, max_connections_per_client=5000)
+    config["logging"]["level"] = "info"
+    path = write_config(tmp_path, config)
+    settings = load_settings(path)
+    store = open_keystore(settings.keystore)
+    record = store.create_key(state=KeyState.ACTIVE)
+    store.close()
+    assert settings.platform.hawk.credentials_file is not None
+    credential = mint_credential(settings.platform.hawk.credentials_file, "platform-test")
+    log = tmp_path / "server.log"
+    log_file = log.open("wb")
+    child = spawn_with_fd_limit(path, log_file)
+    tls = client_ssl_context(certs.ca_file)
+    session = aiohttp.ClientSession()
+    try:
+        async def ready() -> int:
+            try:
+                async with session.get(f"http://127.0.0.1:{ports['ops']}/readyz") as reply:
+                    return reply.status
+            except aiohttp.ClientError:
+                return 0
+
+        for _ in range(400):
+            if await ready() == 200:
+                break
+            assert child.poll() is None, log.read_text()[-2000:]
+            await asyncio.sleep(0.05)
+        platform = PlatformClient(session, f"https://localhost:{ports['platform']}/key-management/v1/decrypt",
+                                  credential, tls)
+
+        async def unwrap_ok() -> bool:
+            secret = os.urandom(32)
+            reply = await platform.decrypt(record.id, wrap(record, secret))
+            return reply.status == 200 and reply.body["body"] == __import__("base64").b64encode(secret).decode()
+
+        head = platform_head(credential, ports["platform"], content_length=60000)
+        # Phase 1: 300 slow bodies from four addresses, more than the process has descriptors.
+        attack = [asyncio.create_task(hold_slow_body(ports["platform"], tls, f"127.0.0.{2 + i % 4}", head))
+                  for i in range(300)]
+        await asyncio.sleep(0.5)
+        fds_during = len(os.listdir(f"/proc/{child.pid}/fd"))
+        served = [await unwrap_ok() for _ in range(10)]
+        readyz = [await ready() for _ in range(5)]
+        cut_after = [t for t in await asyncio.gather(*attack) if t is not None]
+        assert all(served) and readyz == [200] * 5
+        assert cut_after and max(cut_after) < SLOW_DEADLINE + 2.0
+        assert fds_during < FD_LIMIT
+
+        # Phase 2: 400 connections that never finish TLS run the process out of descriptors.
+        flood = []
+        for _ in range(400):
+            try:
+                flood.append(await asyncio.open_connection("127.0.0.1", ports["native"], local_addr=("127.0.0.7", 0)))
+            except OSError:
+                break
+        await asyncio.sleep(0.5)
+        for _, writer in flood:
+            writer.close()
+        await asyncio.sleep(SLOW_DEADLINE)
+        assert child.poll() is None
+        assert [await unwrap_ok() for _ in range(5)] == [True] * 5 and await ready() == 200
+
+        async with session.get(f"http://127.0.0.1:{ports['ops']}/metrics") as reply:
+            text = await reply.text()
+        assert metric_value(text, "lkm_connections_refused_total", listener="platform", reason="client_full") > 0
+        assert metric_value(text, "lkm_connections_timed_out_total", listener="platform") > 0
+        assert metric_value(text, "lkm_http_requests_total", status="500") == 0
+        lines = log.read_text().splitlines()
+        out_of_fds = [line for line in lines if "out of file descriptors" in line]
+        assert not any("out of system resource" in line for line in lines)
+        assert metric_value(text, "lkm_connections_refused_total", reason="no_descriptors") > len(out_of_fds)
+        assert 1 <= len(out_of_fds) <= 3
+        assert not [line for line in lines if '"level":"error"' in line and "descriptors" not in line]
+        print(json.dumps({"fds_during_phase1": fds_during, "slow_cut_after_max_s": round(max(cut_after), 2),
+                          "refused": {r: metric_value(text, "lkm_connections_refused_total", reason=r)
+                                      for r in RefusalReason},
+                          "out_of_fd_log_lines": len(out_of_fds), "log_bytes": len("\n".join(lines))}))
+    finally:
+        await session.close()
+        stop_child(child, 20)
+        log_file.close()
+        print(log.read_text()[-3000:])
