@@ -30,6 +30,7 @@ from lkm.keyadmin import KeyAdmin
 from lkm.keys import PADDINGS, Algorithm, KeyState, utcnow
 from lkm.keystore import KeyStore
 from lkm.keystore.open import open_keystore
+from lkm.memory import MemoryReleaser
 from lkm.metrics import AUTH_REASONS, OTHER_ROUTE, Metrics
 from lkm.pki import load_cert_expiry
 from lkm.service import KeyService
@@ -49,6 +50,7 @@ log = logging.getLogger("lkm.server")
 
 CANARY_INTERVAL_SECONDS = 30.0
 READINESS_INTERVAL_SECONDS = 5.0
+TRIM_INTERVAL_SECONDS = 5.0  # README: Connection limits (memory)
 # How long a thread may hold the GIL while another waits for it. A worker thread whose RSA operation (run with
 # the GIL released) has finished waits for the GIL before it can hand the result back; with Python's default
 # of 5 ms, a busy event loop can keep that core idle for up to 5 ms per operation. 1 ms raised throughput and
@@ -134,6 +136,7 @@ class LkmServer:
         self.hawk_source: CredentialSource | None = None
         self.keyadmin: KeyAdmin | None = None
         self._last_canary = 0.0
+        self._memory = MemoryReleaser()
 
     # --- life cycle ----------------------------------------------------------------------------------------
 
@@ -195,14 +198,22 @@ class LkmServer:
                                                name="lkm-refresh"))
         self._tasks.append(asyncio.create_task(self._every(READINESS_INTERVAL_SECONDS, self.update_readiness,
                                                            "readiness check"), name="lkm-readiness"))
+        self._tasks.append(asyncio.create_task(self._every(TRIM_INTERVAL_SECONDS, self._release_memory,
+                                                           "memory release"), name="lkm-memory"))
         if settings.rotation is not None:
             # The first look is immediate: a rotation missed while the server was down happens now.
             self._tasks.append(asyncio.create_task(self.keyadmin.schedule_loop(settings.limits.refresh_seconds),
                                                    name="lkm-rotation"))
         if settings.genesys is not None:
             self.keyadmin.resume_registrations()
+        self._memory.start()
         log.info("lkm started", extra={"listeners": {n: f"{lst.host}:{lst.port}"
                                                       for n, lst in self.listeners.items()}})
+
+    async def _release_memory(self) -> None:
+        released = self._memory.step()
+        if released:
+            log.info("memory given back after a burst", extra={"released_bytes": released})
 
     def _count_shed(self, route: str) -> None:
         self.metrics.shed.labels(ListenerName.PLATFORM if route == ListenerName.PLATFORM else ListenerName.NATIVE).inc()

@@ -143,6 +143,10 @@ class LkmRequestHandler(RequestHandler):
                 log.info("malformed HTTP request", extra={
                     "listener": policy.listener, "client": request.remote, "status": status,
                     "error": type(exc).__name__ if exc is not None else None, "held_back": held})
+        if exc is not None and status < 500:
+            # Its traceback holds the parser's frame, and with it this connection and its buffers, in a cycle
+            # only the collector's oldest generation would free: a flood of bad requests would pile them up.
+            exc.__traceback__ = None
         policy.on_malformed(policy.listener, status)
         response = policy.error_shape(status, code, text)
         response.force_close()

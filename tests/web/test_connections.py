@@ -12,6 +12,7 @@ import pytest
 
 from lkm.client import client_ssl_context
 from lkm.config import ListenSettings
+from lkm.memory import RELEASE_THRESHOLD_BYTES
 from lkm.metrics import RefusalReason
 from lkm.web.connections import ConnectionGuard, LogThrottle, parse_address
 from tests.conftest import Pki, Running, start_server
@@ -283,3 +284,92 @@ async def test_slow_bodies_against_few_descriptors_leave_unwraps_and_readyz_work
         stop_child(child, 20)
         log_file.close()
         print(log.read_text()[-3000:])
+
+
+# --- memory after a flood of hostile requests ---------------------------------------------------------------------
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+async def hostile(port: int, tls: ssl.SSLContext, payload: bytes, source: str) -> None:
+    try:
+        reader, writer = await connect(port, tls, source=source)
+    except (ConnectionError, ssl.SSLError, OSError):
+        return
+    try:
+        writer.write(payload)
+        await writer.drain()
+        await read_until_closed(reader, within=5)
+    except (ConnectionError, ssl.SSLError, OSError, TimeoutError):
+        pass
+    finally:
+        writer.close()
+
+
+@pytest.mark.slow
+async def test_resident_memory_returns_within_a_bound_after_a_hostile_flood(tmp_path: Path, certs: Pki) -> None:
+    import random
+
+    from lkm.bench.spawn import free_port, stop_child
+    from lkm.hawk import HawkCredential
+    from tests.conftest import base_config, write_config
+
+    ports = {name: free_port() for name in ("platform", "native", "ops")}
+    config = base_config(tmp_path, certs)
+    for name, port in ports.items():
+        config[name]["listen"] = {"host": "127.0.0.1", "port": port, "request_timeout": 1.0}
+    (tmp_path / "hawk.json").write_text('{"version": 1, "credentials": []}')
+    config["platform"]["hawk"] = {"credentials_file": str(tmp_path / "hawk.json")}
+    path = write_config(tmp_path, config)
+    log = (tmp_path / "server.log").open("wb")
+    import subprocess
+    import sys
+    child = subprocess.Popen([sys.executable, "-m", "lkm", "serve", "-c", str(path)],  # noqa: ASYNC220
+                             stdout=subprocess.DEVNULL, stderr=log)
+    tls = client_ssl_context(certs.ca_file)
+    port = ports["platform"]
+    try:
+        for _ in range(400):
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", ports["ops"])
+                writer.close()
+                break
+            except OSError:
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(1.0)
+        stranger = HawkCredential("intruder", "not-a-key")
+        body = b'{"keypairId": "x", "body": "' + b"A" * 60000 + b'"}'
+        payloads = [
+            platform_head(stranger, port, content_length=len(body)) + body,  # unknown id, big body
+            MALFORMED_NUL,
+            b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"B" * 60000 + b"\r\n\r\n",
+            platform_head(stranger, port, content_length=60000) + b"{",  # slow body
+        ]
+        before = rss_kib(child.pid)
+        peak = before
+        rounds, per_round = 6, 200
+        for i in range(rounds):
+            await asyncio.gather(*(hostile(port, tls, random.choice(payloads), f"127.0.1.{1 + j % 50}")
+                                   for j in range(per_round)))
+            peak = max(peak, rss_kib(child.pid))
+            assert child.poll() is None, i
+        after = peak
+        for _ in range(60):  # the server gives memory back within seconds of the burst
+            await asyncio.sleep(0.5)
+            after = rss_kib(child.pid)
+            if after - before < RELEASE_THRESHOLD_BYTES // 1024:
+                break
+        print({"requests": rounds * per_round, "rss_before_mib": round(before / 1024, 1),
+               "rss_peak_mib": round(peak / 1024, 1), "rss_after_mib": round(after / 1024, 1)})
+        assert after - before < RELEASE_THRESHOLD_BYTES // 1024, (before, peak, after)
+    finally:
+        stop_child(child, 20)
+        log.close()
+
+
+MALFORMED_NUL = (b"POST /key-management/v1/decrypt HTTP/1.1\r\nHost: localhost\r\n"
+                 b"PureCloud-User-Id: \x00\r\nContent-Length: 0\r\n\r\n")
