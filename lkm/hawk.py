@@ -197,11 +197,12 @@ def _split_host(value: str) -> tuple[str, int | None]:
 
 @dataclass(frozen=True)
 class Verified:
-    """A request whose MAC, payload hash and timestamp checked out; its nonce is still to be checked."""
+    """A request whose header (MAC, timestamp) checked out; its nonce and its payload hash are still to check."""
 
     credential: HawkCredential
     nonce_key: tuple[str, str, int]  # (credential id, nonce, ts): what a replay check remembers
     now: float
+    claimed_hash: str | None  # the payload hash the MAC covered, checked once the body is read
 
 
 class HawkVerifier:
@@ -216,22 +217,31 @@ class HawkVerifier:
         self.nonce_cache: NonceStore = nonce_cache or NonceCache(nonce_cache_size, skew_seconds)
         self._dummy_key = secrets.token_urlsafe(32)
 
-    def verify(self, **request: Any) -> HawkCredential:
-        """verify_request, then the replay check in this server's memory (when it is on)."""
-        verified = self.verify_request(**request)
+    def verify(self, *, method: str, path: str, query: str, host_header: str | None, public_host: str | None,
+               public_port: int | None, default_port: int, authorization: str | None,
+               content_type: str | None, body: bytes) -> HawkCredential:
+        """Header, replay check in this server's memory, then payload, for a body already read."""
+        verified = self.verify_header(
+            method=method, path=path, query=query, host_header=host_header, public_host=public_host,
+            public_port=public_port, default_port=default_port, authorization=authorization)
         if not self.check_replay(verified):
             raise HawkError(HawkReason.REPLAY)
+        self.verify_payload(verified.claimed_hash, content_type, body)
         return verified.credential
 
     def check_replay(self, verified: Verified) -> bool:
         """False for a nonce this server saw inside the window (always True with the replay check off)."""
         return not self.replay_check or self.nonce_cache.check_and_remember(*verified.nonce_key, verified.now)
 
-    def verify_request(self, *, method: str, path: str, query: str, host_header: str | None,
-                       public_host: str | None, public_port: int | None, default_port: int,
-                       authorization: str | None, content_type: str | None, body: bytes) -> Verified:
-        """Every check but the replay check, whose place (memory or a shared database) the caller chooses.
-        Pass `path` and `query` as sent on the wire (percent-encoding intact, query without '?')."""
+    def verify_header(self, *, method: str, path: str, query: str, host_header: str | None,
+                      public_host: str | None, public_port: int | None, default_port: int,
+                      authorization: str | None) -> Verified:
+        """The caller's credential and the payload hash it claims, from the header alone: no body needed.
+
+        A server calls this before it reads a body, so an unknown id or a bad MAC never costs one; the replay
+        check, whose place (memory or a shared database) the caller chooses, comes next. Pass `path` and
+        `query` as sent on the wire (percent-encoding intact, query without '?').
+        """
         if authorization is None:
             raise HawkError(HawkReason.MISSING)
         attrs = parse_authorization(authorization)
@@ -258,11 +268,6 @@ class HawkVerifier:
         if not matched:
             raise HawkError(HawkReason.BAD_MAC)
 
-        if "hash" in attrs:
-            expected = payload_hash(content_type, body).encode("ascii")
-            if not hmac.compare_digest(expected, attrs["hash"].encode("ascii")):
-                raise HawkError(HawkReason.BAD_HASH)
-
         now = self.clock()
         ts = int(ts_text)
         if abs(now - ts) > self.skew_seconds:
@@ -270,7 +275,15 @@ class HawkVerifier:
             raise HawkError(HawkReason.STALE_TIMESTAMP, www_authenticate=(
                 f'Hawk ts="{now_s}", tsm="{timestamp_mac(credential.key, now_s)}", error="Stale timestamp"'))
 
-        return Verified(credential, (credential.id, attrs["nonce"], ts), now)
+        return Verified(credential, (credential.id, attrs["nonce"], ts), now, attrs.get("hash"))
+
+    @staticmethod
+    def verify_payload(claimed_hash: str | None, content_type: str | None, body: bytes) -> None:
+        """The body against the hash the MAC covered; nothing to check when the client sent none."""
+        if claimed_hash is not None:
+            expected = payload_hash(content_type, body).encode("ascii")
+            if not hmac.compare_digest(expected, claimed_hash.encode("ascii")):
+                raise HawkError(HawkReason.BAD_HASH)
 
     @staticmethod
     def _host_port(host_header: str | None, public_host: str | None, public_port: int | None,

@@ -65,6 +65,15 @@ class AuthReason(StrEnum):
     FORBIDDEN_ROLE = "forbidden_role"
 
 
+class RefusalReason(StrEnum):
+    """Why a connection was closed at accept, before TLS and before any HTTP."""
+
+    NOT_ALLOWED = "not_allowed"  # the peer is outside the listener's allowed_networks
+    LISTENER_FULL = "listener_full"  # the listener holds max_connections already
+    CLIENT_FULL = "client_full"  # the peer holds max_connections_per_client already
+    NO_DESCRIPTORS = "no_descriptors"  # the process ran out of file descriptors
+
+
 class KeystoreBackend(StrEnum):
     FILE = "file"
     PKCS11 = "pkcs11"
@@ -180,6 +189,19 @@ class Metrics:
             "Requests refused with 503 because their private-key operation could not start within "
             "limits.request_deadline_ms, by listener.",
             ["listener"], registry=r)
+
+        self.connections_refused: Counter = Counter(
+            "lkm_connections_refused_total",
+            "Connections closed at accept, before TLS, by listener and reason (not_allowed, listener_full, "
+            "client_full, no_descriptors).",
+            ["listener", "reason"], registry=r)
+        self.connections_timed_out: Counter = Counter(
+            "lkm_connections_timed_out_total",
+            "Connections closed because a request (TLS handshake, headers, body) did not arrive in full within "
+            "the listener's request_timeout, by listener.",
+            ["listener"], registry=r)
+        self.connections_open: Gauge = Gauge(
+            "lkm_open_connections", "Open connections by listener.", ["listener"], registry=r)
 
         # Keys and their lifecycle.
         self.keys: Gauge = Gauge("lkm_keys", "Keys in the key store by state.", ["state"], registry=r,

@@ -27,7 +27,7 @@ from lkm import __version__
 from lkm.admission import Admission, runs_inline
 from lkm.audit import AuditLog
 from lkm.auth import ClientPolicy
-from lkm.config import KeyStoreType, ReplayCheck, Settings, load_settings
+from lkm.config import KeyStoreType, ListenSettings, ReplayCheck, Settings, load_settings
 from lkm.errors import ConfigError, KeyStoreError, LkmError
 from lkm.hawk import CredentialSource, HawkVerifier, Verified
 from lkm.keyadmin import KeyAdmin
@@ -35,6 +35,7 @@ from lkm.keys import PADDINGS, Algorithm, KeyState, utcnow
 from lkm.keystore import KeyStore
 from lkm.keystore.health import ReportsHealth, StoreStatus
 from lkm.keystore.open import open_keystore
+from lkm.memory import MemoryReleaser
 from lkm.metrics import AUTH_REASONS, OTHER_ROUTE, Metrics
 from lkm.nonces import NonceStore
 from lkm.pki import load_cert_expiry
@@ -44,10 +45,12 @@ from lkm.service import KeyService
 from lkm.threadnames import LOOP, name_this_thread
 from lkm.web.admin import install_admin_routes
 from lkm.web.batch import install_batch_route
+from lkm.web.connections import ConnectionGuard, GuardedSocket, raise_descriptor_limit
 from lkm.web.native import native_app
 from lkm.web.ops import ReadinessView, ops_app
-from lkm.web.platform import PlatformHandler, platform_server
-from lkm.web.plumbing import WebContext, WebObserver
+from lkm.web.platform import PlatformHandler, platform_error_shape, platform_server
+from lkm.web.plumbing import WebContext, WebObserver, error_shape
+from lkm.web.protocol import ErrorShape, GuardedSite, ListenerPolicy
 from lkm.web.routes import ListenerName
 from lkm.workers import WorkerThreads
 
@@ -55,6 +58,7 @@ log = logging.getLogger("lkm.server")
 
 CANARY_INTERVAL_SECONDS = 30.0
 READINESS_INTERVAL_SECONDS = 5.0
+TRIM_INTERVAL_SECONDS = 5.0  # README: Connection limits (memory)
 # How long a thread may hold the GIL while another waits for it. A worker thread whose RSA operation (run with
 # the GIL released) has finished waits for the GIL before it can hand the result back; with Python's default
 # of 5 ms, a busy event loop can keep that core idle for up to 5 ms per operation. 1 ms raised throughput and
@@ -78,7 +82,7 @@ class MetricsObserver(WebObserver):
         except ValueError as exc:
             log.warning("metric not recorded: %s", exc)
 
-    def request_done(self, listener: str, route: str, method: str, status: int, seconds: float) -> None:
+    def request_done(self, listener: str, route: str, method: str, status: int | str, seconds: float) -> None:
         self._safely(self.metrics.observe_http, listener, None if route == OTHER_ROUTE else route, method, status,
                      seconds)
 
@@ -87,6 +91,18 @@ class MetricsObserver(WebObserver):
 
     def auth_failure(self, method: str, reason: str) -> None:
         self._safely(self.metrics.auth_failed, method, reason if reason in AUTH_REASONS else "malformed")
+
+    def connection_refused(self, listener: str, reason: str) -> None:
+        self.metrics.connections_refused.labels(listener, reason).inc()
+
+    def connection_timed_out(self, listener: str) -> None:
+        self.metrics.connections_timed_out.labels(listener).inc()
+
+    def connections_open(self, listener: str, delta: int) -> None:
+        self.metrics.connections_open.labels(listener).inc(delta)
+
+    def malformed_request(self, listener: str, status: int) -> None:
+        self.request_done(listener, OTHER_ROUTE, "other", status, 0.0)
 
     def unwrap_done(self, route: str, key_id: str | None, outcome: str, seconds: float) -> None:
         self._safely(self.metrics.observe_unwrap, route, outcome, seconds, key_id)
@@ -145,6 +161,7 @@ class LkmServer:
         self._nonce_executor: ThreadPoolExecutor | None = None
         self.keyadmin: KeyAdmin | None = None
         self._last_canary = 0.0
+        self._memory = MemoryReleaser()
 
     # --- life cycle ----------------------------------------------------------------------------------------
 
@@ -187,33 +204,36 @@ class LkmServer:
             ssl_ctx = self._reloadable_context(ListenerName.PLATFORM)
             handler = PlatformHandler(wctx, settings.platform, verifier, default_port=443 if ssl_ctx else 80,
                                       shared_nonces=shared_nonces)
-            keepalive = float(settings.limits.keep_alive_seconds)
-            runner = web.ServerRunner(platform_server(handler, keepalive_timeout=keepalive), handle_signals=False)
-            listen = settings.platform.listen
-            await self._listen(ListenerName.PLATFORM, runner, listen.host, listen.port, ssl_ctx)
+            runner = web.ServerRunner(platform_server(handler), handle_signals=False)
+            # No lingering: a body the handler left unread (a caller Hawk refused) is never read.
+            await self._listen(ListenerName.PLATFORM, runner, settings.platform.listen, ssl_ctx, platform_error_shape,
+                               lingering_time=0.0)
         if settings.native is not None:
             ssl_ctx = self._reloadable_context(ListenerName.NATIVE)
             self.reloadable.policy = ClientPolicy(settings.native.clients)
             native = native_app(wctx, self.reloadable.policy)
             install_admin_routes(native, self.keyadmin)
             install_batch_route(native, settings.native.max_batch)
-            await self._listen(ListenerName.NATIVE, self._app_runner(native), settings.native.listen.host,
-                               settings.native.listen.port, ssl_ctx)
+            await self._listen(ListenerName.NATIVE, self._app_runner(native), settings.native.listen, ssl_ctx,
+                               error_shape(wctx.request_ids))
         if settings.ops.enabled and self._serve_ops:
             await self._listen(ListenerName.OPS, self._app_runner(ops_app(wctx, self.readiness, self.metrics.render)),
-                               settings.ops.listen.host, settings.ops.listen.port, None)
+                               settings.ops.listen, None, error_shape(wctx.request_ids))
         await self.update_readiness(force_canary=True)
         # Keys and Hawk credentials that the CLI or another server changed show up within seconds.
         self._tasks.append(asyncio.create_task(self._every(settings.limits.refresh_seconds, self.refresh, "refresh"),
                                                name="lkm-refresh"))
         self._tasks.append(asyncio.create_task(self._every(READINESS_INTERVAL_SECONDS, self.update_readiness,
                                                            "readiness check"), name="lkm-readiness"))
+        self._tasks.append(asyncio.create_task(self._every(TRIM_INTERVAL_SECONDS, self._release_memory,
+                                                           "memory release"), name="lkm-memory"))
         if settings.rotation is not None:
             # The first look is immediate: a rotation missed while the server was down happens now.
             self._tasks.append(asyncio.create_task(self.keyadmin.schedule_loop(settings.limits.refresh_seconds),
                                                    name="lkm-rotation"))
         if settings.genesys is not None:
             self.keyadmin.resume_registrations()
+        self._memory.start()
         log.info("lkm started", extra={"listeners": {n: f"{lst.host}:{lst.port}"
                                                       for n, lst in self.listeners.items()},
                                        "rsa": "inline" if self.rsa_inline else "threads"})
@@ -251,25 +271,38 @@ class LkmServer:
         and requests; raises (ConfigError, OSError, ValueError) with the old settings still in force."""
         self.reloadable.apply(settings, lambda level: logging.getLogger().setLevel(level.upper()))
 
+    async def _release_memory(self) -> None:
+        released = self._memory.step()
+        if released:
+            log.info("memory given back after a burst", extra={"released_bytes": released})
+
     def _count_shed(self, route: str) -> None:
         self.metrics.shed.labels(ListenerName.PLATFORM if route == ListenerName.PLATFORM else ListenerName.NATIVE).inc()
 
     def _app_runner(self, app: web.Application) -> web.AppRunner:
-        return web.AppRunner(app, access_log=None, keepalive_timeout=float(self.settings.limits.keep_alive_seconds),
-                             handle_signals=False)
+        return web.AppRunner(app, access_log=None, handle_signals=False)
 
-    async def _listen(self, name: ListenerName, runner: web.BaseRunner, host: str, port: int, ssl_ctx: Any) -> None:
+    async def _listen(self, name: ListenerName, runner: web.BaseRunner, listen: ListenSettings, ssl_ctx: Any,
+                      shape: ErrorShape, **handler_options: Any) -> None:
+        """One listener: a guarded socket (allow-list, connection caps) serving connections with a deadline."""
         await runner.setup()
-        sock = self._sockets.get(name)
-        site: web.BaseSite = web.SockSite(runner, sock, ssl_context=ssl_ctx) if sock is not None else \
-            web.TCPSite(runner, host, port, ssl_context=ssl_ctx, backlog=1024, reuse_address=True)
-        await site.start()
         self._runners.append(runner)
-        bound_port = port
-        sockets = getattr(site._server, "sockets", None)  # aiohttp exposes the bound sockets only here
-        if sockets:
-            bound_port = sockets[0].getsockname()[1]
-        self.listeners[name] = Listener(name, site, host, bound_port, ssl_ctx is not None)
+        observer = self.observer
+        guard = ConnectionGuard(name, listen, on_refused=observer.connection_refused,
+                                on_open=observer.connections_open)
+        inherited = self._sockets.get(name)  # bound once by the supervisor and shared by every worker
+        sock = GuardedSocket.adopt(inherited, guard) if inherited is not None else \
+            GuardedSocket.listen_on(listen.host, listen.port, guard, backlog=1024)
+        policy = ListenerPolicy(name, guard, listen.request_timeout_seconds, shape,
+                                on_timeout=observer.connection_timed_out, on_malformed=observer.malformed_request)
+        site = GuardedSite(runner, sock, policy, ssl_context=ssl_ctx, access_log=None,
+                           keepalive_timeout=float(self.settings.limits.keep_alive_seconds), **handler_options)
+        try:
+            await site.start()
+        except BaseException:
+            sock.close()
+            raise
+        self.listeners[name] = Listener(name, site, listen.host, site.port, ssl_ctx is not None)
 
     def url(self, name: str) -> str:
         listener = self.listeners[name]
@@ -438,6 +471,7 @@ async def serve_forever(settings: Settings, *, on_started: Any = None, server: L
     """Runs one server until SIGTERM/SIGINT (or `stop`); SIGHUP reloads from `config_path`."""
     forbid_core_dumps()
     name_this_thread(LOOP)
+    raise_descriptor_limit()
     sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
     server = server or LkmServer(settings)
     notifier = notifier or Notifier()

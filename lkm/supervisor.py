@@ -40,6 +40,7 @@ from lkm.metrics import forget_process, render_processes
 from lkm.nonces import create_table
 from lkm.sdnotify import Notifier
 from lkm.server import forbid_core_dumps, listener_url
+from lkm.web.connections import raise_descriptor_limit
 from lkm.web.ops import ReadinessView, supervisor_ops_app
 from lkm.web.routes import ListenerName
 from lkm.workerproc import WorkerEvent
@@ -102,6 +103,7 @@ class Supervisor:
 
     async def run(self) -> None:
         forbid_core_dumps()
+        raise_descriptor_limit()  # the parent holds the listening sockets and serves the ops listener
         settings = self.settings
         self._metrics_dir.mkdir(mode=0o700)
         create_table(self._nonces, settings.platform.hawk.nonce_cache_size)

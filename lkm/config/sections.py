@@ -6,6 +6,7 @@ setting is refused rather than silently ignored.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 
@@ -27,10 +28,31 @@ _BASE_URL_RE = re.compile(r"^(https?)://([^/\s:]+|\[[0-9a-fA-F:]+\])(:\d+)?$")
 
 def read_listen(sec: Section, host: str, port: int) -> settings.ListenSettings:
     listen = sec.section("listen")
-    result = settings.ListenSettings(host=listen.string("host", host),
-                                     port=listen.integer("port", port, minimum=0, maximum=65535))
+    defaults = settings.ListenSettings(host, port)
+    max_connections = listen.integer("max_connections", defaults.max_connections, minimum=1)
+    result = settings.ListenSettings(
+        host=listen.string("host", host),
+        port=listen.integer("port", port, minimum=0, maximum=65535),
+        request_timeout_seconds=listen.seconds("request_timeout", defaults.request_timeout_seconds, minimum=0.1),
+        max_connections=max_connections,
+        max_connections_per_client=listen.integer("max_connections_per_client",
+                                                  min(defaults.max_connections_per_client, max_connections),
+                                                  minimum=1, maximum=max_connections),
+        allowed_networks=_networks(listen, "allowed_networks"),
+        trusted_proxies=_networks(listen, "trusted_proxies"),
+    )
     listen.done()
     return result
+
+
+def _networks(sec: Section, key: str) -> tuple[settings.Network, ...]:
+    networks = []
+    for item in sec.items(key):
+        try:
+            networks.append(ipaddress.ip_network(str(item), strict=True))
+        except ValueError:
+            raise sec.error(key, f"a list of networks in CIDR form such as 192.0.2.0/24, got {item!r}") from None
+    return tuple(networks)
 
 
 def read_tls(sec: Section, *, client_ca: bool) -> settings.TLSSettings:

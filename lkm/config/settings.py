@@ -6,6 +6,7 @@ Closed vocabularies are enums so a setting that parsed is one the code knows; se
 from __future__ import annotations
 
 import enum
+import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,10 +49,20 @@ class LogFormat(enum.StrEnum):
     TEXT = "text"
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
 @dataclass(frozen=True)
 class ListenSettings:
+    """Where a listener binds and what it lets a connection cost (README: Connection limits)."""
+
     host: str
     port: int
+    request_timeout_seconds: float = 5.0  # the whole request: TLS handshake, headers and body
+    max_connections: int = 1000
+    max_connections_per_client: int = 100
+    allowed_networks: tuple[Network, ...] = ()  # empty: any address
+    trusted_proxies: tuple[Network, ...] = ()  # peers whose X-Forwarded-For names the client
 
 
 @dataclass(frozen=True)

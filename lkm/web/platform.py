@@ -24,7 +24,16 @@ from lkm.hawk import HawkVerifier, Verified, parse_authorization
 from lkm.keys import Algorithm, b64, parse_key_id
 from lkm.metrics import OTHER_ROUTE
 from lkm.service import RequestContext
-from lkm.web.plumbing import ACTOR, WebContext, decode_b64, parse_json_object, read_body, request_finished
+from lkm.web.plumbing import (
+    ACTOR,
+    WebContext,
+    decode_b64,
+    lost_connection,
+    parse_json_object,
+    read_body,
+    request_finished,
+)
+from lkm.web.protocol import client_of, lost_request_status, request_started
 from lkm.web.routes import ListenerName, Route
 
 log = logging.getLogger("lkm.web")
@@ -42,6 +51,11 @@ def render_platform_error(error: LkmError, headers: dict[str, str] | None = None
     if error.retry_after is not None:
         extra["Retry-After"] = str(error.retry_after)
     return _plain_error(status, error.message, extra)
+
+
+def platform_error_shape(status: int, code: str, message: str) -> web.Response:
+    """The sample's shape for a request that never reached the handler (malformed HTTP); it has no code field."""
+    return _plain_error(status, message)
 
 
 def _plain_error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -73,16 +87,21 @@ class PlatformHandler:
         method = request.method
         path = request.path
         route = self.path if path == self.path else HEALTH_PATH if path == HEALTH_PATH else OTHER_ROUTE
-        status = 500
+        request_started(request)
+        status: int | str = 500
         try:
+            lost = None
             try:
                 response = await self._dispatch(request, request_id, route, method)
             except LkmError as exc:
                 response = render_platform_error(exc)
+            except ConnectionError:
+                lost = lost_request_status(request)
+                response = lost_connection(request_id, lost)
             except Exception:
                 log.exception("unhandled error", extra={"request_id": request_id})
                 response = render_platform_error(LkmError())
-            status = response.status
+            status = lost or response.status
             response.headers["X-Request-Id"] = request_id
             return response
         finally:
@@ -104,41 +123,49 @@ class PlatformHandler:
         return _plain_error(404, "Not Found")
 
     async def read_authenticated(self, request: web.BaseRequest, request_id: str) -> bytes | web.Response:
-        """The request body once Hawk verified it (the caller goes into request[ACTOR]), or the finished 401."""
-        body = await read_body(request, self.wctx.max_body_bytes)
-        caller = await self.authenticate(request, request_id, body)
-        if isinstance(caller, web.Response):
-            return caller
-        request[ACTOR] = caller
-        return body
+        """The request body once Hawk verified it (the caller goes into request[ACTOR]), or the finished 401.
 
-    async def authenticate(self, request: web.BaseRequest, request_id: str, body: bytes) -> Actor | web.Response:
-        """The verified caller, or the finished 401 response (audited) for one that is not."""
+        The header's MAC is checked before the body is read: a stranger never gets the server to wait for, or
+        hold, a body. The payload hash, when the client sent one, is checked once the body is in.
+        """
         headers = request.headers
         try:
-            verified = self.verifier.verify_request(
+            verified = self.verifier.verify_header(
                 method=request.method, path=request.rel_url.raw_path, query=request.rel_url.raw_query_string,
                 host_header=headers.get("Host"), public_host=self.settings.public_host,
                 public_port=self.settings.public_port, default_port=self.default_port,
-                authorization=headers.get("Authorization"), content_type=headers.get("Content-Type"),
-                body=body)
+                authorization=headers.get("Authorization"))
             fresh = self.verifier.check_replay(verified) if self.shared_nonces is None else \
                 await self.shared_nonces(verified)
             if not fresh:
                 raise HawkError(HawkReason.REPLAY)
-            credential = verified.credential
         except HawkError as exc:
-            service = self.wctx.service
-            self.wctx.observer.auth_failure(ActorKind.HAWK, exc.reason)
-            error = Unauthenticated(str(exc), code=f"hawk_{exc.reason}")
-            stranger = Actor(kind=ActorKind.HAWK, name="hawk:unverified",
-                             hawk_id=_claimed_hawk_id(headers.get("Authorization")))
-            await service.audit_denial(_context(request, request_id, stranger), "authenticate", error)
-            return render_platform_error(error, {"WWW-Authenticate": exc.www_authenticate or "Hawk"})
+            return await self.refuse(request, request_id, exc)
+        body = await read_body(request, self.wctx.max_body_bytes)
+        try:
+            self.verifier.verify_payload(verified.claimed_hash, headers.get("Content-Type"), body)
+        except HawkError as exc:
+            return await self.refuse(request, request_id, exc)
+        credential = verified.credential
         actor = self._actors.get(credential.id)
         if actor is None:
             actor = self._actors[credential.id] = platform_actor(credential.id)
-        return actor
+        request[ACTOR] = actor
+        return body
+
+    async def refuse(self, request: web.BaseRequest, request_id: str, exc: HawkError) -> web.Response:
+        """The finished 401 response, audited, for a caller Hawk did not verify."""
+        headers = request.headers
+        service = self.wctx.service
+        self.wctx.observer.auth_failure(ActorKind.HAWK, exc.reason)
+        error = Unauthenticated(str(exc), code=f"hawk_{exc.reason}")
+        stranger = Actor(kind=ActorKind.HAWK, name="hawk:unverified",
+                         hawk_id=_claimed_hawk_id(headers.get("Authorization")))
+        await service.audit_denial(_context(request, request_id, stranger), "authenticate", error)
+        response = render_platform_error(error, {"WWW-Authenticate": exc.www_authenticate or "Hawk"})
+        if not request.content.is_eof():
+            response.force_close()  # the body stays unread: the connection cannot carry another request
+        return response
 
     async def options(self, request: web.BaseRequest, request_id: str) -> web.StreamResponse:
         body = await self.read_authenticated(request, request_id)
@@ -176,7 +203,7 @@ class PlatformHandler:
 
 
 def _context(request: web.BaseRequest, request_id: str, actor: Actor) -> RequestContext:
-    return RequestContext(request_id=request_id, actor=actor, client=request.remote,
+    return RequestContext(request_id=request_id, actor=actor, client=client_of(request),
                           platform_user_id=_platform_user(request), route=LISTENER)
 
 

@@ -14,6 +14,7 @@ import json
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,7 @@ from lkm.errors import InvalidRequest, LkmError, PayloadTooLarge
 from lkm.keys import KeyRecord, public_key_views
 from lkm.metrics import OTHER_ROUTE
 from lkm.service import KeyService, RequestContext
+from lkm.web.protocol import body_read, client_of, lost_request_status, request_ended, request_started
 from lkm.web.routes import ListenerName
 
 log = logging.getLogger("lkm.web")
@@ -35,13 +37,22 @@ access_log = logging.getLogger("lkm.access")
 class WebObserver:
     """What the web layer reports; the server plugs metrics in. The base class reports nothing."""
 
-    def request_done(self, listener: str, route: str, method: str, status: int, seconds: float) -> None:
+    def request_done(self, listener: str, route: str, method: str, status: int | str, seconds: float) -> None:
         pass
 
     def inflight(self, listener: str, delta: int) -> None:
         pass
 
     def auth_failure(self, method: str, reason: str) -> None:
+        pass
+
+    def connection_refused(self, listener: str, reason: str) -> None:
+        pass
+
+    def connection_timed_out(self, listener: str) -> None:
+        pass
+
+    def connections_open(self, listener: str, delta: int) -> None:
         pass
 
 
@@ -84,6 +95,16 @@ def render_error(request: web.Request, error: LkmError) -> web.Response:
     return web.json_response(body, status=error.status, headers=headers)
 
 
+def error_shape(request_ids: RequestIds) -> Callable[[int, str, str], web.Response]:
+    """This shape for a request that never reached a handler (malformed HTTP): a fresh request id, no input."""
+
+    def render(status: int, code: str, message: str) -> web.Response:
+        body = {"error": {"code": code, "message": message}, "request_id": request_ids.new()}
+        return web.json_response(body, status=status)
+
+    return render
+
+
 def _http_exception(request: web.Request, exc: web.HTTPException) -> web.Response:
     codes = {404: "not_found", 405: "method_not_allowed"}
     error = LkmError(exc.reason, code=codes.get(exc.status, "http_error"))
@@ -110,8 +131,10 @@ async def context_middleware(request: web.Request, handler: Handler) -> web.Stre
     listener = request.app[LISTENER]
     started = time.perf_counter()
     ctx.observer.inflight(listener, 1)
-    status = 500
+    request_started(request)
+    status: int | str = 500
     try:
+        lost = None
         try:
             response = await handler(request)
         except LkmError as exc:
@@ -120,10 +143,13 @@ async def context_middleware(request: web.Request, handler: Handler) -> web.Stre
             response = render_error(request, PayloadTooLarge())
         except web.HTTPException as exc:
             response = _http_exception(request, exc)
+        except ConnectionError:
+            lost = lost_request_status(request)
+            response = lost_connection(request_id, lost)
         except Exception:
             log.exception("unhandled error", extra={"request_id": request_id})
             response = render_error(request, LkmError())
-        status = response.status
+        status = lost or response.status
         response.headers["X-Request-Id"] = request_id
         return response
     finally:
@@ -131,9 +157,18 @@ async def context_middleware(request: web.Request, handler: Handler) -> web.Stre
                          status=status, started=started)
 
 
+def lost_connection(request_id: str, how: str) -> web.Response:
+    """A request whose client went away (or missed the deadline): logged at debug, answered to no one."""
+    log.debug("connection closed before the request was answered", extra={"request_id": request_id, "end": how})
+    response = web.Response(status=400)
+    response.force_close()
+    return response
+
+
 def request_finished(observer: WebObserver, listener: str, request: web.BaseRequest, *, request_id: str,
-                     route: str, status: int, started: float) -> None:
+                     route: str, status: int | str, started: float) -> None:
     """Every listener's end of a request: in-flight gauge, request metrics, one access-log line."""
+    request_ended(request)
     elapsed = time.perf_counter() - started
     observer.inflight(listener, -1)
     observer.request_done(listener, route, request.method, status, elapsed)
@@ -143,7 +178,7 @@ def request_finished(observer: WebObserver, listener: str, request: web.BaseRequ
                                                 extra={
             "request_id": request_id, "listener": listener, "method": request.method, "route": route,
             "path": logged_path(request), "status": status, "latency_ms": round(elapsed * 1000, 3),
-            "client": request.remote, "actor": getattr(request.get(ACTOR), "name", None)}))
+            "client": client_of(request), "actor": getattr(request.get(ACTOR), "name", None)}))
 
 
 MAX_LOGGED_PATH = 256
@@ -177,6 +212,7 @@ async def read_body(request: web.BaseRequest, limit: int) -> bytes:
         size += len(chunk)
         if size > limit:
             raise PayloadTooLarge(f"request body larger than {limit} bytes")
+    body_read(request)
     return b"".join(chunks)
 
 
@@ -203,7 +239,7 @@ def decode_b64(value: object, field: str) -> bytes:
 
 def native_context(request: web.Request, actor: Actor) -> RequestContext:
     """The service's view of a native-listener request made by `actor`."""
-    return RequestContext(request_id=request[REQUEST_ID], actor=actor, client=request.remote,
+    return RequestContext(request_id=request[REQUEST_ID], actor=actor, client=client_of(request),
                           route=ListenerName.NATIVE)
 
 
