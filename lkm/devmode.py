@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from lkm import fsutil, hawk, pki
+from lkm import fsutil, hawk_credentials, pki
 from lkm.audit import AuditLog, local_actor
 from lkm.config import Settings, load_settings
 from lkm.events import audit_event
@@ -55,7 +55,7 @@ def ensure_dev_environment(data_dir: Path, *, port_base: int = 8443, keystore: s
 
     passphrase_file = data_dir / "keystore.pass"
     fsutil.atomic_write(passphrase_file, secrets.token_urlsafe(32).encode())
-    hawk.mint_credential(data_dir / "hawk.json", HAWK_ID)
+    hawk_credentials.mint_credential(data_dir / "hawk.json", HAWK_ID)
 
     def port(offset: int) -> int:
         return 0 if port_base == 0 else port_base + offset
@@ -112,7 +112,7 @@ def _audit_first_key(settings: Settings, key_id: str) -> None:
 
 def write_dev_json(settings: Settings, urls: dict[str, str], active_key: str | None) -> Path:
     data_dir = Path(settings.source).resolve().parent
-    creds = hawk.load_credentials_file(data_dir / "hawk.json")
+    creds = hawk_credentials.load_credentials_file(data_dir / "hawk.json")
     cred = creds.get(HAWK_ID)
     facts = {
         "config": str(Path(settings.source).resolve()),

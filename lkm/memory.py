@@ -6,7 +6,7 @@ its TLS state and buffers, through its exception's traceback, until then), and g
 freed buffers of tens of kilobytes go, fragmented, instead of back to the system. `MemoryReleaser` looks at
 resident memory every few seconds; when it grew by more than a threshold since the last look that released
 anything, it collects garbage and calls `malloc_trim`. Under steady load it does nothing, so the collector's
-pause stays out of the unwrap latency's tail (see `lkm.server`, `gc.freeze`). Elsewhere than glibc, trimming
+pause stays out of the unwrap latency's tail (see `lkm.serving`, `gc.freeze`). Elsewhere than glibc, trimming
 is a no-op and only the collection runs.
 """
 

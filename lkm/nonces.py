@@ -21,6 +21,7 @@ import mmap
 import os
 import struct
 import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Protocol
 
@@ -35,6 +36,48 @@ class NonceStore(Protocol):
     """Remembers (id, nonce, ts) until ts leaves the skew window; False for one seen and still inside it."""
 
     def check_and_remember(self, cred_id: str, nonce: str, ts: int, now: float) -> bool: ...
+
+
+class NonceCache:
+    """Remembers (id, nonce, ts) until ts leaves the skew window, after which the ts check rejects a replay.
+
+    Insertion order approximates expiry order; an entry that expires early may wait behind an older one for
+    up to one window, which costs memory, never correctness. When full, the oldest entry goes first (bounded
+    memory wins over perfect replay detection under a flood).
+    """
+
+    def __init__(self, max_entries: int, window_seconds: int) -> None:
+        if max_entries < 1:
+            raise ValueError("max_entries must be at least 1")
+        self.max_entries = max_entries
+        self.window_seconds = window_seconds
+        self.overflow_evictions = 0
+        self._entries: OrderedDict[tuple[str, str, int], float] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def check_and_remember(self, cred_id: str, nonce: str, ts: int, now: float) -> bool:
+        """False when this (id, nonce, ts) was already seen and is still inside the window."""
+        key = (cred_id, nonce, ts)
+        with self._lock:
+            entries = self._entries
+            while entries:
+                oldest_key, oldest_expiry = next(iter(entries.items()))
+                if oldest_expiry >= now:
+                    break
+                del entries[oldest_key]
+            expiry = entries.get(key)
+            if expiry is not None:
+                if expiry >= now:
+                    return False
+                del entries[key]
+            entries[key] = ts + self.window_seconds
+            while len(entries) > self.max_entries:
+                entries.popitem(last=False)
+                self.overflow_evictions += 1
+            return True
 
 
 def create_table(path: Path, max_entries: int) -> None:

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 
 from lkm.auth import ClientPolicy
 from lkm.config import Settings, TLSSettings
-from lkm.hawk import CredentialSource, HawkCredential
+from lkm.hawk import HawkCredential
+from lkm.hawk_credentials import CredentialSource
 from lkm.tlsconf import server_context
 from lkm.web.routes import ListenerName
 

@@ -4,21 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import os
-import resource
 import secrets
-import signal
 import socket
-import ssl
-import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -27,29 +21,30 @@ from lkm import __version__
 from lkm.admission import Admission, runs_inline
 from lkm.audit import AuditLog
 from lkm.auth import ClientPolicy
-from lkm.config import KeyStoreType, ListenSettings, ReplayCheck, Settings, load_settings
-from lkm.errors import ConfigError, KeyStoreError, LkmError
-from lkm.hawk import CredentialSource, HawkVerifier, Verified
+from lkm.config import KeyStoreType, ListenSettings, ReplayCheck, Settings
+from lkm.errors import KeyStoreError, LkmError
+from lkm.hawk import HawkVerifier, Verified
+from lkm.hawk_credentials import CredentialSource
 from lkm.keyadmin import KeyAdmin
 from lkm.keys import PADDINGS, Algorithm, KeyState, utcnow
 from lkm.keystore import KeyStore
 from lkm.keystore.health import ReportsHealth, StoreStatus
 from lkm.keystore.open import open_keystore
 from lkm.memory import MemoryReleaser
-from lkm.metrics import AUTH_REASONS, OTHER_ROUTE, Metrics
+from lkm.metrics import Metrics
 from lkm.nonces import NonceStore
+from lkm.observer import MetricsObserver
 from lkm.pki import load_cert_expiry
 from lkm.reload import Reloadable, SwappableContext, inline_credentials, tls_context
-from lkm.sdnotify import Notifier
 from lkm.service import KeyService
-from lkm.threadnames import LOOP, name_this_thread
+from lkm.threadnames import name_this_thread
 from lkm.web.admin import install_admin_routes
 from lkm.web.batch import install_batch_route
-from lkm.web.connections import ConnectionGuard, GuardedSocket, raise_descriptor_limit
+from lkm.web.connections import ConnectionGuard, GuardedSocket
 from lkm.web.native import native_app
 from lkm.web.ops import ReadinessView, ops_app
 from lkm.web.platform import PlatformHandler, platform_error_shape, platform_server
-from lkm.web.plumbing import WebContext, WebObserver, error_shape
+from lkm.web.plumbing import WebContext, error_shape
 from lkm.web.protocol import ErrorShape, GuardedSite, ListenerPolicy
 from lkm.web.routes import ListenerName
 from lkm.workers import WorkerThreads
@@ -59,56 +54,6 @@ log = logging.getLogger("lkm.server")
 CANARY_INTERVAL_SECONDS = 30.0
 READINESS_INTERVAL_SECONDS = 5.0
 TRIM_INTERVAL_SECONDS = 5.0  # README: Connection limits (memory)
-# How long a thread may hold the GIL while another waits for it. A worker thread whose RSA operation (run with
-# the GIL released) has finished waits for the GIL before it can hand the result back; with Python's default
-# of 5 ms, a busy event loop can keep that core idle for up to 5 ms per operation. 1 ms raised throughput and
-# cut tail latency in `lkm bench` runs on a 2-vCPU machine (README: Performance).
-SWITCH_INTERVAL_SECONDS = 0.001
-
-
-class MetricsObserver(WebObserver):
-    """Feeds the web layer's and the service's events into Prometheus collectors.
-
-    Metrics must never break a request: a label outside the closed sets is logged and dropped.
-    """
-
-    def __init__(self, metrics: Metrics) -> None:
-        self.metrics = metrics
-        self._inflight: dict[str, Any] = {name: metrics.inflight.labels(name) for name in ListenerName}
-
-    def _safely(self, func: Any, *args: Any) -> None:
-        try:
-            func(*args)
-        except ValueError as exc:
-            log.warning("metric not recorded: %s", exc)
-
-    def request_done(self, listener: str, route: str, method: str, status: int | str, seconds: float) -> None:
-        self._safely(self.metrics.observe_http, listener, None if route == OTHER_ROUTE else route, method, status,
-                     seconds)
-
-    def inflight(self, listener: str, delta: int) -> None:
-        self._inflight[listener].inc(delta)
-
-    def auth_failure(self, method: str, reason: str) -> None:
-        self._safely(self.metrics.auth_failed, method, reason if reason in AUTH_REASONS else "malformed")
-
-    def connection_refused(self, listener: str, reason: str) -> None:
-        self.metrics.connections_refused.labels(listener, reason).inc()
-
-    def connection_timed_out(self, listener: str) -> None:
-        self.metrics.connections_timed_out.labels(listener).inc()
-
-    def connections_open(self, listener: str, delta: int) -> None:
-        self.metrics.connections_open.labels(listener).inc(delta)
-
-    def malformed_request(self, listener: str, status: int) -> None:
-        self.request_done(listener, OTHER_ROUTE, "other", status, 0.0)
-
-    def unwrap_done(self, route: str, key_id: str | None, outcome: str, seconds: float) -> None:
-        self._safely(self.metrics.observe_unwrap, route, outcome, seconds, key_id)
-
-    def keystore_op(self, backend: str, operation: str, seconds: float) -> None:
-        self._safely(self.metrics.observe_keystore, backend, operation, seconds)
 
 
 @dataclass
@@ -442,74 +387,6 @@ class LkmServer:
         return (not problems, "; ".join(problems) or "valid")
 
 
-def forbid_core_dumps() -> None:
-    """A core dump of this process would hold private keys and unwrapped data keys: allow none."""
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-
-
 def listener_url(host: str, port: int, *, tls: bool) -> str:
     shown = "localhost" if host in ("0.0.0.0", "127.0.0.1", "::", "::1") else host  # noqa: S104
     return f"{'https' if tls else 'http'}://{shown}:{port}"
-
-
-async def reload_from(server: LkmServer, config_path: Path) -> str | None:
-    """Re-reads the config file and applies what a reload changes; the refusal's reason, or None."""
-    loop = asyncio.get_running_loop()
-    try:
-        settings = await loop.run_in_executor(None, load_settings, config_path)
-        await loop.run_in_executor(None, server.reload, settings)
-    except (ConfigError, LkmError, OSError, ValueError, ssl.SSLError) as exc:
-        log.error("reload refused, the previous settings stay in force: %s", exc)
-        return str(exc)
-    return None
-
-
-async def serve_forever(settings: Settings, *, on_started: Any = None, server: LkmServer | None = None,
-                        config_path: Path | None = None, notifier: Notifier | None = None,
-                        on_reloaded: Callable[[str | None], None] | None = None,
-                        stop: asyncio.Event | None = None) -> None:
-    """Runs one server until SIGTERM/SIGINT (or `stop`); SIGHUP reloads from `config_path`."""
-    forbid_core_dumps()
-    name_this_thread(LOOP)
-    raise_descriptor_limit()
-    sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
-    server = server or LkmServer(settings)
-    notifier = notifier or Notifier()
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    reloads: set[asyncio.Task[None]] = set()
-
-    async def reload() -> None:
-        assert config_path is not None
-        notifier.reloading()
-        error = await reload_from(server, config_path)
-        notifier.ready("reload refused" if error else "reloaded")
-        if on_reloaded is not None:
-            on_reloaded(error)
-
-    if config_path is not None:
-        loop.add_signal_handler(signal.SIGHUP, lambda: _keep(reloads, asyncio.create_task(reload())))
-    await server.start()
-    # Everything built at start-up (modules, the app, the keys) lives as long as the process: moved out of the
-    # collector's sight, a full collection under load walks only what requests allocate, and its pause (15 ms
-    # measured under load on the platform route) stays out of the unwrap latency's tail.
-    gc.collect()
-    gc.freeze()
-    watchdog = asyncio.create_task(notifier.keep_watchdog(), name="lkm-watchdog")
-    try:
-        if on_started is not None:
-            on_started(server)
-        notifier.ready("serving")
-        await stop.wait()
-    finally:
-        log.info("lkm stopping")
-        notifier.stopping()
-        watchdog.cancel()
-        await server.stop()
-
-
-def _keep(tasks: set[asyncio.Task[None]], task: asyncio.Task[None]) -> None:
-    tasks.add(task)
-    task.add_done_callback(tasks.discard)

@@ -39,7 +39,8 @@ from lkm.errors import ConfigError, LkmError
 from lkm.metrics import forget_process, render_processes
 from lkm.nonces import create_table
 from lkm.sdnotify import Notifier
-from lkm.server import forbid_core_dumps, listener_url
+from lkm.server import listener_url
+from lkm.serving import forbid_core_dumps
 from lkm.web.connections import raise_descriptor_limit
 from lkm.web.ops import ReadinessView, supervisor_ops_app
 from lkm.web.routes import ListenerName

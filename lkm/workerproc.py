@@ -25,7 +25,8 @@ from lkm.errors import ConfigError, KeyStoreError, LkmError
 from lkm.keys import KeyState
 from lkm.logs import setup_logging
 from lkm.nonces import SharedNonceCache
-from lkm.server import LkmServer, serve_forever
+from lkm.server import LkmServer
+from lkm.serving import serve_forever
 from lkm.web.ops import ReadinessView
 from lkm.web.routes import ListenerName
 

@@ -33,7 +33,8 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from lkm import fsutil, pki
 from lkm.client import NativeClient, PlatformClient, client_ssl_context
 from lkm.config import load_settings
-from lkm.hawk import HawkCredential, mint_credential
+from lkm.hawk import HawkCredential
+from lkm.hawk_credentials import load_credentials_file, mint_credential
 from lkm.keys import KeyRecord, KeyState, generate_private_key, load_public_pkcs1, new_key_id
 from lkm.keystore.file import FileKeyStore
 from lkm.server import LkmServer
@@ -318,7 +319,7 @@ class start_server:
         hawk_file = settings.platform.hawk.credentials_file
         assert hawk_file is not None
         credential = mint_credential(hawk_file, "platform-test") if not hawk_file.exists() else \
-            next(iter(__import__("lkm.hawk").hawk.load_credentials_file(hawk_file).values()))
+            next(iter(load_credentials_file(hawk_file).values()))
         self.server = LkmServer(settings)
         await self.server.start()
         self.session = aiohttp.ClientSession()

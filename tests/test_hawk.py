@@ -15,20 +15,17 @@ import pytest
 from lkm import hawk
 from lkm.errors import HawkError
 from lkm.hawk import (
-    CredentialSource,
     HawkCredential,
     HawkVerifier,
-    NonceCache,
     calculate_mac,
-    load_credentials_file,
-    mint_credential,
     normalized_string,
     parse_authorization,
     payload_hash,
-    revoke_credential,
     sign_request,
     timestamp_mac,
 )
+from lkm.hawk_credentials import CredentialSource, load_credentials_file, mint_credential, revoke_credential
+from lkm.nonces import NonceCache
 
 # The contract's vectors (Hawk spec).
 CRED = HawkCredential("123456", "2983d45yun89q")

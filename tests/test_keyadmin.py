@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from lkm.config import load_settings
-from lkm.hawk import mint_credential
+from lkm.hawk_credentials import mint_credential
 from lkm.keys import KeyRecord, KeyState, load_private_key_any, utcnow
 from lkm.keystore.file import FileKeyStore
 from tests.conftest import VECTORS, Pki, eventually, start_server

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lkm.hawk import NonceCache
-from lkm.nonces import SLOTS, NonceStore, SharedNonceCache, create_table
+from lkm.nonces import SLOTS, NonceCache, NonceStore, SharedNonceCache, create_table
 
 
 def test_a_nonce_seen_through_one_mapping_is_refused_through_another(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from lkm import pki
 from lkm.client import client_ssl_context
 from lkm.config import load_settings
 from lkm.errors import ConfigError
-from lkm.server import reload_from
+from lkm.serving import reload_from
 from tests.conftest import Pki, Running, base_config, start_server, write_config
 
 

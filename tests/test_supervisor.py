@@ -19,7 +19,8 @@ from cryptography import x509
 from lkm import pki
 from lkm.client import PlatformClient, client_ssl_context
 from lkm.config import load_settings
-from lkm.hawk import HawkCredential, mint_credential, sign_request
+from lkm.hawk import HawkCredential, sign_request
+from lkm.hawk_credentials import mint_credential
 from lkm.keys import KeyRecord, KeyState
 from lkm.keystore.file import FileKeyStore
 from tests.conftest import Pki, b64, base_config, wrap, write_config

@@ -25,7 +25,7 @@ import yaml
 
 from lkm.bench.requests import Target
 from lkm.errors import SpawnError
-from lkm.hawk import load_credentials_file
+from lkm.hawk_credentials import load_credentials_file
 
 
 @dataclass(frozen=True)

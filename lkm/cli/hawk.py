@@ -29,7 +29,7 @@ def shared_credentials(settings: Settings) -> Iterator[Any]:
 
 
 def cmd_hawk_create(args: argparse.Namespace) -> int:
-    from lkm.hawk import mint_credential  # noqa: PLC0415
+    from lkm.hawk_credentials import mint_credential  # noqa: PLC0415
 
     settings = settings_of(args)
     path = settings.platform.hawk.credentials_file
@@ -55,7 +55,7 @@ def cmd_hawk_create(args: argparse.Namespace) -> int:
 
 
 def cmd_hawk_list(args: argparse.Namespace) -> int:
-    from lkm.hawk import load_credentials_file  # noqa: PLC0415
+    from lkm.hawk_credentials import load_credentials_file  # noqa: PLC0415
 
     settings = settings_of(args)
     path = settings.platform.hawk.credentials_file
@@ -71,7 +71,7 @@ def cmd_hawk_list(args: argparse.Namespace) -> int:
 
 
 def cmd_hawk_revoke(args: argparse.Namespace) -> int:
-    from lkm.hawk import load_credentials_file, revoke_credential  # noqa: PLC0415
+    from lkm.hawk_credentials import load_credentials_file, revoke_credential  # noqa: PLC0415
 
     settings = settings_of(args)
     path = settings.platform.hawk.credentials_file

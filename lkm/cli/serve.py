@@ -20,7 +20,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from lkm import devmode  # noqa: PLC0415
     from lkm.logs import setup_logging  # noqa: PLC0415
     from lkm.sdnotify import Notifier  # noqa: PLC0415
-    from lkm.server import LkmServer, serve_forever  # noqa: PLC0415
+    from lkm.server import LkmServer  # noqa: PLC0415
+    from lkm.serving import serve_forever  # noqa: PLC0415
     from lkm.supervisor import Supervisor  # noqa: PLC0415
 
     notifier = Notifier.from_environ()  # only this process talks to systemd; workers do not inherit it

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from lkm.config import load_settings
-from lkm.hawk import load_credentials_file
+from lkm.hawk_credentials import load_credentials_file
 from lkm.keys import KeyState
 from lkm.keystore.open import open_keystore
 from tests.lkmcli import LKM, lkm

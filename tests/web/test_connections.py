@@ -190,7 +190,7 @@ async def test_slow_bodies_against_few_descriptors_leave_unwraps_and_readyz_work
     from lkm.bench.spawn import free_port, stop_child
     from lkm.client import PlatformClient
     from lkm.config import load_settings
-    from lkm.hawk import mint_credential
+    from lkm.hawk_credentials import mint_credential
     from lkm.keys import KeyState
     from lkm.keystore.open import open_keystore
     from tests.conftest import base_config, wrap, write_config

@@ -12,7 +12,8 @@ import aiohttp
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from lkm.hawk import HawkCredential, mint_credential, sign_request
+from lkm.hawk import HawkCredential, sign_request
+from lkm.hawk_credentials import mint_credential
 from lkm.keys import KeyState, load_private_key_any, public_pkcs1_b64
 from tests.conftest import OAEP_SHA1, PKCS1, VECTORS, Running, b64, wrap
 

@@ -29,7 +29,8 @@ from datetime import datetime
 from cryptography.exceptions import InvalidTag
 
 from lkm.errors import KeyStoreError
-from lkm.hawk import ALGORITHM, HawkCredential, Verified, check_credential_id
+from lkm.hawk import ALGORITHM, HawkCredential, Verified
+from lkm.hawk_credentials import check_credential_id
 from lkm.keystore import KeyStore
 from lkm.keystore.health import StoreStatus
 from lkm.keystore.postgresql.store import PostgresKeyStore
