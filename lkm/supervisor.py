@@ -41,7 +41,7 @@ from lkm.nonces import create_table
 from lkm.sdnotify import Notifier
 from lkm.server import listener_url
 from lkm.serving import forbid_core_dumps
-from lkm.web.connections import raise_descriptor_limit
+from lkm.web.connections import listening_socket, raise_descriptor_limit
 from lkm.web.ops import ReadinessView, supervisor_ops_app
 from lkm.web.routes import ListenerName
 from lkm.workerproc import WorkerEvent
@@ -67,18 +67,6 @@ class Slot:
     checks: dict[str, tuple[bool, str]] = field(default_factory=dict)
     active_key: str | None = None
     reloaded: asyncio.Future[str | None] | None = None
-
-
-def bind(host: str, port: int) -> socket.socket:
-    """A listening socket, inherited by every worker."""
-    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                         flags=socket.AI_PASSIVE)[0]
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(address)
-    sock.listen(1024)
-    sock.setblocking(False)
-    return sock
 
 
 class Supervisor:
@@ -118,7 +106,7 @@ class Supervisor:
             runner = web.AppRunner(supervisor_ops_app(self.readiness, self._render_metrics), access_log=None,
                                    handle_signals=False)
             await runner.setup()
-            ops = bind(settings.ops.listen.host, settings.ops.listen.port)
+            ops = listening_socket(settings.ops.listen.host, settings.ops.listen.port)
             await web.SockSite(runner, ops).start()
             self.urls[ListenerName.OPS] = listener_url(settings.ops.listen.host, ops.getsockname()[1], tls=False)
         self._update_readiness()
@@ -145,7 +133,7 @@ class Supervisor:
             shutil.rmtree(self._run_dir, ignore_errors=True)
 
     def _bind(self, name: ListenerName, host: str, port: int, *, tls: bool) -> None:
-        sock = bind(host, port)
+        sock = listening_socket(host, port)
         self.sockets[name] = sock
         self.urls[name] = listener_url(host, sock.getsockname()[1], tls=tls)
 

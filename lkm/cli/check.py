@@ -37,7 +37,8 @@ def _tls(settings: Settings) -> str:
     return (", ".join(done) or "no TLS listener") + ": certificates and keys load"
 
 
-def _secrets(settings: Settings) -> str:
+def read_secrets(settings: Settings) -> str:
+    """Reads every secret the configuration names (ConfigError naming the first unreadable one)."""
     refs = [r for r in (settings.keystore.passphrase, settings.keystore.pin, settings.keystore.dsn) if r]
     refs += [ref.key for ref in settings.platform.hawk.credentials]
     for ref in refs:
@@ -86,7 +87,7 @@ def _keystore(settings: Settings) -> str:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     settings = settings_of(args)
-    checks: list[tuple[str, Callable[[Settings], str]]] = [("tls", _tls), ("secrets", _secrets)]
+    checks: list[tuple[str, Callable[[Settings], str]]] = [("tls", _tls), ("secrets", read_secrets)]
     if args.offline:
         print("  [skipped] keystore: --offline: the key store was not opened; the passphrase, PIN or "
               "database are unchecked")

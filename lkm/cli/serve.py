@@ -34,6 +34,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     else:
         path = Path(config_path(args))
     settings = load_settings(path)
+    check.read_secrets(settings)  # here, once: an unreadable secret is one line, not one per worker process
     log_writer = setup_logging(settings.logging.level, settings.logging.format)
 
     def serving(urls: dict[str, str], active_key: str | None) -> None:

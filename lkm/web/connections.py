@@ -199,20 +199,9 @@ class GuardedSocket(socket.socket):
     @classmethod
     def listen_on(cls, host: str, port: int, guard: ConnectionGuard, backlog: int) -> GuardedSocket:
         _reserve_a_descriptor()
-        family, kind, proto, _, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
-                                                             flags=socket.AI_PASSIVE)[0]
-        sock = cls(family, kind, proto)
-        try:
-            sock.guard = guard
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(address)
-            sock.listen(backlog)
-            sock.setblocking(False)
-        except OSError:
-            sock.close()
-            raise
+        sock = listening_socket(host, port, backlog=backlog, kind=cls)
+        assert isinstance(sock, GuardedSocket)
+        sock.guard = guard
         return sock
 
     @classmethod
@@ -280,3 +269,25 @@ def _reserve_a_descriptor() -> None:
     global _RESERVE  # noqa: PLW0603 - one spare descriptor per process, made with the first listener
     if _RESERVE is None:
         _RESERVE = _Reserve()
+
+
+def listening_socket(host: str, port: int, *, backlog: int = 1024,
+                     kind: type[socket.socket] = socket.socket) -> socket.socket:
+    """A bound, listening, non-blocking TCP socket; a failed bind names the address it wanted."""
+    family, sock_type, proto, _, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                                              flags=socket.AI_PASSIVE)[0]
+    sock = kind(family, sock_type, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            raise OSError(exc.errno, f"{exc.strerror} ({host}:{port})") from None
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock

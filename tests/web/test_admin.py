@@ -57,8 +57,11 @@ async def test_admin_walks_a_key_through_its_states(running: Running) -> None:
     assert rotated.status == 201 and rotated.body["state"] == "active"  # no genesys section: active at once
     assert running.store.get_key(b).state is KeyState.RETIRED
 
-    actions = [(e["action"], e["outcome"], e.get("from_state"), e.get("to_state"))
-               for e in running.audit_lines() if e["action"] != "unwrap"]
+    records = [e for e in running.audit_lines() if e["action"] != "unwrap"]
+    intents = {e["intent"] for e in records if e["outcome"] == "intent"}
+    outcomes = [e for e in records if e["outcome"] != "intent"]
+    assert intents == {e["intent"] for e in outcomes}  # every change announced, and each announcement closed
+    actions = [(e["action"], e["outcome"], e.get("from_state"), e.get("to_state")) for e in outcomes]
     assert actions == [
         ("create_key", "ok", None, "active"),
         ("create_key", "ok", None, "pending_activation"),
