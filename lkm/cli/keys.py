@@ -181,9 +181,15 @@ def cmd_keys_destroy(args: argparse.Namespace) -> int:
             return 0 if report.allowed else 1
         try:
             record = apply(settings, changes.destroy(key_id), store=store).record
-        except IllegalTransition:
-            failed = [c.detail for c in report.safeguards if not c.ok]
-            raise CliError(f"destruction of {key_id} refused: {'; '.join(failed) or 'not allowed now'}"
+        except IllegalTransition as exc:
+            # Judged again as it stands now: another process may have changed the key since the report above.
+            store.refresh()
+            current = lifecycle.destruction_report(store, key_id, audit_path=settings.audit.path)
+            if current.key.state is KeyState.DESTROYED:
+                raise CliError(f"destruction of {key_id} refused: {exc.message}; another process destroyed "
+                               "it already") from None
+            failed = [c.detail for c in current.safeguards if not c.ok]
+            raise CliError(f"destruction of {key_id} refused: {'; '.join(failed) or exc.message}"
                            + ("; run again after that" if any("waiting period" in f for f in failed) else "")) \
                 from None
     finally:
