@@ -8,6 +8,12 @@ The hand-off is built for a loop that must not wait: a record is a list append u
 only to swap the list; the writer thread is woken only when it is idle (while it writes, records pile up for its
 next batch), and a batch's callers are resumed with one call into their event loop. On a busy server that is
 well under one cross-thread wake-up per record in each direction.
+
+On a busy server the writer also lingers: when its previous write carried several records or records were
+already waiting as it finished, it waits up to `LINGER_SECONDS` (or until `LINGER_RECORDS` are pending) before
+the next write, so that more records share each fsync. An fsync costs about 90 µs of CPU whatever it carries;
+measured on the platform route, about one record per fsync was an eighth of the server's CPU per unwrap. An idle
+server never lingers: its first record is written at once.
 """
 
 from __future__ import annotations
@@ -27,7 +33,12 @@ from lkm.audit.record import PreparedEvent, prepare
 from lkm.errors import AuditWriteError
 from lkm.threadnames import name_this_thread
 
-__all__ = ["AuditLog"]
+__all__ = ["LINGER_RECORDS", "LINGER_SECONDS", "AuditLog"]
+
+LINGER_SECONDS = 0.002
+"""How long a busy writer waits for more records to join its next write (the latency a record may gain)."""
+LINGER_RECORDS = 16
+"""A batch this large is written at once, without waiting out the linger."""
 
 
 class _AuditSettings(Protocol):
@@ -61,6 +72,7 @@ class AuditLog(ChainAppender):
         self._pending: list[tuple[PreparedEvent, asyncio.Future[None]]] = []
         self._cond = threading.Condition()  # guards _pending, _idle and _closing
         self._idle = False  # the writer waits for records: the next one must wake it
+        self._lingering = False  # the writer waits for more records to join a batch: a full batch wakes it
         self._thread: threading.Thread | None = None
         self._closing = False
 
@@ -110,8 +122,10 @@ class AuditLog(ChainAppender):
             await self.start()
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         with self._cond:
-            self._pending.append((body, future))
-            if self._idle:  # a busy writer takes it with the rest of the next batch: no wake-up per record
+            pending = self._pending
+            pending.append((body, future))
+            # A busy writer takes it with the rest of the next batch: no wake-up per record.
+            if self._idle or (self._lingering and len(pending) >= LINGER_RECORDS):
                 self._cond.notify()
         await future
 
@@ -119,15 +133,21 @@ class AuditLog(ChainAppender):
         """The writer thread: everything that queued while the previous write was in flight goes out in one
         write and one fsync; the callers of a batch are resumed with one call into their event loop."""
         name_this_thread()
+        busy = False  # the previous write carried several records, or records waited as it finished
         while True:
             with self._cond:
                 while not self._pending and not self._closing:
                     self._idle = True
                     self._cond.wait()
                 self._idle = False
+                if busy and not self._closing and len(self._pending) < LINGER_RECORDS:
+                    self._lingering = True
+                    self._cond.wait(LINGER_SECONDS)
+                    self._lingering = False
                 if not self._pending:
                     return
                 batch, self._pending = self._pending, []
+            written = len(batch)
             error: BaseException | None = None
             try:
                 self.append([body for body, _ in batch])
@@ -140,6 +160,8 @@ class AuditLog(ChainAppender):
                 with contextlib.suppress(RuntimeError):  # that loop closed: nobody waits for these any more
                     loop.call_soon_threadsafe(_settle, futures, error)
             del batch, by_loop
+            with self._cond:
+                busy = written > 1 or bool(self._pending)
 
     # -- synchronous, for the CLI ----------------------------------------------------------------------
 

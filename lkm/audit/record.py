@@ -11,6 +11,7 @@ from __future__ import annotations
 import getpass
 import hashlib
 import json
+import math
 import os
 import socket
 import time
@@ -171,19 +172,54 @@ def _find_forbidden(obj: Any, where: str = "") -> str | None:
     return None
 
 
+class _Refused(Exception):
+    """A value _snapshot cannot copy as it is; prepare() then takes the general path for the exact error."""
+
+
+_PLAIN: Final = (str, int, float, type(None))
+
+
+def _snapshot(obj: dict[Any, Any] | Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of an event made of plain JSON values (str keys, str, int, float, bool, None, dicts), with no
+    forbidden field: the common event in one pass, without serializing it and parsing it back.
+    Anything else (a forbidden name, a list, an int enum, NaN, an unknown type) raises _Refused."""
+    copy: dict[str, Any] = {}
+    for name, value in obj.items():
+        if type(name) is not str or name.lower() in FORBIDDEN_FIELDS:
+            raise _Refused
+        kind = type(value)
+        if kind in _PLAIN:
+            if kind is float and not math.isfinite(value):  # NaN and infinities are not JSON
+                raise _Refused
+            copy[name] = value
+        elif kind is bool:
+            copy[name] = value
+        elif isinstance(value, str):  # a StrEnum: its text, as JSON would write it
+            copy[name] = str.__str__(value)
+        elif kind is dict:
+            copy[name] = _snapshot(value)
+        else:
+            raise _Refused
+    return copy
+
+
 def prepare(event: Mapping[str, Any]) -> PreparedEvent:
     """Checks and snapshots an event in the caller's context, so a bad event fails its caller alone
     (not the whole batch it would have joined) and later mutation by the caller cannot change it."""
     if not isinstance(event, Mapping):
         raise TypeError(f"an audit event is a mapping, not {type(event).__name__}")
-    forbidden = _find_forbidden(event)
-    if forbidden is not None:
-        # Name the field, never its value: the value is what must not leak.
-        raise ValueError(f"audit events must not carry key material or payloads: field {forbidden!r}")
-    reserved = sorted(RESERVED_FIELDS & {str(k) for k in event})
+    body: dict[str, Any]
+    try:
+        body = _snapshot(event)
+    except _Refused:
+        forbidden = _find_forbidden(event)
+        if forbidden is not None:
+            # Name the field, never its value: the value is what must not leak.
+            raise ValueError(f"audit events must not carry key material or payloads: field {forbidden!r}") from None
+        body = json.loads(canonical_json(dict(event)))
+    reserved = sorted(RESERVED_FIELDS & set(body))
     if reserved:
         raise ValueError(f"audit event fields {reserved} are set by the audit chain itself")
-    body: dict[str, Any] = json.loads(canonical_json(dict(event)))
     body.setdefault("time", utc_timestamp())
     return PreparedEvent(body)
 

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,21 @@ async def test_concurrent_records_are_group_committed(tmp_path: Path) -> None:
     assert sorted(json.loads(line)["request_id"] for line in lines) == sorted(f"req-{i}" for i in range(200))
     res = verify([path])
     assert res.ok and res.records == 200 and res.last_seq == 200
+
+
+async def test_a_steady_trickle_of_records_shares_fsyncs(tmp_path: Path) -> None:
+    """Records arriving one by one while the writer is busy (an unwrap at a time) are written several per fsync."""
+    path = tmp_path / "audit.log"
+    async with AuditLog(path) as log:
+        pending = []
+        for i in range(120):
+            pending.append(asyncio.ensure_future(log.record(event(i))))
+            await asyncio.sleep(0)  # the record is queued
+            time.sleep(0.0005)  # the loop busy with the next request's private-key operation
+        await asyncio.gather(*pending)
+        assert log.records_written == 120
+        assert log.records_written / log.batch_count >= 2.5
+    assert verify([path]).records == 120
 
 
 async def test_record_returns_only_after_its_line_is_fsynced_off_the_loop(

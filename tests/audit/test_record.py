@@ -142,3 +142,22 @@ def test_audit_action_values_are_the_strings_the_trail_has_always_held() -> None
             "freeze_caller", "unfreeze_caller"}
     assert {o.value for o in AuditOutcome} == {"ok", "error", "denied", "intent"}
     assert json.dumps({"action": AuditAction.ROTATE_KEY}) == '{"action": "rotate_key"}'
+
+
+def test_prepare_copies_an_event_as_its_json_would_read_back() -> None:
+    """The one-pass copy of plain events and the JSON round trip of the others give the same snapshot."""
+    from lkm.audit.record import prepare
+    from lkm.canonical import canonical_json
+
+    actor = {"kind": "hawk", "name": "hawk:platform", "hawk_id": "p-1"}
+    event = {"action": "unwrap", "outcome": AuditOutcome.OK, "actor": actor, "latency_ms": 0.5, "n": 3,
+             "ok": True, "none": None, "time": "2020-01-01T00:00:00.000Z"}
+    body = prepare(event)
+    assert body == json.loads(canonical_json(event))
+    assert type(body["outcome"]) is str
+    actor["name"] = "changed"
+    assert body["actor"]["name"] == "hawk:platform"  # a snapshot: the caller's later changes do not reach it
+    assert prepare({**event, "list": (1, {"a": 2})})["list"] == [1, {"a": 2}]
+    for bad in ({"x": float("inf")}, {"actor": {"Secret": "s"}}, {"prev": "0"}):
+        with pytest.raises(ValueError):
+            prepare(bad)
