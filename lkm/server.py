@@ -164,7 +164,8 @@ class LkmServer:
                               workers=parallel, on_shed=self._count_shed)
         self.service = KeyService(self.store, self.audit, self._executor,
                                   observer=self.observer,
-                                  fail_closed=settings.audit.fail_closed, admission=admission)
+                                  fail_closed=settings.audit.fail_closed, admission=admission,
+                                  pkcs1_length=settings.platform.pkcs1_data_key_length)
         self.metrics.set_build_info(__version__)
         admin_service = KeyService(self.store, self.audit, self._admin_executor,
                                    observer=self.observer, fail_closed=settings.audit.fail_closed)

@@ -18,6 +18,7 @@ from lkm.roles import Role
 PLATFORM_PATH = "/key-management/v1/decrypt"
 HAWK_SKEW_SECONDS = 300
 NONCE_CACHE_SIZE = 100_000
+PKCS1_DATA_KEY_BYTES = 32  # the platform's data keys are AES-256; also the most an HMAC-SHA256 answer holds
 
 _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _FINGERPRINT_RE = re.compile(r"^(sha256:)?([0-9a-fA-F:]{64,95})$")
@@ -144,11 +145,22 @@ def read_platform(sec: Section, keystore: settings.KeyStoreSettings) -> settings
         public_port=sec.integer("public_port", None, minimum=1, maximum=65535),
         hawk=read_hawk(sec.section("hawk", required=True), keystore),
         allow_pkcs1=sec.flag("allow_pkcs1", True),
+        pkcs1_data_key_length=_pkcs1_length(sec),
     )
     if result.tls is None and not sec.flag("insecure_plaintext", False):
         raise sec.error("tls", "a tls section with cert_file and key_file (the platform only calls https)")
     sec.done()
     return result
+
+
+def _pkcs1_length(sec: Section) -> int | None:
+    """32 (the platform's data keys) unless set; `off` (or false) answers PKCS#1 plaintexts of any length."""
+    if not sec.has("pkcs1_data_key_length"):
+        return PKCS1_DATA_KEY_BYTES
+    value = sec.raw("pkcs1_data_key_length")
+    if value is False or (isinstance(value, str) and value.strip().lower() == "off"):
+        return None
+    return sec.integer("pkcs1_data_key_length", minimum=1, maximum=PKCS1_DATA_KEY_BYTES)
 
 
 def read_client(sec: Section) -> settings.ClientRule:

@@ -87,6 +87,8 @@ class PlatformSettings:
     public_port: int | None
     hawk: HawkSettings
     allow_pkcs1: bool
+    # RSA-PKCS1-V1_5 answers of this length only: a wrong padding or length answers a synthetic value (None: off)
+    pkcs1_data_key_length: int | None = 32
 
 
 @dataclass(frozen=True)
