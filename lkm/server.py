@@ -27,6 +27,7 @@ from lkm import __version__
 from lkm.admission import Admission, runs_inline
 from lkm.audit import AuditLog
 from lkm.auth import ClientPolicy
+from lkm.callerguard import guard_for
 from lkm.config import KeyStoreType, ReplayCheck, Settings, load_settings
 from lkm.errors import ConfigError, KeyStoreError, LkmError
 from lkm.hawk import CredentialSource, HawkVerifier, Verified
@@ -165,7 +166,8 @@ class LkmServer:
         self.service = KeyService(self.store, self.audit, self._executor,
                                   observer=self.observer,
                                   fail_closed=settings.audit.fail_closed, admission=admission,
-                                  pkcs1_length=settings.platform.pkcs1_data_key_length)
+                                  pkcs1_length=settings.platform.pkcs1_data_key_length,
+                                  guard=guard_for(settings, self.metrics))
         self.metrics.set_build_info(__version__)
         admin_service = KeyService(self.store, self.audit, self._admin_executor,
                                    observer=self.observer, fail_closed=settings.audit.fail_closed)

@@ -17,6 +17,7 @@ from typing import Any, Protocol, TypeVar
 
 from lkm.admission import Admission, is_shed
 from lkm.auth import Actor
+from lkm.callerguard import CallerGuard
 from lkm.errors import (
     InternalError,
     InvalidRequest,
@@ -143,10 +144,12 @@ def batch_summary(items: Sequence[UnwrapItem | LkmError], results: Sequence[byte
 class KeyService:
     def __init__(self, store: KeyStore, audit: AuditSink, executor: Executor, *,
                  observer: UnwrapObserver | None = None, fail_closed: bool = True,
-                 admission: Admission | None = None, pkcs1_length: int | None = None) -> None:
+                 admission: Admission | None = None, pkcs1_length: int | None = None,
+                 guard: CallerGuard | None = None) -> None:
         """`pkcs1_length`: RSA-PKCS1-V1_5 unwraps answer exactly this many bytes (see `constant_length`)."""
         self.store = store
         self.pkcs1_length = pkcs1_length
+        self.guard = guard
         self.audit = audit
         self.executor = executor
         self.observer = observer
@@ -207,6 +210,13 @@ class KeyService:
 
     # --- unwrap --------------------------------------------------------------------------------------------
 
+    async def admit_unwraps(self, ctx: RequestContext, count: int) -> None:
+        """Frozen, rate limit, volume breaker (lkm.callerguard): raises Forbidden or RateLimited."""
+        if self.guard is not None:
+            trip = self.guard.check(ctx.actor, count)
+            if trip is not None:
+                await self.guard.trip(trip, self.audit.record)
+
     def _unwrap_sync(self, key_id: str, ciphertext: bytes, algorithm: Algorithm) -> bytes:
         """On a worker: one unwrap, with key-store trouble already translated to 503, whoever the caller."""
         return in_store(self._unwrap_in_store, key_id, ciphertext, algorithm)
@@ -228,6 +238,7 @@ class KeyService:
         error: BaseException | None = None
         try:
             ctx.actor.require(Role.UNWRAP)
+            await self.admit_unwraps(ctx, 1)
             if len(ciphertext) != CIPHERTEXT_BYTES:
                 raise _bad_length(len(ciphertext))
             if self.admission is None:
@@ -271,6 +282,7 @@ class KeyService:
         started = time.perf_counter()
         ctx = replace(ctx, route="batch")
         ctx.actor.require(Role.UNWRAP)
+        await self.admit_unwraps(ctx, len(items))
         results: list[bytes | LkmError] = []
         todo: list[tuple[int, UnwrapItem]] = []
         for i, item in enumerate(items):

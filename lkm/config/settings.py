@@ -9,7 +9,9 @@ import enum
 from dataclasses import dataclass
 from pathlib import Path
 
+from lkm.breaker import BreakerSettings
 from lkm.config.secrets import SecretRef
+from lkm.ratelimit import Rate
 from lkm.roles import Role
 
 
@@ -150,6 +152,10 @@ class LoggingSettings:
     format: LogFormat
 
 
+DEFAULT_RATE = Rate(per_second=1000.0, burst=10_000)
+DEFAULT_BREAKER = BreakerSettings()
+
+
 @dataclass(frozen=True)
 class LimitsSettings:
     max_body_bytes: int
@@ -159,6 +165,9 @@ class LimitsSettings:
     refresh_seconds: float
     rsa_execution: RsaExecution = RsaExecution.AUTO
     workers: int = 1  # server processes, each with its own event loop, all serving every listener
+    rate: Rate = DEFAULT_RATE  # unwraps per caller per process (limits.rate_limits)
+    rate_overrides: tuple[tuple[str, Rate], ...] = ()  # by Hawk id or client rule name
+    breaker: BreakerSettings | None = DEFAULT_BREAKER  # None: off
 
 
 @dataclass(frozen=True)
