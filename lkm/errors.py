@@ -11,6 +11,7 @@
     ├── Conflict                 409  the request clashes with what exists (id taken, ...)
     │   ├── KeyUnusable          409  key disabled / destroyed / pending destruction
     │   └── IllegalTransition    409  a key-state change that the lifecycle forbids
+    ├── RateLimited              429  the caller is over its rate limit (or slowed by the breaker); Retry-After
     ├── Unavailable              503  key store or audit trail not ready; carries Retry-After
     └── InternalError            500  our fault; details are logged, never sent
 
@@ -112,6 +113,15 @@ class KeyUnusable(Conflict):
 class IllegalTransition(Conflict):
     code = "illegal_transition"
     default_message = "illegal key state transition"
+
+
+class RateLimited(LkmError):
+    status = 429
+    code = "rate_limited"
+    default_message = "too many requests"
+
+    def __init__(self, message: str | None = None, *, retry_after: int = 1) -> None:
+        super().__init__(message, retry_after=retry_after)
 
 
 class Unavailable(LkmError):

@@ -247,6 +247,15 @@ class Metrics:
             "lkm_readiness_check", "Result of each readiness check: 1 passing, 0 failing.", ["check"],
             registry=r, multiprocess_mode="livemin")
 
+        # Callers (label: an authenticated identity's name, so bounded by the configured credentials and rules).
+        self.rate_limited: Counter = Counter(
+            "lkm_rate_limited_total", "Unwrap requests refused with 429 by a caller's rate limit.", ["caller"],
+            registry=r)
+        self.volume_anomaly: Gauge = Gauge(
+            "lkm_unwrap_volume_anomaly",
+            "1 while a caller's unwraps are far above its own baseline (the volume breaker), else 0.", ["caller"],
+            registry=r, multiprocess_mode="livemax")
+
         # Info.
         self.build_info: Gauge = Gauge(
             "lkm_build_info", "Always 1; the labels name the lkm version and Python version.",
@@ -342,6 +351,12 @@ class Metrics:
             child = self._hot[("keystore", backend, operation)] = (self.keystore_duration.labels(
                 _check(backend, KEYSTORE_BACKENDS, "backend"), _check(operation, KEYSTORE_OPERATIONS, "operation")),)
         child[0].observe(seconds)
+
+    def throttled(self, caller: str) -> None:
+        self.rate_limited.labels(caller).inc()
+
+    def anomaly(self, caller: str, anomalous: bool) -> None:
+        self.volume_anomaly.labels(caller).set(1 if anomalous else 0)
 
     def rotation_done(self, ok: bool) -> None:
         self.rotations.labels(Outcome.OK if ok else Outcome.FAILED).inc()

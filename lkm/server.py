@@ -21,6 +21,7 @@ from lkm import __version__
 from lkm.admission import Admission, runs_inline
 from lkm.audit import AuditLog
 from lkm.auth import ClientPolicy
+from lkm.callerguard import guard_for
 from lkm.config import KeyStoreType, ListenSettings, ReplayCheck, Settings
 from lkm.errors import KeyStoreError, LkmError
 from lkm.hawk import HawkVerifier, Verified
@@ -126,7 +127,9 @@ class LkmServer:
                               workers=parallel, on_shed=self._count_shed)
         self.service = KeyService(self.store, self.audit, self._executor,
                                   observer=self.observer,
-                                  fail_closed=settings.audit.fail_closed, admission=admission)
+                                  fail_closed=settings.audit.fail_closed, admission=admission,
+                                  pkcs1_length=settings.platform.pkcs1_data_key_length,
+                                  guard=guard_for(settings, self.metrics))
         self.metrics.set_build_info(__version__)
         admin_service = KeyService(self.store, self.audit, self._admin_executor,
                                    observer=self.observer, fail_closed=settings.audit.fail_closed)

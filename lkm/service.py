@@ -17,7 +17,9 @@ from typing import Any, Protocol, TypeVar
 
 from lkm.admission import Admission, is_shed
 from lkm.auth import Actor
+from lkm.callerguard import CallerGuard
 from lkm.errors import (
+    InternalError,
     InvalidRequest,
     KeyStoreError,
     LkmError,
@@ -25,7 +27,13 @@ from lkm.errors import (
 )
 from lkm.events import Intent, audit_event, error_code
 from lkm.keys import CIPHERTEXT_BYTES, Algorithm, KeyRecord
-from lkm.keystore import UNWRAPPABLE_STATES, KeyStore, key_unusable, usable_record  # noqa: F401 - re-exported
+from lkm.keystore import (  # noqa: F401 - some re-exported
+    UNWRAPPABLE_STATES,
+    KeyStore,
+    SyntheticAnswers,
+    key_unusable,
+    usable_record,
+)
 from lkm.lifecycle import ChangeFacts
 from lkm.outcomes import KEY_KNOWN_OUTCOMES, unwrap_outcome
 from lkm.roles import Role
@@ -136,8 +144,12 @@ def batch_summary(items: Sequence[UnwrapItem | LkmError], results: Sequence[byte
 class KeyService:
     def __init__(self, store: KeyStore, audit: AuditSink, executor: Executor, *,
                  observer: UnwrapObserver | None = None, fail_closed: bool = True,
-                 admission: Admission | None = None) -> None:
+                 admission: Admission | None = None, pkcs1_length: int | None = None,
+                 guard: CallerGuard | None = None) -> None:
+        """`pkcs1_length`: RSA-PKCS1-V1_5 unwraps answer exactly this many bytes (see `constant_length`)."""
         self.store = store
+        self.pkcs1_length = pkcs1_length
+        self.guard = guard
         self.audit = audit
         self.executor = executor
         self.observer = observer
@@ -198,15 +210,25 @@ class KeyService:
 
     # --- unwrap --------------------------------------------------------------------------------------------
 
+    async def admit_unwraps(self, ctx: RequestContext, count: int) -> None:
+        """Frozen, rate limit, volume breaker (lkm.callerguard): raises Forbidden or RateLimited."""
+        if self.guard is not None:
+            trip = self.guard.check(ctx.actor, count)
+            if trip is not None:
+                await self.guard.trip(trip, self.audit.record)
+
     def _unwrap_sync(self, key_id: str, ciphertext: bytes, algorithm: Algorithm) -> bytes:
         """On a worker: one unwrap, with key-store trouble already translated to 503, whoever the caller."""
         return in_store(self._unwrap_in_store, key_id, ciphertext, algorithm)
 
     def _unwrap_in_store(self, key_id: str, ciphertext: bytes, algorithm: Algorithm) -> bytes:
-        usable_record(self.store, key_id, algorithm)
+        record = usable_record(self.store, key_id, algorithm)
         started = time.perf_counter()
         try:
-            return self.store.decrypt(key_id, ciphertext, algorithm)
+            plaintext = self.store.decrypt(key_id, ciphertext, algorithm)
+            if algorithm is Algorithm.RSA_PKCS1_V1_5 and self.pkcs1_length is not None:
+                return constant_length(self.store, record.id, ciphertext, plaintext, self.pkcs1_length)
+            return plaintext
         finally:
             if self.observer:
                 self.observer.keystore_op(self.store.backend, "decrypt", time.perf_counter() - started)
@@ -216,6 +238,7 @@ class KeyService:
         error: BaseException | None = None
         try:
             ctx.actor.require(Role.UNWRAP)
+            await self.admit_unwraps(ctx, 1)
             if len(ciphertext) != CIPHERTEXT_BYTES:
                 raise _bad_length(len(ciphertext))
             if self.admission is None:
@@ -259,6 +282,7 @@ class KeyService:
         started = time.perf_counter()
         ctx = replace(ctx, route="batch")
         ctx.actor.require(Role.UNWRAP)
+        await self.admit_unwraps(ctx, len(items))
         results: list[bytes | LkmError] = []
         todo: list[tuple[int, UnwrapItem]] = []
         for i, item in enumerate(items):
@@ -346,6 +370,16 @@ class KeyService:
                                           extra={**(facts.audit_details() if facts else {}),
                                                  **(intent.pairing() if intent else {})},
                                           fail_closed=error is not None, bounded=intent is None)
+
+def constant_length(store: KeyStore, key_id: str, ciphertext: bytes, plaintext: bytes, length: int) -> bytes:
+    """A PKCS#1 v1.5 answer of `length` bytes whatever the padding held: the store's synthetic value whenever
+    the plaintext (real, or the synthetic one of OpenSSL's implicit rejection) has another length, so its length
+    tells a caller nothing. The synthetic value is computed every time, so both branches cost the same."""
+    if not isinstance(store, SyntheticAnswers):
+        raise InternalError(f"the {store.backend} key store has no synthetic PKCS#1 answers")
+    synthetic = store.synthetic_plaintext(key_id, ciphertext, length)
+    return plaintext if len(plaintext) == length else synthetic
+
 
 def in_store(func: Callable[..., T], *args: Any) -> T:
     """Blocking key-store work with backend trouble translated to 503, whoever calls: the one place that

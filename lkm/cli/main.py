@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from lkm import __version__
-from lkm.cli import audit, backup, completion, genesys, hawk, keys, serve
+from lkm.cli import audit, backup, callers, completion, genesys, hawk, keys, serve
 from lkm.errors import CliError, ConfigError, KeyStoreError, LkmError
 
 CONFIG_HELP = "YAML config file (default: $LKM_CONFIG)"
@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     genesys.add_commands(sub, add)
     backup.add_commands(sub, add)
     hawk.add_commands(sub, add)
+    callers.add_commands(sub, add)
     audit.add_commands(sub, add)
     serve.add_tools(sub, add)
     completion.add_commands(sub, add, parser)

@@ -9,16 +9,20 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+from typing import Any
 
 from cryptography import x509
 
+from lkm.breaker import BreakerAction, BreakerSettings
 from lkm.config import settings
 from lkm.config.reader import Section
+from lkm.ratelimit import Rate
 from lkm.roles import Role
 
 PLATFORM_PATH = "/key-management/v1/decrypt"
 HAWK_SKEW_SECONDS = 300
 NONCE_CACHE_SIZE = 100_000
+PKCS1_DATA_KEY_BYTES = 32  # the platform's data keys are AES-256; also the most an HMAC-SHA256 answer holds
 
 _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _FINGERPRINT_RE = re.compile(r"^(sha256:)?([0-9a-fA-F:]{64,95})$")
@@ -166,11 +170,22 @@ def read_platform(sec: Section, keystore: settings.KeyStoreSettings) -> settings
         public_port=sec.integer("public_port", None, minimum=1, maximum=65535),
         hawk=read_hawk(sec.section("hawk", required=True), keystore),
         allow_pkcs1=sec.flag("allow_pkcs1", True),
+        pkcs1_data_key_length=_pkcs1_length(sec),
     )
     if result.tls is None and not sec.flag("insecure_plaintext", False):
         raise sec.error("tls", "a tls section with cert_file and key_file (the platform only calls https)")
     sec.done()
     return result
+
+
+def _pkcs1_length(sec: Section) -> int | None:
+    """32 (the platform's data keys) unless set; `off` (or false) answers PKCS#1 plaintexts of any length."""
+    if not sec.has("pkcs1_data_key_length"):
+        return PKCS1_DATA_KEY_BYTES
+    value = sec.raw("pkcs1_data_key_length")
+    if value is False or (isinstance(value, str) and value.strip().lower() == "off"):
+        return None
+    return sec.integer("pkcs1_data_key_length", minimum=1, maximum=PKCS1_DATA_KEY_BYTES)
 
 
 def read_client(sec: Section) -> settings.ClientRule:
@@ -246,6 +261,43 @@ def read_limits(sec: Section, keystore: settings.KeyStoreSettings) -> settings.L
         refresh_seconds=sec.number("refresh_seconds", 2.0, minimum=0.1),
         rsa_execution=sec.choice("rsa_execution", settings.RsaExecution, settings.RsaExecution.AUTO),
         workers=sec.integer("workers", len(os.sched_getaffinity(0)), minimum=1, maximum=256),
+        **_rate_limits(sec.section("rate_limits")),
+        breaker=_breaker(sec.section("breaker")),
+    )
+    sec.done()
+    return result
+
+
+def _rate(sec: Section, default: Rate) -> Rate:
+    per_second = sec.number("per_second", default.per_second, minimum=0.001)
+    return Rate(per_second, sec.integer("burst", max(1, int(per_second * 2)) if sec.has("per_second")
+                                        else default.burst, minimum=1))
+
+
+def _rate_limits(sec: Section) -> dict[str, Any]:
+    """limits.rate_limits: {per_second, burst} for every caller, `callers: [{id, per_second, burst}]` apart."""
+    default = _rate(sec, settings.LimitsSettings.rate)
+    overrides = []
+    for entry in sec.entries("callers"):
+        overrides.append((entry.string("id"), _rate(entry, default)))
+        entry.done()
+    sec.done()
+    return {"rate": default, "rate_overrides": tuple(overrides)}
+
+
+def _breaker(sec: Section) -> BreakerSettings | None:
+    if not sec.flag("enabled", True):
+        sec.ignore_rest()
+        return None
+    base = BreakerSettings()
+    result = BreakerSettings(
+        action=sec.choice("action", BreakerAction, base.action),
+        window_seconds=float(sec.duration("window", int(base.window_seconds), minimum=10)),
+        baseline_seconds=float(sec.duration("baseline", int(base.baseline_seconds), minimum=60)),
+        warmup_seconds=float(sec.duration("warmup", int(base.warmup_seconds), minimum=0)),
+        factor=sec.number("factor", base.factor, minimum=1.5),
+        floor=sec.integer("floor", base.floor, minimum=1),
+        slow_per_second=sec.number("slow_per_second", base.slow_per_second, minimum=0.01),
     )
     sec.done()
     return result

@@ -10,7 +10,9 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
+from lkm.breaker import BreakerSettings
 from lkm.config.secrets import SecretRef
+from lkm.ratelimit import Rate
 from lkm.roles import Role
 
 
@@ -98,6 +100,8 @@ class PlatformSettings:
     public_port: int | None
     hawk: HawkSettings
     allow_pkcs1: bool
+    # RSA-PKCS1-V1_5 answers of this length only: a wrong padding or length answers a synthetic value (None: off)
+    pkcs1_data_key_length: int | None = 32
 
 
 @dataclass(frozen=True)
@@ -159,6 +163,10 @@ class LoggingSettings:
     format: LogFormat
 
 
+DEFAULT_RATE = Rate(per_second=1000.0, burst=10_000)
+DEFAULT_BREAKER = BreakerSettings()
+
+
 @dataclass(frozen=True)
 class LimitsSettings:
     max_body_bytes: int
@@ -168,6 +176,9 @@ class LimitsSettings:
     refresh_seconds: float
     rsa_execution: RsaExecution = RsaExecution.AUTO
     workers: int = 1  # server processes, each with its own event loop, all serving every listener
+    rate: Rate = DEFAULT_RATE  # unwraps per caller per process (limits.rate_limits)
+    rate_overrides: tuple[tuple[str, Rate], ...] = ()  # by Hawk id or client rule name
+    breaker: BreakerSettings | None = DEFAULT_BREAKER  # None: off
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,8 @@ mistakes; KeyStoreError for trouble of their own (with text meant for logs only)
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from typing import Protocol, runtime_checkable
 
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -74,6 +76,28 @@ class DecryptLoop(Protocol):
     def decrypt_loop(self, key_id: str, ciphertexts: list[bytes], algorithm: Algorithm, seconds: float) -> int:
         """Decrypts in a loop for `seconds`; returns how many operations completed."""
         ...
+
+
+@runtime_checkable
+class SyntheticAnswers(Protocol):
+    """A store that answers a rejected RSA-PKCS1-V1_5 unwrap with a value derived from a secret of its own, the
+    same in every process and replica of one store (file, PostgreSQL: from the master key; PKCS#11: a secret
+    object on the token). See `synthetic_plaintext`."""
+
+    def synthetic_plaintext(self, key_id: str, ciphertext: bytes, length: int) -> bytes:
+        """HMAC-SHA256(store secret, key id || ciphertext), truncated to `length` (at most 32) bytes."""
+        ...
+
+
+SYNTHETIC_MAX_BYTES = hashlib.sha256().digest_size
+
+
+def synthetic_plaintext(secret: bytes, key_id: str, ciphertext: bytes, length: int) -> bytes:
+    """The deterministic answer for a PKCS#1 v1.5 ciphertext whose padding or length is wrong (the countermeasure
+    TLS uses for its premaster secret): the same bytes for the same key and ciphertext, nothing learnt."""
+    if not 1 <= length <= SYNTHETIC_MAX_BYTES:
+        raise ValueError(f"synthetic plaintext length must be 1..{SYNTHETIC_MAX_BYTES}, got {length}")
+    return hmac.new(secret, key_id.encode() + ciphertext, hashlib.sha256).digest()[:length]
 
 
 @runtime_checkable

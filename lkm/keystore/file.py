@@ -47,7 +47,7 @@ from lkm.keys import (
     record_to_doc,
     utcnow,
 )
-from lkm.keystore import check_record_only, same_key, sealed
+from lkm.keystore import check_record_only, same_key, sealed, synthetic_plaintext
 from lkm.sealing import open_sealed, seal
 
 log = logging.getLogger("lkm.keystore.file")
@@ -83,7 +83,9 @@ class FileKeyStore:
                 raise KeyStoreError(f"refusing to use the key store: {problem}", transient=False)
         for directory in (path, self.keys_dir):
             fsutil.remove_orphaned_temps(directory)  # left by a writer killed before its rename
-        self._aead = AESGCM(self._master_key(passphrase, scrypt_n))
+        master = self._master_key(passphrase, scrypt_n)
+        self._aead = AESGCM(master)
+        self._rejection_secret = sealed.rejection_secret(master)
         self.refresh()
 
     # --- master key ----------------------------------------------------------------------------------------
@@ -222,6 +224,9 @@ class FileKeyStore:
 
     def decrypt(self, key_id: str, ciphertext: bytes, algorithm: Algorithm) -> bytes:
         return sealed.rsa_decrypt(self._private_key(key_id), ciphertext, algorithm)
+
+    def synthetic_plaintext(self, key_id: str, ciphertext: bytes, length: int) -> bytes:
+        return synthetic_plaintext(self._rejection_secret, key_id, ciphertext, length)
 
     def check(self) -> None:
         if not self.keys_dir.is_dir():

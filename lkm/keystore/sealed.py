@@ -12,9 +12,10 @@ import hmac
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from lkm.errors import DecryptionFailed, KeyStoreError
 from lkm.keys import PADDINGS, Algorithm, KeyRecord, public_der_pkcs1
@@ -50,6 +51,13 @@ def master_key(header: dict[str, Any], header_format: str, passphrase: bytes, wh
     if not hmac.compare_digest(plain, CHECK_PLAINTEXT):
         raise KeyStoreError(f"wrong passphrase for the key store {where}", transient=False)
     return key
+
+
+def rejection_secret(master: bytes) -> bytes:
+    """The secret of the store's synthetic PKCS#1 answers: derived from its master key, so every process and
+    replica that opens the store computes the same one, and it never sits anywhere on its own."""
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                info=b"lkm pkcs1 implicit rejection").derive(master)
 
 
 def load_private_key(der: bytes, record: KeyRecord) -> rsa.RSAPrivateKey:

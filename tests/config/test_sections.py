@@ -51,6 +51,8 @@ def genesys(**changes: Any) -> dict[str, Any]:
     ({"platform.hawk.replay_check": "everywhere"}, "platform.hawk.replay_check", "one of off, local, cluster"),
     ({"platform.hawk.replay_check": "cluster"}, "platform.hawk.replay_check", "needs keystore.type postgresql"),
     ({"surprise": {"a": 1}}, "surprise", "no such setting"),
+    ({"platform.pkcs1_data_key_length": 48}, "platform.pkcs1_data_key_length", "<= 32"),
+    ({"platform.pkcs1_data_key_length": "on"}, "platform.pkcs1_data_key_length", "an integer"),
 ])
 def test_config_errors_name_file_setting_and_expectation(config_factory: Callable[..., Path],
                                                          overrides: dict[str, object], setting: str,
@@ -67,6 +69,13 @@ def test_closed_vocabularies_parse_to_their_enums(config_factory: Callable[..., 
     settings = load_settings(config_factory(**{"logging.level": "debug", "logging.format": "text"}))
     assert settings.keystore.type is KeyStoreType.FILE
     assert settings.logging.level is LogLevel.DEBUG and settings.logging.format is LogFormat.TEXT
+
+
+@pytest.mark.parametrize(("written", "meant"), [(None, 32), (16, 16), ("off", None), (False, None)])
+def test_pkcs1_data_key_length_is_32_unless_set(config_factory: Callable[..., Path], written: object,
+                                                 meant: int | None) -> None:
+    overrides = {} if written is None else {"platform.pkcs1_data_key_length": written}
+    assert load_settings(config_factory(**overrides)).platform.pkcs1_data_key_length == meant
 
 
 @pytest.mark.parametrize(("written", "meant"), [(None, ReplayCheck.LOCAL), (True, ReplayCheck.LOCAL),

@@ -40,7 +40,7 @@ from lkm.keys import (
     public_der_pkcs1,
     public_pkcs1_b64,
 )
-from lkm.keystore import KeyStore, RecordImporting
+from lkm.keystore import KeyStore, RecordImporting, SyntheticAnswers
 from lkm.keystore.file import FileKeyStore
 from tests.hsm import module_token, softhsm_conf  # noqa: F401 - fixtures
 from tests.pg import pg_cluster  # noqa: F401 - fixture
@@ -330,3 +330,17 @@ def test_import_record_of_a_destroyed_key(backend: Backend, another: KeyStore, t
     assert alive.value.code == "private_key_required"
     with pytest.raises(KeyNotFound):
         backend.store.get_key(active.id)
+
+
+def test_synthetic_pkcs1_answers_are_the_same_in_every_instance(backend: Backend, created: KeyRecord,
+                                                                 another: KeyStore) -> None:
+    """The secret behind a rejected PKCS#1 padding's answer is the store's, not the process's: another server
+    (process, replica) answers the same bytes for the same key and ciphertext."""
+    assert isinstance(backend.store, SyntheticAnswers) and isinstance(another, SyntheticAnswers)
+    ciphertext = os.urandom(384)
+    answer = backend.store.synthetic_plaintext(created.id, ciphertext, 32)
+    assert len(answer) == 32
+    assert another.synthetic_plaintext(created.id, ciphertext, 32) == answer
+    assert backend.store.synthetic_plaintext(created.id, ciphertext, 16) == answer[:16]
+    assert backend.store.synthetic_plaintext(created.id, os.urandom(384), 32) != answer
+    assert backend.store.synthetic_plaintext(str(uuid.uuid4()), ciphertext, 32) != answer

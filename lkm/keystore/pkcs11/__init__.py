@@ -12,9 +12,11 @@ them. A refused PIN is never retried. (Scripts opening this store at top level n
 
 Why some paddings are refused: a start-up probe decrypts on the token and `supported_algorithms()` reports what
 worked (SoftHSM2 lacks OAEP-SHA256). RSA-PKCS1-V1_5 errors would be a Bleichenbacher oracle, so it is refused
-unless `allow_pkcs1`; then a rejected padding or a non-32-byte message answers HMAC(secret, id + ciphertext)
-instead (implicit rejection). Plaintext import is allowed unless `allow_import` is false; imported keys are
-stored like generated ones and marked `extra.imported`.
+unless `allow_pkcs1`; then a rejected padding answers HMAC(secret, id + ciphertext) instead (implicit
+rejection), the secret being a private data object on the token that every process and replica reads; the
+service applies the same rule to a message of the wrong length (platform.pkcs1_data_key_length).
+Plaintext import is allowed unless `allow_import` is false; imported keys are stored like generated ones and
+marked `extra.imported`.
 """
 
 from __future__ import annotations

@@ -20,6 +20,8 @@ BACKEND = "pkcs11"
 META_APPLICATION = "lkm"
 META_LABEL_PREFIX = "lkm-meta:"
 META_FORMAT = "lkm-pkcs11-meta"
+SECRET_LABEL = "lkm-secret:pkcs1-rejection"  # noqa: S105 - a label; the value is a private object on the token
+SECRET_BYTES = 32
 
 
 def parse_meta(value: bytes) -> dict[str, Any] | None:

@@ -39,6 +39,7 @@ class Op(enum.StrEnum):
     DESTROY = "destroy"
     DECRYPT = "decrypt"
     DECRYPT_LOOP = "decrypt_loop"
+    SECRET = "secret"  # noqa: S105 - not a secret: the name of the operation that reads the store's own
 
 
 class Fail(enum.StrEnum):

@@ -8,11 +8,8 @@ class only. The PIN and key material appear in no exception text and no log line
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 import os
-import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -42,7 +39,7 @@ from lkm.keys import (
     public_der_pkcs1,
     utcnow,
 )
-from lkm.keystore import HELD_STATES, check_ciphertext_length, usable_record
+from lkm.keystore import HELD_STATES, check_ciphertext_length, synthetic_plaintext, usable_record
 from lkm.keystore.pkcs11.meta import BACKEND, doc_from_record, record_from_meta
 from lkm.keystore.pkcs11.pool import WorkerPool
 from lkm.keystore.pkcs11.protocol import (
@@ -84,7 +81,7 @@ class Pkcs11KeyStore:
         self._sizes: dict[str, int] = {}
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()
-        self._rejection_secret = secrets.token_bytes(32)
+        self._rejection_secret: bytes | None = None  # read from the token (Op.SECRET) when first needed
         self._probed: frozenset[Algorithm] | None = None
         self._next_probe = 0.0
         self._retry_interval = retry_interval
@@ -191,6 +188,9 @@ class Pkcs11KeyStore:
             return self._refresh()
 
     def _refresh(self) -> bool:
+        if self.allow_pkcs1:
+            # Read again each time: two processes that made the secret at once agree on one from here on.
+            self._rejection_secret = self._call(Op.SECRET)
         with self._lock:
             self._written.clear()
         records: dict[str, KeyRecord] = {}
@@ -254,14 +254,16 @@ class Pkcs11KeyStore:
         try:
             plaintext: bytes = self._call(Op.DECRYPT, record.id, ciphertext, algorithm.value)
         except _Rejected:
-            return self._implicit_rejection(record.id, ciphertext)
-        if algorithm is Algorithm.RSA_PKCS1_V1_5 and len(plaintext) != PKCS1_PLAINTEXT_BYTES:
-            return self._implicit_rejection(record.id, ciphertext)
+            # A padding the token rejected: never an error (that would be an oracle). The service replaces any
+            # answer of the wrong length by the same synthetic value (platform.pkcs1_data_key_length).
+            return self.synthetic_plaintext(record.id, ciphertext, PKCS1_PLAINTEXT_BYTES)
         return plaintext
 
-    def _implicit_rejection(self, key_id: str, ciphertext: bytes) -> bytes:
-        digest = hmac.new(self._rejection_secret, key_id.encode() + ciphertext, hashlib.sha256).digest()
-        return digest[:PKCS1_PLAINTEXT_BYTES]
+    def synthetic_plaintext(self, key_id: str, ciphertext: bytes, length: int) -> bytes:
+        secret = self._rejection_secret
+        if secret is None:
+            secret = self._rejection_secret = self._call(Op.SECRET)
+        return synthetic_plaintext(secret, key_id, ciphertext, length)
 
     def _key_bits(self, record: KeyRecord) -> int:
         bits = self._sizes.get(record.id)

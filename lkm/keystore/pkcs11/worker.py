@@ -30,6 +30,8 @@ from lkm.keys import (
 from lkm.keystore.pkcs11.meta import (
     META_APPLICATION,
     META_LABEL_PREFIX,
+    SECRET_BYTES,
+    SECRET_LABEL,
     encode_meta,
     parse_meta,
     public_numbers,
@@ -256,6 +258,22 @@ class TokenWorker:
             return supported
         finally:
             self._destroy_quietly([priv, pub])
+
+    def op_secret(self) -> bytes:
+        """The store's secret for synthetic PKCS#1 answers: a private data object on the token, made by the first
+        process that needs it. Two made at once by two processes: every reader takes the smallest, so all agree
+        from their next read on (the store reads it again at each refresh)."""
+        A = self.A
+        template = {A.CLASS: self.p11.ObjectClass.DATA, A.APPLICATION: META_APPLICATION, A.LABEL: SECRET_LABEL}
+        values = [bytes(obj[A.VALUE]) for obj in self.session.get_objects(template)]
+        values = [v for v in values if len(v) == SECRET_BYTES]
+        if not values:
+            self.assert_token()
+            self.session.create_object({**template, A.TOKEN: True, A.PRIVATE: True,
+                                        A.VALUE: secrets.token_bytes(SECRET_BYTES)})
+            values = [bytes(obj[A.VALUE]) for obj in self.session.get_objects(template)]
+            values = [v for v in values if len(v) == SECRET_BYTES]
+        return min(values)
 
     def op_list(self) -> list[bytes]:
         """The newest metadata revision of every key on the token."""

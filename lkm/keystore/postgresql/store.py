@@ -34,7 +34,7 @@ from lkm.keys import (
     record_to_doc,
     utcnow,
 )
-from lkm.keystore import check_record_only, same_key, sealed
+from lkm.keystore import check_record_only, same_key, sealed, synthetic_plaintext
 from lkm.keystore.file import ALL_ALGORITHMS, WITHOUT_PKCS1, implicit_rejection
 from lkm.keystore.health import StoreHealth, StoreStatus
 from lkm.keystore.postgresql.listener import Listener, describe
@@ -85,8 +85,10 @@ class PostgresKeyStore:
             self._pool.open(wait=True, timeout=connect_timeout)
             with self.connection() as conn:
                 migrate(conn)
-                self._aead = AESGCM(sealed.master_key(self._header(conn, passphrase), HEADER_FORMAT, passphrase,
-                                                      "in the PostgreSQL database"))
+                master = sealed.master_key(self._header(conn, passphrase), HEADER_FORMAT, passphrase,
+                                           "in the PostgreSQL database")
+                self._aead = AESGCM(master)
+                self._rejection_secret = sealed.rejection_secret(master)
             self.refresh()
         except BaseException:
             self._pool.close()
@@ -295,6 +297,9 @@ class PostgresKeyStore:
 
     def decrypt(self, key_id: str, ciphertext: bytes, algorithm: Algorithm) -> bytes:
         return sealed.rsa_decrypt(self._private_key(key_id), ciphertext, algorithm)
+
+    def synthetic_plaintext(self, key_id: str, ciphertext: bytes, length: int) -> bytes:
+        return synthetic_plaintext(self._rejection_secret, key_id, ciphertext, length)
 
     def export_private_key(self, key_id: str) -> rsa.RSAPrivateKey:
         """The private half, for an encrypted backup (lkm.backup); KeyUnusable once destroyed."""

@@ -227,6 +227,7 @@ def test_pkcs1_is_refused_by_default(pkcs11_store: Pkcs11KeyStore, generated: st
 
 
 def test_pkcs1_when_enabled_answers_valid_and_invalid_padding_alike(pkcs1_store: Pkcs11KeyStore,
+                                                                      module_token: SoftHsmToken,
                                                                       generated: str) -> None:
     assert Algorithm.RSA_PKCS1_V1_5 in pkcs1_store.supported_algorithms()
     secret = os.urandom(32)
@@ -238,10 +239,17 @@ def test_pkcs1_when_enabled_answers_valid_and_invalid_padding_alike(pkcs1_store:
     assert len(first) == 32
     assert pkcs1_store.decrypt(generated, garbage, Algorithm.RSA_PKCS1_V1_5) == first  # deterministic
     assert pkcs1_store.decrypt(generated, b"\x00\x01" + garbage[2:], Algorithm.RSA_PKCS1_V1_5) != first
-    # Valid padding around a message that is not a 32-byte data key is answered like invalid padding.
+    # Another store on the token (another process, another replica) answers the same: the secret is the token's.
+    other = module_token.store(allow_pkcs1=True, pool_size=1)
+    try:
+        assert other.decrypt(generated, garbage, Algorithm.RSA_PKCS1_V1_5) == first
+    finally:
+        other.close()
+    # Valid padding around a message of another length is the service's to answer (pkcs1_data_key_length),
+    # with the same synthetic value.
     short = wrap(pkcs1_store, generated, b"sixteen bytes!!!", Algorithm.RSA_PKCS1_V1_5)
-    answer = pkcs1_store.decrypt(generated, short, Algorithm.RSA_PKCS1_V1_5)
-    assert len(answer) == 32 and answer != b"sixteen bytes!!!"
+    assert pkcs1_store.decrypt(generated, short, Algorithm.RSA_PKCS1_V1_5) == b"sixteen bytes!!!"
+    assert pkcs1_store.synthetic_plaintext(generated, garbage, 32) == first
     with pytest.raises(DecryptionFailed):  # the length of a ciphertext is public: no secret in refusing it
         pkcs1_store.decrypt(generated, garbage[:100], Algorithm.RSA_PKCS1_V1_5)
 

@@ -1,0 +1,54 @@
+"""`lkm freeze ID | --list` and `lkm unfreeze ID`: stop (or slow) one caller on every process of the server."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+from typing import Any
+
+from lkm.audit.record import AuditAction
+from lkm.cli.common import AddCommand, intended, print_json, settings_of
+from lkm.errors import CliError
+from lkm.freeze import FreezeList, FreezeMode, freeze_path, new_entry
+
+
+def cmd_freeze(args: argparse.Namespace) -> int:
+    settings = settings_of(args)
+    frozen = FreezeList(freeze_path(settings))
+    if args.list:
+        entries = [e.to_json() for _, e in sorted(frozen.read().items())]
+        if args.json:
+            print_json(entries)
+        for e in [] if args.json else entries:
+            when = dt.datetime.fromtimestamp(float(str(e["at"])), dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            print(f"{e['id']}\t{e['mode']}\tby {e['by']} at {when}\t{e['reason']}")
+        return 0
+    if not args.id:
+        raise CliError("name the caller to freeze (a Hawk id or a client name), or --list", status=2)
+    mode = FreezeMode(args.mode)
+    with intended(settings, AuditAction.FREEZE_CALLER, None, caller=args.id, mode=mode.value, by="operator"):
+        changed = frozen.put(new_entry(args.id, mode, "operator", args.reason or ""))
+    print(f"{'froze' if changed else 'already frozen:'} {args.id} ({mode.value}); every server process "
+          f"applies it within limits.refresh_seconds")
+    return 0
+
+
+def cmd_unfreeze(args: argparse.Namespace) -> int:
+    settings = settings_of(args)
+    frozen = FreezeList(freeze_path(settings))
+    with intended(settings, AuditAction.UNFREEZE_CALLER, None, caller=args.id):
+        if not frozen.remove(args.id):
+            raise CliError(f"{args.id} is not frozen")
+    print(f"unfroze {args.id}")
+    return 0
+
+
+def add_commands(sub: Any, add: AddCommand) -> None:
+    p = add("freeze", cmd_freeze, "stop (or slow) a caller on every server process until `lkm unfreeze`", sub)
+    p.add_argument("id", nargs="?", help="a Hawk id or a client name (native.clients[].name)")
+    p.add_argument("--mode", choices=[m.value for m in FreezeMode], default=FreezeMode.STOP.value)
+    p.add_argument("--reason", help="recorded with the entry")
+    p.add_argument("--list", action="store_true", help="list the frozen callers")
+    p.add_argument("--json", action="store_true")
+    p = add("unfreeze", cmd_unfreeze, "let a frozen caller in again", sub)
+    p.add_argument("id")
