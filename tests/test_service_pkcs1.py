@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import padding
 
 from lkm.client import PlatformClient, Reply, client_ssl_context
 from lkm.config import load_settings
-from lkm.hawk import mint_credential
+from lkm.hawk_credentials import mint_credential
 from lkm.keys import KeyRecord, KeyState
 from lkm.keystore.file import FileKeyStore
 from tests.conftest import Pki, Running, start_server, wrap
