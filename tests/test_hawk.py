@@ -3,11 +3,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import json
 import re
-import stat
-import threading
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,8 +20,6 @@ from lkm.hawk import (
     sign_request,
     timestamp_mac,
 )
-from lkm.hawk_credentials import CredentialSource, load_credentials_file, mint_credential, revoke_credential
-from lkm.nonces import NonceCache
 
 # The contract's vectors (Hawk spec).
 CRED = HawkCredential("123456", "2983d45yun89q")
@@ -317,151 +311,3 @@ def test_secrets_stay_out_of_repr_and_messages() -> None:
     with pytest.raises(HawkError) as info:
         verify(v, signed())
     assert CRED.key not in str(info.value)
-
-
-# --- nonce cache --------------------------------------------------------------------------------------------
-
-def test_nonce_cache_bound_evicts_oldest() -> None:
-    cache = NonceCache(3, 300)
-    for i in range(5):
-        assert cache.check_and_remember("id", f"n{i}", 1000, 1000.0)
-    assert len(cache) == 3
-    assert cache.overflow_evictions == 2
-    assert not cache.check_and_remember("id", "n4", 1000, 1000.0)
-    assert not cache.check_and_remember("id", "n2", 1000, 1000.0)
-    assert cache.check_and_remember("id", "n0", 1000, 1000.0)  # forgotten: evicted by the bound
-    assert len(cache) == 3
-
-
-def test_nonce_cache_expires_after_window() -> None:
-    cache = NonceCache(100, 300)
-    assert cache.check_and_remember("id", "a", 1000, 1000.0)
-    assert cache.check_and_remember("id", "b", 1100, 1100.0)
-    assert not cache.check_and_remember("id", "a", 1000, 1300.0)
-    assert cache.check_and_remember("id", "c", 1301, 1301.0)
-    assert len(cache) == 2  # "a" (expiry 1300) dropped, "b" and "c" kept
-    assert cache.check_and_remember("id", "a", 1000, 1301.0)
-    assert cache.overflow_evictions == 0
-    with pytest.raises(ValueError):
-        NonceCache(0, 300)
-
-
-def test_nonce_cache_threads_agree_on_one_winner() -> None:
-    cache = NonceCache(10_000, 300)
-    results: list[bool] = []
-    lock = threading.Lock()
-
-    def worker(i: int) -> None:
-        for j in range(200):
-            first = cache.check_and_remember("id", "shared", 1000, 1000.0)
-            own = cache.check_and_remember("id", f"{i}-{j}", 1000, 1000.0)
-            with lock:
-                results.extend([first, own])
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert len(results) == 3200
-    assert results.count(True) == 1600 + 1
-    assert len(cache) == 1601
-
-
-# --- credential storage -------------------------------------------------------------------------------------
-
-def test_mint_load_revoke_round_trip(tmp_path: Path) -> None:
-    path = tmp_path / "conf" / "hawk.json"
-    assert load_credentials_file(path) == {}
-    first = mint_credential(path, "platform-1")
-    assert first.id == "platform-1"
-    assert first.algorithm == "sha256"
-    assert len(first.key) == 43
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    second = mint_credential(path, "platform.2_b")
-    assert first.key != second.key
-    assert load_credentials_file(path) == {"platform-1": first, "platform.2_b": second}
-
-    document = json.loads(path.read_text())
-    assert document["version"] == 1
-    assert [c["id"] for c in document["credentials"]] == ["platform-1", "platform.2_b"]
-    assert document["credentials"][0]["key"] == first.key
-    assert document["credentials"][0]["algorithm"] == "sha256"
-    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", document["credentials"][0]["created"])
-
-    with pytest.raises(ValueError, match="already exists"):
-        mint_credential(path, "platform-1")
-    for bad_id in ("", "x" * 65, "has space", "sl/ash", 'q"uote'):
-        with pytest.raises(ValueError):
-            mint_credential(path, bad_id)
-    assert load_credentials_file(path) == {"platform-1": first, "platform.2_b": second}
-
-    assert revoke_credential(path, "platform-1") is True
-    assert revoke_credential(path, "platform-1") is False
-    assert revoke_credential(tmp_path / "absent.json", "platform-1") is False
-    assert load_credentials_file(path) == {"platform.2_b": second}
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    created = json.loads(path.read_text())["credentials"][0]["created"]
-    assert created == document["credentials"][1]["created"]
-
-
-@pytest.mark.parametrize("content", [
-    "not json",
-    "[]",
-    '{"version": 2, "credentials": []}',
-    '{"version": 1}',
-    '{"version": 1, "credentials": [1]}',
-    '{"version": 1, "credentials": [{"id": "a b", "key": "k"}]}',
-    '{"version": 1, "credentials": [{"id": "a", "key": ""}]}',
-    '{"version": 1, "credentials": [{"id": "a", "key": "k", "algorithm": "sha1"}]}',
-    '{"version": 1, "credentials": [{"id": "a", "key": "k"}, {"id": "a", "key": "j"}]}',
-])
-def test_load_malformed_names_file(tmp_path: Path, content: str) -> None:
-    path = tmp_path / "hawk.json"
-    path.write_text(content)
-    with pytest.raises(ValueError, match=re.escape(str(path))):
-        load_credentials_file(path)
-
-
-def test_credential_source_reloads(tmp_path: Path) -> None:
-    path = tmp_path / "hawk.json"
-    inline = HawkCredential("inline", "inline-key")
-    source = CredentialSource(path, {"inline": inline})
-    assert source.get("inline") is inline
-    assert source.ids() == ["inline"]
-    assert source.reload_if_changed() is False
-
-    minted = mint_credential(path, "platform")
-    assert source.get("platform") is None
-    assert source.reload_if_changed() is True
-    assert source.get("platform") == minted
-    assert source.reload_if_changed() is False
-
-    rotated = mint_credential(path, "platform-next")
-    assert source.reload_if_changed() is True
-    v = HawkVerifier(source.get, skew_seconds=300, replay_check=True, nonce_cache_size=100, clock=lambda: TS)
-    assert verify(v, signed(minted, nonce="a")) == minted
-    assert verify(v, signed(rotated, nonce="b")) == rotated
-    assert verify(v, signed(inline, nonce="c")) is inline
-
-    revoke_credential(path, "platform")
-    assert source.reload_if_changed() is True
-    assert source.get("platform") is None
-    assert reason_of(v, signed(minted, nonce="d")) == "unknown_id"
-
-
-def test_credential_source_keeps_old_set_on_bad_file(tmp_path: Path) -> None:
-    path = tmp_path / "hawk.json"
-    minted = mint_credential(path, "platform")
-    source = CredentialSource(path)
-    assert source.get("platform") == minted
-    path.write_text("{broken")
-    with pytest.raises(ValueError, match=re.escape(str(path))):
-        source.reload_if_changed()
-    assert source.get("platform") == minted
-    assert source.reload_if_changed() is False  # the same bad file is not re-read on every tick
-    clash_path = tmp_path / "clash.json"
-    mint_credential(clash_path, "platform")
-    with pytest.raises(ValueError, match="also configured inline"):
-        CredentialSource(clash_path, {"platform": minted})
-    assert CredentialSource(None, {"platform": minted}).reload_if_changed() is False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -58,3 +59,50 @@ def test_both_caches_are_nonce_stores(tmp_path: Path) -> None:
     stores: list[NonceStore] = [NonceCache(10, 300), SharedNonceCache(tmp_path / "nonces", 300)]
     assert all(store.check_and_remember("p", "n", 5, 5.0) for store in stores)
     assert not any(store.check_and_remember("p", "n", 5, 6.0) for store in stores)
+
+
+def test_nonce_cache_bound_evicts_oldest() -> None:
+    cache = NonceCache(3, 300)
+    for i in range(5):
+        assert cache.check_and_remember("id", f"n{i}", 1000, 1000.0)
+    assert len(cache) == 3
+    assert cache.overflow_evictions == 2
+    assert not cache.check_and_remember("id", "n4", 1000, 1000.0)
+    assert not cache.check_and_remember("id", "n2", 1000, 1000.0)
+    assert cache.check_and_remember("id", "n0", 1000, 1000.0)  # forgotten: evicted by the bound
+    assert len(cache) == 3
+
+
+def test_nonce_cache_expires_after_window() -> None:
+    cache = NonceCache(100, 300)
+    assert cache.check_and_remember("id", "a", 1000, 1000.0)
+    assert cache.check_and_remember("id", "b", 1100, 1100.0)
+    assert not cache.check_and_remember("id", "a", 1000, 1300.0)
+    assert cache.check_and_remember("id", "c", 1301, 1301.0)
+    assert len(cache) == 2  # "a" (expiry 1300) dropped, "b" and "c" kept
+    assert cache.check_and_remember("id", "a", 1000, 1301.0)
+    assert cache.overflow_evictions == 0
+    with pytest.raises(ValueError):
+        NonceCache(0, 300)
+
+
+def test_nonce_cache_threads_agree_on_one_winner() -> None:
+    cache = NonceCache(10_000, 300)
+    results: list[bool] = []
+    lock = threading.Lock()
+
+    def worker(i: int) -> None:
+        for j in range(200):
+            first = cache.check_and_remember("id", "shared", 1000, 1000.0)
+            own = cache.check_and_remember("id", f"{i}-{j}", 1000, 1000.0)
+            with lock:
+                results.extend([first, own])
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 3200
+    assert results.count(True) == 1600 + 1
+    assert len(cache) == 1601
