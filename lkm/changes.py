@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from lkm import lifecycle
+from lkm.audit.record import AuditAction
 from lkm.keys import KeyRecord, new_key_id
 from lkm.keystore import KeyStore
 from lkm.lifecycle import ChangeFacts
@@ -23,7 +24,7 @@ class KeyChange:
     """One audited change: its audit action, the key it is about (for a key it creates, the id chosen for it),
     the operation."""
 
-    action: str
+    action: AuditAction
     key_id: str | None
     operation: Callable[..., KeyRecord]
     args: tuple[Any, ...] = ()
@@ -45,42 +46,43 @@ class Applied:
 def create(*, registration: bool, label: str = "") -> KeyChange:
     # The id is chosen before the change so that the audit intent written first can name the key it creates.
     key_id = new_key_id()
-    return KeyChange("create_key", key_id, lifecycle.create_key,
+    return KeyChange(AuditAction.CREATE_KEY, key_id, lifecycle.create_key,
                      kwargs={"registration": registration, "label": label, "key_id": key_id})
 
 
 def rotate(*, registration: bool, label: str = "") -> KeyChange:
     """The new key (named in advance, like create's) made active, retiring the previous one."""
     key_id = new_key_id()
-    return KeyChange("rotate_key", key_id, lifecycle.rotate,
+    return KeyChange(AuditAction.ROTATE_KEY, key_id, lifecycle.rotate,
                      kwargs={"registration": registration, "label": label, "key_id": key_id})
 
 
 def activate(key_id: str) -> KeyChange:
-    return KeyChange("activate_key", key_id, lifecycle.activate, (key_id,))
+    return KeyChange(AuditAction.ACTIVATE_KEY, key_id, lifecycle.activate, (key_id,))
 
 
 def mark_registered(key_id: str) -> KeyChange:
     """The platform has the key: recorded as its activation."""
-    return KeyChange("activate_key", key_id, lifecycle.mark_registered, (key_id,))
+    return KeyChange(AuditAction.ACTIVATE_KEY, key_id, lifecycle.mark_registered, (key_id,))
 
 
 def disable(key_id: str, *, force: bool = False) -> KeyChange:
-    return KeyChange("disable_key", key_id, lifecycle.disable, (key_id,), {"force": force})
+    return KeyChange(AuditAction.DISABLE_KEY, key_id, lifecycle.disable, (key_id,), {"force": force})
 
 
 def enable(key_id: str) -> KeyChange:
-    return KeyChange("enable_key", key_id, lifecycle.enable, (key_id,))
+    return KeyChange(AuditAction.ENABLE_KEY, key_id, lifecycle.enable, (key_id,))
 
 
 def schedule_destruction(key_id: str, days: int) -> KeyChange:
-    return KeyChange("schedule_destruction", key_id, lifecycle.schedule_destruction, (key_id,), {"days": days})
+    return KeyChange(AuditAction.SCHEDULE_DESTRUCTION, key_id, lifecycle.schedule_destruction, (key_id,),
+                     {"days": days})
 
 
 def cancel_destruction(key_id: str) -> KeyChange:
-    return KeyChange("cancel_destruction", key_id, lifecycle.cancel_destruction, (key_id,))
+    return KeyChange(AuditAction.CANCEL_DESTRUCTION, key_id, lifecycle.cancel_destruction, (key_id,))
 
 
 def destroy(key_id: str, *, now: datetime | None = None) -> KeyChange:
-    return KeyChange("destroy_key", key_id, lifecycle.destroy, (key_id,), {"now": now} if now else {})
+    return KeyChange(AuditAction.DESTROY_KEY, key_id, lifecycle.destroy, (key_id,), {"now": now} if now else {})
 

@@ -18,6 +18,7 @@ import yaml
 
 from lkm import fsutil, hawk_credentials, pki
 from lkm.audit import AuditLog, local_actor
+from lkm.audit.record import AuditAction
 from lkm.config import Settings, load_settings
 from lkm.events import audit_event
 from lkm.keys import KeyState
@@ -104,7 +105,7 @@ def ensure_dev_environment(data_dir: Path, *, port_base: int = 8443, keystore: s
 def _audit_first_key(settings: Settings, key_id: str) -> None:
     """The first key is audited like any other: the trail starts with its creation."""
     origin = {"request_id": None, "actor": local_actor(), "route": "dev"}
-    event = audit_event(origin, "create_key", key_id, outcome="ok", extra={"to_state": KeyState.ACTIVE.value,
+    event = audit_event(origin, AuditAction.CREATE_KEY, key_id, outcome="ok", extra={"to_state": KeyState.ACTIVE.value,
                                                              "label": "first key"})
     AuditLog(settings.audit.path, max_bytes=settings.audit.max_bytes,
              keep_files=settings.audit.keep_files).record_sync(event)

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from lkm.audit.record import INTENT_FIELD, AuditOutcome
+from lkm.audit.record import INTENT_FIELD, AuditAction, AuditOutcome
 from lkm.errors import LkmError
 
 
@@ -24,7 +24,7 @@ def error_code(error: BaseException, fallback: str = "error") -> str:
     return code if isinstance(code, str) and code else fallback
 
 
-def audit_event(origin: Mapping[str, Any], action: str, key_id: str | None, *, outcome: str,
+def audit_event(origin: Mapping[str, Any], action: AuditAction, key_id: str | None, *, outcome: str,
                 error_code: str | None = None, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """One audit event; `extra` (the facts of a change, say) goes in last, as it was recorded."""
     event = dict(origin)
@@ -40,7 +40,7 @@ def audit_event(origin: Mapping[str, Any], action: str, key_id: str | None, *, o
 class Intent:
     """A change about to be made: its intent record goes first, its outcome record names the same id."""
 
-    action: str
+    action: AuditAction
     key_id: str | None
     extra: Mapping[str, Any] = field(default_factory=dict)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)

@@ -19,6 +19,7 @@ import uuid
 from typing import Any
 
 from lkm import changes, lifecycle, registration
+from lkm.audit.record import AuditAction
 from lkm.auth import Actor, ActorKind
 from lkm.config import GenesysSettings, RotationSettings
 from lkm.errors import Forbidden
@@ -117,9 +118,9 @@ class KeyAdmin:
         facts = ChangeFacts()
         started = time.perf_counter()
         key_id = new_key_id()
-        intent = Intent("rotate_key", key_id, {"scheduled": True})
+        intent = Intent(AuditAction.ROTATE_KEY, key_id, {"scheduled": True})
         # Announced before the change (a failed write stops it here; the loop retries later).
-        await self.service.audit_decision(ctx, "rotate_key", key_id=key_id, error=None, started=started,
+        await self.service.audit_decision(ctx, AuditAction.ROTATE_KEY, key_id=key_id, error=None, started=started,
                                           intent=intent)
         call = functools.partial(lifecycle.rotate_if_due, self.store, every, key_id=key_id,
                                  registration=self.registration_required, now=now, facts=facts)
@@ -128,16 +129,16 @@ class KeyAdmin:
                 record = await self.service.run(call)
         except Exception as exc:
             self._rotation_done(False)
-            await self._audit(ctx, "rotate_key", key_id, exc, started=started,
+            await self._audit(ctx, AuditAction.ROTATE_KEY, key_id, exc, started=started,
                               details={**facts.audit_details(), **intent.pairing()})
             raise
         if record is None:
             # Another server sharing the store rotated for this period: the announced change was not made.
-            await self._audit(ctx, "rotate_key", None, None, started=started,
+            await self._audit(ctx, AuditAction.ROTATE_KEY, None, None, started=started,
                               details={"unchanged": True, **intent.pairing()})
             return None
         self._rotation_done(True)
-        await self._audit(ctx, "rotate_key", record.id, None, started=started,
+        await self._audit(ctx, AuditAction.ROTATE_KEY, record.id, None, started=started,
                           details={**facts.audit_details(), **intent.pairing()})
         log.info("scheduled rotation: new key %s (%s)", record.id, record.state.value)
         self._register_if_pending(record)
@@ -190,7 +191,7 @@ class KeyAdmin:
         async def attempted(attempt: registration.Attempt) -> None:
             if self.metrics is not None:
                 self.metrics.registration_done(attempt.error is None)
-            await self._audit(ctx, "register_key", key_id, attempt.error, started=time.perf_counter(),
+            await self._audit(ctx, AuditAction.REGISTER_KEY, key_id, attempt.error, started=time.perf_counter(),
                               details=attempt.audit_details())
 
         outcome = await registration.register(self.store, self.genesys, key_id, self.owner, run=self.service.run,
@@ -217,7 +218,7 @@ class KeyAdmin:
         if self.metrics is not None:
             self.metrics.rotation_done(ok)
 
-    async def _audit(self, ctx: RequestContext, action: str, key_id: str | None, error: BaseException | None,
+    async def _audit(self, ctx: RequestContext, action: AuditAction, key_id: str | None, error: BaseException | None,
                      *, started: float, details: dict[str, Any]) -> None:
         """For work the server does on its own: a failed audit write is logged, it cannot fail a caller."""
         await self.service.audit_decision(ctx, action, key_id=key_id, error=error, started=started, extra=details,

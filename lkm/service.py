@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol, TypeVar
 
 from lkm.admission import Admission, is_shed
+from lkm.audit.record import AuditAction
 from lkm.auth import Actor
 from lkm.callerguard import CallerGuard
 from lkm.errors import (
@@ -162,7 +163,7 @@ class KeyService:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, functools.partial(in_store, func, *args))
 
-    async def audit_decision(self, ctx: RequestContext, action: str, *, key_id: str | None,
+    async def audit_decision(self, ctx: RequestContext, action: AuditAction, *, key_id: str | None,
                              error: BaseException | None, started: float, extra: dict[str, Any] | None = None,
                              fail_closed: bool = True, intent: Intent | None = None, bounded: bool = True,
                              code: str | None = None) -> None:
@@ -192,7 +193,7 @@ class KeyService:
                 raise Unavailable("audit trail unavailable; refusing to act unaudited",
                                   code="audit_unavailable") from None
 
-    async def audit_denial(self, ctx: RequestContext, action: str, error: LkmError,
+    async def audit_denial(self, ctx: RequestContext, action: AuditAction, error: LkmError,
                            key_id: str | None = None) -> None:
         """Refusals are decisions too. Failing to record one is logged; the caller is refused either way."""
         if error.audited:
@@ -268,7 +269,7 @@ class KeyService:
             # add an fsync'd record exactly when the server has no time to spare.
             return
         # The response waits for its record to be durable: no unaudited unwrap leaves the server.
-        await self.audit_decision(ctx, "unwrap", key_id=key_id, error=error, started=started,
+        await self.audit_decision(ctx, AuditAction.UNWRAP, key_id=key_id, error=error, started=started,
                                   extra={"algorithm": algorithm.value})
 
     async def unwrap_batch(self, ctx: RequestContext, items: Sequence[UnwrapItem | LkmError]) -> list[bytes | LkmError]:
@@ -322,7 +323,7 @@ class KeyService:
             return results  # nothing was tried: counted as shed, like a refused single unwrap
         summary = batch_summary(items, results)
         failed = None if summary["ok"] else next(r for r in results if isinstance(r, LkmError))
-        await self.audit_decision(ctx, "unwrap", key_id=None, error=failed, started=started, extra=summary,
+        await self.audit_decision(ctx, AuditAction.UNWRAP, key_id=None, error=failed, started=started, extra=summary,
                                   code="batch_failed" if failed is not None else None)
         return results
 
@@ -338,7 +339,7 @@ class KeyService:
 
     # --- changing keys -------------------------------------------------------------------------------------
 
-    async def audited(self, ctx: RequestContext, action: str, key_id: str | None,
+    async def audited(self, ctx: RequestContext, action: AuditAction, key_id: str | None,
                       func: Callable[..., T], *args: Any, facts: ChangeFacts | None = None) -> T:
         """Runs a key change off the loop and audits it, success or failure.
 

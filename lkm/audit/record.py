@@ -82,6 +82,7 @@ class AuditAction(StrEnum):
     BACKUP_CREATE = "backup_create"
     BACKUP_RESTORE = "backup_restore"
     RESTORE_KEY = "restore_key"
+    MIGRATE_KEY = "migrate_key"
     HAWK_CREATE = "hawk_create"
     HAWK_REVOKE = "hawk_revoke"
     FREEZE_CALLER = "freeze_caller"

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from lkm import backup
+from lkm.audit.record import AuditAction
 from lkm.cli.common import AddCommand, audit, cli_origin, open_store, settings_of, write_event
 from lkm.errors import CliError
 from lkm.events import Intent
@@ -52,7 +53,7 @@ def cmd_backup_create(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     finally:
         store.close()
-    audit(settings, "backup_create", None, file=str(path.resolve()), keys=len(bundle.keys),
+    audit(settings, AuditAction.BACKUP_CREATE, None, file=str(path.resolve()), keys=len(bundle.keys),
           key_ids=[k.record.id for k in bundle.keys], private_keys=bundle.private_keys)
     print(f"{path}: {len(bundle.keys)} key(s) backed up"
           + ("" if bundle.private_keys else " (metadata only: back the HSM up with its own tools)"))
@@ -83,7 +84,7 @@ def cmd_backup_restore(args: argparse.Namespace) -> int:
 
     def announce(key_id: str) -> None:
         # Written before the key goes into the store, so that a crash cannot leave it without a record.
-        intents[key_id] = intent = Intent("restore_key", key_id, {"file": str(Path(args.file))})
+        intents[key_id] = intent = Intent(AuditAction.RESTORE_KEY, key_id, {"file": str(Path(args.file))})
         write_event(settings, intent.event(cli_origin()))
 
     store = open_store(settings)
@@ -95,14 +96,14 @@ def cmd_backup_restore(args: argparse.Namespace) -> int:
         intent = intents.pop(result.key_id, None)
         paired = intent.pairing() if intent is not None else {}
         if result.outcome == "restored":
-            audit(settings, "restore_key", result.key_id, to_state=result.state, file=str(Path(args.file)),
+            audit(settings, AuditAction.RESTORE_KEY, result.key_id, to_state=result.state, file=str(Path(args.file)),
                   **paired)
         elif result.outcome == "refused":
-            audit(settings, "restore_key", result.key_id, outcome="error", error_code="key_exists",
+            audit(settings, AuditAction.RESTORE_KEY, result.key_id, outcome="error", error_code="key_exists",
                   reason=result.reason, **paired)
         print(result.line())
     counts = {o: sum(r.outcome == o for r in results) for o in ("restored", "skipped", "refused", "not restored")}
-    audit(settings, "backup_restore", None, file=str(Path(args.file).resolve()),
+    audit(settings, AuditAction.BACKUP_RESTORE, None, file=str(Path(args.file).resolve()),
           counts={k.replace(" ", "_"): v for k, v in counts.items()})
     print(", ".join(f"{v} {k}" for k, v in counts.items()))
     return 1 if counts["refused"] else 0

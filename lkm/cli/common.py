@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from lkm.audit.record import AuditAction
 from lkm.changes import Applied, KeyChange
 from lkm.config import Settings, load_settings
 from lkm.errors import CliError
@@ -61,7 +62,7 @@ def write_event(settings: Settings, event: dict[str, Any]) -> None:
              keep_files=settings.audit.keep_files).record_sync(event)
 
 
-def audit(settings: Settings, action: str, key_id: str | None, outcome: str = "ok", *,
+def audit(settings: Settings, action: AuditAction, key_id: str | None, outcome: str = "ok", *,
           error_code: str | None = None, **extra: Any) -> None:
     """Writes the audit record of one CLI action to the same trail the server writes."""
     write_event(settings, audit_event(cli_origin(), action, key_id, outcome=outcome, error_code=error_code,
@@ -77,7 +78,7 @@ class IntendedChange:
 
 
 @contextlib.contextmanager
-def intended(settings: Settings, action: str, key_id: str | None, **extra: Any) -> Iterator[IntendedChange]:
+def intended(settings: Settings, action: AuditAction, key_id: str | None, **extra: Any) -> Iterator[IntendedChange]:
     """Announces a change durably before it is made, and records its outcome after, success or failure.
 
     If the process dies in between, the trail holds the intent without an outcome, which `lkm audit verify`

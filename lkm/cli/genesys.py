@@ -9,6 +9,7 @@ import socket
 import sys
 from typing import Any
 
+from lkm.audit.record import AuditAction
 from lkm.changes import KeyChange
 from lkm.cli.common import AddCommand, apply, audit, open_store, settings_of
 from lkm.config import Settings
@@ -38,11 +39,11 @@ def register(settings: Settings, key_id: str) -> KeyRecord:
     async def attempted(attempt: registration.Attempt) -> None:
         if attempt.error is None:
             print(f"  attempt {attempt.number}: registered", file=sys.stderr)
-            audit(settings, "register_key", key_id, **attempt.audit_details())
+            audit(settings, AuditAction.REGISTER_KEY, key_id, **attempt.audit_details())
             return
         print(f"  attempt {attempt.number}: {attempt.error}" + (" (retrying)" if attempt.retrying else ""),
               file=sys.stderr)
-        audit(settings, "register_key", key_id, outcome="error", error_code=attempt.error.code,
+        audit(settings, AuditAction.REGISTER_KEY, key_id, outcome="error", error_code=attempt.error.code,
               **attempt.audit_details())
 
     async def activate(change: KeyChange) -> KeyRecord:

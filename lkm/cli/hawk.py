@@ -7,6 +7,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+from lkm.audit.record import AuditAction
 from lkm.cli.common import AddCommand, intended, open_store, print_json, settings_of
 from lkm.config import KeyStoreType, Settings
 from lkm.errors import CliError
@@ -37,7 +38,7 @@ def cmd_hawk_create(args: argparse.Namespace) -> int:
         if shared is None and path is None:
             raise CliError(f"{settings.source}: platform.hawk.credentials_file is not set; nowhere to store it")
         try:
-            with intended(settings, "hawk_create", None, hawk_id=args.id):
+            with intended(settings, AuditAction.HAWK_CREATE, None, hawk_id=args.id):
                 if shared is not None:
                     credential = shared.create(args.id)
                 else:
@@ -79,7 +80,7 @@ def cmd_hawk_revoke(args: argparse.Namespace) -> int:
         in_database = shared is not None and any(info.id == args.id for info in shared.list())
         if not in_database and (path is None or args.id not in load_credentials_file(path)):
             raise CliError(f"no Hawk credential {args.id!r} in the key store's database or the credentials file")
-        with intended(settings, "hawk_revoke", None, hawk_id=args.id):
+        with intended(settings, AuditAction.HAWK_REVOKE, None, hawk_id=args.id):
             revoked = shared.revoke(args.id) if in_database and shared is not None \
                 else path is not None and revoke_credential(path, args.id)
             if not revoked:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from lkm import changes, lifecycle, migrate
+from lkm.audit.record import AuditAction
 from lkm.cli import genesys
 from lkm.cli.common import (
     AddCommand,
@@ -87,7 +88,7 @@ def cmd_keys_import(args: argparse.Namespace) -> int:
     store = open_store(settings)
     facts = ChangeFacts()
     try:
-        with intended(settings, "import_key", key_id) as done:
+        with intended(settings, AuditAction.IMPORT_KEY, key_id) as done:
             try:
                 try:
                     private_key = load_private_key_any(data, password)
@@ -175,7 +176,7 @@ def cmd_keys_destroy(args: argparse.Namespace) -> int:
             print(f"  [{'ok' if check.ok else 'FAIL'}] {check.name}: {check.detail}")
         print(f"  last unwrap: {report.last_unwrap_text()}")
         if args.dry_run:
-            audit(settings, "destroy_key_dry_run", key_id, allowed=report.allowed,
+            audit(settings, AuditAction.DESTROY_KEY_DRY_RUN, key_id, allowed=report.allowed,
                   last_unwrap=format_time(report.last_unwrap) if report.last_unwrap else None)
             print("dry run: destruction " + ("would proceed" if report.allowed else "would be refused"))
             return 0 if report.allowed else 1
@@ -211,7 +212,7 @@ def cmd_keys_import_bulk(args: argparse.Namespace) -> int:
     intents: dict[int, Intent] = {}
 
     def announce(row: migrate.Row, key_id: str) -> None:
-        intents[row.number] = intent = Intent("import_key", key_id)
+        intents[row.number] = intent = Intent(AuditAction.IMPORT_KEY, key_id)
         write_event(settings, intent.event(cli_origin()))
 
     def audit_row(result: migrate.RowResult, details: dict[str, Any]) -> None:
@@ -219,10 +220,10 @@ def cmd_keys_import_bulk(args: argparse.Namespace) -> int:
         if intent is not None:
             details.update(intent.pairing())
         if result.outcome == "refused":
-            audit(settings, "import_key", result.key_id, outcome="error",
+            audit(settings, AuditAction.IMPORT_KEY, result.key_id, outcome="error",
                   error_code=details.pop("error_code", "import_rejected"), reason=result.reason, **details)
         else:
-            audit(settings, "import_key", result.key_id, **details)
+            audit(settings, AuditAction.IMPORT_KEY, result.key_id, **details)
 
     wanted = parse_key_id(args.activate) if args.activate else None
     if wanted is not None and wanted not in {(r.key_id or "").strip().lower() for r in rows}:
@@ -267,9 +268,10 @@ def cmd_keys_migrate(args: argparse.Namespace) -> int:
         source.close()
     for result in results:
         if result.outcome == "copied":  # recorded in the target's trail: that is where the key now lives
-            audit(target_settings, "migrate_key", result.key_id, to_state=result.state, source=settings.source)
+            audit(target_settings, AuditAction.MIGRATE_KEY, result.key_id, to_state=result.state,
+                  source=settings.source)
         elif result.outcome == "refused":
-            audit(target_settings, "migrate_key", result.key_id, outcome="error", error_code="key_exists",
+            audit(target_settings, AuditAction.MIGRATE_KEY, result.key_id, outcome="error", error_code="key_exists",
                   reason=result.reason, source=settings.source)
         print(result.line())
     counts = {o: sum(r.outcome == o for r in results) for o in ("copied", "present", "refused", "not copied")}

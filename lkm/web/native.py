@@ -12,6 +12,7 @@ from __future__ import annotations
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from lkm.audit.record import AuditAction
 from lkm.auth import Actor, ActorKind, ClientPolicy
 from lkm.errors import Forbidden, InvalidRequest, Unauthenticated
 from lkm.keys import Algorithm, b64, parse_key_id
@@ -47,7 +48,7 @@ def native_identity_middleware(policy: ClientPolicy) -> Middleware:
             ctx.observer.auth_failure(ActorKind.MTLS, "unknown_client")
             stranger = Actor(kind=ActorKind.MTLS, name="unlisted")
             error = Forbidden("this client certificate is not on the allow list", code="unknown_client")
-            await ctx.service.audit_denial(native_context(request, stranger), "authenticate", error)
+            await ctx.service.audit_denial(native_context(request, stranger), AuditAction.AUTHENTICATE, error)
             raise error
         request[ACTOR] = actor
         try:
@@ -55,7 +56,7 @@ def native_identity_middleware(policy: ClientPolicy) -> Middleware:
         except Forbidden as exc:
             if exc.code == "forbidden_role":
                 ctx.observer.auth_failure(ActorKind.MTLS, "forbidden_role")
-            await ctx.service.audit_denial(native_context(request, actor), "authorize", exc,
+            await ctx.service.audit_denial(native_context(request, actor), AuditAction.AUTHORIZE, exc,
                                            key_id=_valid_key_id(request.match_info.get("id")))
             raise
 

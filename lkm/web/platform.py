@@ -17,6 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
+from lkm.audit.record import AuditAction
 from lkm.auth import Actor, ActorKind, platform_actor
 from lkm.config import PlatformSettings
 from lkm.errors import HawkError, HawkReason, InvalidRequest, LkmError, Unauthenticated, UnsupportedAlgorithm
@@ -161,7 +162,7 @@ class PlatformHandler:
         error = Unauthenticated(str(exc), code=f"hawk_{exc.reason}")
         stranger = Actor(kind=ActorKind.HAWK, name="hawk:unverified",
                          hawk_id=_claimed_hawk_id(headers.get("Authorization")))
-        await service.audit_denial(_context(request, request_id, stranger), "authenticate", error)
+        await service.audit_denial(_context(request, request_id, stranger), AuditAction.AUTHENTICATE, error)
         response = render_platform_error(error, {"WWW-Authenticate": exc.www_authenticate or "Hawk"})
         if not request.content.is_eof():
             response.force_close()  # the body stays unread: the connection cannot carry another request

@@ -138,8 +138,8 @@ def test_audit_action_values_are_the_strings_the_trail_has_always_held() -> None
     assert {a.value for a in AuditAction} == {
         "unwrap", "authenticate", "authorize", "create_key", "import_key", "rotate_key", "register_key",
         "activate_key", "disable_key", "enable_key", "schedule_destruction", "cancel_destruction", "destroy_key",
-        "destroy_key_dry_run", "backup_create", "backup_restore", "restore_key", "hawk_create", "hawk_revoke",
-            "freeze_caller", "unfreeze_caller"}
+        "destroy_key_dry_run", "backup_create", "backup_restore", "restore_key", "migrate_key", "hawk_create",
+        "hawk_revoke", "freeze_caller", "unfreeze_caller"}
     assert {o.value for o in AuditOutcome} == {"ok", "error", "denied", "intent"}
     assert json.dumps({"action": AuditAction.ROTATE_KEY}) == '{"action": "rotate_key"}'
 
