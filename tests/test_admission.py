@@ -17,7 +17,7 @@ from lkm.config import RsaExecution
 from lkm.errors import Unavailable
 from lkm.workers import WorkerThreads
 from tests.conftest import Pki, Running, b64, start_server, wrap
-from tests.test_observability import scrape, value
+from tests.test_observer import scrape, value
 
 
 @contextlib.contextmanager

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from lkm.keys import KeyState
 from tests.conftest import OAEP_SHA256, Pki, Running, b64, start_server, wrap
-from tests.test_observability import scrape, value
+from tests.test_observer import scrape, value
 
 
 def _item(key_id: str, wrapped: bytes | str, algorithm: str | None = "RSA-OAEP-SHA1") -> dict[str, object]:
