@@ -13,41 +13,33 @@ or imported, not when a key that lkm sealed itself is loaded again.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from lkm import fsutil
-from lkm.errors import KeyNotFound, KeyStoreError, KeyUnusable
+from lkm.errors import KeyNotFound, KeyStoreError
 from lkm.keys import (
     DESTRUCTION_RULE,
-    PADDINGS,
-    PUBLIC_EXPONENT,
-    Algorithm,
     KeyRecord,
     KeyState,
-    check_rsa_policy,
     check_transition,
-    generate_private_key,
-    new_key_id,
     parse_key_id,
     public_der_pkcs1,
     record_from_doc,
     record_to_doc,
     utcnow,
 )
-from lkm.keystore import check_record_only, same_key, sealed, synthetic_plaintext
+from lkm.keystore import check_record_only, same_key, sealed
+from lkm.keystore.inprocess import InProcessKeyStore, reentrant
 from lkm.sealing import open_sealed, seal
 
 log = logging.getLogger("lkm.keystore.file")
@@ -55,7 +47,7 @@ log = logging.getLogger("lkm.keystore.file")
 FORMAT = "lkm-file-keystore"
 KEY_FORMAT = "lkm-key"
 
-class FileKeyStore:
+class FileKeyStore(InProcessKeyStore):
     backend = "file"
 
     def __init__(self, path: Path, passphrase: bytes, *, create: bool = True, scrypt_n: int = sealed.SCRYPT_N) -> None:
@@ -105,26 +97,6 @@ class FileKeyStore:
         return sealed.master_key(header, FORMAT, passphrase, str(self.path))
 
     # --- reading -------------------------------------------------------------------------------------------
-
-    def supported_algorithms(self) -> frozenset[Algorithm]:
-        return ALL_ALGORITHMS if implicit_rejection() else WITHOUT_PKCS1
-
-    def list_keys(self) -> list[KeyRecord]:
-        return sorted(self._records.values(), key=lambda r: (r.created, r.id))
-
-    def get_key(self, key_id: str) -> KeyRecord:
-        record = self._records.get(key_id)  # the unwrap path passes canonical ids: no parsing on a hit
-        if record is None:
-            # A key written a moment ago by another process: look before saying no.
-            key_id = parse_key_id(key_id)
-            record = self._records.get(key_id)
-            if record is not None:
-                return record
-            self._load_file(self._key_path(key_id))
-            record = self._records.get(key_id)
-            if record is None:
-                raise KeyNotFound()
-        return record
 
     def refresh(self) -> bool:
         # One scan at a time: a caller that finds a scan under way waits for it rather than taking the
@@ -201,32 +173,20 @@ class FileKeyStore:
             raise KeyStoreError(f"unreadable key file {path}: {exc}") from None
         return doc
 
-    def _private_key(self, key_id: str) -> rsa.RSAPrivateKey:
-        key = self._private.get(key_id)
-        if key is not None:
-            return key
-        record = self.get_key(key_id)
-        key_id = record.id
-        key = self._private.get(key_id)  # asked by a non-canonical spelling of a key already open
-        if key is not None:
-            return key
-        stored = self._read_doc(key_id).get("private_key")
-        if stored is None:
-            raise KeyUnusable("key has been destroyed", code="key_destroyed")
-        try:
-            der = open_sealed(self._aead, stored, _aad(key_id))
-        except (InvalidTag, KeyError, ValueError, TypeError):
-            raise sealed.unsealing_failed(key_id) from None
-        loaded = sealed.load_private_key(der, record)
-        with self._lock:
-            self._private[key_id] = loaded
-        return loaded
+    # --- storage hooks of InProcessKeyStore ---------------------------------------------------------------
 
-    def decrypt(self, key_id: str, ciphertext: bytes, algorithm: Algorithm) -> bytes:
-        return sealed.rsa_decrypt(self._private_key(key_id), ciphertext, algorithm)
+    def _load_one(self, key_id: str) -> KeyRecord | None:
+        self._load_file(self._key_path(key_id))
+        return self._records.get(key_id)
 
-    def synthetic_plaintext(self, key_id: str, ciphertext: bytes, length: int) -> bytes:
-        return synthetic_plaintext(self._rejection_secret, key_id, ciphertext, length)
+    def _stored_private(self, key_id: str) -> Any:
+        return self._read_doc(key_id).get("private_key")
+
+    def _unseal(self, key_id: str, stored: Any) -> bytes:
+        return open_sealed(self._aead, stored, _aad(key_id))
+
+    def _writing(self) -> AbstractContextManager[None]:
+        return self._writer()
 
     def check(self) -> None:
         if not self.keys_dir.is_dir():
@@ -240,32 +200,13 @@ class FileKeyStore:
 
     # --- writing -------------------------------------------------------------------------------------------
 
-    @contextmanager
-    def _writer(self) -> Iterator[None]:
-        # Re-entrant per thread: a lifecycle step holds lock() around create_key/save_record, which lock too,
-        # and a second flock on a new descriptor would wait for the first forever.
-        depth: int = getattr(self._held, "depth", 0)
-        if depth:
-            self._held.depth = depth + 1
-            try:
-                yield
-            finally:
-                self._held.depth = depth
-            return
-        with fsutil.file_lock(self._lock_path):
-            self._held.depth = 1
-            try:
-                yield
-            finally:
-                self._held.depth = 0
+    def _writer(self) -> AbstractContextManager[None]:
+        # Re-entrant per thread: a second flock on a new descriptor would wait for the first forever.
+        return reentrant(self._held, lambda: fsutil.file_lock(self._lock_path))
 
     def lock(self) -> Any:
         """Cross-process exclusive section for read-check-write sequences (rotation)."""
         return self._writer()
-
-    def export_private_key(self, key_id: str) -> rsa.RSAPrivateKey:
-        """The private half, for an encrypted backup (lkm.backup); KeyUnusable once destroyed."""
-        return self._private_key(key_id)
 
     def seal_private_key(self, key_id: str, key: rsa.RSAPrivateKey) -> dict[str, str]:
         """The stored form of a private key, sealed under this store's master key and bound to `key_id`."""
@@ -288,25 +229,6 @@ class FileKeyStore:
         with self._lock:
             self._private[key_id] = key
         return self._records[key_id]
-
-    def create_key(self, *, state: KeyState, label: str = "", key_id: str | None = None) -> KeyRecord:
-        key = generate_private_key()
-        with self._writer():
-            for _ in range(1 if key_id else 3):
-                record = self._write_new(key_id or new_key_id(), key, state, label)
-                if record is not None:
-                    return record
-        raise KeyStoreError("could not allocate a key id")
-
-    def import_key(self, key_id: str, private_key: rsa.RSAPrivateKey, *, state: KeyState,
-                   label: str = "") -> KeyRecord:
-        key_id = parse_key_id(key_id)
-        check_rsa_policy(private_key)
-        with self._writer():
-            record = self._write_new(key_id, private_key, state, label)
-            if record is not None:
-                return record
-            return same_key(self.get_key(key_id), public_der_pkcs1(private_key.public_key()))
 
     def import_record(self, record: KeyRecord) -> KeyRecord:
         """A destroyed key's record, copied from another store (lkm.keystore.RecordImporting)."""
@@ -348,24 +270,6 @@ class FileKeyStore:
                 self._private.pop(key_id, None)
             self._load_file(self._key_path(key_id))
             return self._records[key_id]
-
-
-ALL_ALGORITHMS = frozenset(Algorithm)
-WITHOUT_PKCS1 = ALL_ALGORITHMS - {Algorithm.RSA_PKCS1_V1_5}
-
-
-@functools.cache
-def implicit_rejection() -> bool:
-    """Whether this OpenSSL answers a bad PKCS#1 v1.5 padding with pseudo-random bytes (3.2+) instead of an
-    error. Without it, RSA-PKCS1-V1_5 would be a padding oracle, so the file store does not offer it."""
-    probe = rsa.generate_private_key(public_exponent=PUBLIC_EXPONENT, key_size=1024)  # noqa: S505 - throwaway probe
-    modulus_bytes = probe.key_size // 8
-    try:
-        probe.decrypt(b"\x00" + b"\x5a" * (modulus_bytes - 1), PADDINGS[Algorithm.RSA_PKCS1_V1_5])
-    except ValueError:
-        log.warning("this OpenSSL reports bad PKCS#1 v1.5 padding as an error; RSA-PKCS1-V1_5 is disabled")
-        return False
-    return True
 
 
 def _aad(key_id: str) -> bytes:

@@ -77,7 +77,9 @@ def backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
         dsn = cluster.dsn(cluster.create_database())
 
         def opener() -> KeyStore:
-            return PostgresKeyStore(dsn, b"passphrase")
+            # No change listener: refresh() is the contract here, and a listener that heard a change first
+            # would have applied it already (notifications are tested in tests/keystore/test_postgresql.py).
+            return PostgresKeyStore(dsn, b"passphrase", listen=False)
     else:
         token = request.getfixturevalue("module_token")
 

@@ -152,7 +152,7 @@ def test_uppercase_ids_are_the_same_key(tmp_path: Path) -> None:
 
 
 def test_pkcs1_is_offered_only_with_implicit_rejection(tmp_path: Path) -> None:
-    from lkm.keystore.file import implicit_rejection
+    from lkm.keystore.inprocess import implicit_rejection
 
     store = FileKeyStore(tmp_path / "ks", PASS)
     assert (Algorithm.RSA_PKCS1_V1_5 in store.supported_algorithms()) == implicit_rejection()

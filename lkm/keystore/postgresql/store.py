@@ -10,33 +10,29 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from lkm.errors import IllegalTransition, KeyNotFound, KeyStoreError, KeyUnusable
+from lkm.errors import IllegalTransition, KeyNotFound, KeyStoreError
 from lkm.keys import (
-    Algorithm,
     KeyRecord,
     KeyState,
-    check_rsa_policy,
-    generate_private_key,
-    new_key_id,
     parse_key_id,
     public_der_pkcs1,
     record_from_doc,
     record_to_doc,
     utcnow,
 )
-from lkm.keystore import check_record_only, same_key, sealed, synthetic_plaintext
-from lkm.keystore.file import ALL_ALGORITHMS, WITHOUT_PKCS1, implicit_rejection
+from lkm.keystore import check_record_only, same_key, sealed
 from lkm.keystore.health import StoreHealth, StoreStatus
+from lkm.keystore.inprocess import InProcessKeyStore, reentrant
 from lkm.keystore.postgresql.listener import Listener, describe
 from lkm.keystore.postgresql.schema import CHANNEL, LOCK_CLASS, STORE_LOCK, WRITE_LOCK, migrate
 from lkm.sealing import open_bytes, seal_bytes
@@ -53,7 +49,7 @@ class _Row:
     change: int
 
 
-class PostgresKeyStore:
+class PostgresKeyStore(InProcessKeyStore):
     backend = "postgresql"
 
     def __init__(self, dsn: str, passphrase: bytes, *, pool_min: int = 1, pool_max: int = 4,
@@ -173,26 +169,6 @@ class PostgresKeyStore:
 
     # --- reading -------------------------------------------------------------------------------------------
 
-    def supported_algorithms(self) -> frozenset[Algorithm]:
-        return ALL_ALGORITHMS if implicit_rejection() else WITHOUT_PKCS1
-
-    def list_keys(self) -> list[KeyRecord]:
-        return sorted(self._records.values(), key=lambda r: (r.created, r.id))
-
-    def get_key(self, key_id: str) -> KeyRecord:
-        record = self._records.get(key_id)  # the unwrap path passes canonical ids: no parsing on a hit
-        if record is None:
-            key_id = parse_key_id(key_id)
-            record = self._records.get(key_id)
-            if record is not None:
-                return record
-            # Created a moment ago on another replica, before its notification arrived: look before saying no.
-            row = self._fetch(key_id)
-            if row is None:
-                raise KeyNotFound()
-            record = row.record
-        return record
-
     def _fetch(self, key_id: str) -> _Row | None:
         with self.connection() as conn:
             raw = conn.execute(_SELECT_ONE, (key_id,)).fetchone()
@@ -263,28 +239,6 @@ class PostgresKeyStore:
                 self._private.pop(key_id, None)
         return row
 
-    def _private_key(self, key_id: str) -> rsa.RSAPrivateKey:
-        key = self._private.get(key_id)
-        if key is not None:
-            return key
-        record = self.get_key(key_id)
-        key_id = record.id
-        key = self._private.get(key_id)
-        if key is not None:
-            return key
-        stored = self._fresh_sealed(key_id)
-        if stored is None:
-            raise KeyUnusable("key has been destroyed", code="key_destroyed")
-        try:
-            der = self.unseal(stored, key_aad(key_id))
-        except InvalidTag:
-            raise sealed.unsealing_failed(key_id) from None
-        loaded = sealed.load_private_key(der, record)
-        with self._lock:
-            if self._sealed.get(key_id) is not None:  # not destroyed while we were opening it
-                self._private[key_id] = loaded
-        return loaded
-
     def _fresh_sealed(self, key_id: str) -> bytes | None:
         """The sealed key as the database has it now (destroyed a moment ago elsewhere?), read once per key and
         process; while the database is away, the copy loaded with the record."""
@@ -295,63 +249,45 @@ class PostgresKeyStore:
                 log.warning("opening key %s with the copy loaded earlier: %s", key_id, exc)
         return self._sealed.get(key_id)
 
-    def decrypt(self, key_id: str, ciphertext: bytes, algorithm: Algorithm) -> bytes:
-        return sealed.rsa_decrypt(self._private_key(key_id), ciphertext, algorithm)
+    # --- storage hooks of InProcessKeyStore ---------------------------------------------------------------
 
-    def synthetic_plaintext(self, key_id: str, ciphertext: bytes, length: int) -> bytes:
-        return synthetic_plaintext(self._rejection_secret, key_id, ciphertext, length)
+    def _load_one(self, key_id: str) -> KeyRecord | None:
+        # Created a moment ago on another replica, before its notification arrived.
+        row = self._fetch(key_id)
+        return row.record if row is not None else None
 
-    def export_private_key(self, key_id: str) -> rsa.RSAPrivateKey:
-        """The private half, for an encrypted backup (lkm.backup); KeyUnusable once destroyed."""
-        return self._private_key(key_id)
+    def _stored_private(self, key_id: str) -> bytes | None:
+        return self._fresh_sealed(key_id)
+
+    def _unseal(self, key_id: str, stored: Any) -> bytes:
+        return self.unseal(stored, key_aad(key_id))
+
+    def _keep_private(self, key_id: str, key: rsa.RSAPrivateKey) -> None:
+        with self._lock:
+            if self._sealed.get(key_id) is not None:  # not destroyed while we were opening it
+                self._private[key_id] = key
 
     # --- writing -------------------------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
+    def lock(self) -> AbstractContextManager[None]:
         """Exclusive across every process and replica on this database (re-entrant in one thread): a session
         advisory lock on a connection of its own, held for the whole section. Should that connection die, the
         database drops the lock, and the section's writes fail with it, so no decision is taken unguarded."""
-        depth: int = getattr(self._held, "depth", 0)
-        if depth:
-            self._held.depth = depth + 1
-            try:
-                yield
-            finally:
-                self._held.depth = depth
-            return
+        return reentrant(self._held, self._advisory_lock)
+
+    @contextlib.contextmanager
+    def _advisory_lock(self) -> Iterator[None]:
         conn = self.connect()
         try:
             try:
                 conn.execute("SELECT pg_advisory_lock(%s, %s)", (LOCK_CLASS, STORE_LOCK))
             except psycopg.Error as exc:
                 raise self._failure(exc) from None
-            self._held.depth = 1
-            try:
-                yield
-            finally:
-                self._held.depth = 0
+            yield
         finally:
             conn.close()  # ends the session, which releases the lock
 
-    def create_key(self, *, state: KeyState, label: str = "", key_id: str | None = None) -> KeyRecord:
-        key = generate_private_key()
-        for _ in range(1 if key_id else 3):
-            record = self._insert(key_id or new_key_id(), key, state, label)
-            if record is not None:
-                return record
-        raise KeyStoreError("could not allocate a key id")
-
-    def import_key(self, key_id: str, private_key: rsa.RSAPrivateKey, *, state: KeyState,
-                   label: str = "") -> KeyRecord:
-        key_id = parse_key_id(key_id)
-        check_rsa_policy(private_key)
-        record = self._insert(key_id, private_key, state, label)
-        if record is not None:
-            return record
-        return same_key(self.get_key(key_id), public_der_pkcs1(private_key.public_key()))
-
-    def _insert(self, key_id: str, key: rsa.RSAPrivateKey, state: KeyState, label: str) -> KeyRecord | None:
+    def _write_new(self, key_id: str, key: rsa.RSAPrivateKey, state: KeyState, label: str) -> KeyRecord | None:
         now = utcnow()
         record = KeyRecord(id=key_id, state=state, created=now, updated=now,
                            public_key_der=public_der_pkcs1(key.public_key()), backend=self.backend, label=label)
