@@ -61,17 +61,6 @@ def caller_ids(actor: Actor) -> tuple[str, ...]:
     return tuple(actor.name.split("+"))
 
 
-def find(entries: Mapping[str, Frozen], actor: Actor) -> Frozen | None:
-    """The entry that freezes this caller, by any of its ids."""
-    if not entries:
-        return None
-    for caller in caller_ids(actor):
-        entry = entries.get(caller)
-        if entry is not None:
-            return entry
-    return None
-
-
 class FrozenList(Protocol):
     """The frozen callers as a server and the CLI use them, wherever they are kept."""
 
@@ -99,10 +88,38 @@ class FrozenList(Protocol):
         ...
 
 
-class FreezeList:
-    def __init__(self, path: Path) -> None:
-        self.path = path
+class HeldList:
+    """What every kind of list shares: the entries held in memory, which requests look up (never a read)."""
+
+    def __init__(self) -> None:
         self._entries: dict[str, Frozen] = {}
+
+    def lookup(self, actor: Actor) -> Frozen | None:
+        entries = self._entries
+        if not entries:
+            return None
+        for caller in caller_ids(actor):
+            entry = entries.get(caller)
+            if entry is not None:
+                return entry
+        return None
+
+    @property
+    def entries(self) -> Mapping[str, Frozen]:
+        return self._entries
+
+    def _replace(self, entries: dict[str, Frozen]) -> bool:
+        """Holds `entries` from now on (one reference swapped: a reader sees the old list or the new one);
+        True when they differ from the ones held."""
+        changed = entries != self._entries
+        self._entries = entries
+        return changed
+
+
+class FreezeList(HeldList):
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
         self._seen: tuple[int, int] | None = None
 
     # --- reading (servers) ----------------------------------------------------------------------------------
@@ -126,16 +143,7 @@ class FreezeList:
             log.error("frozen callers file %s unreadable; keeping the last list: %s", self.path, exc)
             return False
         self._seen = seen
-        changed = entries != self._entries
-        self._entries = entries
-        return changed
-
-    def lookup(self, actor: Actor) -> Frozen | None:
-        return find(self._entries, actor)
-
-    @property
-    def entries(self) -> Mapping[str, Frozen]:
-        return self._entries
+        return self._replace(entries)
 
     def read(self) -> dict[str, Frozen]:
         try:

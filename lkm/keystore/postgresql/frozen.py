@@ -11,11 +11,9 @@ force, and `lkm freeze` fails (nothing is changed without its record).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 
-from lkm.auth import Actor
 from lkm.errors import KeyStoreError
-from lkm.freeze import FreezeMode, Frozen, find
+from lkm.freeze import FreezeMode, Frozen, HeldList
 from lkm.keystore import KeyStore
 from lkm.keystore.postgresql.store import PostgresKeyStore
 
@@ -24,13 +22,13 @@ log = logging.getLogger("lkm.keystore.postgresql")
 PAYLOAD_PREFIX = "frozen:"
 
 
-class ClusterFreezeList:
+class ClusterFreezeList(HeldList):
     """lkm.freeze.FrozenList on the PostgreSQL key store's database."""
 
     def __init__(self, store: PostgresKeyStore, *, follow: bool = False) -> None:
         """`follow`: reload whenever a change is heard (a server); the CLI reads and writes only."""
+        super().__init__()
         self._store = store
-        self._entries: dict[str, Frozen] = {}
         if follow:
             store.subscribe(self._heard)
 
@@ -52,20 +50,11 @@ class ClusterFreezeList:
         except KeyStoreError as exc:
             log.warning("frozen callers not reloaded; keeping the last list: %s", exc)
             return False
-        changed = entries != self._entries
-        self._entries = entries  # one reference swapped: readers see the old list or the new one
-        return changed
+        return self._replace(entries)
 
     def _heard(self, payloads: frozenset[str] | None) -> None:
         if payloads is None or any(p.startswith(PAYLOAD_PREFIX) for p in payloads):
             self.refresh()
-
-    def lookup(self, actor: Actor) -> Frozen | None:
-        return find(self._entries, actor)
-
-    @property
-    def entries(self) -> Mapping[str, Frozen]:
-        return self._entries
 
     def read(self) -> dict[str, Frozen]:
         with self._store.connection() as conn:
