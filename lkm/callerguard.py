@@ -4,7 +4,7 @@ The service asks `check(actor, n)` before `n` unwraps: a caller frozen in mode s
 `caller_frozen`), one over its rate (or slowed by the breaker, mode slow) gets 429 `rate_limited` with
 Retry-After, and the unwraps are counted for the breaker. A trip with action slow or freeze comes back as a
 `Trip`, which `trip()` writes to the frozen list (audited, shared by every process) until an operator runs
-`lkm unfreeze`.
+`lkm unfreeze`. `refuse_frozen(actor)` alone is what every other request of the native API asks.
 """
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ from typing import Any, Protocol
 from lkm.audit.record import AuditAction
 from lkm.auth import Actor, ActorKind
 from lkm.breaker import BreakerAction, BreakerSettings, VolumeBreaker
-from lkm.config import Settings
+from lkm.config import KeyStoreType, Settings
 from lkm.errors import Forbidden, RateLimited
 from lkm.events import Intent
-from lkm.freeze import FreezeList, FreezeMode, caller_ids, freeze_path, new_entry
+from lkm.freeze import FreezeList, FreezeMode, Frozen, FrozenList, caller_ids, freeze_path, new_entry
+from lkm.keystore import KeyStore
 from lkm.ratelimit import Rate, TokenBuckets, retry_after
 
 log = logging.getLogger("lkm.callerguard")
@@ -41,7 +42,7 @@ class Trip:
 
 
 class CallerGuard:
-    def __init__(self, frozen: FreezeList, default: Rate, overrides: Mapping[str, Rate] | None = None, *,
+    def __init__(self, frozen: FrozenList, default: Rate, overrides: Mapping[str, Rate] | None = None, *,
                  breaker: BreakerSettings | None = None, observer: GuardObserver | None = None,
                  refresh_seconds: float = 2.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.frozen = frozen
@@ -63,14 +64,19 @@ class CallerGuard:
                 self._rates[actor.name] = rate
         return rate
 
-    def check(self, actor: Actor, n: int = 1) -> Trip | None:
+    def refuse_frozen(self, actor: Actor) -> Frozen | None:
+        """Raises Forbidden (`caller_frozen`) for a caller frozen in mode stop; else its entry (mode slow) or None."""
         now = self.clock()
         if now >= self._next_refresh:
             self._next_refresh = now + self.refresh_seconds
-            self.frozen.refresh()  # one stat; the file is read only when it changed
+            self.frozen.poll()  # cheap: one stat of the file; nothing for a list the server refreshes
         entry = self.frozen.lookup(actor)
         if entry is not None and entry.mode is FreezeMode.STOP:
             raise Forbidden("this caller is frozen; an operator must unfreeze it", code="caller_frozen")
+        return entry
+
+    def check(self, actor: Actor, n: int = 1) -> Trip | None:
+        entry = self.refuse_frozen(actor)
         caller = actor.name
         if entry is not None and self.breaker_settings is not None:  # slowed: a small bucket of its own
             slow = self.breaker_settings.slow_per_second
@@ -106,7 +112,7 @@ class CallerGuard:
         try:
             await record(intent.event(origin))
             await asyncio.to_thread(self.frozen.put, new_entry(caller, trip.mode, "breaker", "unwrap volume"))
-            self.frozen.refresh()
+            await asyncio.to_thread(self.frozen.refresh)
         except Exception as exc:
             error = exc
             log.error("breaker could not freeze %s: %s", caller, exc)
@@ -116,7 +122,19 @@ class CallerGuard:
             log.error("audit write failed: %s", exc)
 
 
-def guard_for(settings: Settings, observer: GuardObserver | None) -> CallerGuard:
+def frozen_list(settings: Settings, store: KeyStore | None, *, follow: bool = False) -> FrozenList:
+    """The frozen callers: the database's table with a PostgreSQL key store (every replica shares it), else the
+    file. `follow` (a server): reload the table whenever another process changes it."""
+    if settings.keystore.type is KeyStoreType.POSTGRESQL and store is not None:
+        from lkm.keystore.postgresql.frozen import ClusterFreezeList  # noqa: PLC0415 - optional extra
+
+        return ClusterFreezeList.of(store, follow=follow)
+    return FreezeList(freeze_path(settings))
+
+
+def guard_for(settings: Settings, observer: GuardObserver | None, store: KeyStore | None = None) -> CallerGuard:
+    """A server's guard; with a PostgreSQL `store`, its frozen list follows the database (load it with
+    `frozen.refresh()` off the event loop before serving, and again on every refresh tick)."""
     limits = settings.limits
-    return CallerGuard(FreezeList(freeze_path(settings)), limits.rate, dict(limits.rate_overrides),
+    return CallerGuard(frozen_list(settings, store, follow=True), limits.rate, dict(limits.rate_overrides),
                        breaker=limits.breaker, observer=observer, refresh_seconds=limits.refresh_seconds)

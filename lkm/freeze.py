@@ -1,9 +1,13 @@
 """Frozen callers: identities an operator (`lkm freeze ID`) or the unwrap-volume breaker stopped or slowed.
 
-The list is one small JSON file that every process of a server (and, on a shared directory, every replica)
-reads: `frozen.json` in the file key store's directory, else beside the audit log. It maps an id (a Hawk id or
-a client-certificate rule's name) to its entry; writers replace it atomically under a lock file, readers pick
-up a change within `limits.refresh_seconds` (one stat per refresh, never a read per request).
+An entry maps an id (a Hawk id or a client-certificate rule's name) to how it is frozen. Where the list lives
+(`FrozenList`, the interface both keep):
+- `FreezeList`: one small JSON file that every process of a server (and, on a shared directory, every replica)
+  reads: `frozen.json` in the file key store's directory, else beside the audit log. Writers replace it
+  atomically under a lock file; readers pick up a change within `limits.refresh_seconds` (one stat per refresh,
+  never a read per request).
+- with the PostgreSQL key store, the `lkm_frozen_callers` table of its database
+  (lkm.keystore.postgresql.frozen.ClusterFreezeList), so every replica on the database shares one list.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import Protocol
 
 from lkm import fsutil
 from lkm.auth import Actor
@@ -56,13 +61,72 @@ def caller_ids(actor: Actor) -> tuple[str, ...]:
     return tuple(actor.name.split("+"))
 
 
-class FreezeList:
-    def __init__(self, path: Path) -> None:
-        self.path = path
+class FrozenList(Protocol):
+    """The frozen callers as a server and the CLI use them, wherever they are kept."""
+
+    def poll(self) -> bool:
+        """Cheap enough for the event loop (the guard calls it every refresh_seconds): True when the list changed."""
+        ...
+
+    def refresh(self) -> bool:
+        """Blocking: reads the list again (off the event loop); True when it changed. Trouble keeps the last list."""
+        ...
+
+    def lookup(self, actor: Actor) -> Frozen | None: ...
+
+    @property
+    def entries(self) -> Mapping[str, Frozen]: ...
+
+    def read(self) -> dict[str, Frozen]: ...
+
+    def put(self, entry: Frozen) -> bool:
+        """Adds or replaces an entry; False when the same id was already frozen in the same mode."""
+        ...
+
+    def remove(self, caller: str) -> bool:
+        """False when the caller was not frozen."""
+        ...
+
+
+class HeldList:
+    """What every kind of list shares: the entries held in memory, which requests look up (never a read)."""
+
+    def __init__(self) -> None:
         self._entries: dict[str, Frozen] = {}
+
+    def lookup(self, actor: Actor) -> Frozen | None:
+        entries = self._entries
+        if not entries:
+            return None
+        for caller in caller_ids(actor):
+            entry = entries.get(caller)
+            if entry is not None:
+                return entry
+        return None
+
+    @property
+    def entries(self) -> Mapping[str, Frozen]:
+        return self._entries
+
+    def _replace(self, entries: dict[str, Frozen]) -> bool:
+        """Holds `entries` from now on (one reference swapped: a reader sees the old list or the new one);
+        True when they differ from the ones held."""
+        changed = entries != self._entries
+        self._entries = entries
+        return changed
+
+
+class FreezeList(HeldList):
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
         self._seen: tuple[int, int] | None = None
 
     # --- reading (servers) ----------------------------------------------------------------------------------
+
+    def poll(self) -> bool:
+        """One stat: the file is read only when it changed."""
+        return self.refresh()
 
     def refresh(self) -> bool:
         """Reads the file again if it changed; True when the list changed. A damaged file keeps the last list."""
@@ -79,22 +143,7 @@ class FreezeList:
             log.error("frozen callers file %s unreadable; keeping the last list: %s", self.path, exc)
             return False
         self._seen = seen
-        changed = entries != self._entries
-        self._entries = entries
-        return changed
-
-    def lookup(self, actor: Actor) -> Frozen | None:
-        if not self._entries:
-            return None
-        for caller in caller_ids(actor):
-            entry = self._entries.get(caller)
-            if entry is not None:
-                return entry
-        return None
-
-    @property
-    def entries(self) -> Mapping[str, Frozen]:
-        return self._entries
+        return self._replace(entries)
 
     def read(self) -> dict[str, Frozen]:
         try:

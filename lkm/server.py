@@ -129,7 +129,8 @@ class LkmServer:
                                   observer=self.observer,
                                   fail_closed=settings.audit.fail_closed, admission=admission,
                                   pkcs1_length=settings.platform.pkcs1_data_key_length,
-                                  guard=guard_for(settings, self.metrics))
+                                  guard=guard_for(settings, self.metrics, self.store))
+        await self._refresh_frozen()
         self.metrics.set_build_info(__version__)
         admin_service = KeyService(self.store, self.audit, self._admin_executor,
                                    observer=self.observer, fail_closed=settings.audit.fail_closed)
@@ -307,7 +308,13 @@ class LkmServer:
                     self.hawk_source.set_shared(await loop.run_in_executor(self._executor, self.shared_hawk.load))
                 except KeyStoreError as exc:  # the database is away: the credentials loaded last stay live
                     log.warning("Hawk credentials not reloaded: %s", exc)
+        await self._refresh_frozen()
         self._update_key_gauges()
+
+    async def _refresh_frozen(self) -> None:
+        """The frozen callers, read off the event loop (a file, or the PostgreSQL store's table)."""
+        if self.service is not None and self.service.guard is not None:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self.service.guard.frozen.refresh)
 
     def _update_key_gauges(self) -> None:
         assert self.store is not None

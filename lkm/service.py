@@ -283,7 +283,12 @@ class KeyService:
         started = time.perf_counter()
         ctx = replace(ctx, route="batch")
         ctx.actor.require(Role.UNWRAP)
-        await self.admit_unwraps(ctx, len(items))
+        try:
+            await self.admit_unwraps(ctx, len(items))
+        except LkmError as exc:  # frozen or over its rate: audited (bounded) like a refused single unwrap
+            await self.audit_decision(ctx, "unwrap", key_id=None, error=exc, started=started,
+                                      extra={"items": len(items)})
+            raise
         results: list[bytes | LkmError] = []
         todo: list[tuple[int, UnwrapItem]] = []
         for i, item in enumerate(items):

@@ -3,18 +3,37 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
+from collections.abc import Iterator
 from typing import Any
 
 from lkm.audit.record import AuditAction
-from lkm.cli.common import AddCommand, intended, print_json, settings_of
+from lkm.callerguard import frozen_list
+from lkm.cli.common import AddCommand, intended, open_store, print_json, settings_of
+from lkm.config import KeyStoreType, Settings
 from lkm.errors import CliError
-from lkm.freeze import FreezeList, FreezeMode, freeze_path, new_entry
+from lkm.freeze import FreezeMode, FrozenList, new_entry
+
+
+@contextlib.contextmanager
+def opened_list(settings: Settings) -> Iterator[FrozenList]:
+    """The list every server of this configuration reads: the PostgreSQL store's table, else the file."""
+    store = open_store(settings) if settings.keystore.type is KeyStoreType.POSTGRESQL else None
+    try:
+        yield frozen_list(settings, store)
+    finally:
+        if store is not None:
+            store.close()
 
 
 def cmd_freeze(args: argparse.Namespace) -> int:
     settings = settings_of(args)
-    frozen = FreezeList(freeze_path(settings))
+    with opened_list(settings) as frozen:
+        return freeze(args, settings, frozen)
+
+
+def freeze(args: argparse.Namespace, settings: Settings, frozen: FrozenList) -> int:
     if args.list:
         entries = [e.to_json() for _, e in sorted(frozen.read().items())]
         if args.json:
@@ -35,8 +54,7 @@ def cmd_freeze(args: argparse.Namespace) -> int:
 
 def cmd_unfreeze(args: argparse.Namespace) -> int:
     settings = settings_of(args)
-    frozen = FreezeList(freeze_path(settings))
-    with intended(settings, AuditAction.UNFREEZE_CALLER, None, caller=args.id):
+    with opened_list(settings) as frozen, intended(settings, AuditAction.UNFREEZE_CALLER, None, caller=args.id):
         if not frozen.remove(args.id):
             raise CliError(f"{args.id} is not frozen")
     print(f"unfroze {args.id}")

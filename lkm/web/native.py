@@ -33,7 +33,8 @@ from lkm.web.routes import ListenerName, Route
 
 
 def native_identity_middleware(policy: ClientPolicy) -> Middleware:
-    """Admits callers whose verified certificate the allow list names; audits every refusal."""
+    """Admits callers whose verified certificate the allow list names and who are not frozen (403
+    `caller_frozen` on every route); audits every refusal within the caller's budget of denial records."""
 
     @web.middleware
     async def identify(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -52,6 +53,8 @@ def native_identity_middleware(policy: ClientPolicy) -> Middleware:
             raise error
         request[ACTOR] = actor
         try:
+            if ctx.service.guard is not None:  # a caller frozen in mode stop gets nothing: no listing, no admin
+                ctx.service.guard.refuse_frozen(actor)
             return await handler(request)
         except Forbidden as exc:
             if exc.code == "forbidden_role":

@@ -107,3 +107,25 @@ async def test_full_batch_fits_the_body_limit(running: Running) -> None:
     reply = await running.native("admin").request("POST", "/v1/unwrap", {"items": items})
     assert reply.status == 200, reply.body
     assert all(r["key"] == b64(secret) for r in reply.body["results"])
+
+
+async def test_a_batch_over_the_rate_limit_is_audited_within_the_denial_budget(
+        tmp_path: Path, certs: Pki, config_factory: Callable[..., Path]) -> None:
+    """A batch refused with 429 writes its record (route batch, rate_limited, the item count) like a refused
+    single unwrap; a flood of refused batches writes the burst of 20 records, then at most 2 a second."""
+    config = config_factory(**{"limits.rate_limits": {"per_second": 0.01, "burst": 3}})
+    async with start_server(tmp_path, certs, config) as running:
+        record = running.create_key()
+        await running.server.refresh()
+        native = running.native("unwrapper")
+        items = [_item(record.id, wrap(record, os.urandom(32))) for _ in range(3)]
+        assert (await native.request("POST", "/v1/unwrap", {"items": items})).status == 200
+        flood = 50
+        for _ in range(flood):
+            reply = await native.request("POST", "/v1/unwrap", {"items": items[:2]})
+            assert reply.status == 429 and reply.body["error"]["code"] == "rate_limited", reply.body
+        refused = [e for e in running.audit_lines() if e.get("action") == "unwrap" and e["outcome"] == "error"]
+        assert refused and all((e["route"], e["error_code"], e["items"]) == ("batch", "rate_limited", 2)
+                               for e in refused)
+        assert refused[0]["request_id"] and refused[0]["actor"]["name"] == "unwrapper"
+        assert 20 <= len(refused) < 20 + flood // 4, len(refused)  # before: no record at all

@@ -9,12 +9,14 @@ import logging
 import os
 import socket
 import ssl
+from collections.abc import Awaitable, Callable
 
 import pytest
 
 from lkm.client import client_ssl_context
 from lkm.keys import KeyState, load_public_pkcs1
 from tests.conftest import OAEP_SHA1, OAEP_SHA256, PKCS1, Running, b64, eventually, wrap
+from tests.lkmcli import lkm
 
 
 async def test_list_and_get_keys(running: Running) -> None:
@@ -215,3 +217,50 @@ async def test_no_key_material_in_logs(running: Running, caplog: pytest.LogCaptu
     assert reply.status == 200
     text = caplog.text + json.dumps(running.audit_lines())
     assert b64(secret) not in text and secret.hex() not in text
+
+
+async def test_a_frozen_client_is_refused_on_every_native_route_within_its_denial_budget(running: Running) -> None:
+    """`lkm freeze admin`: listing, reading, unwrapping, batches and administration all answer 403
+    `caller_frozen`; a flood of them writes the bounded burst of denial records, not one per request."""
+    record = running.create_key()
+    await running.server.refresh()
+    admin, reader = running.native("admin"), running.native("reader")
+    assert (await admin.request("GET", "/v1/keys")).status == 200
+    await asyncio.to_thread(lkm, "-c", str(running.config_path), "freeze", "admin", "--reason", "attack test")
+
+    async def frozen() -> bool:
+        return (await admin.request("GET", "/v1/keys")).status == 403
+    assert await eventually_async(frozen)
+    attempts = [("GET", "/v1/keys", None), ("GET", f"/v1/keys/{record.id}", None),
+                ("POST", f"/v1/keys/{record.id}/unwrap", {"wrapped_key": b64(wrap(record, b"z" * 32))}),
+                ("POST", "/v1/unwrap", {"items": [{"id": record.id, "wrapped_key": b64(wrap(record, b"z" * 32))}]}),
+                ("POST", "/v1/keys", {"label": "while frozen"}), ("POST", "/v1/keys/rotate", {}),
+                ("POST", f"/v1/keys/{record.id}/disable", {})]
+    for method, path, payload in attempts:
+        reply = await admin.request(method, path, payload)
+        assert (reply.status, reply.body["error"]["code"]) == (403, "caller_frozen"), (method, path, reply.body)
+    assert running.store.get_key(record.id).state is KeyState.ACTIVE and len(running.store.list_keys()) == 1
+    assert (await reader.request("GET", "/v1/keys")).status == 200  # others are not touched
+
+    flood = 60
+    for _ in range(flood):
+        assert (await admin.request("GET", "/v1/keys")).status == 403
+    denials = [e for e in running.audit_lines() if e.get("error_code") == "caller_frozen"]
+    sent = flood + len(attempts) + 1
+    assert all((e["outcome"], e["actor"]["name"]) == ("denied", "admin") for e in denials)
+    # The burst of 20, then at most 2 a second (before: one record per request, `sent` of them).
+    assert 20 <= len(denials) < 20 + sent // 4 < sent, len(denials)
+    await asyncio.to_thread(lkm, "-c", str(running.config_path), "unfreeze", "admin")
+
+    async def served() -> bool:
+        return (await admin.request("GET", "/v1/keys")).status == 200
+    assert await eventually_async(served)
+
+
+async def eventually_async(check: Callable[[], Awaitable[bool]], within: float = 15.0) -> bool:
+    deadline = asyncio.get_running_loop().time() + within
+    while not await check():
+        if asyncio.get_running_loop().time() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True

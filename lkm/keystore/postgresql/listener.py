@@ -1,10 +1,11 @@
 """The thread that hears other replicas' changes: LISTEN on a connection of its own.
 
 A notification makes the store reload at once (well under a second), instead of waiting for the server's next
-refresh tick; on_change gets the payloads heard ("key:<id>", "hawk:<id>"), or None after a (re)connect, when
-anything may have changed; the tick still reloads on its own, which heals a notification lost while this connection was
-down. The thread also notices first when the database goes away or comes back, and says so (on_down / on_up),
-reconnecting with a capped back-off; after a reconnect it reloads, since notifications sent meanwhile are lost.
+refresh tick; on_change gets the payloads heard ("key:<id>", "hawk:<id>", "frozen:<id>"), or None after a
+(re)connect, when anything may have changed; the tick still reloads on its own, which heals a notification lost
+while this connection was down. The thread also notices first when the database goes away or comes back, and
+says so (on_down / on_up), reconnecting with a capped back-off; after a reconnect it reloads, since
+notifications sent meanwhile are lost.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ MIGRATION_LOCK = 1  # held (transaction scope) while the schema is checked and m
 STORE_LOCK = 2  # held (session scope) by lock(): one writer per decision across replicas
 WRITE_LOCK = 3  # held (transaction scope) by every write: change numbers are handed out in commit order
 
-CHANNEL = "lkm_changes"  # NOTIFY payload: "key:<id>" or "hawk:<id>"
+CHANNEL = "lkm_changes"  # NOTIFY payload: "key:<id>", "hawk:<id>" or "frozen:<id>"
 
 MIGRATIONS: tuple[tuple[LiteralString, ...], ...] = (
     # 1: keys, the KDF header, Hawk credentials and nonces
@@ -49,6 +49,15 @@ MIGRATIONS: tuple[tuple[LiteralString, ...], ...] = (
                expires timestamptz NOT NULL,
                PRIMARY KEY (cred_id, nonce, ts))""",
         "CREATE INDEX lkm_hawk_nonces_expires ON lkm_hawk_nonces (expires)",
+    ),
+    # 2: the frozen callers (`lkm freeze`, the unwrap-volume breaker), shared by every replica
+    (
+        """CREATE TABLE lkm_frozen_callers (
+               id text PRIMARY KEY,
+               mode text NOT NULL,
+               frozen_by text NOT NULL,
+               frozen_at timestamptz NOT NULL,
+               reason text NOT NULL DEFAULT '')""",
     ),
 )
 CODE_VERSION = len(MIGRATIONS)

@@ -199,8 +199,9 @@ class PostgresKeyStore(InProcessKeyStore):
 
     def subscribe(self, callback: Callable[[frozenset[str] | None], None]) -> None:
         """`callback` runs on the listener's thread after each notification, with the payloads heard
-        ("key:<id>", "hawk:<id>") or None after a reconnect (anything may have changed): how a server reloads
-        the Hawk credentials another process changed without waiting for its refresh tick."""
+        ("key:<id>", "hawk:<id>", "frozen:<id>") or None after a reconnect (anything may have changed): how a
+        server reloads the Hawk credentials or frozen callers another process changed without waiting for its
+        refresh tick."""
         self._subscribers.append(callback)
 
     def _heard(self, payloads: frozenset[str] | None) -> None:
