@@ -286,7 +286,7 @@ class KeyService:
         try:
             await self.admit_unwraps(ctx, len(items))
         except LkmError as exc:  # frozen or over its rate: audited (bounded) like a refused single unwrap
-            await self.audit_decision(ctx, "unwrap", key_id=None, error=exc, started=started,
+            await self.audit_decision(ctx, AuditAction.UNWRAP, key_id=None, error=exc, started=started,
                                       extra={"items": len(items)})
             raise
         results: list[bytes | LkmError] = []
