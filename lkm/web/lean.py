@@ -155,7 +155,7 @@ class LeanConnection(asyncio.Protocol):
     def _refuse_malformed(self, exc: MalformedHttp) -> None:
         _, text = malformed(self.policy, self.peer, exc.status, str(exc))
         if exc.status == 411:
-            text = "chunked request bodies are not accepted: send Content-Length"
+            text = "only chunked or Content-Length bodies are accepted"
         self.phase = _Phase.BUSY
         self._stop_timer()
         self.buffer.clear()
