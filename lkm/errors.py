@@ -19,6 +19,7 @@
     KeyStoreError                a backend failure (I/O, token); the service turns it into Unavailable/Internal
     AuditWriteError              an audit record is not durable; a fail-closed server refuses to act unaudited
     HawkError                    a failed Hawk authentication; the platform route answers it with a 401
+    MalformedHttp                a request the platform listener cannot parse; `status` is its answer (400, 411, 431)
     WorkerFailure                a PKCS#11 worker's answer other than success; the store maps its kind to an error
 
     Operator tools (text for a person at a terminal, never sent over the API):
@@ -208,6 +209,14 @@ class HawkError(Exception):
         super().__init__(self.message)
 
 # --- storage and bench ---
+
+class MalformedHttp(Exception):
+    """A request the platform listener could not parse; the message names the problem, never the bytes."""
+
+    def __init__(self, status: int, problem: str) -> None:
+        super().__init__(problem)
+        self.status = status
+
 
 class BackupError(Exception):
     """The bundle is unreadable, damaged, or the passphrase is wrong; the text is for the operator."""

@@ -22,7 +22,7 @@ from lkm.admission import Admission, runs_inline
 from lkm.audit import AuditLog
 from lkm.auth import ClientPolicy
 from lkm.callerguard import guard_for
-from lkm.config import KeyStoreType, ListenSettings, ReplayCheck, Settings
+from lkm.config import KeyStoreType, ListenSettings, PlatformHttp, ReplayCheck, Settings
 from lkm.errors import KeyStoreError, LkmError
 from lkm.hawk import HawkVerifier, Verified
 from lkm.hawk_credentials import CredentialSource
@@ -42,6 +42,7 @@ from lkm.threadnames import name_this_thread
 from lkm.web.admin import install_admin_routes
 from lkm.web.batch import install_batch_route
 from lkm.web.connections import ConnectionGuard, GuardedSocket
+from lkm.web.lean import LeanSite
 from lkm.web.native import native_app
 from lkm.web.ops import ReadinessView, ops_app
 from lkm.web.platform import PlatformHandler, platform_error_shape, platform_server
@@ -60,7 +61,7 @@ TRIM_INTERVAL_SECONDS = 5.0  # README: Connection limits (memory)
 @dataclass
 class Listener:
     name: ListenerName
-    site: web.BaseSite
+    site: web.BaseSite | LeanSite
     host: str
     port: int
     tls: bool
@@ -85,7 +86,7 @@ class LkmServer:
         self.observer = MetricsObserver(self.metrics)
         self.readiness = ReadinessView()
         self.listeners: dict[str, Listener] = {}  # by ListenerName
-        self._runners: list[web.BaseRunner] = []
+        self._closers: list[Callable[[], Awaitable[None]]] = []  # each listener's stop, in start order
         self._tasks: list[asyncio.Task[None]] = []
         # Unwraps run on the event loop (one process per core) or on their own threads (`limits.worker_threads`),
         # behind admission control; the rest of the blocking work (refreshes, checks, key listings) runs here.
@@ -153,10 +154,12 @@ class LkmServer:
             ssl_ctx = self._reloadable_context(ListenerName.PLATFORM)
             handler = PlatformHandler(wctx, settings.platform, verifier, default_port=443 if ssl_ctx else 80,
                                       shared_nonces=shared_nonces)
-            runner = web.ServerRunner(platform_server(handler), handle_signals=False)
+            # lean: lkm's own HTTP/1.1 for the platform's requests (README: Performance); aiohttp: for comparison.
+            runner = None if settings.platform.http is PlatformHttp.LEAN else \
+                web.ServerRunner(platform_server(handler), handle_signals=False)
             # No lingering: a body the handler left unread (a caller Hawk refused) is never read.
             await self._listen(ListenerName.PLATFORM, runner, settings.platform.listen, ssl_ctx, platform_error_shape,
-                               lingering_time=0.0)
+                               lingering_time=0.0, lean=handler)
         if settings.native is not None:
             ssl_ctx = self._reloadable_context(ListenerName.NATIVE)
             self.reloadable.policy = ClientPolicy(settings.native.clients)
@@ -231,11 +234,14 @@ class LkmServer:
     def _app_runner(self, app: web.Application) -> web.AppRunner:
         return web.AppRunner(app, access_log=None, handle_signals=False)
 
-    async def _listen(self, name: ListenerName, runner: web.BaseRunner, listen: ListenSettings, ssl_ctx: Any,
-                      shape: ErrorShape, **handler_options: Any) -> None:
-        """One listener: a guarded socket (allow-list, connection caps) serving connections with a deadline."""
-        await runner.setup()
-        self._runners.append(runner)
+    async def _listen(self, name: ListenerName, runner: web.BaseRunner | None, listen: ListenSettings,
+                      ssl_ctx: Any, shape: ErrorShape, *, lean: PlatformHandler | None = None,
+                      **handler_options: Any) -> None:
+        """One listener: a guarded socket (allow-list, connection caps) serving connections with a deadline;
+        without a runner, `lean` serves it on lkm's own HTTP/1.1 protocol."""
+        if runner is not None:
+            await runner.setup()
+            self._closers.append(runner.cleanup)
         observer = self.observer
         guard = ConnectionGuard(name, listen, on_refused=observer.connection_refused,
                                 on_open=observer.connections_open)
@@ -244,8 +250,15 @@ class LkmServer:
             GuardedSocket.listen_on(listen.host, listen.port, guard, backlog=1024)
         policy = ListenerPolicy(name, guard, listen.request_timeout_seconds, shape,
                                 on_timeout=observer.connection_timed_out, on_malformed=observer.malformed_request)
-        site = GuardedSite(runner, sock, policy, ssl_context=ssl_ctx, access_log=None,
-                           keepalive_timeout=float(self.settings.limits.keep_alive_seconds), **handler_options)
+        keep_alive = float(self.settings.limits.keep_alive_seconds)
+        site: GuardedSite | LeanSite
+        if runner is None:
+            assert lean is not None
+            site = LeanSite(lean, sock, policy, ssl_context=ssl_ctx, keep_alive=keep_alive)
+            self._closers.append(site.cleanup)
+        else:
+            site = GuardedSite(runner, sock, policy, ssl_context=ssl_ctx, access_log=None,
+                               keepalive_timeout=keep_alive, **handler_options)
         try:
             await site.start()
         except BaseException:
@@ -265,8 +278,8 @@ class LkmServer:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        for runner in reversed(self._runners):
-            await runner.cleanup()
+        for close in reversed(self._closers):
+            await close()
         if self.audit is not None:
             await self.audit.close()
         if self.store is not None:

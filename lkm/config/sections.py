@@ -171,6 +171,7 @@ def read_platform(sec: Section, keystore: settings.KeyStoreSettings) -> settings
         hawk=read_hawk(sec.section("hawk", required=True), keystore),
         allow_pkcs1=sec.flag("allow_pkcs1", True),
         pkcs1_data_key_length=_pkcs1_length(sec),
+        http=sec.choice("http", settings.PlatformHttp, settings.PlatformHttp.LEAN),
     )
     if result.tls is None and not sec.flag("insecure_plaintext", False):
         raise sec.error("tls", "a tls section with cert_file and key_file (the platform only calls https)")

@@ -39,6 +39,13 @@ class RsaExecution(enum.StrEnum):
     THREADS = "threads"  # on worker threads (limits.worker_threads)
 
 
+class PlatformHttp(enum.StrEnum):
+    """Which HTTP/1.1 implementation serves the platform listener (platform.http)."""
+
+    LEAN = "lean"  # lkm's own protocol for the platform's few requests: least CPU per request
+    AIOHTTP = "aiohttp"  # aiohttp's low-level server, as the other listeners
+
+
 class LogLevel(enum.StrEnum):
     DEBUG = "debug"
     INFO = "info"
@@ -102,6 +109,7 @@ class PlatformSettings:
     allow_pkcs1: bool
     # RSA-PKCS1-V1_5 answers of this length only: a wrong padding or length answers a synthetic value (None: off)
     pkcs1_data_key_length: int | None = 32
+    http: PlatformHttp = PlatformHttp.LEAN
 
 
 @dataclass(frozen=True)

@@ -45,12 +45,19 @@ OPTIONS_BODY = {"encryptBody": {"keypairId": None, "body": None, "decryptType": 
                 "decryptResponse": {"body": "Decrypted Response"}}
 
 
-def render_platform_error(error: LkmError, headers: dict[str, str] | None = None) -> web.Response:
-    """The sample's error shape. The platform treats 4xx as the caller's problem; unknown key is 400 by contract."""
+def platform_error_parts(error: LkmError, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str]]:
+    """The status and extra headers of an error's answer. The platform treats 4xx as the caller's problem;
+    unknown key is 400 by contract."""
     status = 400 if error.status in (404, 409) else error.status
     extra = dict(headers or {})
     if error.retry_after is not None:
         extra["Retry-After"] = str(error.retry_after)
+    return status, extra
+
+
+def render_platform_error(error: LkmError, headers: dict[str, str] | None = None) -> web.Response:
+    """The sample's error shape."""
+    status, extra = platform_error_parts(error, headers)
     return _plain_error(status, error.message, extra)
 
 
@@ -131,15 +138,9 @@ class PlatformHandler:
         """
         headers = request.headers
         try:
-            verified = self.verifier.verify_header(
-                method=request.method, path=request.rel_url.raw_path, query=request.rel_url.raw_query_string,
-                host_header=headers.get("Host"), public_host=self.settings.public_host,
-                public_port=self.settings.public_port, default_port=self.default_port,
-                authorization=headers.get("Authorization"))
-            fresh = self.verifier.check_replay(verified) if self.shared_nonces is None else \
-                await self.shared_nonces(verified)
-            if not fresh:
-                raise HawkError(HawkReason.REPLAY)
+            verified = await self.authenticate(request.method, request.rel_url.raw_path,
+                                               request.rel_url.raw_query_string, headers.get("Host"),
+                                               headers.get("Authorization"))
         except HawkError as exc:
             return await self.refuse(request, request_id, exc)
         body = await read_body(request, self.wctx.max_body_bytes)
@@ -147,26 +148,47 @@ class PlatformHandler:
             self.verifier.verify_payload(verified.claimed_hash, headers.get("Content-Type"), body)
         except HawkError as exc:
             return await self.refuse(request, request_id, exc)
+        request[ACTOR] = self.actor_of(verified)
+        return body
+
+    async def authenticate(self, method: str, raw_path: str, raw_query: str, host: str | None,
+                           authorization: str | None) -> Verified:
+        """The header's MAC, then the replay check (this server's or the cluster's); raises HawkError."""
+        verified = self.verifier.verify_header(
+            method=method, path=raw_path, query=raw_query, host_header=host,
+            public_host=self.settings.public_host, public_port=self.settings.public_port,
+            default_port=self.default_port, authorization=authorization)
+        fresh = self.verifier.check_replay(verified) if self.shared_nonces is None else \
+            await self.shared_nonces(verified)
+        if not fresh:
+            raise HawkError(HawkReason.REPLAY)
+        return verified
+
+    def actor_of(self, verified: Verified) -> Actor:
         credential = verified.credential
         actor = self._actors.get(credential.id)
         if actor is None:
             actor = self._actors[credential.id] = platform_actor(credential.id)
-        request[ACTOR] = actor
-        return body
+        return actor
 
     async def refuse(self, request: web.BaseRequest, request_id: str, exc: HawkError) -> web.Response:
         """The finished 401 response, audited, for a caller Hawk did not verify."""
         headers = request.headers
-        service = self.wctx.service
-        self.wctx.observer.auth_failure(ActorKind.HAWK, exc.reason)
-        error = Unauthenticated(str(exc), code=f"hawk_{exc.reason}")
-        stranger = Actor(kind=ActorKind.HAWK, name="hawk:unverified",
-                         hawk_id=_claimed_hawk_id(headers.get("Authorization")))
-        await service.audit_denial(_context(request, request_id, stranger), AuditAction.AUTHENTICATE, error)
-        response = render_platform_error(error, {"WWW-Authenticate": exc.www_authenticate or "Hawk"})
+        error, extra = await self.refusal(exc, headers.get("Authorization"),
+                                          lambda actor: _context(request, request_id, actor))
+        response = render_platform_error(error, extra)
         if not request.content.is_eof():
             response.force_close()  # the body stays unread: the connection cannot carry another request
         return response
+
+    async def refusal(self, exc: HawkError, authorization: str | None,
+                      context: Callable[[Actor], RequestContext]) -> tuple[Unauthenticated, dict[str, str]]:
+        """The audited 401 for a caller Hawk did not verify, with its WWW-Authenticate header."""
+        self.wctx.observer.auth_failure(ActorKind.HAWK, exc.reason)
+        error = Unauthenticated(str(exc), code=f"hawk_{exc.reason}")
+        stranger = Actor(kind=ActorKind.HAWK, name="hawk:unverified", hawk_id=_claimed_hawk_id(authorization))
+        await self.wctx.service.audit_denial(context(stranger), AuditAction.AUTHENTICATE, error)
+        return error, {"WWW-Authenticate": exc.www_authenticate or "Hawk"}
 
     async def options(self, request: web.BaseRequest, request_id: str) -> web.StreamResponse:
         body = await self.read_authenticated(request, request_id)
@@ -178,6 +200,12 @@ class PlatformHandler:
         body = await self.read_authenticated(request, request_id)
         if isinstance(body, web.Response):
             return body
+        plaintext = await self.unwrap(body, request.query.get("decryptType"),
+                                      _context(request, request_id, request[ACTOR]))
+        return web.json_response({"body": b64(plaintext)})
+
+    async def unwrap(self, body: bytes, query_type: str | None, rctx: RequestContext) -> bytes:
+        """The decrypt call's body checked and unwrapped; raises LkmError for the caller's mistakes."""
         data = parse_json_object(body)
         key_id = data.get("keypairId")
         if key_id is None:
@@ -186,10 +214,8 @@ class PlatformHandler:
         if data.get("body") is None:
             raise InvalidRequest("body is required", code="missing_field")
         ciphertext = decode_b64(data.get("body"), "body")
-        algorithm = self.algorithm(request.query.get("decryptType"), data.get("decryptType"))
-        rctx = _context(request, request_id, request[ACTOR])
-        plaintext = await self.wctx.service.unwrap(rctx, key_id, ciphertext, algorithm)
-        return web.json_response({"body": b64(plaintext)})
+        algorithm = self.algorithm(query_type, data.get("decryptType"))
+        return await self.wctx.service.unwrap(rctx, key_id, ciphertext, algorithm)
 
     def algorithm(self, from_query: str | None, from_body: object) -> Algorithm:
         # The query parameter wins; older platform versions sent decryptType in the body.
@@ -204,8 +230,13 @@ class PlatformHandler:
 
 
 def _context(request: web.BaseRequest, request_id: str, actor: Actor) -> RequestContext:
-    return RequestContext(request_id=request_id, actor=actor, client=client_of(request),
-                          platform_user_id=_platform_user(request), route=LISTENER)
+    return platform_context(request_id, actor, client_of(request), request.headers.get("PureCloud-User-Id"))
+
+
+def platform_context(request_id: str, actor: Actor, client: str | None, user_header: str | None) -> RequestContext:
+    """The service's view of a platform request."""
+    return RequestContext(request_id=request_id, actor=actor, client=client,
+                          platform_user_id=_platform_user(user_header), route=LISTENER)
 
 
 def _claimed_hawk_id(authorization: str | None) -> str | None:
@@ -219,8 +250,7 @@ def _claimed_hawk_id(authorization: str | None) -> str | None:
     return None
 
 
-def _platform_user(request: web.BaseRequest) -> str | None:
-    value = request.headers.get("PureCloud-User-Id")
+def _platform_user(value: str | None) -> str | None:
     if value is None:
         return None
     value = value.strip()

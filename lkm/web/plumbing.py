@@ -169,16 +169,25 @@ def request_finished(observer: WebObserver, listener: str, request: web.BaseRequ
                      route: str, status: int | str, started: float) -> None:
     """Every listener's end of a request: in-flight gauge, request metrics, one access-log line."""
     request_ended(request)
+    finish_request(observer, listener, request_id=request_id, route=route, status=status, started=started,
+                   method=request.method, raw_path=request.raw_path, client=lambda: client_of(request),
+                   actor=request.get(ACTOR))
+
+
+def finish_request(observer: WebObserver, listener: str, *, request_id: str, route: str, status: int | str,
+                   started: float, method: str, raw_path: str, client: Callable[[], str | None],
+                   actor: Actor | None) -> None:
+    """The end of a request however it was served: in-flight gauge, request metrics, one access-log line."""
     elapsed = time.perf_counter() - started
     observer.inflight(listener, -1)
-    observer.request_done(listener, route, request.method, status, elapsed)
+    observer.request_done(listener, route, method, status, elapsed)
     if access_log.isEnabledFor(logging.INFO):
         # makeRecord + handle is what info() does, minus the stack walk that finds the caller's line.
         access_log.handle(access_log.makeRecord(access_log.name, logging.INFO, __file__, 0, "request", (), None,
                                                 extra={
-            "request_id": request_id, "listener": listener, "method": request.method, "route": route,
-            "path": logged_path(request), "status": status, "latency_ms": round(elapsed * 1000, 3),
-            "client": client_of(request), "actor": getattr(request.get(ACTOR), "name", None)}))
+            "request_id": request_id, "listener": listener, "method": method, "route": route,
+            "path": cut_path(raw_path), "status": status, "latency_ms": round(elapsed * 1000, 3),
+            "client": client(), "actor": getattr(actor, "name", None)}))
 
 
 MAX_LOGGED_PATH = 256
@@ -186,7 +195,12 @@ MAX_LOGGED_PATH = 256
 
 def logged_path(request: web.BaseRequest) -> str:
     """The path as sent, percent-encoding intact (a decoded %0a would start a forged log line), cut short."""
-    raw = request.raw_path.split("?", 1)[0]
+    return cut_path(request.raw_path)
+
+
+def cut_path(raw_path: str) -> str:
+    """A raw request target without its query, cut short for the access log."""
+    raw = raw_path.split("?", 1)[0]
     return raw if len(raw) <= MAX_LOGGED_PATH else raw[:MAX_LOGGED_PATH] + "..."
 
 

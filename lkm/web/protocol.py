@@ -136,22 +136,29 @@ class LkmRequestHandler(RequestHandler):
         if status >= 500:
             log.error("unhandled error", exc_info=exc, extra={"listener": policy.listener})
             code, text = INTERNAL
+            policy.on_malformed(policy.listener, status)
         else:
-            code, text = _MALFORMED.get(status, _MALFORMED[400])
-            held = policy.malformed_log.allow()
-            if held is not None:  # one line, no traceback, none of the offending bytes
-                log.info("malformed HTTP request", extra={
-                    "listener": policy.listener, "client": request.remote, "status": status,
-                    "error": type(exc).__name__ if exc is not None else None, "held_back": held})
+            code, text = malformed(policy, request.remote, status, type(exc).__name__ if exc is not None else None)
         if exc is not None and status < 500:
             # Its traceback holds the parser's frame, and with it this connection and its buffers, in a cycle
             # only the collector's oldest generation would free: a flood of bad requests would pile them up.
             exc.__traceback__ = None
-        policy.on_malformed(policy.listener, status)
         response = policy.error_shape(status, code, text)
         response.force_close()
         response.headers["Connection"] = "close"
         return response
+
+
+def malformed(policy: ListenerPolicy, client: str | None, status: int, error: str | None) -> tuple[str, str]:
+    """A request that could not be parsed: counted, logged (one line a second at most, none of its bytes), and
+    the code and message to answer it with."""
+    code, text = _MALFORMED.get(status, _MALFORMED[400])
+    held = policy.malformed_log.allow()
+    if held is not None:
+        log.info("malformed HTTP request", extra={
+            "listener": policy.listener, "client": client, "status": status, "error": error, "held_back": held})
+    policy.on_malformed(policy.listener, status)
+    return code, text
 
 
 def _connection(request: web.BaseRequest) -> LkmRequestHandler | None:
