@@ -64,7 +64,9 @@ class Case:
 
 
 CONFIG_FREE = {("completion",)}  # prints what the parser knows: reads no configuration, so no config mistake
-SECRET_FREE = {("audit", "verify")}  # reads audit.path from the configuration, and no secret
+# Read paths from the configuration and no secret: the audit trail, and (with the file store of these tests)
+# the frozen-caller list beside the key store.
+SECRET_FREE = {("audit", "verify"), ("freeze",), ("unfreeze",)}
 
 
 def cases() -> list[Case]:
