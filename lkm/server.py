@@ -186,7 +186,7 @@ class LkmServer:
         if settings.genesys is not None:
             self.keyadmin.resume_registrations()
         self._memory.start()
-        log.info("lkm started", extra={"listeners": {n: f"{lst.host}:{lst.port}"
+        log.info("lkm started", extra={"listeners": {str(n): f"{lst.host}:{lst.port}"
                                                       for n, lst in self.listeners.items()},
                                        "rsa": "inline" if self.rsa_inline else "threads"})
 

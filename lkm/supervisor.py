@@ -117,7 +117,7 @@ class Supervisor:
         slots = [asyncio.create_task(self._keep_filled(slot), name=f"lkm-slot-{slot.index}")
                  for slot in self.slots]
         watchdog = asyncio.create_task(self.notifier.keep_watchdog(), name="lkm-watchdog")
-        log.info("lkm supervisor started", extra={"workers": len(self.slots), "listeners": self.urls})
+        log.info("lkm supervisor started", extra={"workers": len(self.slots), "listeners": self._shown_urls()})
         try:
             await self._stopping.wait()
         finally:
@@ -233,7 +233,10 @@ class Supervisor:
         if self.on_serving is not None:
             self.on_serving(dict(self.urls), next((s.active_key for s in self.slots if s.active_key), None))
         self.notifier.ready(f"serving with {len(self.slots)} worker processes")
-        log.info("lkm serving", extra={"workers": len(self.slots), "listeners": self.urls})
+        log.info("lkm serving", extra={"workers": len(self.slots), "listeners": self._shown_urls()})
+
+    def _shown_urls(self) -> dict[str, str]:
+        return {str(name): url for name, url in self.urls.items()}
 
     # --- what the ops listener shows -----------------------------------------------------------------------
 
