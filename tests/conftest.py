@@ -332,9 +332,13 @@ class start_server:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Every test on a SoftHSM2 token is marked `hsm` and `slow`: it spawns HSM worker processes and generates
-    keys on the token, seconds a test, so the inner loop (`tests/run -m "not slow"`) leaves them out."""
+    """Every test on a SoftHSM2 token is marked `hsm` and `slow` (it spawns HSM worker processes and generates keys
+    on the token), and every test on the throwaway PostgreSQL cluster `slow` (a database per test): the inner loop
+    (`tests/run -m "not slow"`) leaves them out."""
     for item in items:
-        if "softhsm_conf" in getattr(item, "fixturenames", ()):
+        fixtures = getattr(item, "fixturenames", ())
+        if "softhsm_conf" in fixtures:
             item.add_marker(pytest.mark.hsm)
+            item.add_marker(pytest.mark.slow)
+        if "pg_cluster" in fixtures or "pg_dsn" in fixtures:
             item.add_marker(pytest.mark.slow)

@@ -113,6 +113,7 @@ async def overloadable(request: pytest.FixtureRequest, tmp_path: Path, certs: Pk
         yield running
 
 
+@pytest.mark.slow
 async def test_overload_is_shed_and_the_admitted_still_succeed(overloadable: Running) -> None:
     running = overloadable
     record = running.create_key()
@@ -140,6 +141,7 @@ async def test_overload_is_shed_and_the_admitted_still_succeed(overloadable: Run
     assert len(audited) == statuses.count(200)  # a refusal for overload touches no key: counted, not audited
 
 
+@pytest.mark.slow
 async def test_a_batch_behind_the_deadline_is_refused_whole(overloadable: Running) -> None:
     running = overloadable
     record = running.create_key()

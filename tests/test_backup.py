@@ -151,6 +151,7 @@ class MetadataOnly:
         return getattr(self.inner, name)
 
 
+@pytest.mark.slow
 def test_an_hsm_store_is_backed_up_as_metadata_only(tmp_path: Path) -> None:
     source = FileKeyStore(tmp_path / "hsm", b"pass phrase one")
     key = load_private_key_any(VECTORS["vectors"][0]["private_key_pkcs1_der_b64"].encode())

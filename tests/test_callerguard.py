@@ -6,6 +6,8 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import Pki, Running, start_server, wrap
 from tests.lkmcli import lkm
 
@@ -26,6 +28,7 @@ async def metrics_text(running: Running) -> str:
         return await resp.text()
 
 
+@pytest.mark.slow
 async def test_a_caller_over_its_rate_gets_429_with_retry_after(tmp_path: Path, certs: Pki,
                                                                 config_factory: Callable[..., Path]) -> None:
     config = config_factory(**{"limits.rate_limits": {"per_second": 0.5, "burst": 3,
@@ -50,6 +53,7 @@ async def test_a_caller_over_its_rate_gets_429_with_retry_after(tmp_path: Path, 
         assert 'lkm_rate_limited_total{caller="hawk:platform-test"} 2.0' in text
 
 
+@pytest.mark.slow
 async def test_freeze_and_unfreeze_through_the_cli(running: Running) -> None:
     record = running.create_key()
     await running.server.refresh()
@@ -87,6 +91,7 @@ async def test_freeze_and_unfreeze_through_the_cli(running: Running) -> None:
     assert lkm("-c", config, "audit", "verify", check=False).returncode == 0
 
 
+@pytest.mark.slow
 async def test_the_breaker_freezes_a_caller_whose_volume_jumps(tmp_path: Path, certs: Pki,
                                                                 config_factory: Callable[..., Path]) -> None:
     config = config_factory(**{"limits.breaker": {"action": "freeze", "window": "10s", "warmup": 0, "floor": 8,

@@ -139,6 +139,7 @@ async def test_dev_mode_end_to_end(dev_server: dict[str, object]) -> None:
     assert "chain intact" in verify.stdout
 
 
+@pytest.mark.slow
 def test_second_dev_start_reuses_the_environment(tmp_path: Path) -> None:
     from lkm.devmode import ensure_dev_environment
 
@@ -199,6 +200,7 @@ def test_keys_import_forms(config: str, tmp_path: Path, form: str) -> None:
     assert clash.returncode == 1 and "different key material" in clash.stderr
 
 
+@pytest.mark.slow
 def test_keys_import_refuses_wrong_keys(config: str, tmp_path: Path) -> None:
     small = tmp_path / "small.pem"
     small.write_bytes(rsa.generate_private_key(65537, 2048).private_bytes(
@@ -213,6 +215,7 @@ def test_keys_import_refuses_wrong_keys(config: str, tmp_path: Path) -> None:
     assert result.returncode == 1 and "not a readable private key" in result.stderr
 
 
+@pytest.mark.slow
 def test_import_sample_vectors_keep_their_ids(config: str, tmp_path: Path) -> None:
     for i, vector in enumerate(VECTORS["vectors"]):
         path = tmp_path / f"v{i}.b64"
@@ -223,6 +226,7 @@ def test_import_sample_vectors_keep_their_ids(config: str, tmp_path: Path) -> No
     assert sorted(ids) == [f"{i:08d}-0000-4000-8000-000000000000" for i in range(len(VECTORS["vectors"]))]
 
 
+@pytest.mark.slow
 def test_hawk_create_prints_once_and_refuses_duplicates(config: str) -> None:
     out = lkm("hawk", "create", "genesys-prod", "-c", config).stdout
     assert "apiId:  genesys-prod" in out and "apiKey: " in out
@@ -232,6 +236,7 @@ def test_hawk_create_prints_once_and_refuses_duplicates(config: str) -> None:
     assert "apiKey" not in lkm("hawk", "list", "-c", config).stdout
 
 
+@pytest.mark.slow
 def test_cli_changes_are_audited(config: str) -> None:
     created = json.loads(lkm("keys", "create", "-c", config, "--json").stdout)
     audit_path = Path(config).parent / "audit" / "audit.log"
@@ -241,6 +246,7 @@ def test_cli_changes_are_audited(config: str) -> None:
     assert "chain intact" in lkm("audit", "verify", str(audit_path)).stdout
 
 
+@pytest.mark.slow
 def test_serve_refuses_open_key_directory(config: str, tmp_path: Path) -> None:
     lkm("keys", "create", "-c", config)
     os.chmod(tmp_path / "keys", 0o755)

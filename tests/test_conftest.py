@@ -24,6 +24,7 @@ from tests.conftest import (
 )
 
 
+@pytest.mark.slow
 def test_pooled_keys_are_distinct_real_keys(key_pool: KeyPool) -> None:
     keys = [key_pool.take() for _ in range(3)]
     assert len({public_der_pkcs1(key.public_key()) for key in keys}) == 3

@@ -6,6 +6,7 @@ import ipaddress
 import json
 from pathlib import Path
 
+import pytest
 from cryptography import x509
 
 from lkm import devmode
@@ -13,6 +14,7 @@ from lkm.config import load_settings
 from tests.lkmcli import lkm
 
 
+@pytest.mark.slow
 def test_first_key_is_audited_and_the_trail_verifies(tmp_path: Path) -> None:
     config = devmode.ensure_dev_environment(tmp_path / "dev", port_base=0)
     active = json.loads(lkm("keys", "list", "--json", "-c", str(config)).stdout)[0]["id"]

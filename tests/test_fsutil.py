@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from lkm import fsutil
 
 
@@ -74,6 +76,7 @@ def _hold_then_write(lock: str, out: str, ready: multiprocessing.synchronize.Eve
         Path(out).write_text("child")
 
 
+@pytest.mark.slow
 def test_file_lock_excludes_another_process(tmp_path: Path) -> None:
     lock, out = tmp_path / ".lock", tmp_path / "out"
     ctx = multiprocessing.get_context("spawn")

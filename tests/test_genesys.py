@@ -56,6 +56,7 @@ def registrations(running: Running, outcome: str) -> float:
     return value or 0.0
 
 
+@pytest.mark.slow
 async def test_rotation_registers_the_new_key_then_activates_it(
         tmp_path: Path, certs: Pki, config_factory: Callable[..., Path], standin: StandinPlatform) -> None:
     async with lkm_registering(tmp_path, certs, config_factory, standin) as running:
@@ -85,6 +86,7 @@ async def test_rotation_registers_the_new_key_then_activates_it(
         assert registrations(running, "ok") == 1 and registrations(running, "failed") == 0
 
 
+@pytest.mark.slow
 async def test_bad_credentials_keep_the_previous_key_active(
         tmp_path: Path, certs: Pki, config_factory: Callable[..., Path], standin: StandinPlatform) -> None:
     (tmp_path / "wrong.secret").write_text("not the secret\n")
@@ -107,6 +109,7 @@ async def test_bad_credentials_keep_the_previous_key_active(
         assert unwrapped.status == 200 and unwrapped.body["key"] == b64(b"p" * 32)
 
 
+@pytest.mark.slow
 async def test_server_errors_are_retried_with_backoff(
         tmp_path: Path, certs: Pki, config_factory: Callable[..., Path], standin: StandinPlatform) -> None:
     async with lkm_registering(tmp_path, certs, config_factory, standin) as running:
@@ -140,6 +143,7 @@ async def test_timeouts_exhaust_the_bounded_retries(
         assert "registration_lease" not in running.store.get_key(new_id).extra
 
 
+@pytest.mark.slow
 async def test_a_failed_test_decrypt_fails_the_registration(
         tmp_path: Path, certs: Pki, config_factory: Callable[..., Path], standin: StandinPlatform) -> None:
     async with lkm_registering(tmp_path, certs, config_factory, standin) as running:
@@ -190,6 +194,7 @@ async def test_cli_registers_by_hand_and_rotation_registers(
             (key_id, "error"), (key_id, "ok"), (rotated_id, "ok")]
 
 
+@pytest.mark.slow
 async def test_keys_left_pending_are_registered_at_start(
         tmp_path: Path, certs: Pki, config_factory: Callable[..., Path], standin: StandinPlatform) -> None:
     config = config_factory(genesys=standin.genesys_config(tmp_path / "client.secret"))

@@ -93,6 +93,7 @@ def test_migrate_file_to_postgresql_and_back(tmp_path: Path, certs: Pki, pg_dsn:
         returned.close()
 
 
+@pytest.mark.slow
 def test_migrate_refuses_a_different_key_under_the_same_id(tmp_path: Path, certs: Pki, pg_dsn: str) -> None:
     source_config = file_config(tmp_path, certs, "file")
     source = FileKeyStore(tmp_path / "file" / "keys", b"correct horse battery staple")

@@ -32,6 +32,7 @@ def _key_in(store: KeyStore, state: KeyState) -> str:
     return key_id
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("state", list(KeyState))
 def test_only_unwrappable_states_pass(store: KeyStore, state: KeyState) -> None:
     key_id = _key_in(store, state)

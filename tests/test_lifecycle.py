@@ -60,6 +60,7 @@ def test_every_transition_outside_the_table_is_refused_naming_both_states() -> N
                if s is not KeyState.PENDING_DESTRUCTION)
 
 
+@pytest.mark.slow
 def test_a_created_key_is_active_only_when_nothing_is_and_no_registration_waits(store: FileKeyStore) -> None:
     assert lifecycle.create_key(store, registration=True).state is KeyState.PENDING_ACTIVATION
     first = lifecycle.create_key(store, registration=False)
@@ -69,6 +70,7 @@ def test_a_created_key_is_active_only_when_nothing_is_and_no_registration_waits(
     assert [k.id for k in lifecycle.active_keys(store)] == [first.id]
 
 
+@pytest.mark.slow
 def test_rotation_without_registration_activates_at_once_and_old_keys_keep_unwrapping(store: FileKeyStore) -> None:
     add(store, 0, KeyState.ACTIVE)
     facts = lifecycle.ChangeFacts()
@@ -79,6 +81,7 @@ def test_rotation_without_registration_activates_at_once_and_old_keys_keep_unwra
     assert unwrap_vector(store, 0) == base64.b64decode(VECTORS["vectors"][0]["plaintext_b64"])
 
 
+@pytest.mark.slow
 def test_with_registration_the_previous_key_stays_active_until_the_platform_has_the_new_one(
         store: FileKeyStore) -> None:
     add(store, 0, KeyState.ACTIVE)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import gc
 
+import pytest
+
 from lkm.memory import MemoryReleaser, resident_bytes
 
 
+@pytest.mark.slow
 def test_cyclic_garbage_from_a_burst_is_collected_and_the_heap_trimmed() -> None:
     MemoryReleaser(threshold_bytes=0).step()  # start from a trimmed heap, whatever ran before in this process
     releaser = MemoryReleaser(threshold_bytes=16 * 1024 * 1024, min_interval=0.0)

@@ -130,6 +130,7 @@ def test_watchdog_interval(path_socket: tuple[socket.socket, str], env: dict[str
     assert Notifier.from_environ({"NOTIFY_SOCKET": address, **env}).watchdog_interval == interval
 
 
+@pytest.mark.slow
 async def test_keep_watchdog_pings_until_cancelled(path_socket: tuple[socket.socket, str]) -> None:
     sock, address = path_socket
     notifier = Notifier.from_environ({"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "100000"})

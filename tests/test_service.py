@@ -67,6 +67,7 @@ async def test_unwrap_with_a_disabled_key_is_refused_and_audited(store: FileKeyS
     assert event["outcome"] == "error" and event["error_code"] == "key_disabled"
 
 
+@pytest.mark.slow
 async def test_create_and_rotate_through_the_admin_use_cases(store: FileKeyStore, service: KeyService) -> None:
     admin = KeyAdmin(service, rotation=None, genesys_settings=None)
     first = await admin.create(context(Role.ADMIN))
@@ -115,6 +116,7 @@ def _trail_bytes(running: Running) -> int:
     return Path(running.server.settings.audit.path).stat().st_size
 
 
+@pytest.mark.slow
 async def test_an_authenticated_caller_cannot_flood_the_audit_trail(running: Running) -> None:
     """Each refusal path, flooded by a caller with valid credentials: a burst of records, then a trickle."""
     record = running.create_key()

@@ -38,6 +38,7 @@ async def _bench(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, d
     pytest.param("native", "oaep-sha256", marks=pytest.mark.slow),
     pytest.param("batch", "oaep-sha1", marks=pytest.mark.slow),
 ])
+@pytest.mark.slow
 async def test_bench_drives_each_route(running: Running, capsys: pytest.CaptureFixture[str], route: str,
                                        padding: str) -> None:
     running.create_key()

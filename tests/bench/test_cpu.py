@@ -61,6 +61,7 @@ def _burn(process: subprocess.Popen[str], seconds: float) -> None:
     assert process.stdout.readline() == "done\n"
 
 
+@pytest.mark.slow
 def test_cpu_of_every_thread_of_every_process_is_counted_by_name(burner: subprocess.Popen[str]) -> None:
     before = snapshot(burner.pid)
     assert len(process_tree(burner.pid)) == 2  # the process and its child
@@ -71,6 +72,7 @@ def test_cpu_of_every_thread_of_every_process_is_counted_by_name(burner: subproc
     assert spent.processes == 1 and not spent.one_per_core  # one event-loop process (the child is not named so)
 
 
+@pytest.mark.slow
 def test_busiest_thread_is_a_live_thread_that_burned() -> None:
     script = textwrap.dedent("""
         import sys, threading, time

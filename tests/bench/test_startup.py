@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from lkm.bench.startup import grow_file_store
 from lkm.config import load_settings
 from lkm.keys import PADDINGS, Algorithm, KeyState
@@ -11,6 +13,7 @@ from lkm.keystore.file import FileKeyStore
 from tests.conftest import Running
 
 
+@pytest.mark.slow
 def test_synthetic_store_holds_valid_keys(running: Running) -> None:
     running.create_key()
     assert grow_file_store(running.config_path, 12, real_keys=1) > 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from lkm.audit import AuditLog, rotated_files
 from tests.audit.chain import event
 from tests.lkmcli import lkm
@@ -43,6 +45,7 @@ def test_a_directory_does_not_verify(tmp_path: Path) -> None:
     assert result.returncode == 1 and "is a directory" in result.stderr and "audit.log" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_trail_that_lost_its_first_file_does_not_verify(tmp_path: Path) -> None:
     path = _trail(tmp_path)
     rotated_files(path)[0].unlink()

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from lkm import devmode
 from tests.lkmcli import lkm
 
 
+@pytest.mark.slow
 def test_backup_create_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
     config = str(devmode.ensure_dev_environment(tmp_path / "dev", port_base=0))
     env = {"LKM_BACKUP_PASSPHRASE": "a backup passphrase of some length"}

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from lkm import devmode
 from tests.lkmcli import lkm
 
 
+@pytest.mark.slow
 def test_a_good_config_unwraps_a_test_value(tmp_path: Path) -> None:
     config = devmode.ensure_dev_environment(tmp_path / "dev", port_base=0)
     result = lkm("check-config", "-c", str(config))
@@ -15,6 +18,7 @@ def test_a_good_config_unwraps_a_test_value(tmp_path: Path) -> None:
     assert "unwrapped a test value" in result.stdout and "configuration is valid" in result.stdout
 
 
+@pytest.mark.slow
 def test_a_wrong_passphrase_fails_and_says_which_check(tmp_path: Path) -> None:
     config = devmode.ensure_dev_environment(tmp_path / "dev", port_base=0)
     (config.parent / "keystore.pass").write_text("not the passphrase of this store\n")
@@ -28,6 +32,7 @@ def test_a_wrong_passphrase_fails_and_says_which_check(tmp_path: Path) -> None:
     assert "configuration is valid (key store not checked: --offline)" in offline.stdout
 
 
+@pytest.mark.slow
 def test_a_store_not_made_yet_is_said_and_not_made(tmp_path: Path) -> None:
     config = devmode.ensure_dev_environment(tmp_path / "dev", port_base=0)
     text = config.read_text().replace("path: keystore", "path: fresh-store")

@@ -16,6 +16,7 @@ def complete(script: str, *words: str) -> list[str]:
     return done.stdout.split()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shell", ["bash", "zsh"])
 def test_the_script_is_valid_bash(shell: str) -> None:
     script = lkm("completion", shell).stdout

@@ -30,6 +30,7 @@ def export(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_import_bulk_activate_of_an_id_not_in_the_file_is_refused(config: str, tmp_path: Path) -> None:
     before = keys(config)
     result = lkm("keys", "import-bulk", str(export(tmp_path)), "--activate", OTHER, "-c", config, check=False)
@@ -38,6 +39,7 @@ def test_import_bulk_activate_of_an_id_not_in_the_file_is_refused(config: str, t
     assert keys(config) == before
 
 
+@pytest.mark.slow
 def test_import_bulk_activate_of_a_key_already_there_says_nothing_was_activated(config: str,
                                                                                 tmp_path: Path) -> None:
     lkm("keys", "import-bulk", str(export(tmp_path)), "-c", config)
@@ -47,6 +49,7 @@ def test_import_bulk_activate_of_a_key_already_there_says_nothing_was_activated(
     assert keys(config)[V0] == "retired"
 
 
+@pytest.mark.slow
 def test_refusals_say_what_to_type(config: str, tmp_path: Path) -> None:
     active = next(k for k, s in keys(config).items() if s == "active")
     disable = lkm("keys", "disable", active, "-c", config, check=False)

@@ -229,6 +229,7 @@ def test_every_command_has_its_mistakes_covered() -> None:
                                                                   for c in cases())
 
 
+@pytest.mark.slow
 def test_global_options_work_before_the_command(world: World) -> None:
     before = lkm("-c", str(world.config), "keys", "list")
     after = lkm("keys", "list", "-c", str(world.config))

@@ -52,6 +52,7 @@ def test_relative_paths_are_relative_to_the_config_file(config_factory: Callable
     assert settings.audit.path == path.resolve().parent / "logs" / "audit.log"
 
 
+@pytest.mark.slow
 def test_check_config_cli(config_factory: Callable[..., Path]) -> None:
     good = config_factory()
     result = subprocess.run([*LKM, "check-config", "-c", str(good)], capture_output=True, text=True, check=False)
@@ -65,6 +66,7 @@ def test_check_config_cli(config_factory: Callable[..., Path]) -> None:
     assert f"{good}: native.listen.prot: no such setting" in result.stderr
 
 
+@pytest.mark.slow
 def test_serve_refuses_a_bad_config(config_factory: Callable[..., Path]) -> None:
     path = config_factory(**{"ops.listen.host": 12})
     result = subprocess.run([*LKM, "serve", "-c", str(path)], capture_output=True, text=True, check=False,

@@ -79,6 +79,7 @@ def test_a_missing_credential_names_the_file(tmp_path: Path, monkeypatch: pytest
     assert info.value.expected == f"a readable credential file at {tmp_path / 'absent'} (No such file or directory)"
 
 
+@pytest.mark.slow
 def test_check_config_reads_a_credential(tmp_path: Path, config_factory: Callable[..., Path]) -> None:
     path = config_factory(**{"keystore.passphrase": {"credential": "keystore.pass"}})
     credentials = tmp_path / "credentials"

@@ -26,6 +26,7 @@ def compose_config(docker_compose: str, directory: Path) -> subprocess.Completed
                           text=True, timeout=120, check=False, cwd=directory)
 
 
+@pytest.mark.slow
 def test_compose_config(docker_compose: str) -> None:
     result = compose_config(docker_compose, COMPOSE)
     assert result.returncode == 0 and result.stderr.strip() == "", result.stderr
@@ -33,6 +34,7 @@ def test_compose_config(docker_compose: str) -> None:
     assert {"postgres", "lkm-1", "lkm-2", "prometheus", "grafana"} <= set(services)
 
 
+@pytest.mark.slow
 def test_compose_config_catches_mistakes(docker_compose: str, tmp_path: Path) -> None:
     shutil.copytree(COMPOSE, tmp_path / "compose")
     path = tmp_path / "compose" / "compose.yaml"

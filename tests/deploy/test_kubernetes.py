@@ -66,6 +66,7 @@ def readme_secrets() -> dict[str, set[str]]:
     return secrets
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", SCHEMA_VERSIONS)
 def test_manifests_validate_against_the_kubernetes_schema(rendered: dict[str, Objects], version: str) -> None:
     for overlay, objects in rendered.items():

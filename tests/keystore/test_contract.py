@@ -119,6 +119,7 @@ def wrap(record: KeyRecord, secret: bytes, algorithm: Algorithm = Algorithm.RSA_
 
 # --- keys ---------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_create_list_get(backend: Backend, created: KeyRecord) -> None:
     store = backend.store
     assert store.backend == backend.name and isinstance(store, KeyStore)
@@ -189,6 +190,7 @@ def test_bad_oaep_ciphertext_fails_uniformly(backend: Backend, created: KeyRecor
         assert caught.value.message == "decryption failed"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("vector", VECTORS, ids=[v["name"] for v in VECTORS])
 def test_platform_vectors(backend: Backend, vector: dict[str, str]) -> None:
     algorithm = VECTOR_ALGORITHMS[vector["decryptType"]]
@@ -215,6 +217,7 @@ def test_import_is_idempotent_for_identical_material(backend: Backend) -> None:
     assert [r.id for r in backend.store.list_keys()].count(key_id) == 1
 
 
+@pytest.mark.slow
 def test_import_of_other_material_under_a_taken_id_conflicts(backend: Backend, created: KeyRecord) -> None:
     key_id = str(uuid.uuid4())
     backend.store.import_key(key_id, vector_key("oaep-sha1"), state=KeyState.ACTIVE)
@@ -303,6 +306,7 @@ def test_concurrent_decrypts(backend: Backend, created: KeyRecord) -> None:
 
 # --- a destroyed key's record, copied from another store -----------------------------------------------------
 
+@pytest.mark.slow
 def test_import_record_of_a_destroyed_key(backend: Backend, another: KeyStore, tmp_path: Path) -> None:
     if not isinstance(backend.store, RecordImporting):
         pytest.skip(f"the {backend.name} store keeps metadata in the token's objects; nothing to import")

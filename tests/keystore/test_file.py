@@ -21,6 +21,7 @@ from tests.conftest import wrap
 PASS = b"correct horse battery staple"
 
 
+@pytest.mark.slow
 def test_private_key_is_sealed_at_rest(tmp_path: Path) -> None:
     store = FileKeyStore(tmp_path / "ks", PASS)
     record = store.create_key(state=KeyState.ACTIVE)
@@ -32,12 +33,14 @@ def test_private_key_is_sealed_at_rest(tmp_path: Path) -> None:
     assert stat.S_IMODE(os.stat(tmp_path / "ks").st_mode) == 0o700
 
 
+@pytest.mark.slow
 def test_wrong_passphrase_is_a_clear_error(tmp_path: Path) -> None:
     FileKeyStore(tmp_path / "ks", PASS).create_key(state=KeyState.ACTIVE)
     with pytest.raises(KeyStoreError, match="wrong passphrase"):
         FileKeyStore(tmp_path / "ks", b"not the passphrase")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", [0o755, 0o770, 0o707])
 def test_refuses_a_directory_others_can_enter(tmp_path: Path, mode: int) -> None:
     FileKeyStore(tmp_path / "ks", PASS)
@@ -46,6 +49,7 @@ def test_refuses_a_directory_others_can_enter(tmp_path: Path, mode: int) -> None
         FileKeyStore(tmp_path / "ks", PASS)
 
 
+@pytest.mark.slow
 def test_key_file_under_another_name_does_not_open(tmp_path: Path) -> None:
     store = FileKeyStore(tmp_path / "ks", PASS)
     record = store.create_key(state=KeyState.ACTIVE)
@@ -79,6 +83,7 @@ def test_leftover_temp_files_are_ignored(tmp_path: Path) -> None:
     assert [r.id for r in fresh.list_keys()] == [record.id]
 
 
+@pytest.mark.slow
 def test_refresh_sees_other_writers(tmp_path: Path) -> None:
     server_view = FileKeyStore(tmp_path / "ks", PASS)
     cli_view = FileKeyStore(tmp_path / "ks", PASS)
@@ -143,6 +148,7 @@ def test_a_bad_file_does_not_hide_other_changes(tmp_path: Path) -> None:
     assert server_view.get_key(other.id).state is KeyState.RETIRED
 
 
+@pytest.mark.slow
 def test_uppercase_ids_are_the_same_key(tmp_path: Path) -> None:
     store = FileKeyStore(tmp_path / "ks", PASS)
     record = store.create_key(state=KeyState.ACTIVE)

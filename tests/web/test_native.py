@@ -219,6 +219,7 @@ async def test_no_key_material_in_logs(running: Running, caplog: pytest.LogCaptu
     assert b64(secret) not in text and secret.hex() not in text
 
 
+@pytest.mark.slow
 async def test_a_frozen_client_is_refused_on_every_native_route_within_its_denial_budget(running: Running) -> None:
     """`lkm freeze admin`: listing, reading, unwrapping, batches and administration all answer 403
     `caller_frozen`; a flood of them writes the bounded burst of denial records, not one per request."""

@@ -48,6 +48,7 @@ async def test_platform_plays_a_recording_end_to_end(running: Running) -> None:
     assert base64.b64encode(dek).decode() not in json.dumps(running.audit_lines())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("vector", VECTORS["vectors"], ids=lambda v: v["name"])
 async def test_platform_sample_vectors(running: Running, vector: dict[str, str]) -> None:
     key_id = VECTOR_IDS[vector["name"]]
@@ -111,6 +112,7 @@ async def _post_raw(running: Running, body: bytes, *, query: str = "", credentia
     (json.dumps({"keypairId": "3f0c8c1e-6a55-4a4e-9a0e-2b8f2f1f6d11", "body": b64(b"x" * 384)}).encode(),
      "decryptType=oaep256"),
 ])
+@pytest.mark.slow
 async def test_bad_input_is_400_in_the_sample_shape(running: Running, payload: bytes, query: str) -> None:
     record = running.create_key()
     before = running.store.get_key(record.id)

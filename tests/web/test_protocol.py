@@ -30,6 +30,7 @@ async def deadline_server(tmp_path: Path, certs: Pki, config_factory: Callable[.
         yield handle
 
 
+@pytest.mark.slow
 async def test_a_slow_body_is_cut_at_the_deadline(deadline_server: Running) -> None:
     """Headers with Content-Length 60000, then one byte: closed at the deadline, counted, never a 500."""
     running = deadline_server
@@ -47,6 +48,7 @@ async def test_a_slow_body_is_cut_at_the_deadline(deadline_server: Running) -> N
     assert metric_value(text, "lkm_http_requests_total", status="500") == 0
 
 
+@pytest.mark.slow
 async def test_slow_headers_and_a_silent_connection_are_cut_at_the_deadline(deadline_server: Running) -> None:
     running = deadline_server
     tls = client_ssl_context(running.certs.ca_file)
@@ -63,6 +65,7 @@ async def test_slow_headers_and_a_silent_connection_are_cut_at_the_deadline(dead
     assert metric_value(text, "lkm_connections_timed_out_total") == 2
 
 
+@pytest.mark.slow
 async def test_a_request_in_time_is_served_and_keep_alive_is_not_cut(deadline_server: Running) -> None:
     """The deadline covers arriving requests only: an idle keep-alive connection between requests is not cut."""
     running = deadline_server

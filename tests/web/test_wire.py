@@ -55,6 +55,7 @@ def test_chunked_bodies_are_read_in_pieces_and_bounded() -> None:
             dechunk(bytearray(bad), 100)
 
 
+@pytest.mark.slow
 def test_an_answer_is_one_block_with_its_framing() -> None:
     raw = response_bytes(405, b"application/json", b"{}", "ab" * 16, {"Allow": "GET"}, close=True)
     head, _, body = raw.partition(b"\r\n\r\n")
