@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -9,6 +10,14 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
+from cryptography import x509
+
+from lkm.client import client_ssl_context
+from lkm.config import load_settings
+from lkm.hawk import HawkCredential
+from lkm.hawk_credentials import mint_credential
+from lkm.keys import KeyRecord, KeyState
+from lkm.keystore.file import FileKeyStore
 from tests.lkmcli import LKM
 
 
@@ -69,3 +78,25 @@ def wait_until(check: Any, within: float = 20.0) -> Any:
         if result or time.monotonic() > deadline:
             return result
         time.sleep(0.05)
+
+
+def prepare(config: Path) -> tuple[HawkCredential, KeyRecord]:
+    """A Hawk credential and an active key in the file store `config` names, made before a server starts."""
+    settings = load_settings(config)
+    assert settings.platform.hawk.credentials_file is not None and settings.keystore.passphrase is not None
+    assert settings.keystore.path is not None
+    credential = mint_credential(settings.platform.hawk.credentials_file, "platform-test")
+    store = FileKeyStore(settings.keystore.path, settings.keystore.passphrase.read_bytes())
+    record = store.create_key(state=KeyState.ACTIVE)
+    store.close()
+    return credential, record
+
+
+async def peer_serial(url: str, ca_file: Path) -> int:
+    """The serial number of the certificate a new TLS connection to `url` is shown."""
+    port = int(url.rsplit(":", 1)[1])
+    _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_ssl_context(ca_file),
+                                              server_hostname="localhost")
+    der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    writer.close()
+    return x509.load_der_x509_certificate(der).serial_number

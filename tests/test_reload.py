@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -13,11 +12,11 @@ import yaml
 from cryptography import x509
 
 from lkm import pki
-from lkm.client import client_ssl_context
 from lkm.config import load_settings
 from lkm.errors import ConfigError
 from lkm.serving import reload_from
 from tests.conftest import Pki, Running, base_config, start_server, write_config
+from tests.serveproc import peer_serial
 
 
 @pytest.fixture
@@ -27,14 +26,6 @@ async def running(tmp_path: Path, own_certs: Pki) -> AsyncIterator[Running]:
         yield handle
 
 
-async def _peer_serial(url: str, ca_file: Path) -> int:
-    """The serial number of the certificate a new TLS connection to `url` is shown."""
-    port = int(url.rsplit(":", 1)[1])
-    _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_ssl_context(ca_file),
-                                              server_hostname="localhost")
-    der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
-    writer.close()
-    return x509.load_der_x509_certificate(der).serial_number
 
 
 def _renew_server_certificate(running: Running) -> int:
@@ -45,7 +36,7 @@ def _renew_server_certificate(running: Running) -> int:
 
 async def test_renewed_certificate_reaches_new_connections_while_an_old_one_keeps_working(running: Running) -> None:
     record = running.create_key()
-    old_serial = await _peer_serial(running.url("platform"), running.certs.ca_file)
+    old_serial = await peer_serial(running.url("platform"), running.certs.ca_file)
     connector = aiohttp.TCPConnector(limit=1)  # one keep-alive connection, made before the renewal
     async with aiohttp.ClientSession(connector=connector) as session:
         native = running.native()
@@ -53,19 +44,19 @@ async def test_renewed_certificate_reaches_new_connections_while_an_old_one_keep
         assert (await native.request("GET", f"/v1/keys/{record.id}")).status == 200
         new_serial = _renew_server_certificate(running)
         assert await reload_from(running.server, running.config_path) is None
-        assert await _peer_serial(running.url("platform"), running.certs.ca_file) == new_serial != old_serial
-        assert await _peer_serial(running.url("native"), running.certs.ca_file) == new_serial
+        assert await peer_serial(running.url("platform"), running.certs.ca_file) == new_serial != old_serial
+        assert await peer_serial(running.url("native"), running.certs.ca_file) == new_serial
         assert (await native.request("GET", f"/v1/keys/{record.id}")).status == 200
         assert len(connector._conns) == 1  # the same connection served both requests
 
 
 async def test_a_bad_new_certificate_is_refused_and_the_old_one_stays(running: Running,
                                                                        caplog: pytest.LogCaptureFixture) -> None:
-    old_serial = await _peer_serial(running.url("platform"), running.certs.ca_file)
+    old_serial = await peer_serial(running.url("platform"), running.certs.ca_file)
     (running.certs.dir / "server-key.pem").write_text("not a key\n")
     assert "cert_file/key_file" in (await reload_from(running.server, running.config_path) or "")
     assert "reload refused" in caplog.text
-    assert await _peer_serial(running.url("platform"), running.certs.ca_file) == old_serial
+    assert await peer_serial(running.url("platform"), running.certs.ca_file) == old_serial
     with pytest.raises(ConfigError):
         running.server.reload(load_settings(running.config_path))
 

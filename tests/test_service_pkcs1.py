@@ -17,12 +17,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import padding
 
 from lkm.client import PlatformClient, Reply, client_ssl_context
-from lkm.config import load_settings
-from lkm.hawk_credentials import mint_credential
-from lkm.keys import KeyRecord, KeyState
-from lkm.keystore.file import FileKeyStore
+from lkm.keys import KeyRecord
 from tests.conftest import Pki, Running, start_server, wrap
-from tests.serveproc import ServeProcess
+from tests.serveproc import ServeProcess, prepare
 
 PKCS1 = padding.PKCS1v15()
 
@@ -74,13 +71,7 @@ async def test_off_answers_plaintexts_of_any_length(tmp_path: Path, certs: Pki,
 async def test_two_worker_processes_answer_an_invalid_ciphertext_alike(tmp_path: Path, certs: Pki,
                                                                        config_factory: Callable[..., Path]) -> None:
     config = config_factory(**{"limits.workers": 2})
-    settings = load_settings(config)
-    assert settings.platform.hawk.credentials_file is not None and settings.keystore.passphrase is not None
-    assert settings.keystore.path is not None
-    credential = mint_credential(settings.platform.hawk.credentials_file, "platform-test")
-    store = FileKeyStore(settings.keystore.path, settings.keystore.passphrase.read_bytes())
-    record = store.create_key(state=KeyState.ACTIVE)
-    store.close()
+    credential, record = prepare(config)
     bad = random_ciphertext(record)
     with ServeProcess(config, tmp_path / "serve.log") as server:
         url = server.urls["platform"] + "/key-management/v1/decrypt"

@@ -14,32 +14,20 @@ from typing import Any
 
 import aiohttp
 import pytest
-from cryptography import x509
 
 from lkm import pki
 from lkm.client import PlatformClient, client_ssl_context
 from lkm.config import load_settings
 from lkm.hawk import HawkCredential, sign_request
-from lkm.hawk_credentials import mint_credential
-from lkm.keys import KeyRecord, KeyState
-from lkm.keystore.file import FileKeyStore
+from lkm.keys import KeyRecord
 from tests.conftest import Pki, b64, base_config, wrap, write_config
 from tests.lkmcli import lkm
-from tests.serveproc import ServeProcess
+from tests.serveproc import ServeProcess, peer_serial, prepare
 
 pytestmark = pytest.mark.slow
 WORKERS = 2
 
 
-def prepare(config: Path) -> tuple[HawkCredential, KeyRecord]:
-    settings = load_settings(config)
-    assert settings.platform.hawk.credentials_file is not None and settings.keystore.passphrase is not None
-    assert settings.keystore.path is not None
-    credential = mint_credential(settings.platform.hawk.credentials_file, "platform-test")
-    store = FileKeyStore(settings.keystore.path, settings.keystore.passphrase.read_bytes())
-    record = store.create_key(state=KeyState.ACTIVE)
-    store.close()
-    return credential, record
 
 
 def fresh_session() -> aiohttp.ClientSession:
@@ -207,13 +195,6 @@ def next_message(sock: socket.socket, wanted: str) -> list[str]:
             return lines
 
 
-async def peer_serial(url: str, ca_file: Path) -> int:
-    port = int(url.rsplit(":", 1)[1])
-    _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_ssl_context(ca_file),
-                                              server_hostname="localhost")
-    der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
-    writer.close()
-    return x509.load_der_x509_certificate(der).serial_number
 
 
 @pytest.mark.parametrize("workers", [1, WORKERS])
