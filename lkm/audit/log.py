@@ -35,8 +35,12 @@ from lkm.threadnames import name_this_thread
 
 __all__ = ["LINGER_RECORDS", "LINGER_SECONDS", "AuditLog"]
 
-LINGER_SECONDS = 0.002
-"""How long a busy writer waits for more records to join its next write (the latency a record may gain)."""
+LINGER_SECONDS = 0.005
+"""How long a busy writer waits for more records to join its next write (the latency a record may gain).
+
+With the RSA operation inline, one core answers about one request a millisecond: 5 ms puts about five records in
+each write, a third less audit-writer CPU per unwrap than 2 ms and fewer wake-ups of the loop, with no change
+in the p99 latency measured at peak (28-31 ms either way)."""
 LINGER_RECORDS = 16
 """A batch this large is written at once, without waiting out the linger."""
 
