@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lkm.logs import JsonFormatter, OffLoopHandler, TextFormatter, setup_logging
+from lkm.logs import JsonFormatter, OffLoopHandler, RecordTemplates, TextFormatter, setup_logging
 
 
 def _record(msg: str = "request", **extra: object) -> logging.LogRecord:
@@ -120,3 +120,26 @@ def test_log_writer_batches_lines_and_writes_warnings_at_once(tmp_path: Path) ->
         logger.removeHandler(writer)
         writer.stop()
         out.close()
+
+
+def test_a_templated_record_is_the_record_make_record_builds() -> None:
+    logger = logging.getLogger("lkm.access")
+    templates = RecordTemplates(__file__)
+    extra = {"request_id": "abc", "status": 200}
+    made = [templates.record(logger, logging.INFO, "request", dict(extra)) for _ in range(2)]
+    expected = logger.makeRecord(logger.name, logging.INFO, __file__, 0, "request", (), None, extra=dict(extra))
+    timing = {"created", "msecs", "relativeCreated"}
+    for record in made:
+        assert set(record.__dict__) == set(expected.__dict__)
+        assert {k: v for k, v in record.__dict__.items() if k not in timing} == \
+            {k: v for k, v in expected.__dict__.items() if k not in timing}
+        assert abs(record.created - expected.created) < 5 and record.msecs == int(record.created % 1 * 1000)
+        assert abs(record.relativeCreated - expected.relativeCreated) < 5000
+    assert made[0].created <= made[1].created and made[0].__dict__ is not made[1].__dict__
+    assert json.loads(JsonFormatter().format(made[1]))["request_id"] == "abc"
+    seen: list[str] = []
+    thread = threading.Thread(target=lambda: seen.append(templates.record(logger, logging.INFO, "request",
+                                                                          {}).threadName), name="other")
+    thread.start()
+    thread.join()
+    assert seen == ["other"]  # each thread's records name that thread
