@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Final, NewType
 
-from lkm.canonical import canonical_json
+from lkm.canonical import canonical_json, canonical_text
 
 __all__ = [
     "FIRST_SEQ",
@@ -226,10 +226,19 @@ def prepare(event: Mapping[str, Any]) -> PreparedEvent:
 
 
 def seal(body: PreparedEvent, head: Head) -> tuple[bytes, Head]:
-    """The record's line (newline included) chained after `head`, and the head it leaves."""
+    """The record's line (newline included) chained after `head`, and the head it leaves.
+
+    The record's hash covers its canonical JSON without "hash"; the line is the same JSON with "hash" in its
+    sorted place. Both come from one serialization of the fields either side of that place, byte for byte what
+    serializing the record twice gives (the sorted keys put every field before "hash" ahead of every one after).
+    """
     record = dict(body)
     record["seq"] = head.seq + 1
     record["prev"] = head.digest
-    record["hash"] = sha256_hex(canonical_json(record))
-    line = canonical_json(record)
-    return line + b"\n", Head(head.seq + 1, sha256_hex(line))
+    before = canonical_text({name: value for name, value in record.items() if name < "hash"})
+    after = canonical_text({name: value for name, value in record.items() if name > "hash"})
+    opening = "{" if before == "{}" else before[:-1] + ","
+    closing = "}" if after == "{}" else "," + after[1:]
+    unsealed = (before[:-1] + closing if before != "{}" else after).encode("utf-8")
+    line = f'{opening}"hash":"{sha256_hex(unsealed)}"{closing}\n'.encode()
+    return line, Head(head.seq + 1, sha256_hex(line[:-1]))

@@ -21,6 +21,7 @@ from lkm.audit import (
     verify,
     verify_chain_files,
 )
+from lkm.audit.record import Head, prepare, seal
 from tests.audit.chain import canonical, event, lines_of, sha
 
 
@@ -161,3 +162,18 @@ def test_prepare_copies_an_event_as_its_json_would_read_back() -> None:
     for bad in ({"x": float("inf")}, {"actor": {"Secret": "s"}}, {"prev": "0"}):
         with pytest.raises(ValueError):
             prepare(bad)
+
+
+@pytest.mark.parametrize("fields", [
+    {},  # nothing sorts before "hash"
+    {"zone": "z"},
+    {"a": "é\"\\\n", "hasg": 1, "hasi": None, "h": True, "key_id": "k", "nested": {"hash": "x", "a": 2.5}},
+])
+def test_a_sealed_line_is_the_record_serialized_with_its_hash(fields: dict[str, Any]) -> None:
+    head = Head(7, "cd" * 32)
+    line, after = seal(prepare({"time": "2026-01-01T00:00:00.000Z", **fields}), head)
+    record = json.loads(line)
+    claimed = record.pop("hash")
+    assert claimed == sha(canonical(record)) and record["seq"] == 8 and record["prev"] == "cd" * 32
+    assert line == canonical({**record, "hash": claimed}) + b"\n"
+    assert after == Head(8, sha(line[:-1]))
