@@ -50,6 +50,7 @@ from lkm.web.wire import (
 
 log = logging.getLogger("lkm.web")
 
+READ_BUFFER = 256 * 1024  # what asyncio reads at most at once; more waits for the next read
 DRAIN_SECONDS = 60.0  # in-flight requests get this long to finish when the listener stops
 _OPTIONS_BODY_JSON = json.dumps(OPTIONS_BODY).encode()
 
@@ -60,8 +61,12 @@ class _Phase(enum.Enum):
     BUSY = 2  # the request is in: the server works on it
 
 
-class LeanConnection(asyncio.Protocol):
-    """One platform connection; one request at a time, the next one buffered (bounded) until it is answered."""
+class LeanConnection(asyncio.BufferedProtocol):
+    """One platform connection; one request at a time, the next one buffered (bounded) until it is answered.
+
+    A buffered protocol: the TLS layer decrypts straight into the listener's read buffer, where asyncio's
+    `data_received` path allocates a 256 KiB bytes object for every read attempt (two per TLS record, the
+    second to learn there is no more) and shrinks it to what arrived."""
 
     def __init__(self, site: LeanSite) -> None:
         self.site = site
@@ -97,7 +102,13 @@ class LeanConnection(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_exception(ConnectionResetError("the connection closed before the body arrived"))
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.site.read_buffer  # filled and handed to buffer_updated in the same call, on the loop thread
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(self.site.read_buffer[:nbytes])
+
+    def data_received(self, data: bytes | memoryview) -> None:
         if self.phase is _Phase.IDLE:
             self._receiving()
         self.buffer += data
@@ -287,6 +298,7 @@ class LeanSite:
         self.loop = asyncio.get_event_loop()
         self.port: int = sock.getsockname()[1]
         self.connections: set[LeanConnection] = set()
+        self.read_buffer = memoryview(bytearray(READ_BUFFER))  # every connection's reads land here in turn
         self.inflight: set[asyncio.Task[None]] = set()
         self.stopping = False
         self.server: asyncio.Server | None = None
