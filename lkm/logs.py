@@ -16,7 +16,27 @@ from lkm.threadnames import name_this_thread
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
 
-class JsonFormatter(logging.Formatter):
+# json.dumps with options builds a new encoder per call; a log line is formatted with this one.
+_JSON = json.JSONEncoder(default=str, separators=(",", ":"))
+
+
+class SecondCachedFormatter(logging.Formatter):
+    """formatTime from the text of the current second, made once per second instead of once per record."""
+
+    _second: tuple[int, str | None, str] = (-1, None, "")  # the second, its datefmt and its text
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        second = int(record.created)
+        cached, cached_fmt, text = self._second
+        if second != cached or datefmt != cached_fmt:
+            text = time.strftime(datefmt or self.default_time_format, self.converter(second))
+            self._second = (second, datefmt, text)
+        if datefmt or not self.default_msec_format:
+            return text
+        return self.default_msec_format % (text, record.msecs)
+
+
+class JsonFormatter(SecondCachedFormatter):
     def format(self, record: logging.LogRecord) -> str:
         data: dict[str, Any] = {
             "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
@@ -29,10 +49,10 @@ class JsonFormatter(logging.Formatter):
                 data[key] = value
         if record.exc_info:
             data["exception"] = self.formatException(record.exc_info)
-        return json.dumps(data, default=str, separators=(",", ":"))
+        return _JSON.encode(data)
 
 
-class TextFormatter(logging.Formatter):
+class TextFormatter(SecondCachedFormatter):
     def format(self, record: logging.LogRecord) -> str:
         base = super().format(record)
         extras = {k: v for k, v in record.__dict__.items() if k not in _STANDARD and not k.startswith("_")}

@@ -143,3 +143,12 @@ def test_a_templated_record_is_the_record_make_record_builds() -> None:
     thread.start()
     thread.join()
     assert seen == ["other"]  # each thread's records name that thread
+
+
+@pytest.mark.parametrize("datefmt", [None, "%Y-%m-%dT%H:%M:%S"])
+def test_times_formatted_once_a_second_read_as_logging_formats_them(datefmt: str | None) -> None:
+    ours, stock = TextFormatter("%(asctime)s %(message)s"), logging.Formatter("%(asctime)s %(message)s")
+    for created in (1_700_000_000.001, 1_700_000_000.999, 1_700_000_001.5, 1_700_000_000.25, 1_700_000_061.0):
+        record = _record()
+        record.created, record.msecs = created, int(created % 1 * 1000) + 0.0
+        assert ours.formatTime(record, datefmt) == stock.formatTime(record, datefmt)
