@@ -194,13 +194,9 @@ def finish_request(observer: WebObserver, listener: str, *, request_id: str, rou
 MAX_LOGGED_PATH = 256
 
 
-def logged_path(request: web.BaseRequest) -> str:
-    """The path as sent, percent-encoding intact (a decoded %0a would start a forged log line), cut short."""
-    return cut_path(request.raw_path)
-
-
 def cut_path(raw_path: str) -> str:
-    """A raw request target without its query, cut short for the access log."""
+    """A raw request target without its query, cut short for the access log: percent-encoding stays intact (a
+    decoded %0a would start a forged log line)."""
     raw = raw_path.split("?", 1)[0]
     return raw if len(raw) <= MAX_LOGGED_PATH else raw[:MAX_LOGGED_PATH] + "..."
 
