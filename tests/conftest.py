@@ -166,7 +166,9 @@ def base_config(tmp: Path, certs: Pki, **overrides: Any) -> dict[str, Any]:
         "ops": {"listen": {"host": "127.0.0.1", "port": 0}},
         "audit": {"path": str(tmp / "audit" / "audit.log")},
         "logging": {"level": "warning", "format": "json"},
-        "limits": {"refresh_seconds": 0.2},
+        # One worker process: a server a test starts as a process needs no second one unless the test is about
+        # workers (those set limits.workers), and each worker costs an interpreter start and a store opened.
+        "limits": {"refresh_seconds": 0.2, "workers": 1},
     }
     for dotted, value in overrides.items():
         target = config

@@ -26,7 +26,7 @@ from lkm.keys import KeyState
 from lkm.keystore.open import open_keystore
 from tests.lkmcli import LKM, lkm
 
-KILLS = int(os.environ.get("LKM_CRASH_KILLS", "20"))
+KILLS = int(os.environ.get("LKM_CRASH_KILLS", "8"))  # LKM_CRASH_KILLS=200 for a long hunt
 PASSPHRASE = "correct horse battery staple backup"
 
 
