@@ -232,11 +232,12 @@ def seal(body: PreparedEvent, head: Head) -> tuple[bytes, Head]:
     sorted place. Both come from one serialization of the fields either side of that place, byte for byte what
     serializing the record twice gives (the sorted keys put every field before "hash" ahead of every one after).
     """
-    record = dict(body)
-    record["seq"] = head.seq + 1
-    record["prev"] = head.digest
-    before = canonical_text({name: value for name, value in record.items() if name < "hash"})
-    after = canonical_text({name: value for name, value in record.items() if name > "hash"})
+    early: dict[str, Any] = {}
+    late: dict[str, Any] = {"prev": head.digest, "seq": head.seq + 1}  # the event cannot hold these (prepare)
+    for name, value in body.items():
+        (early if name < "hash" else late)[name] = value
+    before = canonical_text(early)
+    after = canonical_text(late)
     opening = "{" if before == "{}" else before[:-1] + ","
     closing = "}" if after == "{}" else "," + after[1:]
     unsealed = (before[:-1] + closing if before != "{}" else after).encode("utf-8")

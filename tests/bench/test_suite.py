@@ -35,3 +35,36 @@ def test_suite_runs_every_measurement_of_the_table(tmp_path: Path, capsys: pytes
     if cpus > 1:
         assert summary["cpu_run"].startswith("platform (1 process on 1 core, RSA inline)")
         assert "lkm-rsa" not in measured["threads_us_per_unwrap"]  # inline: no worker threads
+        # The yardstick: raw on the server's core beside busy cores, as the server ran; the idle one shown too.
+        beside = [run for run in report["runs"] if run["name"].startswith("raw 1 thread, server's core, ")]
+        assert len(beside) == 2
+        median_raw = sorted(run["cpu_us_per_operation"] for run in beside)
+        assert summary["raw_cpu_us_per_operation"] in median_raw
+        assert summary["efficiency_against_raw_beside_idle_cores"] > 0 and summary["raw_cpu_us_beside_idle_cores"] > 0
+
+
+def test_busy_cores_spin_outside_this_process_tree_and_stop() -> None:
+    """The neighbours raw is measured beside: one spinning interpreter per core, pinned there, left out of this
+    process's CPU figures (not its descendants), and gone afterwards."""
+    import contextlib
+    import os
+    import time
+    from pathlib import Path
+
+    from lkm.bench.cpu import process_tree
+    from lkm.bench.spawn import busy_cores
+
+    core = min(os.sched_getaffinity(0))
+    before = set(process_tree(1))
+    with busy_cores({core}):
+        spinners = [pid for pid in set(process_tree(1)) - before
+                    if b"while True" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert len(spinners) == 1
+        assert os.sched_getaffinity(spinners[0]) == {core}
+        assert spinners[0] not in process_tree(os.getpid())
+        ticks = int(Path(f"/proc/{spinners[0]}/stat").read_text().rsplit(")", 1)[1].split()[11])
+        time.sleep(0.3)
+        assert int(Path(f"/proc/{spinners[0]}/stat").read_text().rsplit(")", 1)[1].split()[11]) > ticks  # spins
+    time.sleep(0.1)
+    with contextlib.suppress(FileNotFoundError):  # killed: gone, or a zombie until its new parent reaps it
+        assert Path(f"/proc/{spinners[0]}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
