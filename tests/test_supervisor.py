@@ -21,7 +21,7 @@ from lkm.config import load_settings
 from lkm.hawk import HawkCredential, sign_request
 from lkm.keys import KeyRecord
 from tests.conftest import Pki, b64, base_config, wrap, write_config
-from tests.lkmcli import lkm
+from tests.lkmcli import lkm_here
 from tests.serveproc import ServeProcess, peer_serial, prepare
 
 pytestmark = pytest.mark.slow
@@ -142,7 +142,7 @@ async def test_sigkill_under_load_leaves_a_complete_audit_trail(tmp_path: Path, 
         stop.set()
         await asyncio.gather(*clients)
     audit = load_settings(config).audit.path
-    verified = lkm("audit", "verify", str(audit), check=False)
+    verified = lkm_here("audit", "verify", str(audit), check=False)
     lines = [line for line in audit.read_text().splitlines() if line.strip()]
     records = []
     for number, line in enumerate(lines, 1):
@@ -164,15 +164,15 @@ async def test_cli_changes_reach_every_worker(tmp_path: Path, certs: Pki,
     credential, record = prepare(config)
     with ServeProcess(config, tmp_path / "serve.log") as server:
         assert await unwrap(server, certs, credential, record) == 200
-        lkm("keys", "disable", "--force", record.id, "-c", str(config))
+        lkm_here("keys", "disable", "--force", record.id, "-c", str(config))
 
         async def all_refused() -> bool:
             statuses = await asyncio.gather(*(unwrap(server, certs, credential, record) for _ in range(8)))
             return all(status != 200 for status in statuses)
 
         assert await poll(all_refused, within=2.0)  # refresh_seconds is 0.2
-        lkm("keys", "enable", record.id, "-c", str(config))
-        lkm("hawk", "revoke", credential.id, "-c", str(config))
+        lkm_here("keys", "enable", record.id, "-c", str(config))
+        lkm_here("hawk", "revoke", credential.id, "-c", str(config))
 
         async def all_unauthorized() -> bool:
             statuses = await asyncio.gather(*(unwrap(server, certs, credential, record) for _ in range(8)))
