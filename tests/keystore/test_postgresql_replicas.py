@@ -26,7 +26,7 @@ from lkm.keys import Algorithm, KeyRecord, KeyState, format_time, utcnow
 from lkm.keystore.postgresql import PostgresKeyStore
 from lkm.lifecycle_safeguards import DESTRUCTION_SCHEDULED_AT, DISABLED_AT
 from tests.conftest import Pki, b64, base_config, wrap
-from tests.lkmcli import lkm
+from tests.lkmcli import lkm, lkm_here
 from tests.pg import PgCluster
 from tests.standin_platform import StandinPlatform
 
@@ -123,7 +123,7 @@ async def test_three_replicas_on_one_database(tmp_path: Path, certs: Pki, pg_dsn
         seed.save_record(old.with_changes(created=utcnow() - timedelta(hours=2)))
     finally:
         seed.close()
-    created = json.loads(lkm("hawk", "create", "platform", "--json", "-c", str(configs[0])).stdout)
+    created = json.loads(lkm_here("hawk", "create", "platform", "--json", "-c", str(configs[0])).stdout)
     credential = HawkCredential(created["id"], created["key"])
 
     replicas: list[Replica] = []
@@ -336,7 +336,7 @@ async def test_registration_runs_once_across_replicas(tmp_path: Path, certs: Pki
         pending = [seed.create_key(state=KeyState.PENDING_ACTIVATION, label=f"pending {i}").id for i in range(2)]
     finally:
         seed.close()
-    created = json.loads(lkm("hawk", "create", "platform", "--json", "-c", str(configs[0])).stdout)
+    created = json.loads(lkm_here("hawk", "create", "platform", "--json", "-c", str(configs[0])).stdout)
     replicas: list[Replica] = []
     try:
         replicas = list(await asyncio.gather(*(asyncio.to_thread(Replica, config) for config in configs)))
