@@ -14,7 +14,7 @@ from lkm.keys import PADDINGS, Algorithm, KeyRecord, KeyState
 from lkm.keystore.file import FileKeyStore
 from lkm.keystore.postgresql import PostgresKeyStore
 from tests import pg
-from tests.conftest import Pki, base_config
+from tests.conftest import Pki, base_config, pooled_key
 from tests.lkmcli import lkm, lkm_here
 from tests.pg import PgCluster
 
@@ -55,11 +55,11 @@ def test_migrate_file_to_postgresql_and_back(tmp_path: Path, certs: Pki, pg_dsn:
     source_config = file_config(tmp_path, certs, "file")
     source = FileKeyStore(tmp_path / "file" / "keys", b"correct horse battery staple")
     try:
-        active = source.create_key(state=KeyState.ACTIVE, label="current")
-        retired = source.create_key(state=KeyState.RETIRED, label="old")
+        active = pooled_key(source, KeyState.ACTIVE, "current")
+        retired = pooled_key(source, KeyState.RETIRED, "old")
         source.save_record(retired.with_changes(registered=retired.created))
-        disabled = source.create_key(state=KeyState.DISABLED)
-        doomed = source.create_key(state=KeyState.PENDING_DESTRUCTION, label="erased")
+        disabled = pooled_key(source, KeyState.DISABLED)
+        doomed = pooled_key(source, KeyState.PENDING_DESTRUCTION, "erased")
         destroyed = source.destroy_private(doomed.id)
         before = {r.id: comparable(r) for r in source.list_keys()}
     finally:
@@ -99,10 +99,10 @@ def test_migrate_refuses_a_different_key_under_the_same_id(tmp_path: Path, certs
     source = FileKeyStore(tmp_path / "file" / "keys", b"correct horse battery staple")
     target = PostgresKeyStore(pg_dsn, PG_PASSPHRASE.encode(), listen=False)
     try:
-        record = source.create_key(state=KeyState.ACTIVE)
+        record = pooled_key(source, KeyState.ACTIVE)
         other = FileKeyStore(tmp_path / "other", b"x" * 12)
         try:
-            target.import_key(record.id, other.export_private_key(other.create_key(state=KeyState.ACTIVE).id),
+            target.import_key(record.id, other.export_private_key(pooled_key(other, KeyState.ACTIVE).id),
                               state=KeyState.RETIRED)
         finally:
             other.close()

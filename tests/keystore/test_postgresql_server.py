@@ -20,7 +20,7 @@ from lkm.keys import KeyState
 from lkm.keystore.open import open_keystore
 from lkm.keystore.postgresql import PostgresKeyStore
 from lkm.keystore.postgresql.schema import CODE_VERSION
-from tests.conftest import Pki, b64, eventually, start_server, wrap
+from tests.conftest import Pki, b64, eventually, pooled_key, start_server, wrap
 from tests.lkmcli import lkm_here
 from tests.pg import PgCluster
 
@@ -107,7 +107,7 @@ async def test_hawk_changes_reach_a_running_server_through_the_notification(
         store = running.server.store
         assert isinstance(store, PostgresKeyStore) and store._listener is not None
         assert await asyncio.to_thread(store._listener.connected.wait, 10)  # LISTEN in force before the change
-        record = store.create_key(state=KeyState.ACTIVE)
+        record = pooled_key(store, KeyState.ACTIVE)
         made = json.loads((await asyncio.to_thread(lkm_here, "hawk", "create", "replica-shared", "--json",
                                                    "-c", str(config))).stdout)
         created_at = time.monotonic()
