@@ -78,7 +78,7 @@ def test_dev_mode_on_softhsm(tmp_path: Path) -> None:
     try:
         config = Path(str(facts["config"]))
         assert "type: pkcs11" in config.read_text()
-        demo = lkm("demo", "--dev-json", str(config.parent / "dev.json"))
+        demo = lkm_here("demo", "--dev-json", str(config.parent / "dev.json"))
         assert "recording decrypts: True" in demo.stdout
         # The CLI finds the token through the config alone (module_env carries SOFTHSM2_CONF).
         listing = subprocess.run([*LKM, "keys", "list", "-c", str(config)], capture_output=True, text=True,
