@@ -18,6 +18,7 @@ from lkm.hawk import HawkCredential
 from lkm.hawk_credentials import mint_credential
 from lkm.keys import KeyRecord, KeyState
 from lkm.keystore.file import FileKeyStore
+from tests.conftest import pooled_key
 from tests.lkmcli import LKM
 
 
@@ -87,7 +88,7 @@ def prepare(config: Path) -> tuple[HawkCredential, KeyRecord]:
     assert settings.keystore.path is not None
     credential = mint_credential(settings.platform.hawk.credentials_file, "platform-test")
     store = FileKeyStore(settings.keystore.path, settings.keystore.passphrase.read_bytes())
-    record = store.create_key(state=KeyState.ACTIVE)
+    record = pooled_key(store, KeyState.ACTIVE)
     store.close()
     return credential, record
 

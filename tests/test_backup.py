@@ -1,5 +1,6 @@
 """Backups through the real CLI: encrypted, verifiable without restoring, restorable into a fresh store (which a
-real server then unwraps with), never overwriting a different key."""
+real server then unwraps with), never overwriting a different key. The commands run through `lkm.cli.main` in
+the test process (tests/cli/test_backup.py runs `lkm backup` as a child process)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from lkm import backup
 from lkm.keys import KeyState, load_private_key_any
 from lkm.keystore.file import FileKeyStore
 from tests.conftest import VECTORS, Pki, b64, base_config, start_server, wrap, write_config
-from tests.lkmcli import lkm
+from tests.lkmcli import lkm_here
 
 V0, V1 = "3f0c8c1e-6a55-4a4e-9a0e-2b8f2f1f6d11", "8d6c1f0a-2b3e-4c5d-8e9f-0a1b2c3d4e5f"
 PASSPHRASE = "correct horse battery staple backup"
@@ -35,12 +36,12 @@ def second_config(tmp: Path, certs: Pki, name: str) -> Path:
 
 
 def fill_and_back_up(tmp: Path, config: str) -> tuple[Path, dict[str, Any]]:
-    lkm("keys", "import", "--id", V0, vector_file(tmp, 0), "-c", config)
-    lkm("keys", "import", "--id", V1, "--state", "retired", vector_file(tmp, 1), "-c", config)
-    rotated = json.loads(lkm("keys", "rotate", "--json", "-c", config).stdout)
+    lkm_here("keys", "import", "--id", V0, vector_file(tmp, 0), "-c", config)
+    lkm_here("keys", "import", "--id", V1, "--state", "retired", vector_file(tmp, 1), "-c", config)
+    rotated = json.loads(lkm_here("keys", "rotate", "--json", "-c", config).stdout)
     (tmp / "backup.pass").write_text(PASSPHRASE + "\n")
     bundle = tmp / "keys.lkmbackup"
-    out = lkm("backup", "create", str(bundle), "--passphrase-file", str(tmp / "backup.pass"), "-c", config).stdout
+    out = lkm_here("backup", "create", str(bundle), "--passphrase-file", str(tmp / "backup.pass"), "-c", config).stdout
     assert "3 key(s) backed up" in out
     return bundle, rotated
 
@@ -57,13 +58,13 @@ async def test_restore_into_a_fresh_store_and_unwrap_with_every_key(tmp_path: Pa
     assert {k["id"] for k in envelope["manifest"]["keys"]} == {V0, V1, rotated["id"]}  # readable without it
 
     env = {"LKM_BACKUP_PASSPHRASE": PASSPHRASE}
-    verified = lkm("backup", "verify", str(bundle), env=env).stdout
+    verified = lkm_here("backup", "verify", str(bundle), env=env).stdout
     assert "OK, whole and decryptable" in verified and "3 key(s), 3 with a private key" in verified
 
     fresh = second_config(tmp_path, certs, "restored")
-    restored = lkm("backup", "restore", str(bundle), "-c", str(fresh), env=env).stdout
+    restored = lkm_here("backup", "restore", str(bundle), "-c", str(fresh), env=env).stdout
     assert restored.count(": restored") == 3 and "3 restored, 0 skipped, 0 refused" in restored
-    again = lkm("backup", "restore", str(bundle), "-c", str(fresh), env=env).stdout
+    again = lkm_here("backup", "restore", str(bundle), "-c", str(fresh), env=env).stdout
     assert "0 restored, 3 skipped" in again
 
     async with start_server(fresh.parent, certs, fresh) as running:
@@ -86,15 +87,15 @@ async def test_restore_into_a_fresh_store_and_unwrap_with_every_key(tmp_path: Pa
 @pytest.mark.slow
 def test_a_damaged_bundle_or_wrong_passphrase_fails_verification(tmp_path: Path, config_factory: Any) -> None:
     config = str(config_factory())
-    lkm("keys", "import", "--id", V0, vector_file(tmp_path, 0), "-c", config)
+    lkm_here("keys", "import", "--id", V0, vector_file(tmp_path, 0), "-c", config)
     bundle = tmp_path / "one.lkmbackup"
     env = {"LKM_BACKUP_PASSPHRASE": PASSPHRASE}
-    lkm("backup", "create", str(bundle), "-c", config, env=env)
-    assert lkm("backup", "verify", str(bundle), env=env).returncode == 0
+    lkm_here("backup", "create", str(bundle), "-c", config, env=env)
+    assert lkm_here("backup", "verify", str(bundle), env=env).returncode == 0
 
-    wrong = lkm("backup", "verify", str(bundle), env={"LKM_BACKUP_PASSPHRASE": "another passphrase!"}, check=False)
+    wrong = lkm_here("backup", "verify", str(bundle), env={"LKM_BACKUP_PASSPHRASE": "another passphrase!"}, check=False)
     assert wrong.returncode == 1 and "wrong passphrase, or the bundle was changed" in wrong.stderr
-    missing = lkm("backup", "verify", str(bundle), env={"LKM_BACKUP_PASSPHRASE": ""}, check=False)
+    missing = lkm_here("backup", "verify", str(bundle), env={"LKM_BACKUP_PASSPHRASE": ""}, check=False)
     assert missing.returncode == 2 and "--passphrase-file" in missing.stderr
 
     envelope = json.loads(bundle.read_text())
@@ -107,9 +108,9 @@ def test_a_damaged_bundle_or_wrong_passphrase_fails_verification(tmp_path: Path,
     for name, doc in (("damaged", damaged), ("relabelled", relabelled)):
         path = tmp_path / f"{name}.lkmbackup"
         path.write_text(json.dumps(doc))
-        result = lkm("backup", "verify", str(path), env=env, check=False)
+        result = lkm_here("backup", "verify", str(path), env=env, check=False)
         assert result.returncode == 1 and "changed or damaged" in result.stderr, name
-    short = lkm("backup", "create", str(tmp_path / "x"), "-c", config, env={"LKM_BACKUP_PASSPHRASE": "short"},
+    short = lkm_here("backup", "create", str(tmp_path / "x"), "-c", config, env={"LKM_BACKUP_PASSPHRASE": "short"},
                 check=False)
     assert short.returncode == 1 and "at least 12 characters" in short.stderr
 
@@ -118,15 +119,15 @@ def test_a_damaged_bundle_or_wrong_passphrase_fails_verification(tmp_path: Path,
 def test_restore_never_overwrites_a_different_key(tmp_path: Path, certs: Pki, config_factory: Any) -> None:
     config = str(config_factory())
     env = {"LKM_BACKUP_PASSPHRASE": PASSPHRASE}
-    lkm("keys", "import", "--id", V0, vector_file(tmp_path, 0), "-c", config)
-    lkm("keys", "import", "--id", V1, vector_file(tmp_path, 1), "-c", config)
+    lkm_here("keys", "import", "--id", V0, vector_file(tmp_path, 0), "-c", config)
+    lkm_here("keys", "import", "--id", V1, vector_file(tmp_path, 1), "-c", config)
     bundle = tmp_path / "two.lkmbackup"
-    lkm("backup", "create", str(bundle), "-c", config, env=env)
+    lkm_here("backup", "create", str(bundle), "-c", config, env=env)
 
     other = str(second_config(tmp_path, certs, "other"))
-    lkm("keys", "import", "--id", V0, vector_file(tmp_path, 0), "-c", other)  # the same key
-    lkm("keys", "import", "--id", V1, vector_file(tmp_path, 0), "-c", other)  # a different key, same id
-    result = lkm("backup", "restore", str(bundle), "-c", other, env=env, check=False)
+    lkm_here("keys", "import", "--id", V0, vector_file(tmp_path, 0), "-c", other)  # the same key
+    lkm_here("keys", "import", "--id", V1, vector_file(tmp_path, 0), "-c", other)  # a different key, same id
+    result = lkm_here("backup", "restore", str(bundle), "-c", other, env=env, check=False)
     assert result.returncode == 1
     assert f"{V0}: skipped (identical key already present)" in result.stdout
     assert f"{V1}: refused (a different key has this id in the store; left untouched)" in result.stdout

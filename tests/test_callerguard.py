@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Pki, Running, start_server, wrap
-from tests.lkmcli import lkm
+from tests.lkmcli import lkm_here
 
 
 async def until(check: Callable[[], Awaitable[bool]], within: float = 15.0) -> bool:
@@ -60,9 +60,9 @@ async def test_freeze_and_unfreeze_through_the_cli(running: Running) -> None:
     config = str(running.config_path)
     platform, native = running.platform(), running.native("unwrapper")
     assert (await platform.decrypt(record.id, wrap(record, b"f" * 32))).status == 200
-    lkm("-c", config, "freeze", "platform-test", "--reason", "suspected leak")
-    lkm("-c", config, "freeze", "unwrapper")
-    listed = lkm("-c", config, "freeze", "--list").stdout
+    lkm_here("-c", config, "freeze", "platform-test", "--reason", "suspected leak")
+    lkm_here("-c", config, "freeze", "unwrapper")
+    listed = lkm_here("-c", config, "freeze", "--list").stdout
     assert "platform-test\tstop\tby operator" in listed and "suspected leak" in listed and "unwrapper" in listed
 
     async def refused() -> bool:
@@ -76,8 +76,8 @@ async def test_freeze_and_unfreeze_through_the_cli(running: Running) -> None:
     # Others are not touched.
     assert (await running.native("admin").unwrap(record.id, wrap(record, b"f" * 32))).status == 200
 
-    lkm("-c", config, "unfreeze", "platform-test")
-    assert lkm("-c", config, "unfreeze", "platform-test", check=False).returncode == 1
+    lkm_here("-c", config, "unfreeze", "platform-test")
+    assert lkm_here("-c", config, "unfreeze", "platform-test", check=False).returncode == 1
 
     async def served() -> bool:
         return (await platform.decrypt(record.id, wrap(record, b"f" * 32))).status == 200
@@ -88,7 +88,7 @@ async def test_freeze_and_unfreeze_through_the_cli(running: Running) -> None:
         ("freeze_caller", "intent", "unwrapper"), ("freeze_caller", "ok", "unwrapper"),
         ("unfreeze_caller", "intent", "platform-test"), ("unfreeze_caller", "ok", "platform-test"),
         ("unfreeze_caller", "intent", "platform-test"), ("unfreeze_caller", "error", "platform-test")]
-    assert lkm("-c", config, "audit", "verify", check=False).returncode == 0
+    assert lkm_here("-c", config, "audit", "verify", check=False).returncode == 0
 
 
 @pytest.mark.slow
@@ -104,12 +104,12 @@ async def test_the_breaker_freezes_a_caller_whose_volume_jumps(tmp_path: Path, c
         # The 8th unwrap in the window trips the breaker: it is still served, then the caller is frozen.
         assert statuses == [200] * 8 + [403] * 4, statuses
         assert 'lkm_unwrap_volume_anomaly{caller="hawk:platform-test"} 1.0' in await metrics_text(running)
-        listed = lkm("-c", str(running.config_path), "freeze", "--list").stdout
+        listed = lkm_here("-c", str(running.config_path), "freeze", "--list").stdout
         assert "platform-test\tstop\tby breaker" in listed
         trail = [e for e in running.audit_lines() if e["action"] == "freeze_caller"]
         assert [(e["outcome"], e["by"], e["actor"]["kind"]) for e in trail] == [("intent", "breaker", "system"),
                                                                                  ("ok", "breaker", "system")]
-        lkm("-c", str(running.config_path), "unfreeze", "platform-test")
+        lkm_here("-c", str(running.config_path), "unfreeze", "platform-test")
 
         async def served() -> bool:
             return (await platform.decrypt(record.id, wrap(record, b"b" * 32))).status in (200,)

@@ -1,4 +1,7 @@
-"""The real CLI and the real `lkm serve --dev`, as an operator would run them."""
+"""The real CLI and the real `lkm serve --dev`, as an operator would run them.
+
+The dev-mode tests and `serve` run `lkm` in child processes; the key and credential commands' own tests call
+the same `lkm.cli.main` in this process (`lkm_here`), which spares an interpreter start per command."""
 
 from __future__ import annotations
 
@@ -20,7 +23,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from lkm.client import NativeClient, PlatformClient, client_ssl_context
 from lkm.hawk import HawkCredential
 from lkm.keys import load_public_pkcs1
-from tests.conftest import OAEP_SHA1, VECTORS
+from tests.conftest import OAEP_SHA1, VECTORS, KeyPool
+from tests.lkmcli import lkm_here
 
 LKM = [sys.executable, "-m", "lkm"]
 
@@ -74,7 +78,7 @@ def test_dev_mode_on_softhsm(tmp_path: Path) -> None:
     try:
         config = Path(str(facts["config"]))
         assert "type: pkcs11" in config.read_text()
-        demo = lkm("demo", "--dev-json", str(config.parent / "dev.json"))
+        demo = lkm_here("demo", "--dev-json", str(config.parent / "dev.json"))
         assert "recording decrypts: True" in demo.stdout
         # The CLI finds the token through the config alone (module_env carries SOFTHSM2_CONF).
         listing = subprocess.run([*LKM, "keys", "list", "-c", str(config)], capture_output=True, text=True,
@@ -130,8 +134,15 @@ async def test_dev_mode_end_to_end(dev_server: dict[str, object]) -> None:
         admin = facts["clients"]["admin"]  # type: ignore[index]
         native = NativeClient(session, facts["listeners"]["native"]["url"],  # type: ignore[index]
                               client_ssl_context(str(facts["ca_file"]), admin["cert"], admin["key"]))
-        listing = await native.request("GET", "/v1/keys")
-        assert {k["id"] for k in listing.body["keys"]} >= {created["id"], facts["active_key"]}
+        # Each worker process picks the new key up on its own refresh: every one within seconds.
+        deadline = time.monotonic() + 5
+        while True:
+            listing = await native.request("GET", "/v1/keys")
+            listed = {k["id"] for k in listing.body["keys"]}
+            if listed >= {created["id"], facts["active_key"]} or time.monotonic() > deadline:
+                break
+            await __import__("asyncio").sleep(0.2)
+        assert listed >= {created["id"], facts["active_key"]}
         async with session.get(facts["listeners"]["ops"]["url"] + "/readyz") as resp:  # type: ignore[index]
             assert resp.status == 200, await resp.text()
 
@@ -158,23 +169,23 @@ def config(tmp_path: Path, config_factory) -> str:  # type: ignore[no-untyped-de
 
 @pytest.mark.slow
 def test_keys_create_list_show(config: str) -> None:
-    created = json.loads(lkm("keys", "create", "-c", config, "--json").stdout)
+    created = json.loads(lkm_here("keys", "create", "-c", config, "--json").stdout)
     assert created["state"] == "active"
     assert created["public_key_pkcs1_b64"].startswith("MIIBigKCAYEA")
-    second = json.loads(lkm("keys", "create", "-c", config, "--json").stdout)
+    second = json.loads(lkm_here("keys", "create", "-c", config, "--json").stdout)
     assert second["state"] == "pending_activation"  # one active key; `lkm keys activate` or a rotation promotes
-    listing = lkm("keys", "list", "-c", config).stdout
+    listing = lkm_here("keys", "list", "-c", config).stdout
     assert created["id"] in listing and second["id"] in listing and "active" in listing
-    shown = lkm("keys", "show", created["id"], "-c", config).stdout
+    shown = lkm_here("keys", "show", created["id"], "-c", config).stdout
     assert created["public_key_pkcs1_b64"] in shown and "BEGIN PUBLIC KEY" in shown
-    missing = lkm("keys", "show", "00000000-0000-4000-8000-000000000000", "-c", config, check=False)
+    missing = lkm_here("keys", "show", "00000000-0000-4000-8000-000000000000", "-c", config, check=False)
     assert missing.returncode == 1 and "key_not_found" in missing.stderr
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("form", ["pem-pkcs1", "pem-pkcs8", "der", "sample-b64"])
-def test_keys_import_forms(config: str, tmp_path: Path, form: str) -> None:
-    key = rsa.generate_private_key(65537, 3072)
+def test_keys_import_forms(config: str, tmp_path: Path, form: str, key_pool: KeyPool) -> None:
+    key = key_pool.take()
     encodings = {
         "pem-pkcs1": key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
                                        serialization.NoEncryption()),
@@ -189,14 +200,14 @@ def test_keys_import_forms(config: str, tmp_path: Path, form: str) -> None:
     path = tmp_path / "key.in"
     path.write_bytes(encodings[form])
     key_id = "0f1e2d3c-4b5a-4968-8776-a5b4c3d2e1f0"
-    out = lkm("keys", "import", "--id", key_id.upper(), str(path), "-c", config).stdout
+    out = lkm_here("keys", "import", "--id", key_id.upper(), str(path), "-c", config).stdout
     assert key_id in out
-    again = lkm("keys", "import", "--id", key_id, str(path), "-c", config)  # identical material: fine
+    again = lkm_here("keys", "import", "--id", key_id, str(path), "-c", config)  # identical material: fine
     assert again.returncode == 0
     other = tmp_path / "other.pem"
-    other.write_bytes(rsa.generate_private_key(65537, 3072).private_bytes(
+    other.write_bytes(key_pool.take().private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    clash = lkm("keys", "import", "--id", key_id, str(other), "-c", config, check=False)
+    clash = lkm_here("keys", "import", "--id", key_id, str(other), "-c", config, check=False)
     assert clash.returncode == 1 and "different key material" in clash.stderr
 
 
@@ -205,12 +216,12 @@ def test_keys_import_refuses_wrong_keys(config: str, tmp_path: Path) -> None:
     small = tmp_path / "small.pem"
     small.write_bytes(rsa.generate_private_key(65537, 2048).private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    result = lkm("keys", "import", "--id", "0f1e2d3c-4b5a-4968-8776-a5b4c3d2e1f0", str(small), "-c", config,
+    result = lkm_here("keys", "import", "--id", "0f1e2d3c-4b5a-4968-8776-a5b4c3d2e1f0", str(small), "-c", config,
                  check=False)
     assert result.returncode == 1 and "RSA-2048" in result.stderr
     junk = tmp_path / "junk"
     junk.write_bytes(b"hello")
-    result = lkm("keys", "import", "--id", "0f1e2d3c-4b5a-4968-8776-a5b4c3d2e1f0", str(junk), "-c", config,
+    result = lkm_here("keys", "import", "--id", "0f1e2d3c-4b5a-4968-8776-a5b4c3d2e1f0", str(junk), "-c", config,
                  check=False)
     assert result.returncode == 1 and "not a readable private key" in result.stderr
 
@@ -221,34 +232,34 @@ def test_import_sample_vectors_keep_their_ids(config: str, tmp_path: Path) -> No
         path = tmp_path / f"v{i}.b64"
         path.write_text(vector["private_key_pkcs1_der_b64"])
         key_id = f"{i:08d}-0000-4000-8000-000000000000"
-        lkm("keys", "import", "--id", key_id, str(path), "-c", config)
-    ids = [k["id"] for k in json.loads(lkm("keys", "list", "-c", config, "--json").stdout)]
+        lkm_here("keys", "import", "--id", key_id, str(path), "-c", config)
+    ids = [k["id"] for k in json.loads(lkm_here("keys", "list", "-c", config, "--json").stdout)]
     assert sorted(ids) == [f"{i:08d}-0000-4000-8000-000000000000" for i in range(len(VECTORS["vectors"]))]
 
 
 @pytest.mark.slow
 def test_hawk_create_prints_once_and_refuses_duplicates(config: str) -> None:
-    out = lkm("hawk", "create", "genesys-prod", "-c", config).stdout
+    out = lkm_here("hawk", "create", "genesys-prod", "-c", config).stdout
     assert "apiId:  genesys-prod" in out and "apiKey: " in out
-    dup = lkm("hawk", "create", "genesys-prod", "-c", config, check=False)
+    dup = lkm_here("hawk", "create", "genesys-prod", "-c", config, check=False)
     assert dup.returncode == 1
-    assert "genesys-prod" in lkm("hawk", "list", "-c", config).stdout
-    assert "apiKey" not in lkm("hawk", "list", "-c", config).stdout
+    assert "genesys-prod" in lkm_here("hawk", "list", "-c", config).stdout
+    assert "apiKey" not in lkm_here("hawk", "list", "-c", config).stdout
 
 
 @pytest.mark.slow
 def test_cli_changes_are_audited(config: str) -> None:
-    created = json.loads(lkm("keys", "create", "-c", config, "--json").stdout)
+    created = json.loads(lkm_here("keys", "create", "-c", config, "--json").stdout)
     audit_path = Path(config).parent / "audit" / "audit.log"
     events = [json.loads(line) for line in audit_path.read_text().splitlines()]
     assert events[-1]["action"] == "create_key" and events[-1]["key_id"] == created["id"]
     assert events[-1]["actor"]["kind"] == "cli"
-    assert "chain intact" in lkm("audit", "verify", str(audit_path)).stdout
+    assert "chain intact" in lkm_here("audit", "verify", str(audit_path)).stdout
 
 
 @pytest.mark.slow
 def test_serve_refuses_open_key_directory(config: str, tmp_path: Path) -> None:
-    lkm("keys", "create", "-c", config)
+    lkm_here("keys", "create", "-c", config)
     os.chmod(tmp_path / "keys", 0o755)
     result = subprocess.run([*LKM, "serve", "-c", config], capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode != 0

@@ -6,6 +6,7 @@ import datetime as dt
 import json
 import ssl
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -38,6 +39,18 @@ def test_a_pool_hands_out_its_keys_in_turn(key_pool: KeyPool) -> None:
     pool = KeyPool(size=2, factory=key_pool.take)
     first, second, third = pool.take(), pool.take(), pool.take()
     assert first is not second and third is first
+
+
+def test_a_shared_pool_reads_the_keys_another_process_made(tmp_path: Path, key_pool: KeyPool) -> None:
+    maker = KeyPool(size=2, factory=key_pool.take)
+    maker.share(tmp_path / "pool")
+    made = [public_der_pkcs1(maker.take().public_key()) for _ in range(2)]
+
+    def generate() -> Any:
+        raise AssertionError("generated a key that the shared directory holds")
+    reader = KeyPool(size=2, factory=generate)
+    reader.share(tmp_path / "pool")
+    assert [public_der_pkcs1(reader.take().public_key()) for _ in range(2)] == made
 
 
 async def test_running_create_key_stores_a_usable_key(running: Running) -> None:

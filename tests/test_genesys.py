@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from lkm.hawk import HawkCredential
 from lkm.keys import KeyRecord, KeyState, load_private_key_any, public_pkcs1_b64
 from lkm.keystore.file import FileKeyStore
 from tests.conftest import VECTORS, Pki, Running, b64, eventually, start_server, wrap
+from tests.lkmcli import lkm_here
 from tests.standin_platform import CONFIG_ID, StandinPlatform
 
 OLD_ID = "3f0c8c1e-6a55-4a4e-9a0e-2b8f2f1f6d11"
@@ -160,12 +160,10 @@ async def test_a_failed_test_decrypt_fails_the_registration(
 
 
 async def lkm_cli(*args: str) -> tuple[int, str, str]:
-    """The real CLI in a child process, while this event loop keeps serving lkm and the stand-in."""
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "lkm", *args, stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(), 120)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    """The CLI's main on a thread of its own, while this event loop keeps serving lkm and the stand-in
+    (tests/cli/test_main.py runs `lkm genesys register` as a child process)."""
+    done = await asyncio.wait_for(asyncio.to_thread(lkm_here, *args, check=False), 120)
+    return done.returncode, done.stdout, done.stderr
 
 
 @pytest.mark.slow

@@ -14,8 +14,8 @@ from lkm.keys import PADDINGS, Algorithm, KeyRecord, KeyState
 from lkm.keystore.file import FileKeyStore
 from lkm.keystore.postgresql import PostgresKeyStore
 from tests import pg
-from tests.conftest import Pki, base_config
-from tests.lkmcli import lkm
+from tests.conftest import Pki, base_config, pooled_key
+from tests.lkmcli import lkm, lkm_here
 from tests.pg import PgCluster
 
 pg_cluster, pg_dsn = pg.pg_cluster, pg.pg_dsn  # the throwaway PostgreSQL's fixtures, used here
@@ -55,11 +55,11 @@ def test_migrate_file_to_postgresql_and_back(tmp_path: Path, certs: Pki, pg_dsn:
     source_config = file_config(tmp_path, certs, "file")
     source = FileKeyStore(tmp_path / "file" / "keys", b"correct horse battery staple")
     try:
-        active = source.create_key(state=KeyState.ACTIVE, label="current")
-        retired = source.create_key(state=KeyState.RETIRED, label="old")
+        active = pooled_key(source, KeyState.ACTIVE, "current")
+        retired = pooled_key(source, KeyState.RETIRED, "old")
         source.save_record(retired.with_changes(registered=retired.created))
-        disabled = source.create_key(state=KeyState.DISABLED)
-        doomed = source.create_key(state=KeyState.PENDING_DESTRUCTION, label="erased")
+        disabled = pooled_key(source, KeyState.DISABLED)
+        doomed = pooled_key(source, KeyState.PENDING_DESTRUCTION, "erased")
         destroyed = source.destroy_private(doomed.id)
         before = {r.id: comparable(r) for r in source.list_keys()}
     finally:
@@ -70,7 +70,7 @@ def test_migrate_file_to_postgresql_and_back(tmp_path: Path, certs: Pki, pg_dsn:
     assert first.stdout.count("copied (unwrap verified)") == 3, first.stdout
     assert f"{destroyed.id}: copied (destroyed: record only)" in first.stdout, first.stdout
     assert "4 copied, 0 present, 0 refused, 0 not copied" in first.stdout
-    again = lkm("keys", "migrate", "-c", str(source_config), "--to", str(target_config))
+    again = lkm_here("keys", "migrate", "-c", str(source_config), "--to", str(target_config))
     assert "0 copied, 4 present, 0 refused" in again.stdout, again.stdout
 
     target = PostgresKeyStore(pg_dsn, PG_PASSPHRASE.encode(), listen=False)
@@ -84,7 +84,7 @@ def test_migrate_file_to_postgresql_and_back(tmp_path: Path, certs: Pki, pg_dsn:
         target.close()
 
     back_config = file_config(tmp_path, certs, "back")
-    back = lkm("keys", "migrate", "-c", str(target_config), "--to", str(back_config))
+    back = lkm_here("keys", "migrate", "-c", str(target_config), "--to", str(back_config))
     assert "4 copied" in back.stdout, back.stdout
     returned = FileKeyStore(tmp_path / "back" / "keys", b"correct horse battery staple")
     try:
@@ -99,17 +99,17 @@ def test_migrate_refuses_a_different_key_under_the_same_id(tmp_path: Path, certs
     source = FileKeyStore(tmp_path / "file" / "keys", b"correct horse battery staple")
     target = PostgresKeyStore(pg_dsn, PG_PASSPHRASE.encode(), listen=False)
     try:
-        record = source.create_key(state=KeyState.ACTIVE)
+        record = pooled_key(source, KeyState.ACTIVE)
         other = FileKeyStore(tmp_path / "other", b"x" * 12)
         try:
-            target.import_key(record.id, other.export_private_key(other.create_key(state=KeyState.ACTIVE).id),
+            target.import_key(record.id, other.export_private_key(pooled_key(other, KeyState.ACTIVE).id),
                               state=KeyState.RETIRED)
         finally:
             other.close()
     finally:
         source.close()
         target.close()
-    refused = lkm("keys", "migrate", "-c", str(source_config), "--to", str(pg_config(tmp_path, certs, pg_dsn)),
+    refused = lkm_here("keys", "migrate", "-c", str(source_config), "--to", str(pg_config(tmp_path, certs, pg_dsn)),
                   check=False)
     assert refused.returncode == 1 and f"{record.id}: refused" in refused.stdout, refused.stdout
 
@@ -118,15 +118,15 @@ def test_migrate_refuses_a_different_key_under_the_same_id(tmp_path: Path, certs
 def test_backup_create_verify_restore_on_postgresql(tmp_path: Path, certs: Pki, pg_dsn: str,
                                                     pg_cluster: PgCluster) -> None:
     config = pg_config(tmp_path, certs, pg_dsn)
-    created = lkm("keys", "create", "-c", str(config), "--json")
+    created = lkm_here("keys", "create", "-c", str(config), "--json")
     assert created.returncode == 0
     env = {"LKM_BACKUP_PASSPHRASE": BACKUP_PASSPHRASE}
     bundle = str(tmp_path / "pg.backup")
-    assert "1 key(s) backed up" in lkm("backup", "create", "-c", str(config), bundle, env=env).stdout
-    assert "OK, whole and decryptable" in lkm("backup", "verify", bundle, env=env).stdout
+    assert "1 key(s) backed up" in lkm_here("backup", "create", "-c", str(config), bundle, env=env).stdout
+    assert "OK, whole and decryptable" in lkm_here("backup", "verify", bundle, env=env).stdout
     # Into a second, empty database: the key comes back and unwraps there.
     fresh_dsn = pg_cluster.dsn(pg_cluster.create_database())
-    restored = lkm("backup", "restore", "-c", str(pg_config(tmp_path, certs, fresh_dsn, "fresh")), bundle, env=env)
+    restored = lkm_here("backup", "restore", "-c", str(pg_config(tmp_path, certs, fresh_dsn, "fresh")), bundle, env=env)
     assert "1 restored" in restored.stdout, restored.stdout
     store = PostgresKeyStore(fresh_dsn, PG_PASSPHRASE.encode(), listen=False)
     try:

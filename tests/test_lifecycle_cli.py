@@ -12,11 +12,11 @@ import pytest
 
 from lkm.keys import KeyState
 from tests.conftest import Running, b64, wrap
-from tests.lkmcli import lkm
+from tests.lkmcli import lkm_here
 
 
 async def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return await asyncio.to_thread(lkm, *args, check=check)
+    return await asyncio.to_thread(lkm_here, *args, check=check)
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from lkm.keys import load_private_key_any, public_der_pkcs1
 from tests.conftest import VECTORS
-from tests.lkmcli import lkm
+from tests.lkmcli import lkm_here
 
 V0, V1 = "3f0c8c1e-6a55-4a4e-9a0e-2b8f2f1f6d11", "8d6c1f0a-2b3e-4c5d-8e9f-0a1b2c3d4e5f"
 SMALL, LOW_E, MISMATCH, JUNK = (f"00000000-0000-4000-8000-00000000000{i}" for i in range(1, 5))
@@ -38,7 +38,7 @@ def vector(index: int) -> str:
 
 
 def listing(config: str) -> dict[str, str]:
-    return {k["id"]: k["state"] for k in json.loads(lkm("keys", "list", "--json", "-c", config).stdout)}
+    return {k["id"]: k["state"] for k in json.loads(lkm_here("keys", "list", "--json", "-c", config).stdout)}
 
 
 @pytest.mark.slow
@@ -61,7 +61,7 @@ def test_csv_export_of_the_sample_table(tmp_path: Path, config_factory: Any) -> 
     export = tmp_path / "keypair.csv"
     export.write_text(out.getvalue())
 
-    result = lkm("keys", "import-bulk", str(export), "--activate", V1, "-c", config, check=False)
+    result = lkm_here("keys", "import-bulk", str(export), "--activate", V1, "-c", config, check=False)
     assert result.returncode == 1  # some rows were refused
     lines = result.stdout.splitlines()
     assert lines[0] == f"row 1 {V0}: imported: retired"
@@ -87,18 +87,18 @@ def test_json_export_and_existing_ids(tmp_path: Path, config_factory: Any) -> No
               "dateCreated": 1556704800000}]
     export = tmp_path / "keypairs.json"
     export.write_text(json.dumps(first))
-    assert "1 imported" in lkm("keys", "import-bulk", str(export), "-c", config).stdout
+    assert "1 imported" in lkm_here("keys", "import-bulk", str(export), "-c", config).stdout
     again = [{"keypairId": V0, "privateKey": vector(0)},  # identical: fine, nothing changes
              {"keypairId": V1, "privateKey": vector(1)}]
     export.write_text(json.dumps(again))
-    out = lkm("keys", "import-bulk", str(export), "-c", config).stdout
+    out = lkm_here("keys", "import-bulk", str(export), "-c", config).stdout
     assert f"row 1 {V0}: unchanged: identical key already present" in out
     assert "1 imported, 1 unchanged, 0 refused" in out
     clash = [{"id": V1, "private_key": vector(0)}]
     export.write_text(json.dumps(clash))
-    refused = lkm("keys", "import-bulk", str(export), "-c", config, check=False)
+    refused = lkm_here("keys", "import-bulk", str(export), "-c", config, check=False)
     assert refused.returncode == 1 and "already exists with different key material" in refused.stdout
     assert listing(config) == {V0: "retired", V1: "retired"}
     export.write_text('{"keys": []}')
-    unreadable = lkm("keys", "import-bulk", str(export), "-c", config, check=False)
+    unreadable = lkm_here("keys", "import-bulk", str(export), "-c", config, check=False)
     assert unreadable.returncode == 1 and "array of objects" in unreadable.stderr

@@ -21,7 +21,7 @@ from lkm.config import load_settings
 from lkm.hawk import HawkCredential, sign_request
 from lkm.keys import KeyRecord
 from tests.conftest import Pki, b64, base_config, wrap, write_config
-from tests.lkmcli import lkm
+from tests.lkmcli import lkm_here
 from tests.serveproc import ServeProcess, peer_serial, prepare
 
 pytestmark = pytest.mark.slow
@@ -99,8 +99,10 @@ async def poll(check: Callable[[], Any], within: float = 20.0) -> bool:
     return False
 
 
-async def test_a_replayed_request_is_refused_whichever_worker_gets_it(tmp_path: Path, certs: Pki,
-                                                                      config_factory: Callable[..., Path]) -> None:
+async def test_a_replayed_request_is_refused_whichever_worker_gets_it_and_cli_changes_reach_every_worker(
+        tmp_path: Path, certs: Pki, config_factory: Callable[..., Path]) -> None:
+    """Two guarantees across the workers of one server: a replay is refused by whichever worker gets it, then
+    (changing the store) a key disabled and a credential revoked with the CLI are refused by every worker."""
     config = config_factory(**{"limits.workers": WORKERS})
     credential, record = prepare(config)
     with ServeProcess(config, tmp_path / "serve.log") as server:
@@ -120,6 +122,23 @@ async def test_a_replayed_request_is_refused_whichever_worker_gets_it(tmp_path: 
         statuses = await asyncio.gather(*(send() for _ in range(24)))
         assert sorted(statuses) == [200] + [401] * 23
 
+        assert await unwrap(server, certs, credential, record) == 200
+        lkm_here("keys", "disable", "--force", record.id, "-c", str(config))
+
+        async def all_refused() -> bool:
+            statuses = await asyncio.gather(*(unwrap(server, certs, credential, record) for _ in range(8)))
+            return all(status != 200 for status in statuses)
+
+        assert await poll(all_refused, within=2.0)  # refresh_seconds is 0.2
+        lkm_here("keys", "enable", record.id, "-c", str(config))
+        lkm_here("hawk", "revoke", credential.id, "-c", str(config))
+
+        async def all_unauthorized() -> bool:
+            statuses = await asyncio.gather(*(unwrap(server, certs, credential, record) for _ in range(8)))
+            return statuses == [401] * 8
+
+        assert await poll(all_unauthorized, within=2.0)
+
 
 async def test_sigkill_under_load_leaves_a_complete_audit_trail(tmp_path: Path, certs: Pki,
                                                                config_factory: Callable[..., Path]) -> None:
@@ -136,13 +155,19 @@ async def test_sigkill_under_load_leaves_a_complete_audit_trail(tmp_path: Path, 
                     ok += await unwrap(server, certs, credential, record) == 200
 
         clients = [asyncio.create_task(client()) for _ in range(4)]
-        await asyncio.sleep(1.5)
+
+        def served(count: int) -> Callable[[], Any]:
+            async def check() -> bool:
+                return ok >= count
+            return check
+        assert await poll(served(24))  # under load: unwraps answered and in flight on both workers
         os.kill(server.workers()[0], signal.SIGKILL)
-        await asyncio.sleep(1.5)
+        killed_at = ok
+        assert await poll(served(killed_at + 24))  # and the load goes on through the other worker
         stop.set()
         await asyncio.gather(*clients)
     audit = load_settings(config).audit.path
-    verified = lkm("audit", "verify", str(audit), check=False)
+    verified = lkm_here("audit", "verify", str(audit), check=False)
     lines = [line for line in audit.read_text().splitlines() if line.strip()]
     records = []
     for number, line in enumerate(lines, 1):
@@ -156,29 +181,6 @@ async def test_sigkill_under_load_leaves_a_complete_audit_trail(tmp_path: Path, 
     unwrapped = [r for r in records if r.get("action") == "unwrap" and r.get("outcome") == "ok"
                  and r.get("route") == "platform"]
     assert ok > 0 and len(unwrapped) >= ok  # every 200 has its record
-
-
-async def test_cli_changes_reach_every_worker(tmp_path: Path, certs: Pki,
-                                              config_factory: Callable[..., Path]) -> None:
-    config = config_factory(**{"limits.workers": WORKERS})
-    credential, record = prepare(config)
-    with ServeProcess(config, tmp_path / "serve.log") as server:
-        assert await unwrap(server, certs, credential, record) == 200
-        lkm("keys", "disable", "--force", record.id, "-c", str(config))
-
-        async def all_refused() -> bool:
-            statuses = await asyncio.gather(*(unwrap(server, certs, credential, record) for _ in range(8)))
-            return all(status != 200 for status in statuses)
-
-        assert await poll(all_refused, within=2.0)  # refresh_seconds is 0.2
-        lkm("keys", "enable", record.id, "-c", str(config))
-        lkm("hawk", "revoke", credential.id, "-c", str(config))
-
-        async def all_unauthorized() -> bool:
-            statuses = await asyncio.gather(*(unwrap(server, certs, credential, record) for _ in range(8)))
-            return statuses == [401] * 8
-
-        assert await poll(all_unauthorized, within=2.0)
 
 
 def notify_socket(tmp_path: Path) -> socket.socket:

@@ -24,7 +24,7 @@ from lkm.config import load_settings
 from lkm.hawk_credentials import load_credentials_file
 from lkm.keys import KeyState
 from lkm.keystore.open import open_keystore
-from tests.lkmcli import LKM, lkm
+from tests.lkmcli import LKM, lkm, lkm_here
 
 KILLS = int(os.environ.get("LKM_CRASH_KILLS", "8"))  # LKM_CRASH_KILLS=200 for a long hunt
 PASSPHRASE = "correct horse battery staple backup"
@@ -97,7 +97,7 @@ def test_no_change_survives_a_crash_without_its_record(tmp_path: Path,
     longest = timed(lambda: lkm("hawk", "create", "first", "-c", config))
     for n in range(KILLS):
         kill_at_random(["hawk", "create", f"cred-{n}", "-c", config], longest, rng, signature(hawk_file))
-    lkm("hawk", "create", "last", "-c", config)  # the next run cleans what a killed one left
+    lkm_here("hawk", "create", "last", "-c", config)  # the next run cleans what a killed one left
     announced = {e.get("hawk_id") for e in records(audit) if e["action"] == "hawk_create"}
     assert set(load_credentials_file(hawk_file)) <= announced
     assert temps(hawk_file.parent) == []
@@ -119,7 +119,7 @@ def test_no_change_survives_a_crash_without_its_record(tmp_path: Path,
     # backup restore: each key restored has its record, written since this restore began.
     bundle = tmp_path / "bundle.lkmb"
     env = {"LKM_BACKUP_PASSPHRASE": PASSPHRASE}
-    lkm("backup", "create", str(bundle), "-c", config, env=env)
+    lkm_here("backup", "create", str(bundle), "-c", config, env=env)
     fresh = tmp_path / "fresh"
     shutil.copytree(Path(config).parent, fresh, ignore=shutil.ignore_patterns("keys", "audit", "hawk.json*"))
     fresh_config = fresh / "lkm.yaml"
@@ -147,6 +147,6 @@ def test_no_change_survives_a_crash_without_its_record(tmp_path: Path,
 
     # The chains are whole; what was cut off between an intent and its outcome is listed (exit status 3).
     for trail in (audit, fresh_settings.audit.path):
-        verified = lkm("audit", "verify", str(trail), check=False)
+        verified = lkm_here("audit", "verify", str(trail), check=False)
         assert verified.returncode in (0, 3), verified.stdout
         assert "chain intact" in verified.stdout

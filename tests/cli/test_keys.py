@@ -9,7 +9,7 @@ import pytest
 
 from lkm import devmode
 from tests.conftest import VECTORS
-from tests.lkmcli import lkm
+from tests.lkmcli import lkm_here
 
 V0 = "3f0c8c1e-6a55-4a4e-9a0e-2b8f2f1f6d11"
 OTHER = "8d6c1f0a-2b3e-4c5d-8e9f-0a1b2c3d4e5f"
@@ -21,7 +21,7 @@ def config(tmp_path: Path) -> str:
 
 
 def keys(config: str) -> dict[str, str]:
-    return {k["id"]: k["state"] for k in json.loads(lkm("keys", "list", "--json", "-c", config).stdout)}
+    return {k["id"]: k["state"] for k in json.loads(lkm_here("keys", "list", "--json", "-c", config).stdout)}
 
 
 def export(tmp_path: Path) -> Path:
@@ -33,7 +33,7 @@ def export(tmp_path: Path) -> Path:
 @pytest.mark.slow
 def test_import_bulk_activate_of_an_id_not_in_the_file_is_refused(config: str, tmp_path: Path) -> None:
     before = keys(config)
-    result = lkm("keys", "import-bulk", str(export(tmp_path)), "--activate", OTHER, "-c", config, check=False)
+    result = lkm_here("keys", "import-bulk", str(export(tmp_path)), "--activate", OTHER, "-c", config, check=False)
     assert result.returncode == 1
     assert f"--activate {OTHER}: no row of " in result.stderr and "nothing was imported" in result.stderr
     assert keys(config) == before
@@ -42,8 +42,8 @@ def test_import_bulk_activate_of_an_id_not_in_the_file_is_refused(config: str, t
 @pytest.mark.slow
 def test_import_bulk_activate_of_a_key_already_there_says_nothing_was_activated(config: str,
                                                                                 tmp_path: Path) -> None:
-    lkm("keys", "import-bulk", str(export(tmp_path)), "-c", config)
-    result = lkm("keys", "import-bulk", str(export(tmp_path)), "--activate", V0, "-c", config, check=False)
+    lkm_here("keys", "import-bulk", str(export(tmp_path)), "-c", config)
+    result = lkm_here("keys", "import-bulk", str(export(tmp_path)), "--activate", V0, "-c", config, check=False)
     assert result.returncode == 1
     assert f"--activate {V0}: nothing was activated: the key is retired" in result.stderr
     assert keys(config)[V0] == "retired"
@@ -52,13 +52,13 @@ def test_import_bulk_activate_of_a_key_already_there_says_nothing_was_activated(
 @pytest.mark.slow
 def test_refusals_say_what_to_type(config: str, tmp_path: Path) -> None:
     active = next(k for k, s in keys(config).items() if s == "active")
-    disable = lkm("keys", "disable", active, "-c", config, check=False)
+    disable = lkm_here("keys", "disable", active, "-c", config, check=False)
     assert disable.returncode == 1 and f"`lkm keys disable {active} --force`" in disable.stderr
 
-    lkm("keys", "rotate", "-c", config)
-    lkm("keys", "disable", active, "-c", config)
-    lkm("keys", "schedule-destruction", active, "-c", config)
-    destroy = lkm("keys", "destroy", active, "-c", config, check=False)
+    lkm_here("keys", "rotate", "-c", config)
+    lkm_here("keys", "disable", active, "-c", config)
+    lkm_here("keys", "schedule-destruction", active, "-c", config)
+    destroy = lkm_here("keys", "destroy", active, "-c", config, check=False)
     assert destroy.returncode == 1
     line = destroy.stderr.strip()
     assert line.startswith(f"lkm: destruction of {active} refused: the waiting period ends 20")
@@ -66,6 +66,6 @@ def test_refusals_say_what_to_type(config: str, tmp_path: Path) -> None:
 
     junk = tmp_path / "junk.pem"
     junk.write_text("not a key\n")
-    bad = lkm("keys", "import", "--id", OTHER, str(junk), "-c", config, check=False)
+    bad = lkm_here("keys", "import", "--id", OTHER, str(junk), "-c", config, check=False)
     assert bad.returncode == 1 and "ValueError" not in bad.stderr
     assert f"{junk}: not a readable private key: expected PEM" in bad.stderr

@@ -2,6 +2,9 @@
 
 Each mistake ends in one line on standard error that names the file, port or setting, exit status 1 or 2, and
 never a traceback. A new command is covered by being in the tree: its arguments decide which mistakes apply.
+Every `serve` case, and the first case of each other top-level command, runs the real `lkm` in a child process
+(the entry point, as an operator meets it); the others run the same `lkm.cli.main` in this process, which
+shows an escaped exception as a traceback just as the interpreter would.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import yaml
 from lkm import devmode
 from lkm.cli import build_parser
 from lkm.config import load_settings
-from tests.lkmcli import lkm
+from tests.lkmcli import lkm, lkm_here
 
 KEY_ID = "11111111-1111-4111-8111-111111111111"
 PASSPHRASE = "a backup passphrase of some length"
@@ -204,16 +207,26 @@ def argv_for(case: Case, parser: argparse.ArgumentParser, world: World) -> tuple
 
 
 PARSERS = dict(leaves(build_parser()))
+CASES = cases()
+
+
+def in_a_process(case: Case, cases: list[Case]) -> bool:
+    """`serve` (logging, signals, listeners) and the first case of every other top-level command."""
+    return case.command[0] == "serve" or next(c for c in cases if c.command[0] == case.command[0]) == case
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", cases(), ids=lambda c: c.id)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_a_mistake_ends_in_one_line_that_names_it(case: Case, world: World) -> None:
     argv, tokens = argv_for(case, PARSERS[case.command], world)
-    env = {k: v for k, v in os.environ.items() if k != "LKM_CONFIG"}
-    env["LKM_BACKUP_PASSPHRASE"] = PASSPHRASE
-    result = subprocess.run([sys.executable, "-m", "lkm", *argv], capture_output=True, text=True, check=False,
-                            timeout=120, env=env, cwd=world.root / "bad")
+    if in_a_process(case, CASES):
+        env = {k: v for k, v in os.environ.items() if k != "LKM_CONFIG"}
+        env["LKM_BACKUP_PASSPHRASE"] = PASSPHRASE
+        result = subprocess.run([sys.executable, "-m", "lkm", *argv], capture_output=True, text=True, check=False,
+                                timeout=120, env=env, cwd=world.root / "bad")
+    else:
+        result = lkm_here(*argv, check=False, env={"LKM_BACKUP_PASSPHRASE": PASSPHRASE}, drop_env=("LKM_CONFIG",),
+                          cwd=world.root / "bad")
     shown = f"lkm {' '.join(argv)} -> {result.returncode}\nstdout: {result.stdout}\nstderr: {result.stderr}"
     assert "Traceback" not in result.stderr + result.stdout, shown
     assert result.returncode in (1, 2), shown
@@ -227,10 +240,12 @@ def test_every_command_has_its_mistakes_covered() -> None:
     assert covered == set(PARSERS) - CONFIG_FREE
     assert any(c.mistake == "busy-port" for c in cases()) and any(c.mistake == "server-not-running"
                                                                   for c in cases())
+    in_processes = {c.command[0] for c in CASES if in_a_process(c, CASES)}
+    assert in_processes == {command[0] for command in PARSERS} - {c[0] for c in CONFIG_FREE}
 
 
 @pytest.mark.slow
 def test_global_options_work_before_the_command(world: World) -> None:
     before = lkm("-c", str(world.config), "keys", "list")
-    after = lkm("keys", "list", "-c", str(world.config))
+    after = lkm_here("keys", "list", "-c", str(world.config))
     assert before.stdout == after.stdout and "active" in before.stdout

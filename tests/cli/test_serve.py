@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.lkmcli import lkm
+from tests.lkmcli import lkm_here
 
 LKM_SCRIPT = Path(sys.executable).parent / "lkm"
 
@@ -38,14 +38,17 @@ def test_banner_names_the_running_lkm_and_demo_follows_the_active_key(tmp_path: 
                               text=True, cwd=elsewhere, check=True, timeout=60)
         assert f"fetched public key of {first}" in demo.stdout and "recording decrypts: True" in demo.stdout
 
-        rotated = json.loads(lkm("keys", "rotate", "--json", "-c", config).stdout)["id"]
-        lkm("keys", "disable", first, "-c", config)
+        rotated = json.loads(lkm_here("keys", "rotate", "--json", "-c", config).stdout)["id"]
+        lkm_here("keys", "disable", first, "-c", config)
         deadline = time.monotonic() + 30
-        while True:  # the server picks CLI changes up within limits.refresh_seconds
-            demo = subprocess.run([str(LKM_SCRIPT), "-c", config, "demo"], capture_output=True, text=True,
-                                  cwd=elsewhere, check=False, timeout=60)
-            if f"fetched public key of {rotated}" in demo.stdout or time.monotonic() > deadline:
+        while True:  # the server picks CLI changes up within limits.refresh_seconds; the same demo, in-process
+            seen = lkm_here("-c", config, "demo", check=False, cwd=elsewhere)
+            if f"fetched public key of {rotated}" in seen.stdout or time.monotonic() > deadline:
                 break
+            time.sleep(0.2)
+        demo = subprocess.run([str(LKM_SCRIPT), "-c", config, "demo"], capture_output=True, text=True,
+                              cwd=elsewhere, check=False, timeout=60)
+        assert f"fetched public key of {rotated}" in demo.stdout, demo.stdout + demo.stderr
         assert demo.returncode == 0 and "recording decrypts: True" in demo.stdout, demo.stdout + demo.stderr
     finally:
         proc.send_signal(signal.SIGTERM)

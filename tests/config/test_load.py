@@ -12,6 +12,7 @@ import yaml
 
 from lkm.config import load_settings
 from lkm.errors import ConfigError
+from tests.lkmcli import lkm_here
 
 LKM = [sys.executable, "-m", "lkm"]
 EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "lkm.example.yaml"
@@ -61,7 +62,7 @@ def test_check_config_cli(config_factory: Callable[..., Path]) -> None:
     data = yaml.safe_load(good.read_text())
     data["native"]["listen"]["prot"] = 1
     good.write_text(yaml.safe_dump(data))
-    result = subprocess.run([*LKM, "check-config", "-c", str(good)], capture_output=True, text=True, check=False)
+    result = lkm_here("check-config", "-c", str(good), check=False)
     assert result.returncode == 2
     assert f"{good}: native.listen.prot: no such setting" in result.stderr
 

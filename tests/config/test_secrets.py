@@ -12,6 +12,7 @@ import pytest
 
 from lkm.config import SecretKind, SecretRef
 from lkm.errors import ConfigError
+from tests.lkmcli import lkm_here
 
 LKM = [sys.executable, "-m", "lkm"]
 
@@ -50,7 +51,7 @@ def test_a_missing_variable_names_file_setting_and_variable(monkeypatch: pytest.
 
 def test_missing_secret_env_is_reported_at_check(config_factory: Callable[..., Path]) -> None:
     path = config_factory(**{"keystore.passphrase": {"env": "LKM_TEST_UNSET_VARIABLE"}})
-    result = subprocess.run([*LKM, "check-config", "-c", str(path)], capture_output=True, text=True, check=False)
+    result = lkm_here("check-config", "-c", str(path), check=False, drop_env=("LKM_TEST_UNSET_VARIABLE",))
     assert result.returncode == 2
     assert (f"{path}: keystore.passphrase: environment variable LKM_TEST_UNSET_VARIABLE to be set"
             in result.stderr)
@@ -89,12 +90,10 @@ def test_check_config_reads_a_credential(tmp_path: Path, config_factory: Callabl
                             env=env)
     assert result.returncode == 2
     assert f"{path}: keystore.passphrase: environment variable CREDENTIALS_DIRECTORY to be set" in result.stderr
-    env["CREDENTIALS_DIRECTORY"] = str(credentials)
-    result = subprocess.run([*LKM, "check-config", "-c", str(path)], capture_output=True, text=True, check=False,
-                            env=env)
+    within = {"CREDENTIALS_DIRECTORY": str(credentials)}  # the same command, in-process from here on
+    result = lkm_here("check-config", "-c", str(path), check=False, env=within)
     assert result.returncode == 2
     assert f"a readable credential file at {credentials / 'keystore.pass'}" in result.stderr
     (credentials / "keystore.pass").write_text("correct horse battery staple\n")
-    result = subprocess.run([*LKM, "check-config", "-c", str(path)], capture_output=True, text=True, check=False,
-                            env=env)
+    result = lkm_here("check-config", "-c", str(path), check=False, env=within)
     assert result.returncode == 0, result.stderr

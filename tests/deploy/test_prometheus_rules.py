@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -12,6 +13,9 @@ import yaml
 from tests.deploy.common import ROOT, tool
 
 DEPLOY = ROOT / "deploy" / "prometheus"
+# promtool is a Go program: on one thread, with a lazier collector, its rule tests take a third less CPU and the
+# same time (what it checks does not depend on either).
+PROMTOOL_ENV = {**os.environ, "GOMAXPROCS": "1", "GOGC": "400"}
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +31,7 @@ def promtool() -> str:
 @pytest.mark.slow
 def test_promtool(promtool: str, args: list[str]) -> None:
     result = subprocess.run([promtool, *args], cwd=DEPLOY, capture_output=True, text=True, timeout=120,
-                            check=False)
+                            check=False, env=PROMTOOL_ENV)
     assert result.returncode == 0, f"promtool {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
     assert "SUCCESS" in result.stdout
 
@@ -44,5 +48,5 @@ def test_dashboard_queries_parse(promtool: str, tmp_path: Path) -> None:
     path = tmp_path / "dashboard-rules.yml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
     result = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True,
-                            timeout=60, check=False)
+                            timeout=60, check=False, env=PROMTOOL_ENV)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -42,6 +42,7 @@ from lkm.keys import (
 )
 from lkm.keystore import KeyStore, RecordImporting, SyntheticAnswers
 from lkm.keystore.file import FileKeyStore
+from tests.conftest import pooled_key
 from tests.hsm import module_token, softhsm_conf  # noqa: F401 - fixtures
 from tests.pg import pg_cluster  # noqa: F401 - fixture
 
@@ -312,9 +313,9 @@ def test_import_record_of_a_destroyed_key(backend: Backend, another: KeyStore, t
         pytest.skip(f"the {backend.name} store keeps metadata in the token's objects; nothing to import")
     source = FileKeyStore(tmp_path / "source", b"passphrase")
     try:
-        record = source.create_key(state=KeyState.PENDING_DESTRUCTION, label="gone")
+        record = pooled_key(source, KeyState.PENDING_DESTRUCTION, "gone")
         destroyed = source.destroy_private(record.id)
-        active = source.create_key(state=KeyState.ACTIVE)
+        active = pooled_key(source, KeyState.ACTIVE)
     finally:
         source.close()
     stored = backend.store.import_record(destroyed)

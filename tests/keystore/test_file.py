@@ -1,4 +1,7 @@
-"""File key store specifics: sealing at rest, permissions, atomic writes, lazy loading."""
+"""File key store specifics: sealing at rest, permissions, atomic writes, lazy loading.
+
+One test generates a key in the store (and a child process generates in a loop); the others import pooled keys
+(`pooled_key`), which the store writes by the same path."""
 
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import pytest
 from lkm.errors import KeyStoreError
 from lkm.keys import Algorithm, KeyState
 from lkm.keystore.file import FileKeyStore
-from tests.conftest import wrap
+from tests.conftest import pooled_key, wrap
 
 PASS = b"correct horse battery staple"
 
@@ -35,7 +38,7 @@ def test_private_key_is_sealed_at_rest(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_wrong_passphrase_is_a_clear_error(tmp_path: Path) -> None:
-    FileKeyStore(tmp_path / "ks", PASS).create_key(state=KeyState.ACTIVE)
+    pooled_key(FileKeyStore(tmp_path / "ks", PASS))
     with pytest.raises(KeyStoreError, match="wrong passphrase"):
         FileKeyStore(tmp_path / "ks", b"not the passphrase")
 
@@ -52,7 +55,7 @@ def test_refuses_a_directory_others_can_enter(tmp_path: Path, mode: int) -> None
 @pytest.mark.slow
 def test_key_file_under_another_name_does_not_open(tmp_path: Path) -> None:
     store = FileKeyStore(tmp_path / "ks", PASS)
-    record = store.create_key(state=KeyState.ACTIVE)
+    record = pooled_key(store, KeyState.ACTIVE)
     keys = tmp_path / "ks" / "keys"
     doc = json.loads((keys / f"{record.id}.json").read_text())
     other = "11111111-1111-4111-8111-111111111111"
@@ -67,7 +70,7 @@ def test_key_file_under_another_name_does_not_open(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_private_keys_load_lazily(tmp_path: Path) -> None:
     store = FileKeyStore(tmp_path / "ks", PASS)
-    records = [store.create_key(state=KeyState.RETIRED) for _ in range(3)]
+    records = [pooled_key(store, KeyState.RETIRED) for _ in range(3)]
     fresh = FileKeyStore(tmp_path / "ks", PASS)
     assert len(fresh.list_keys()) == 3
     assert fresh._private == {}  # nothing decrypted at start-up
@@ -77,7 +80,7 @@ def test_private_keys_load_lazily(tmp_path: Path) -> None:
 
 def test_leftover_temp_files_are_ignored(tmp_path: Path) -> None:
     store = FileKeyStore(tmp_path / "ks", PASS)
-    record = store.create_key(state=KeyState.ACTIVE)
+    record = pooled_key(store, KeyState.ACTIVE)
     (tmp_path / "ks" / "keys" / f".{record.id}.json.tmp-abc").write_text('{"torn')
     fresh = FileKeyStore(tmp_path / "ks", PASS)
     assert [r.id for r in fresh.list_keys()] == [record.id]
@@ -87,7 +90,7 @@ def test_leftover_temp_files_are_ignored(tmp_path: Path) -> None:
 def test_refresh_sees_other_writers(tmp_path: Path) -> None:
     server_view = FileKeyStore(tmp_path / "ks", PASS)
     cli_view = FileKeyStore(tmp_path / "ks", PASS)
-    record = cli_view.create_key(state=KeyState.ACTIVE)
+    record = pooled_key(cli_view, KeyState.ACTIVE)
     assert server_view.refresh() is True
     assert server_view.get_key(record.id).state is KeyState.ACTIVE
     cli_view.save_record(record.with_changes(state=KeyState.DISABLED))
@@ -137,13 +140,13 @@ def test_killed_writer_leaves_only_whole_keys(tmp_path: Path) -> None:
 def test_a_bad_file_does_not_hide_other_changes(tmp_path: Path) -> None:
     server_view = FileKeyStore(tmp_path / "ks", PASS)
     cli_view = FileKeyStore(tmp_path / "ks", PASS)
-    record = cli_view.create_key(state=KeyState.RETIRED)
+    record = pooled_key(cli_view, KeyState.RETIRED)
     server_view.refresh()
     (tmp_path / "ks" / "keys" / "stray.json").write_text("{not json")
     cli_view.save_record(record.with_changes(state=KeyState.DISABLED))
     server_view.refresh()
     assert server_view.get_key(record.id).state is KeyState.DISABLED
-    other = cli_view.create_key(state=KeyState.RETIRED)
+    other = pooled_key(cli_view, KeyState.RETIRED)
     server_view.refresh()
     assert server_view.get_key(other.id).state is KeyState.RETIRED
 
@@ -151,7 +154,7 @@ def test_a_bad_file_does_not_hide_other_changes(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_uppercase_ids_are_the_same_key(tmp_path: Path) -> None:
     store = FileKeyStore(tmp_path / "ks", PASS)
-    record = store.create_key(state=KeyState.ACTIVE)
+    record = pooled_key(store, KeyState.ACTIVE)
     fresh = FileKeyStore(tmp_path / "ks", PASS)
     assert fresh.get_key(record.id.upper()).id == record.id
     assert fresh.decrypt(record.id.upper(), wrap(record, b"u" * 32), Algorithm.RSA_OAEP_SHA1) == b"u" * 32

@@ -22,6 +22,7 @@ from lkm.keystore.health import ReportsHealth, StoreStatus
 from lkm.keystore.postgresql import PostgresKeyStore
 from lkm.keystore.postgresql.hawk import ClusterHawk
 from lkm.keystore.postgresql.schema import CODE_VERSION, schema_version
+from tests.conftest import pooled_key
 from tests.keystore.test_contract import vector_key
 from tests.pg import PgCluster
 
@@ -123,7 +124,7 @@ def test_schema_is_created_once_and_a_newer_one_refused(open_store: Callable[...
 def test_a_change_reaches_another_replica_within_a_second(open_store: Callable[..., PostgresKeyStore]) -> None:
     writer, reader = open_store(), open_store()
     wait_listening(reader)
-    record = writer.create_key(state=KeyState.ACTIVE, label="made on one replica")
+    record = pooled_key(writer, KeyState.ACTIVE, "made on one replica")
     # No refresh() and no get_key() on the reader: only the notification can bring the key.
     assert wait_for(lambda: any(r.id == record.id for r in reader.list_keys()), 1.0)
     assert unwrap_works(reader, record)

@@ -15,7 +15,7 @@ from lkm.freeze import FreezeMode, new_entry
 from lkm.keystore.postgresql import PostgresKeyStore
 from lkm.keystore.postgresql.frozen import ClusterFreezeList
 from tests.conftest import Pki, Running, base_config, start_server, wrap
-from tests.lkmcli import lkm
+from tests.lkmcli import lkm_here
 
 PASSPHRASE = "frozen horse battery staple"
 REFRESH_SECONDS = 2.0
@@ -65,8 +65,8 @@ async def test_a_freeze_reaches_every_server_on_the_database(tmp_path: Path, cer
         assert await statuses() == [200] * 4
 
         # Frozen with the CLI of the first server's configuration: the second server's own file is untouched.
-        await asyncio.to_thread(lkm, "-c", str(configs[0]), "freeze", "unwrapper", "--reason", "two replicas")
-        await asyncio.to_thread(lkm, "-c", str(configs[0]), "freeze", "platform-test")
+        await asyncio.to_thread(lkm_here, "-c", str(configs[0]), "freeze", "unwrapper", "--reason", "two replicas")
+        await asyncio.to_thread(lkm_here, "-c", str(configs[0]), "freeze", "platform-test")
         frozen_at = time.monotonic()
 
         async def all_refused() -> bool:
@@ -78,11 +78,11 @@ async def test_a_freeze_reaches_every_server_on_the_database(tmp_path: Path, cer
         assert not (configs[1].parent / "audit" / "frozen.json").exists()
         assert (await servers[1].native("admin").request("GET", "/v1/keys")).status == 200  # others go on
 
-        listed = (await asyncio.to_thread(lkm, "-c", str(configs[1]), "freeze", "--list")).stdout
+        listed = (await asyncio.to_thread(lkm_here, "-c", str(configs[1]), "freeze", "--list")).stdout
         assert "unwrapper\tstop\tby operator" in listed and "two replicas" in listed and "platform-test" in listed
 
-        await asyncio.to_thread(lkm, "-c", str(configs[1]), "unfreeze", "unwrapper")
-        await asyncio.to_thread(lkm, "-c", str(configs[1]), "unfreeze", "platform-test")
+        await asyncio.to_thread(lkm_here, "-c", str(configs[1]), "unfreeze", "unwrapper")
+        await asyncio.to_thread(lkm_here, "-c", str(configs[1]), "unfreeze", "platform-test")
 
         async def all_served() -> bool:
             return await statuses() == [200] * 4

@@ -22,11 +22,11 @@ import yaml
 
 from lkm.client import NativeClient, client_ssl_context
 from lkm.hawk import HawkCredential, sign_request
-from lkm.keys import Algorithm, KeyRecord, KeyState, format_time, utcnow
+from lkm.keys import Algorithm, KeyRecord, KeyState, format_time, new_key_id, utcnow
 from lkm.keystore.postgresql import PostgresKeyStore
 from lkm.lifecycle_safeguards import DESTRUCTION_SCHEDULED_AT, DISABLED_AT
-from tests.conftest import Pki, b64, base_config, wrap
-from tests.lkmcli import lkm
+from tests.conftest import KEY_POOL, Pki, b64, base_config, wrap
+from tests.lkmcli import lkm, lkm_here
 from tests.pg import PgCluster
 from tests.standin_platform import StandinPlatform
 
@@ -119,11 +119,11 @@ async def test_three_replicas_on_one_database(tmp_path: Path, certs: Pki, pg_dsn
     # An active key older than the rotation period: every replica finds the rotation due when it starts.
     seed = PostgresKeyStore(pg_dsn, PASSPHRASE.encode(), listen=False)
     try:
-        old = seed.create_key(state=KeyState.ACTIVE, label="overdue")
+        old = seed.import_key(new_key_id(), KEY_POOL.take(), state=KeyState.ACTIVE, label="overdue")
         seed.save_record(old.with_changes(created=utcnow() - timedelta(hours=2)))
     finally:
         seed.close()
-    created = json.loads(lkm("hawk", "create", "platform", "--json", "-c", str(configs[0])).stdout)
+    created = json.loads(lkm_here("hawk", "create", "platform", "--json", "-c", str(configs[0])).stdout)
     credential = HawkCredential(created["id"], created["key"])
 
     replicas: list[Replica] = []
@@ -189,6 +189,7 @@ async def test_three_replicas_on_one_database(tmp_path: Path, certs: Pki, pg_dsn
                     value = os.urandom(32)
                     status, answer = await platform.decrypt(replica, active.id, wrap(active, value))
                     counts["ok" if status == 200 and answer.get("body") == b64(value) else "failed"] += 1
+                    await asyncio.sleep(0.05)  # steady traffic through the outage, not a saturated CPU
             workers = [asyncio.create_task(load(r)) for r in replicas for _ in range(2)]
             await asyncio.sleep(1)
             await asyncio.to_thread(pg_cluster.stop)
@@ -240,7 +241,7 @@ def _active(dsn: str) -> Any:
 def _due_for_destruction(store: PostgresKeyStore) -> KeyRecord:
     """A key whose scheduled waiting period has passed: `lkm keys destroy` may erase it now."""
     now = utcnow()
-    record = store.create_key(state=KeyState.DISABLED, label="doomed")
+    record = store.import_key(new_key_id(), KEY_POOL.take(), state=KeyState.DISABLED, label="doomed")
     return store.save_record(record.with_changes(
         state=KeyState.PENDING_DESTRUCTION, destroy_after=now - timedelta(days=1),
         extra={**record.extra, DISABLED_AT: format_time(now - timedelta(days=12)),
@@ -331,12 +332,13 @@ async def test_registration_runs_once_across_replicas(tmp_path: Path, certs: Pki
         configs[-1].write_text(yaml.safe_dump(config))
     seed = PostgresKeyStore(pg_dsn, PASSPHRASE.encode(), listen=False)
     try:
-        old = seed.create_key(state=KeyState.ACTIVE, label="overdue")
+        old = seed.import_key(new_key_id(), KEY_POOL.take(), state=KeyState.ACTIVE, label="overdue")
         seed.save_record(old.with_changes(created=utcnow() - timedelta(hours=2), registered=utcnow()))
-        pending = [seed.create_key(state=KeyState.PENDING_ACTIVATION, label=f"pending {i}").id for i in range(2)]
+        pending = [seed.import_key(new_key_id(), KEY_POOL.take(), state=KeyState.PENDING_ACTIVATION,
+                                   label=f"pending {i}").id for i in range(2)]
     finally:
         seed.close()
-    created = json.loads(lkm("hawk", "create", "platform", "--json", "-c", str(configs[0])).stdout)
+    created = json.loads(lkm_here("hawk", "create", "platform", "--json", "-c", str(configs[0])).stdout)
     replicas: list[Replica] = []
     try:
         replicas = list(await asyncio.gather(*(asyncio.to_thread(Replica, config) for config in configs)))

@@ -20,8 +20,8 @@ from lkm.keys import KeyState
 from lkm.keystore.open import open_keystore
 from lkm.keystore.postgresql import PostgresKeyStore
 from lkm.keystore.postgresql.schema import CODE_VERSION
-from tests.conftest import Pki, b64, eventually, start_server, wrap
-from tests.lkmcli import lkm
+from tests.conftest import Pki, b64, eventually, pooled_key, start_server, wrap
+from tests.lkmcli import lkm_here
 from tests.pg import PgCluster
 
 
@@ -107,8 +107,8 @@ async def test_hawk_changes_reach_a_running_server_through_the_notification(
         store = running.server.store
         assert isinstance(store, PostgresKeyStore) and store._listener is not None
         assert await asyncio.to_thread(store._listener.connected.wait, 10)  # LISTEN in force before the change
-        record = store.create_key(state=KeyState.ACTIVE)
-        made = json.loads((await asyncio.to_thread(lkm, "hawk", "create", "replica-shared", "--json",
+        record = pooled_key(store, KeyState.ACTIVE)
+        made = json.loads((await asyncio.to_thread(lkm_here, "hawk", "create", "replica-shared", "--json",
                                                    "-c", str(config))).stdout)
         created_at = time.monotonic()
         credential = HawkCredential(made["id"], made["key"])
@@ -121,16 +121,16 @@ async def test_hawk_changes_reach_a_running_server_through_the_notification(
             assert time.monotonic() - created_at < 1.0, "credential not accepted within 1 s"
             await asyncio.sleep(0.02)
 
-        listed = (await asyncio.to_thread(lkm, "hawk", "list", "-c", str(config))).stdout
+        listed = (await asyncio.to_thread(lkm_here, "hawk", "list", "-c", str(config))).stdout
         assert "replica-shared (database, created " in listed and made["key"] not in listed
-        await asyncio.to_thread(lkm, "hawk", "revoke", "replica-shared", "-c", str(config))
+        await asyncio.to_thread(lkm_here, "hawk", "revoke", "replica-shared", "-c", str(config))
         revoked_at = time.monotonic()
         assert await eventually(lambda: running.server.hawk_source is not None
                                 and running.server.hawk_source.get("replica-shared") is None, within=1.0)
         assert time.monotonic() - revoked_at < 1.0
         assert not await accepted()
-        assert "replica-shared" not in (await asyncio.to_thread(lkm, "hawk", "list", "-c", str(config))).stdout
-        again = await asyncio.to_thread(lkm, "hawk", "revoke", "replica-shared", "-c", str(config), check=False)
+        assert "replica-shared" not in (await asyncio.to_thread(lkm_here, "hawk", "list", "-c", str(config))).stdout
+        again = await asyncio.to_thread(lkm_here, "hawk", "revoke", "replica-shared", "-c", str(config), check=False)
         assert again.returncode != 0 and "no Hawk credential 'replica-shared'" in again.stderr
 
 
@@ -139,11 +139,11 @@ def test_check_config_refuses_a_newer_schema(tmp_path: Path, pg_dsn: str, config
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LKM_TEST_PG_PASSPHRASE", "correct horse battery staple")
     config = config_factory(keystore=keystore_section(tmp_path, pg_dsn))
-    assert lkm("check-config", "-c", str(config)).returncode == 0
+    assert lkm_here("check-config", "-c", str(config)).returncode == 0
     PostgresKeyStore(pg_dsn, b"correct horse battery staple", listen=False).close()  # schema at CODE_VERSION
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         conn.execute("UPDATE lkm_schema_version SET version = %s", (CODE_VERSION + 1,))
-    refused = lkm("check-config", "-c", str(config), check=False)
+    refused = lkm_here("check-config", "-c", str(config), check=False)
     assert refused.returncode != 0
     assert f"schema is version {CODE_VERSION + 1}, newer than this lkm" in refused.stderr + refused.stdout
     with pytest.raises(KeyStoreError, match="newer than this lkm understands"):

@@ -16,7 +16,7 @@ from lkm.config import ListenSettings
 from lkm.memory import RELEASE_THRESHOLD_BYTES
 from lkm.metrics import RefusalReason
 from lkm.web.connections import ConnectionGuard, LogThrottle, parse_address
-from tests.conftest import Pki, Running, start_server
+from tests.conftest import Pki, Running, pooled_key, start_server
 from tests.rawhttp import connect, exchange, metric_value, parse_reply, platform_head, read_until_closed
 
 HEALTH = b"GET /key-management/v1/health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
@@ -208,7 +208,7 @@ async def test_slow_bodies_against_few_descriptors_leave_unwraps_and_readyz_work
     path = write_config(tmp_path, config)
     settings = load_settings(path)
     store = open_keystore(settings.keystore)
-    record = store.create_key(state=KeyState.ACTIVE)
+    record = pooled_key(store, KeyState.ACTIVE)
     store.close()
     assert settings.platform.hawk.credentials_file is not None
     credential = mint_credential(settings.platform.hawk.credentials_file, "platform-test")

@@ -16,7 +16,7 @@ import pytest
 from lkm.client import client_ssl_context
 from lkm.keys import KeyState, load_public_pkcs1
 from tests.conftest import OAEP_SHA1, OAEP_SHA256, PKCS1, Running, b64, eventually, wrap
-from tests.lkmcli import lkm
+from tests.lkmcli import lkm_here
 
 
 async def test_list_and_get_keys(running: Running) -> None:
@@ -227,7 +227,7 @@ async def test_a_frozen_client_is_refused_on_every_native_route_within_its_denia
     await running.server.refresh()
     admin, reader = running.native("admin"), running.native("reader")
     assert (await admin.request("GET", "/v1/keys")).status == 200
-    await asyncio.to_thread(lkm, "-c", str(running.config_path), "freeze", "admin", "--reason", "attack test")
+    await asyncio.to_thread(lkm_here, "-c", str(running.config_path), "freeze", "admin", "--reason", "attack test")
 
     async def frozen() -> bool:
         return (await admin.request("GET", "/v1/keys")).status == 403
@@ -251,7 +251,7 @@ async def test_a_frozen_client_is_refused_on_every_native_route_within_its_denia
     assert all((e["outcome"], e["actor"]["name"]) == ("denied", "admin") for e in denials)
     # The burst of 20, then at most 2 a second (before: one record per request, `sent` of them).
     assert 20 <= len(denials) < 20 + sent // 4 < sent, len(denials)
-    await asyncio.to_thread(lkm, "-c", str(running.config_path), "unfreeze", "admin")
+    await asyncio.to_thread(lkm_here, "-c", str(running.config_path), "unfreeze", "admin")
 
     async def served() -> bool:
         return (await admin.request("GET", "/v1/keys")).status == 200
