@@ -371,7 +371,7 @@ class start_server:
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Every test on a SoftHSM2 token is marked `hsm` and `slow` (it spawns HSM worker processes and generates keys
     on the token), and every test on the throwaway PostgreSQL cluster `slow` (a database per test): the inner loop
-    (`tests/run -m "not slow"`) leaves them out."""
+    (`tests/run -m "not slow"`) leaves them out. Tests marked `long` run first."""
     for item in items:
         fixtures = getattr(item, "fixturenames", ())
         if "softhsm_conf" in fixtures:
@@ -379,3 +379,5 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.slow)
         if "pg_cluster" in fixtures or "pg_dsn" in fixtures:
             item.add_marker(pytest.mark.slow)
+    # The longest first: spread over the parallel workers from the start instead of one left running at the end.
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)

@@ -96,8 +96,11 @@ async def test_chunks_are_admitted_whole_and_late_chunks_fail_alone() -> None:
 @pytest.fixture(params=["threads", "inline"])
 async def overloadable(request: pytest.FixtureRequest, tmp_path: Path, certs: Pki,
                        config_factory: Callable[..., Path], monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Running]:
-    """One worker thread (or none: inline), the smallest deadline, and a key store that takes 20 ms an operation."""
-    config = config_factory(**{"limits.worker_threads": 1, "limits.request_deadline_ms": 10,
+    """One worker thread (or none: inline), a short deadline, and a key store that takes twice that an operation.
+
+    50 ms leaves the first request time to arrive on a machine busy with other tests; any request behind an
+    operation of 100 ms is certain to start late."""
+    config = config_factory(**{"limits.worker_threads": 1, "limits.request_deadline_ms": 50,
                                "limits.rsa_execution": request.param})
     async with start_server(tmp_path, certs, config) as running:
         assert running.server.rsa_inline is (request.param == "inline")
@@ -105,7 +108,7 @@ async def overloadable(request: pytest.FixtureRequest, tmp_path: Path, certs: Pk
         original = store.decrypt
 
         def slow_decrypt(*args: object) -> bytes:
-            time.sleep(0.02)
+            time.sleep(0.1)
             result: bytes = original(*args)
             return result
 
@@ -147,7 +150,8 @@ async def test_a_batch_behind_the_deadline_is_refused_whole(overloadable: Runnin
     record = running.create_key()
     items = [{"id": record.id, "wrapped_key": b64(wrap(record, os.urandom(32)))} for _ in range(3)]
     native = running.native("unwrapper")
-    replies = await asyncio.gather(*(native.request("POST", "/v1/unwrap", {"items": items}) for _ in range(6)))
+    # 20 batches of 3: past the first 16 operations even the initial guess of 3 ms each overruns 50 ms.
+    replies = await asyncio.gather(*(native.request("POST", "/v1/unwrap", {"items": items}) for _ in range(20)))
     statuses = sorted(r.status for r in replies)
     assert statuses[0] == 200 and statuses[-1] == 503, statuses
     for reply in replies:

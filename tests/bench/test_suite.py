@@ -11,6 +11,7 @@ from lkm import cli
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_suite_runs_every_measurement_of_the_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     status = cli.main(["bench", "suite", "--dev-dir", str(tmp_path / "dev"), "--duration", "0.3", "--warmup", "0",
                        "--concurrency", "2", "--keys", "0", "--rounds", "2", "--json"])

@@ -26,7 +26,7 @@ from lkm.keys import KeyState
 from lkm.keystore.open import open_keystore
 from tests.lkmcli import LKM, lkm, lkm_here
 
-KILLS = int(os.environ.get("LKM_CRASH_KILLS", "8"))  # LKM_CRASH_KILLS=200 for a long hunt
+KILLS = int(os.environ.get("LKM_CRASH_KILLS", "6"))  # LKM_CRASH_KILLS=200 for a long hunt
 PASSPHRASE = "correct horse battery staple backup"
 
 
@@ -83,6 +83,7 @@ def temps(*directories: Path) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_no_change_survives_a_crash_without_its_record(tmp_path: Path,
                                                         config_factory: Callable[..., Path]) -> None:
     rng = random.Random(int(os.environ.get("LKM_CRASH_SEED", "14")))

@@ -110,6 +110,7 @@ async def until(check: Any, within: float) -> float:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 async def test_three_replicas_on_one_database(tmp_path: Path, certs: Pki, pg_dsn: str, pg_cluster: PgCluster) -> None:
     dsn_file = tmp_path / "keystore.dsn"
     dsn_file.write_text(pg_dsn + "\n")
@@ -311,6 +312,7 @@ def _audit(config: Path) -> list[dict[str, Any]]:
 # --- registration with the platform, once across replicas ------------------------------------------------------
 
 @pytest.mark.slow
+@pytest.mark.long
 async def test_registration_runs_once_across_replicas(tmp_path: Path, certs: Pki, pg_dsn: str) -> None:
     """Three replicas start together with keys pending activation and an overdue active key (so the scheduled
     rotation makes one more): the stand-in platform sees exactly one registration call per key."""
