@@ -140,9 +140,9 @@ def dev_target(dev_dir: Path, spawned: Spawned) -> Target:
 @contextlib.contextmanager
 def busy_cores(cores: set[int]) -> Iterator[None]:
     """One interpreter spinning on each of `cores` meanwhile: the neighbour a server has while the load generator
-    drives it. Cores that share a physical core or its caches slow each other: on the 2-vCPU test machine the
-    RSA operation took 732-765 µs of CPU beside an idle core and 844 µs beside a busy Python loop, so a raw
-    figure taken beside an idle core is not the yardstick for a server measured beside a busy one.
+    drives it. Cores that share a physical core or its caches can slow each other: on the 2-vCPU test machine
+    one A/B/A run had the RSA operation at 732-765 µs of CPU beside an idle core and 807-844 µs beside a busy
+    one, while the suite's rounds have also shown no difference; the suite reports both figures.
 
     The spinners are started through a shell that exits at once, so they are not this process's descendants
     and its CPU figures leave them out."""
