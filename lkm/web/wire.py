@@ -26,6 +26,7 @@ MAX_CHUNK_LINE = 64
 CHUNKED = -1  # WireRequest.length of a chunked body
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,8}")
 _BAD_BYTES = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # control characters (tab allowed) in a request line or field
+_CONTROL = bytes([*range(0x09), *range(0x0a, 0x20), 0x7f])  # the same bytes, for bytes.translate
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 JSON = b"application/json; charset=utf-8"
 _STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
@@ -61,11 +62,15 @@ class _Date:
 def parse_head(head: bytes) -> WireRequest:
     """A request head (without its blank line) parsed, or MalformedHttp: never any of its bytes in the error."""
     lines = head.split(b"\r\n")
-    for line in lines:
-        if len(line) > MAX_LINE:
-            raise MalformedHttp(431, "LineTooLong")
-        if _BAD_BYTES.search(line):
-            raise MalformedHttp(400, "BadCharacter")
+    # Every request pays for these checks, so first the cheapest form: the head's control bytes are exactly its
+    # line breaks (bytes.translate counts them in one C pass; a regex scan took 3 µs); line by line only to
+    # name a fault.
+    if max(map(len, lines)) > MAX_LINE or len(head) - len(head.translate(None, _CONTROL)) != 2 * (len(lines) - 1):
+        for line in lines:
+            if len(line) > MAX_LINE:
+                raise MalformedHttp(431, "LineTooLong")
+            if _BAD_BYTES.search(line):
+                raise MalformedHttp(400, "BadCharacter")
     parts = lines[0].split(b" ")
     if len(parts) != 3 or not _TOKEN.fullmatch(parts[0]) or not parts[1].startswith(b"/") \
             or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0"):
