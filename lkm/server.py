@@ -40,6 +40,7 @@ from lkm.reload import Reloadable, SwappableContext, inline_credentials, tls_con
 from lkm.service import KeyService
 from lkm.threadnames import name_this_thread
 from lkm.web.admin import install_admin_routes
+from lkm.web.balance import ConnectionBoard
 from lkm.web.batch import install_batch_route
 from lkm.web.connections import ConnectionGuard, GuardedSocket
 from lkm.web.lean import LeanSite
@@ -72,12 +73,15 @@ class LkmServer:
 
     def __init__(self, settings: Settings, *, processes: int = 1,
                  sockets: dict[ListenerName, socket.socket] | None = None,
-                 nonce_cache: NonceStore | None = None, ops: bool = True) -> None:
+                 nonce_cache: NonceStore | None = None, ops: bool = True,
+                 board: ConnectionBoard | None = None) -> None:
         """`processes`: how many server processes share the listeners (with one per core, RSA runs inline);
         `sockets`: listening sockets a supervisor bound (the listeners then serve those, not new ones);
-        `nonce_cache`: the Hawk nonces shared with the other processes; `ops`: serve the ops listener here."""
+        `nonce_cache`: the Hawk nonces shared with the other processes; `ops`: serve the ops listener here;
+        `board`: the platform connections each process holds, so that new ones go to the least busy."""
         self.settings = settings
         self._sockets = sockets or {}
+        self._board = board
         self._nonce_cache = nonce_cache
         self._serve_ops = ops
         self.reloadable = Reloadable()
@@ -246,7 +250,8 @@ class LkmServer:
         guard = ConnectionGuard(name, listen, on_refused=observer.connection_refused,
                                 on_open=observer.connections_open)
         inherited = self._sockets.get(name)  # bound once by the supervisor and shared by every worker
-        sock = GuardedSocket.adopt(inherited, guard) if inherited is not None else \
+        sock = GuardedSocket.adopt(inherited, guard, self._board if name is ListenerName.PLATFORM else None) \
+            if inherited is not None else \
             GuardedSocket.listen_on(listen.host, listen.port, guard, backlog=1024)
         policy = ListenerPolicy(name, guard, listen.request_timeout_seconds, shape,
                                 on_timeout=observer.connection_timed_out, on_malformed=observer.malformed_request)

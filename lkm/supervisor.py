@@ -41,6 +41,7 @@ from lkm.nonces import create_table
 from lkm.sdnotify import Notifier
 from lkm.server import listener_url
 from lkm.serving import forbid_core_dumps
+from lkm.web.balance import ConnectionBoard
 from lkm.web.connections import listening_socket, raise_descriptor_limit
 from lkm.web.ops import ReadinessView, supervisor_ops_app
 from lkm.web.routes import ListenerName
@@ -86,6 +87,7 @@ class Supervisor:
         self._run_dir = Path(tempfile.mkdtemp(prefix="lkm-run-"))
         self._metrics_dir = self._run_dir / "metrics"
         self._nonces = self._run_dir / "nonces"
+        self._board = self._run_dir / "connections"
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # --- life cycle ----------------------------------------------------------------------------------------
@@ -96,6 +98,7 @@ class Supervisor:
         settings = self.settings
         self._metrics_dir.mkdir(mode=0o700)
         create_table(self._nonces, settings.platform.hawk.nonce_cache_size)
+        ConnectionBoard.create(self._board, len(self.slots))
         if settings.platform.enabled:
             listen = settings.platform.listen
             self._bind(ListenerName.PLATFORM, listen.host, listen.port, tls=settings.platform.tls is not None)
@@ -170,6 +173,7 @@ class Supervisor:
         fds = {name: sock.fileno() for name, sock in self.sockets.items()}
         args = [sys.executable, "-m", "lkm.workerproc", "--config", str(self.config_path),
                 "--control", str(child_end.fileno()), "--nonces", str(self._nonces),
+                "--board", str(self._board), f"--slot={slot.index}",
                 *(f"--listener={name}={fd}" for name, fd in fds.items())]
         env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(self._metrics_dir)}
         try:
@@ -187,6 +191,7 @@ class Supervisor:
             reader.cancel()
             parent_end.close()
             slot.process, slot.serving, slot.checks = None, False, {}
+            ConnectionBoard.vacate(self._board, slot.index)  # no worker waits on an empty slot
             if slot.reloaded is not None and not slot.reloaded.done():
                 slot.reloaded.set_result("worker exited")
             forget_process(str(self._metrics_dir), process.pid)

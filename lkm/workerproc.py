@@ -27,6 +27,7 @@ from lkm.logs import setup_logging
 from lkm.nonces import SharedNonceCache
 from lkm.server import LkmServer
 from lkm.serving import serve_forever
+from lkm.web.balance import ConnectionBoard
 from lkm.web.ops import ReadinessView
 from lkm.web.routes import ListenerName
 
@@ -43,6 +44,8 @@ def _arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--control", type=int, required=True, help="file descriptor of the control socket")
     parser.add_argument("--listener", action="append", default=[], help="NAME=FD of an inherited socket")
     parser.add_argument("--nonces", help="the shared Hawk nonce table")
+    parser.add_argument("--board", help="the shared board of open platform connections (lkm.web.balance)")
+    parser.add_argument("--slot", type=int, default=0, help="this worker's slot on the board")
     return parser.parse_args(argv)
 
 
@@ -87,7 +90,9 @@ async def _run(args: argparse.Namespace) -> None:
     nonces = SharedNonceCache(Path(args.nonces), settings.platform.hawk.timestamp_skew_seconds) \
         if args.nonces else None
     control = Control(args.control)
-    server = LkmServer(settings, processes=settings.limits.workers, sockets=sockets, nonce_cache=nonces, ops=False)
+    board = ConnectionBoard(Path(args.board), args.slot) if args.board else None
+    server = LkmServer(settings, processes=settings.limits.workers, sockets=sockets, nonce_cache=nonces, ops=False,
+                       board=board)
     server.on_readiness = lambda view: control.send(WorkerEvent.READINESS, **_readiness(view))
     stop = asyncio.Event()
     control.watch(stop)

@@ -12,6 +12,7 @@ Counts are per process: with several worker processes, each enforces its own cap
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import functools
 import ipaddress
@@ -25,6 +26,7 @@ from typing import Any
 
 from lkm.config import ListenSettings
 from lkm.metrics import RefusalReason
+from lkm.web.balance import ConnectionBoard
 
 log = logging.getLogger("lkm.net")
 
@@ -87,6 +89,7 @@ class ConnectionGuard:
         self._on_refused = on_refused
         self._on_open = on_open
         self.open = 0
+        self.board: ConnectionBoard | None = None  # shared with the other workers when there are several
         self._per_client: dict[str, int] = {}  # only peers with open connections: at most max_connections
 
     def admit(self, host: str) -> RefusalReason | None:
@@ -96,6 +99,8 @@ class ConnectionGuard:
             self.refused(reason)
             return reason
         self.open += 1
+        if self.board is not None:
+            self.board.note(self.open)
         self._per_client[host] = self._per_client.get(host, 0) + 1
         self._on_open(self.listener, 1)
         return None
@@ -111,6 +116,8 @@ class ConnectionGuard:
 
     def release(self, host: str) -> None:
         self.open -= 1
+        if self.board is not None:
+            self.board.note(self.open)
         left = self._per_client.get(host, 1) - 1
         if left > 0:
             self._per_client[host] = left
@@ -193,8 +200,10 @@ class GuardedSocket(socket.socket):
     a TLS handshake or a request handler exists for it.
     """
 
-    __slots__ = ("guard",)
+    __slots__ = ("_taken", "guard", "one_per_round")
     guard: ConnectionGuard
+    one_per_round: bool
+    _taken: bool
 
     @classmethod
     def listen_on(cls, host: str, port: int, guard: ConnectionGuard, backlog: int) -> GuardedSocket:
@@ -202,19 +211,39 @@ class GuardedSocket(socket.socket):
         sock = listening_socket(host, port, backlog=backlog, kind=cls)
         assert isinstance(sock, GuardedSocket)
         sock.guard = guard
+        sock.one_per_round = sock._taken = False
         return sock
 
     @classmethod
-    def adopt(cls, listening: socket.socket, guard: ConnectionGuard) -> GuardedSocket:
-        """A socket bound and listening already (inherited from the supervisor), guarded from now on."""
+    def adopt(cls, listening: socket.socket, guard: ConnectionGuard,
+              board: ConnectionBoard | None = None) -> GuardedSocket:
+        """A socket bound and listening already (inherited from the supervisor), guarded from now on.
+
+        Every worker process listens on it, so each takes one connection per turn of its event loop
+        (`one_per_round`): asyncio otherwise accepts every waiting connection at once, and the first worker to
+        wake took a whole burst of new connections. Platform connections are kept alive for long, so that
+        skew stayed: 16 connections opened together were served 3 to 1 by one of two workers, whose core
+        was saturated while the other's idled. One at a time, the workers race for each connection, and a
+        worker busy with an RSA operation loses the race to an idle one. With a `board` (lkm.web.balance),
+        a worker also leaves each new connection, for a few milliseconds at most, to a worker with fewer."""
         _reserve_a_descriptor()
         sock = cls(listening.family, listening.type, listening.proto, fileno=listening.detach())
         sock.guard = guard
+        guard.board = board
+        sock.one_per_round = True
+        sock._taken = False
         sock.setblocking(False)
         return sock
 
+    def _next_round(self) -> None:
+        self._taken = False
+
     def accept(self) -> tuple[socket.socket, Any]:
+        if self._taken:  # this turn's connection is taken: the rest go to whichever worker asks next
+            raise BlockingIOError(errno.EAGAIN, "one connection per turn of the event loop")
         guard = self.guard
+        if guard.board is not None and guard.board.leave_to_another(guard.open):
+            raise BlockingIOError(errno.EAGAIN, "left to a worker with fewer connections open")
         for _ in range(MAX_REFUSALS_PER_ACCEPT):
             try:
                 conn, addr = super().accept()
@@ -228,6 +257,9 @@ class GuardedSocket(socket.socket):
                 continue
             tracked = TrackedSocket(conn.family, conn.type, conn.proto, fileno=conn.detach())
             tracked._release = functools.partial(guard.release, host)
+            if self.one_per_round:
+                self._taken = True
+                asyncio.get_running_loop().call_soon(self._next_round)
             return tracked, addr
         raise BlockingIOError(errno.EAGAIN, "refused connections; the rest wait for the next round")
 
