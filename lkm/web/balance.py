@@ -51,10 +51,17 @@ class ConnectionBoard:
 
     @staticmethod
     def vacate(path: Path, slot: int) -> None:
-        """The supervisor's side, when the worker in `slot` exited: nobody leaves connections to it any more."""
-        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        """The supervisor's side, when the worker in `slot` exited: nobody leaves connections to it any more.
+        Never raises: a board that cannot be written costs at most DEFER_SECONDS per connection, while an
+        error here would stop the slot from being refilled."""
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        except OSError:
+            return
         try:
             os.pwrite(fd, EMPTY.to_bytes(_COUNTER, "little", signed=True), slot * _COUNTER)
+        except OSError:
+            pass
         finally:
             os.close(fd)
 

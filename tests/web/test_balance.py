@@ -44,6 +44,8 @@ def test_a_worker_leaves_a_connection_to_one_with_fewer_for_a_bounded_time(tmp_p
         first.close()
         second.close()
     assert path.stat().st_mode & 0o777 == 0o600
+    path.unlink()
+    ConnectionBoard.vacate(path, 0)  # the board gone already (the supervisor stopping): nothing to do, no error
 
 
 # --- two workers of a real server ---------------------------------------------------------------------------
