@@ -180,7 +180,7 @@ def summarize(report: dict[str, Any], *, project_cores: int = 16) -> dict[str, A
         summary["server_over_raw_without_client"] = round(peak["keys_per_s"] / (raw["keys_per_s"] * left), 3)
     # CPU per unwrap: the server on a core of its own (what one process per core does) when there was one,
     # else the server on every core; against the raw operation's CPU of the same rounds.
-    # The yardstick is the raw operation beside idle cores, as the issue of record measured it. Raw on the
+    # The yardstick is the raw operation beside idle cores, as every earlier figure was measured. Raw on the
     # server's core beside busy cores is shown too: a busy neighbour can slow the RSA operation itself.
     beside = [r for r in runs if r["name"].startswith(RAW_BESIDE_LOAD)]
     idle = [r for r in runs if r["name"].startswith(RAW_ONE_CORE)]
