@@ -50,7 +50,7 @@ class DestructionReport:
 
 
 def safeguards(record: KeyRecord, now: datetime) -> tuple[Safeguard, ...]:
-    """All four conditions of the issue, each judged on the stored record and the clock at this moment."""
+    """All four safeguards of destruction, each judged on the stored record and the clock at this moment."""
     state = record.state
     # pending_destruction is reachable from disabled only (TRANSITIONS), so both states prove it.
     was_disabled = state in (KeyState.DISABLED, KeyState.PENDING_DESTRUCTION)
