@@ -35,17 +35,24 @@ PUBLIC_HOST, PUBLIC_PORT = "lkm.example", 443  # what the platform signs: the lo
 DECRYPT_PATH = "/key-management/v1/decrypt"
 
 
-def replica_config(tmp: Path, certs: Pki, dsn_file: Path, index: int) -> Path:
+CLUSTER_SETTINGS: dict[str, Any] = {
+    "platform.public_host": PUBLIC_HOST, "platform.public_port": PUBLIC_PORT,
+    "platform.hawk": {"replay_check": "cluster"},
+    "rotation": {"every": "1h"},
+    "limits.refresh_seconds": 2.0,  # the bound a lost notification falls back on; notifications are faster
+}
+
+
+def replica_config(tmp: Path, certs: Pki, dsn_file: Path, index: int,
+                   settings: dict[str, Any] | None = None) -> Path:
+    """Replica `index`'s config on the shared database, with `settings` (default: CLUSTER_SETTINGS)."""
     directory = tmp / f"replica{index}"
     directory.mkdir()
     (directory / "pass").write_text(PASSPHRASE + "\n")
     config = base_config(directory, certs, **{
         "keystore": {"type": "postgresql", "dsn": {"file": str(dsn_file)},
                      "passphrase": {"file": str(directory / "pass")}, "pool_max": 3, "connect_timeout": 2},
-        "platform.public_host": PUBLIC_HOST, "platform.public_port": PUBLIC_PORT,
-        "platform.hawk": {"replay_check": "cluster"},
-        "rotation": {"every": "1h"},
-        "limits.refresh_seconds": 2.0,  # the bound a lost notification falls back on; notifications are faster
+        **(CLUSTER_SETTINGS if settings is None else settings),
     })
     path = directory / "lkm.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -320,18 +327,9 @@ async def test_registration_runs_once_across_replicas(tmp_path: Path, certs: Pki
     await standin.start()
     dsn_file = tmp_path / "keystore.dsn"
     dsn_file.write_text(pg_dsn + "\n")
-    configs = []
-    for index in range(3):
-        directory = tmp_path / f"replica{index}"
-        directory.mkdir()
-        (directory / "pass").write_text(PASSPHRASE + "\n")
-        config = base_config(directory, certs, **{
-            "keystore": {"type": "postgresql", "dsn": {"file": str(dsn_file)},
-                         "passphrase": {"file": str(directory / "pass")}, "pool_max": 3, "connect_timeout": 2},
-            "genesys": standin.genesys_config(directory / "client.secret"),
-            "rotation": {"every": "1h"}, "limits.refresh_seconds": 1.0})
-        configs.append(directory / "lkm.yaml")
-        configs[-1].write_text(yaml.safe_dump(config))
+    configs = [replica_config(tmp_path, certs, dsn_file, index, {
+        "genesys": standin.genesys_config(tmp_path / f"client{index}.secret"),
+        "rotation": {"every": "1h"}, "limits.refresh_seconds": 1.0}) for index in range(3)]
     seed = PostgresKeyStore(pg_dsn, PASSPHRASE.encode(), listen=False)
     try:
         old = seed.import_key(new_key_id(), KEY_POOL.take(), state=KeyState.ACTIVE, label="overdue")
