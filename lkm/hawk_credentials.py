@@ -135,8 +135,12 @@ class CredentialSource:
             if dict(credentials) == self._shared:
                 return False
             self._shared = dict(credentials)
-            self._credentials = {**self._shared, **self._loaded, **self._extra}
+            self._compose()
             return True
+
+    def _compose(self) -> None:
+        """Under the lock: the live set from its three sources; the file and the configuration win a clash."""
+        self._credentials = {**self._shared, **self._loaded, **self._extra}
 
     def get(self, cred_id: str) -> HawkCredential | None:
         return self._credentials.get(cred_id)
@@ -149,7 +153,8 @@ class CredentialSource:
             raise ValueError(f"{self.path}: id {clash[0]!r} is also configured inline")
         with self._lock:
             self._extra = dict(extra)
-            self._credentials = {**loaded, **self._extra}
+            self._loaded = loaded
+            self._compose()  # the database's credentials stay: a reload changes neither them nor their notice
             self._signature = None  # the next refresh reads the file again and records its signature
 
     def ids(self) -> list[str]:
@@ -179,6 +184,6 @@ class CredentialSource:
                 self._signature = signature
                 raise
             self._loaded = loaded
-            self._credentials = {**self._shared, **loaded, **self._extra}
+            self._compose()
             self._signature = signature
             return True

@@ -109,3 +109,17 @@ def test_credential_source_keeps_old_set_on_bad_file(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="also configured inline"):
         CredentialSource(clash_path, {"platform": minted})
     assert CredentialSource(None, {"platform": minted}).reload_if_changed() is False
+
+
+def test_a_reload_keeps_the_credentials_from_the_database(tmp_path: Path) -> None:
+    """A SIGHUP reload re-reads the inline credentials and the file; the database's, which only change by
+    notification, must stay, with or without a credentials file."""
+    shared = HawkCredential("platform-db", "k" * 43)
+    inline = HawkCredential("platform-inline", "i" * 43)
+    for path in (None, tmp_path / "missing.json"):
+        source = CredentialSource(path)
+        assert source.set_shared({shared.id: shared})
+        source.replace_inline({inline.id: inline})
+        assert source.get(shared.id) == shared and source.get(inline.id) == inline
+        assert source.reload_if_changed() is False  # nothing to read again: the set stays whole
+        assert source.ids() == sorted([shared.id, inline.id])
