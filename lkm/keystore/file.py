@@ -183,7 +183,7 @@ class FileKeyStore(InProcessKeyStore):
         return self._read_doc(key_id).get("private_key")
 
     def _unseal(self, key_id: str, stored: Any) -> bytes:
-        return open_sealed(self._aead, stored, _aad(key_id))
+        return open_sealed(self._aead, stored, sealed.key_aad(key_id))
 
     def _writing(self) -> AbstractContextManager[None]:
         return self._writer()
@@ -211,7 +211,7 @@ class FileKeyStore(InProcessKeyStore):
     def seal_private_key(self, key_id: str, key: rsa.RSAPrivateKey) -> dict[str, str]:
         """The stored form of a private key, sealed under this store's master key and bound to `key_id`."""
         der = sealed.pkcs8(key)
-        return {"alg": "A256GCM", **seal(self._aead, der, _aad(key_id))}
+        return {"alg": "A256GCM", **seal(self._aead, der, sealed.key_aad(key_id))}
 
     def key_file_bytes(self, record: KeyRecord, key: rsa.RSAPrivateKey | None) -> bytes:
         """The exact bytes of a key file for `record` (lkm bench writes thousands of them directly)."""
@@ -271,9 +271,6 @@ class FileKeyStore(InProcessKeyStore):
             self._load_file(self._key_path(key_id))
             return self._records[key_id]
 
-
-def _aad(key_id: str) -> bytes:
-    return f"{KEY_FORMAT}:v1:{key_id}".encode()
 
 
 def _dump(doc: dict[str, Any]) -> bytes:

@@ -85,3 +85,8 @@ def rsa_decrypt(key: rsa.RSAPrivateKey, ciphertext: bytes, algorithm: Algorithm)
 def pkcs8(key: rsa.RSAPrivateKey) -> bytes:
     return key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
+
+
+def key_aad(key_id: str) -> bytes:
+    """What a sealed private key is bound to: it opens only under the id it was sealed for, in every store."""
+    return f"lkm-key:v1:{key_id}".encode()

@@ -20,10 +20,12 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from lkm.errors import IllegalTransition, KeyNotFound, KeyStoreError
+from lkm.errors import KeyNotFound, KeyStoreError
 from lkm.keys import (
+    DESTRUCTION_RULE,
     KeyRecord,
     KeyState,
+    check_transition,
     parse_key_id,
     public_der_pkcs1,
     record_from_doc,
@@ -261,7 +263,7 @@ class PostgresKeyStore(InProcessKeyStore):
         return self._fresh_sealed(key_id)
 
     def _unseal(self, key_id: str, stored: Any) -> bytes:
-        return self.unseal(stored, key_aad(key_id))
+        return self.unseal(stored, sealed.key_aad(key_id))
 
     def _keep_private(self, key_id: str, key: rsa.RSAPrivateKey) -> None:
         with self._lock:
@@ -292,7 +294,7 @@ class PostgresKeyStore(InProcessKeyStore):
         now = utcnow()
         record = KeyRecord(id=key_id, state=state, created=now, updated=now,
                            public_key_der=public_der_pkcs1(key.public_key()), backend=self.backend, label=label)
-        blob = self.seal(sealed.pkcs8(key), key_aad(key_id))
+        blob = self.seal(sealed.pkcs8(key), sealed.key_aad(key_id))
         with self.writing(f"key:{key_id}") as conn:
             raw = conn.execute("INSERT INTO lkm_keys (id, doc, private_key, change) "
                                "VALUES (%s, %s, %s, nextval('lkm_change_seq')) ON CONFLICT (id) DO NOTHING "
@@ -342,11 +344,9 @@ class PostgresKeyStore(InProcessKeyStore):
         key_id = parse_key_id(key_id)
         with self.writing(f"key:{key_id}") as conn:
             stored = self._locked_row(conn, key_id).record
-            if stored.state is not KeyState.PENDING_DESTRUCTION:
-                # Judged on the row, locked in this transaction: a key enabled a moment ago on another machine
-                # is never erased on the strength of an older view.
-                raise IllegalTransition(f"cannot go from {stored.state.value} to destroyed: only a key pending "
-                                        "destruction loses its private half")
+            # Judged on the row, locked in this transaction: a key enabled a moment ago on another machine is
+            # never erased on the strength of an older view.
+            check_transition(stored.state, KeyState.DESTROYED, DESTRUCTION_RULE)
             record = stored.with_changes(state=KeyState.DESTROYED, updated=utcnow())
             raw = conn.execute("UPDATE lkm_keys SET doc = %s, private_key = NULL, "
                                "change = nextval('lkm_change_seq') WHERE id = %s "
@@ -362,10 +362,6 @@ class PostgresKeyStore(InProcessKeyStore):
         with self._lock:
             self._private.clear()
 
-
-def key_aad(key_id: str) -> bytes:
-    """A private key opens only under the id it was sealed for (the same binding as the file store)."""
-    return f"lkm-key:v1:{key_id}".encode()
 
 
 def _parse(raw: tuple[Any, ...]) -> _Row:
