@@ -139,9 +139,6 @@ def batch_summary(items: Sequence[UnwrapItem | LkmError], results: Sequence[byte
     return summary
 
 
-# A key waiting for platform registration must unwrap: the platform tests it with a decrypt before it counts.
-
-
 class KeyService:
     def __init__(self, store: KeyStore, audit: AuditSink, executor: Executor, *,
                  observer: UnwrapObserver | None = None, fail_closed: bool = True,
@@ -243,7 +240,7 @@ class KeyService:
             if len(ciphertext) != CIPHERTEXT_BYTES:
                 raise _bad_length(len(ciphertext))
             if self.admission is None:
-                return await self.run(self._unwrap_sync, key_id, ciphertext, algorithm)
+                return await self.run(self._unwrap_in_store, key_id, ciphertext, algorithm)  # run() translates
             return await self.admission.run(ctx.route, started, 1, self._unwrap_sync, key_id, ciphertext,
                                             algorithm)
         except BaseException as exc:

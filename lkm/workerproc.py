@@ -20,9 +20,9 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from lkm.config import load_settings
+from lkm.config import Settings, load_settings
 from lkm.errors import ConfigError, KeyStoreError, LkmError
-from lkm.keys import KeyState
+from lkm.lifecycle import active_keys
 from lkm.logs import setup_logging
 from lkm.nonces import SharedNonceCache
 from lkm.server import LkmServer
@@ -82,9 +82,8 @@ def _readiness(view: ReadinessView) -> dict[str, Any]:
     return {"ready": view.ready, "checks": {name: [ok, detail] for name, (ok, detail) in view.checks.items()}}
 
 
-async def _run(args: argparse.Namespace) -> None:
+async def _run(args: argparse.Namespace, settings: Settings) -> None:
     config_path = Path(args.config)
-    settings = load_settings(config_path)
     sockets = {ListenerName(name): socket.socket(fileno=int(fd))
                for name, fd in (item.split("=", 1) for item in args.listener)}
     nonces = SharedNonceCache(Path(args.nonces), settings.platform.hawk.timestamp_skew_seconds) \
@@ -98,9 +97,8 @@ async def _run(args: argparse.Namespace) -> None:
     control.watch(stop)
 
     def started(running: LkmServer) -> None:
-        keys = running.store.list_keys() if running.store is not None else []
-        active = [k.id for k in keys if k.state is KeyState.ACTIVE]
-        control.send(WorkerEvent.STARTED, active_key=active[-1] if active else None,
+        active = active_keys(running.store) if running.store is not None else []
+        control.send(WorkerEvent.STARTED, active_key=active[-1].id if active else None,
                      **_readiness(running.readiness))
 
     await serve_forever(settings, server=server, on_started=started, config_path=config_path, stop=stop,
@@ -113,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(args.config)
         log_writer = setup_logging(settings.logging.level, settings.logging.format)
         try:
-            asyncio.run(_run(args))
+            asyncio.run(_run(args, settings))
         finally:
             log_writer.stop()
     except (ConfigError, KeyStoreError, LkmError) as exc:  # as `lkm serve` reports them, with the worker's pid

@@ -6,7 +6,7 @@ RSA operation; this protocol parses with bytes operations (the head found once, 
 lowercased once), answers with pre-built status lines, and hands the request to the same pieces the aiohttp
 handler uses (`PlatformHandler`: Hawk, the unwrap, the refusal audit; the request finisher; the connection
 guard; the listener's deadline and malformed-request accounting). It refuses what the platform never sends:
-chunked or other transfer codings, a second request while one is in flight (it waits in a bounded buffer).
+transfer codings other than chunked, a second request while one is in flight (it waits in a bounded buffer).
 
     LeanSite       the listener: a guarded socket served by `LeanConnection`s, drained on stop
     LeanConnection one connection: deadline while a request arrives, keep-alive timeout between requests
@@ -15,7 +15,6 @@ chunked or other transfer codings, a second request while one is in flight (it w
 from __future__ import annotations
 
 import asyncio
-import enum
 import json
 import logging
 import ssl
@@ -36,7 +35,7 @@ from lkm.web.platform import (
     platform_error_parts,
 )
 from lkm.web.plumbing import finish_request
-from lkm.web.protocol import INTERNAL, ListenerPolicy, RequestEnd, malformed
+from lkm.web.protocol import INTERNAL, ListenerPolicy, Phase, RequestEnd, malformed
 from lkm.web.wire import (
     CHUNKED,
     JSON,
@@ -55,12 +54,6 @@ DRAIN_SECONDS = 60.0  # in-flight requests get this long to finish when the list
 _OPTIONS_BODY_JSON = json.dumps(OPTIONS_BODY).encode()
 
 
-class _Phase(enum.Enum):
-    IDLE = 0  # between requests: the keep-alive timeout applies
-    RECEIVING = 1  # a request is arriving: the listener's deadline runs
-    BUSY = 2  # the request is in: the server works on it
-
-
 class LeanConnection(asyncio.BufferedProtocol):
     """One platform connection; one request at a time, the next one buffered (bounded) until it is answered.
 
@@ -75,7 +68,7 @@ class LeanConnection(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.peer: str | None = None
         self.buffer = bytearray()
-        self.phase = _Phase.IDLE
+        self.phase = Phase.IDLE
         self.timer: asyncio.TimerHandle | None = None
         self.expires = 0.0  # loop time at which the current phase (receiving or idle) ends the connection
         self.timed_out = False
@@ -109,7 +102,7 @@ class LeanConnection(asyncio.BufferedProtocol):
         self.data_received(self.site.read_buffer[:nbytes])
 
     def data_received(self, data: bytes | memoryview) -> None:
-        if self.phase is _Phase.IDLE:
+        if self.phase is Phase.IDLE:
             self._receiving()
         self.buffer += data
         waiter = self.body_waiter
@@ -195,7 +188,7 @@ class LeanConnection(asyncio.BufferedProtocol):
     def body_unread(self) -> bool:
         """Whether the current request's body is still (partly) unread: then the connection cannot go on."""
         request = self.request
-        return request is not None and request.length != 0 and self.phase is not _Phase.BUSY
+        return request is not None and request.length != 0 and self.phase is not Phase.BUSY
 
     def finish(self, answer: bytes, *, close: bool) -> None:
         """The answer written; the connection goes on with the next request, waits for one, or closes."""
@@ -237,14 +230,14 @@ class LeanConnection(asyncio.BufferedProtocol):
     # instead of two timer handles created, heap-pushed and cancelled.
 
     def _receiving(self) -> None:
-        self.phase = _Phase.RECEIVING
+        self.phase = Phase.RECEIVING
         self._arm(self.policy.request_timeout)
 
     def _busy(self) -> None:
-        self.phase = _Phase.BUSY
+        self.phase = Phase.BUSY
 
     def _idle(self) -> None:
-        self.phase = _Phase.IDLE
+        self.phase = Phase.IDLE
         self._arm(self.site.keep_alive)
 
     def _arm(self, delay: float) -> None:
@@ -264,11 +257,11 @@ class LeanConnection(asyncio.BufferedProtocol):
     def _fired(self) -> None:
         self.timer = None
         phase = self.phase
-        if phase is _Phase.BUSY or self.transport is None:
+        if phase is Phase.BUSY or self.transport is None:
             return  # no deadline while the server works; the next phase arms the timer again
         if self.loop.time() < self.expires:
             self.timer = self.loop.call_at(self.expires, self._fired)
-        elif phase is _Phase.RECEIVING:
+        elif phase is Phase.RECEIVING:
             self.timed_out = True
             self.policy.on_timeout(self.policy.listener)
             self.transport.abort()

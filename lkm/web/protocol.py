@@ -46,9 +46,11 @@ class RequestEnd(enum.StrEnum):
     TIMED_OUT = "timeout"  # the request did not arrive in full within the listener's request_timeout
 
 
-class _Phase(enum.Enum):
-    IDLE = 0  # between requests: aiohttp's keep-alive timeout applies
-    RECEIVING = 1  # a request is arriving: the deadline runs
+class Phase(enum.Enum):
+    """Where a connection stands, for its timers (both platform protocols and the aiohttp listeners)."""
+
+    IDLE = 0  # between requests: the keep-alive timeout applies
+    RECEIVING = 1  # a request is arriving: the listener's deadline runs
     BUSY = 2  # the request is in: the server works on it
 
 
@@ -71,7 +73,7 @@ class LkmRequestHandler(RequestHandler):
         super().__init__(manager, loop=loop, **options)
         self._policy = policy
         self._timer: asyncio.TimerHandle | None = None
-        self._phase = _Phase.IDLE
+        self._phase = Phase.IDLE
         self._pending = False
         self.timed_out = False
 
@@ -82,9 +84,9 @@ class LkmRequestHandler(RequestHandler):
         self._receiving()
 
     def data_received(self, data: bytes) -> None:
-        if self._phase is _Phase.IDLE and data:
+        if self._phase is Phase.IDLE and data:
             self._receiving()
-        elif self._phase is _Phase.BUSY and data:
+        elif self._phase is Phase.BUSY and data:
             self._pending = True  # a pipelined request: its deadline starts when this one is answered
         super().data_received(data)
 
@@ -93,7 +95,7 @@ class LkmRequestHandler(RequestHandler):
         super().connection_lost(exc)
 
     def _receiving(self) -> None:
-        self._phase = _Phase.RECEIVING
+        self._phase = Phase.RECEIVING
         self._pending = False
         self._stop_timer()
         self._timer = self._loop.call_later(self._policy.request_timeout, self._expired)
@@ -105,7 +107,7 @@ class LkmRequestHandler(RequestHandler):
 
     def _expired(self) -> None:
         self._timer = None
-        if self._phase is _Phase.RECEIVING:
+        if self._phase is Phase.RECEIVING:
             self.timed_out = True
             self._policy.on_timeout(self._policy.listener)
             self.force_close()
@@ -115,14 +117,14 @@ class LkmRequestHandler(RequestHandler):
             self._busy()
 
     def _busy(self) -> None:
-        self._phase = _Phase.BUSY
+        self._phase = Phase.BUSY
         self._stop_timer()
 
     def request_ended(self) -> None:
         if self._pending:
             self._receiving()
         else:
-            self._phase = _Phase.IDLE
+            self._phase = Phase.IDLE
             self._stop_timer()
 
     # --- malformed requests ----------------------------------------------------------------------------------
