@@ -31,7 +31,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from lkm.errors import Conflict, IllegalTransition, InvalidRequest
+from lkm.errors import IllegalTransition, InvalidRequest
 from lkm.keys import (
     TRANSITIONS,
     KeyRecord,
@@ -41,7 +41,7 @@ from lkm.keys import (
     public_der_pkcs1,
     utcnow,
 )
-from lkm.keystore import KeyStore
+from lkm.keystore import KeyStore, same_key
 from lkm.lifecycle_lock import store_lock
 from lkm.lifecycle_safeguards import (
     DEFAULT_DESTRUCTION_DAYS,
@@ -336,10 +336,9 @@ def import_key(store: KeyStore, key_id: str, private_key: rsa.RSAPrivateKey, *, 
         existing = {k.id: k for k in store.list_keys()}
         current = existing.get(key_id)
         if current is not None:
-            if current.public_key_der != public:
-                raise Conflict(f"key {key_id} already exists with different key material", code="key_exists")
+            record = same_key(current, public)  # the same key imported again, else Conflict
             _note(facts, unchanged=True)
-            return current, False
+            return record, False
         active = [k.id for k in existing.values() if k.state is KeyState.ACTIVE]
         if state is None:
             state = KeyState.RETIRED if active else KeyState.ACTIVE

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -24,19 +24,14 @@ class Rate:
 class TokenBuckets:
     """`take(caller, n)`: 0.0 when admitted, else the seconds until `n` tokens will be there. Bounded LRU."""
 
-    def __init__(self, default: Rate, overrides: Mapping[str, Rate] | None = None, *, callers: int = 10_000,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, default: Rate, *, callers: int = 10_000, clock: Callable[[], float] = time.monotonic) -> None:
         self.default = default
-        self.overrides = dict(overrides or {})
         self.callers = callers
         self.clock = clock
         self._state: OrderedDict[str, tuple[float, float]] = OrderedDict()  # tokens, last refill
 
-    def rate_of(self, caller: str) -> Rate:
-        return self.overrides.get(caller, self.default)
-
-    def take(self, caller: str, n: int = 1, rate: Rate | None = None) -> float:
-        rate = rate or self.rate_of(caller)
+    def take(self, caller: str, n: int, rate: Rate) -> float:
+        """`rate` is the caller's (the guard knows its overrides); a bucket starts full at its burst."""
         now = self.clock()
         tokens, last = self._state.pop(caller, (float(rate.burst), now))
         tokens = min(float(rate.burst), tokens + (now - last) * rate.per_second)
