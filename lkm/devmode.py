@@ -107,8 +107,7 @@ def _audit_first_key(settings: Settings, key_id: str) -> None:
     origin = {"request_id": None, "actor": local_actor(), "route": "dev"}
     event = audit_event(origin, AuditAction.CREATE_KEY, key_id, outcome="ok", extra={"to_state": KeyState.ACTIVE.value,
                                                              "label": "first key"})
-    AuditLog(settings.audit.path, max_bytes=settings.audit.max_bytes,
-             keep_files=settings.audit.keep_files).record_sync(event)
+    AuditLog.from_settings(settings.audit).record_sync(event)
 
 
 def write_dev_json(settings: Settings, urls: dict[str, str], active_key: str | None) -> Path:

@@ -167,7 +167,6 @@ class KeyService:
         """Writes the record of one decision (with `intent`: the announcement of a change about to be made);
         unless `fail_closed` is off, a failed write refuses the act. A refusal (4xx) is `bounded` per caller
         like every denial: a flood of them writes a burst, then a trickle that counts what it left out."""
-        origin = {**ctx.audit_fields(), "latency_ms": round((time.perf_counter() - started) * 1000, 3)}
         if isinstance(error, LkmError):
             error.audited = True
         if bounded and intent is None and is_refusal(error):
@@ -176,6 +175,8 @@ class KeyService:
                 return
             if suppressed:
                 extra = {**(extra or {}), "suppressed_denials": suppressed}
+        origin = ctx.audit_fields()  # a fresh dict: completed here, not copied
+        origin["latency_ms"] = round((time.perf_counter() - started) * 1000, 3)
         if intent is not None:
             event = intent.event(origin)
         else:

@@ -92,14 +92,11 @@ def snapshot(root: int, *, skip_servers: bool = False) -> CpuSnapshot:
     loops: set[int] = set()
     thread_ticks: dict[int, float] = {}
     skipped: set[int] = set()
-    parents: dict[int, int] = {}
     for pid in process_tree(root):
         stat = _stat(PROC / str(pid) / "stat")
         if stat is None:
             continue
-        parent = int(stat[1][1])
-        parents[pid] = parent
-        if parent in skipped:
+        if int(stat[1][1]) in skipped:  # a descendant of a server left out
             skipped.add(pid)
             continue
         found: dict[tuple[int, int], tuple[str, float]] = {}

@@ -58,8 +58,7 @@ def write_event(settings: Settings, event: dict[str, Any]) -> None:
     from lkm.audit import AuditLog  # noqa: PLC0415
 
     settings.audit.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    AuditLog(settings.audit.path, max_bytes=settings.audit.max_bytes,
-             keep_files=settings.audit.keep_files).record_sync(event)
+    AuditLog.from_settings(settings.audit).record_sync(event)
 
 
 def audit(settings: Settings, action: AuditAction, key_id: str | None, outcome: str = "ok", *,
