@@ -26,7 +26,7 @@ from lkm.bench.load import LoadPlan
 from lkm.bench.measure import measure_raw, measure_server
 from lkm.bench.options import DEFAULT_DEV_JSON
 from lkm.bench.raw import temporary_store
-from lkm.bench.report import cpu_comparison, new_report, render_table
+from lkm.bench.report import cpu_comparisons, median_by_efficiency, new_report, render_table
 from lkm.bench.requests import (
     Target,
     fetch_public_key,
@@ -199,11 +199,11 @@ async def _load_and_compare(args: argparse.Namespace, report: dict[str, Any]) ->
 def _add_cpu_comparison(report: dict[str, Any], pairs: list[tuple[dict[str, Any], dict[str, Any]]],
                         cores: int) -> None:
     """Efficiency (raw CPU per operation / server CPU per unwrap) and the projection, median over rounds."""
-    found = [c for raw, server in pairs if (c := cpu_comparison(raw, server, cores=cores)) is not None]
+    found = cpu_comparisons(pairs, cores=cores)
     if not found:
         return
-    middle = sorted(found, key=lambda c: c["efficiency"])[(len(found) - 1) // 2]
-    report["cpu"] = {**middle, "round_efficiencies": [c["efficiency"] for c in found]}
+    middle, _ = median_by_efficiency(found)
+    report["cpu"] = {**middle, "round_efficiencies": [c["efficiency"] for c, _ in found]}
     report["notes"] = [*report.get("notes", []),
                        f"server CPU per unwrap {middle['server_cpu_us_per_unwrap']:.0f} us, raw private operation "
                        f"{middle['raw_cpu_us_per_operation']:.0f} us: efficiency {middle['efficiency']:.2f}; "

@@ -105,6 +105,21 @@ def cpu_comparison(raw: dict[str, Any], server: dict[str, Any], *, cores: int) -
             "projected_over_raw": round(projected, 3)}
 
 
+Compared = tuple[dict[str, Any], dict[str, Any]]
+"""A round's CPU comparison and the server run it came from."""
+
+
+def cpu_comparisons(pairs: list[tuple[dict[str, Any], dict[str, Any]]], *, cores: int) -> list[Compared]:
+    """(comparison, server run) for each (raw, server) pair of rounds that has CPU figures, in round order."""
+    return [(c, server) for raw, server in pairs if (c := cpu_comparison(raw, server, cores=cores)) is not None]
+
+
+def median_by_efficiency(compared: list[Compared]) -> Compared:
+    """The round with the median efficiency (the lower middle of an even count)."""
+    ranked = sorted(compared, key=lambda cp: cp[0]["efficiency"])
+    return ranked[(len(ranked) - 1) // 2]
+
+
 def _cell(value: Any, digits: int = 0) -> str:
     if value is None:
         return "-"

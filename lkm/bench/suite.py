@@ -27,7 +27,7 @@ from typing import Any
 from lkm.bench.floor import floor_target
 from lkm.bench.load import LoadPlan
 from lkm.bench.measure import measure_raw, measure_server
-from lkm.bench.report import cpu_comparison, new_report
+from lkm.bench.report import cpu_comparisons, median_by_efficiency, new_report
 from lkm.bench.requests import fetch_public_key
 from lkm.bench.spawn import busy_cores, dev_target, spawn_server
 from lkm.bench.startup import run_startup
@@ -188,23 +188,20 @@ def summarize(report: dict[str, Any], *, project_cores: int = 16) -> dict[str, A
     pairs = list(zip(idle, served, strict=False))
     if not pairs and raw and peak:
         pairs = [(raw, peak)]
-    compared = sorted(((c, p) for r, p in pairs if (c := cpu_comparison(r, p, cores=project_cores)) is not None),
-                      key=lambda cp: cp[0]["efficiency"])
-    if beside:
-        against_busy = sorted(c["efficiency"] for r, p in zip(beside, served, strict=False)
-                              if (c := cpu_comparison(r, p, cores=project_cores)) is not None)
-        if against_busy:
-            summary["efficiency_against_raw_beside_busy_cores"] = against_busy[(len(against_busy) - 1) // 2]
-            summary["raw_cpu_us_beside_busy_cores"] = statistics.median(
-                r["cpu_us_per_operation"] for r in beside if r.get("cpu_us_per_operation"))
+    compared = cpu_comparisons(pairs, cores=project_cores)
+    against_busy = cpu_comparisons(list(zip(beside, served, strict=False)), cores=project_cores)
+    if against_busy:
+        summary["efficiency_against_raw_beside_busy_cores"] = median_by_efficiency(against_busy)[0]["efficiency"]
+        summary["raw_cpu_us_beside_busy_cores"] = statistics.median(
+            r["cpu_us_per_operation"] for r in beside if r.get("cpu_us_per_operation"))
     if compared:
-        cpu, run = compared[(len(compared) - 1) // 2]
-        summary["cpu_run"] = run["name"]
+        cpu, measured = median_by_efficiency(compared)
+        summary["cpu_run"] = measured["name"]
         summary["raw_cpu_us_per_operation"] = cpu["raw_cpu_us_per_operation"]
         summary["server_cpu_us_per_unwrap"] = cpu["server_cpu_us_per_unwrap"]
-        summary["busiest_thread_us_per_unwrap"] = run.get("busiest_thread_us_per_unwrap")
+        summary["busiest_thread_us_per_unwrap"] = measured.get("busiest_thread_us_per_unwrap")
         summary["efficiency"] = cpu["efficiency"]
-        summary["round_efficiencies"] = [c["efficiency"] for c, _ in compared]
+        summary["round_efficiencies"] = sorted(c["efficiency"] for c, _ in compared)
         summary[f"projected_{project_cores}_cores_over_raw"] = cpu["projected_over_raw"]
         if floor and floor.get("server_cpu_us_per_unwrap"):
             summary["floor_cpu_us_per_unwrap"] = floor["server_cpu_us_per_unwrap"]
