@@ -23,17 +23,11 @@ TEST_VALUE_BYTES = 32
 
 
 def _tls(settings: Settings) -> str:
-    from lkm.tlsconf import server_context  # noqa: PLC0415
+    from lkm.reload import tls_context  # noqa: PLC0415 - the contexts a server start and a reload would load
+    from lkm.web.routes import ListenerName  # noqa: PLC0415
 
-    done = []
-    if settings.platform.tls:
-        server_context(settings.platform.tls, require_client_cert=False, source=settings.source,
-                       setting="platform.tls")
-        done.append("platform.tls")
-    if settings.native:
-        server_context(settings.native.tls, require_client_cert=True, source=settings.source,
-                       setting="native.tls")
-        done.append("native.tls")
+    done = [f"{name}.tls" for name in (ListenerName.PLATFORM, ListenerName.NATIVE)
+            if tls_context(settings, name) is not None]
     return (", ".join(done) or "no TLS listener") + ": certificates and keys load"
 
 

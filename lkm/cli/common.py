@@ -26,8 +26,13 @@ AddCommand = Callable[..., argparse.ArgumentParser]
 """add(name, func, help, parent): a sub-command with the shared -c/--config option."""
 
 
+def configured_path(args: argparse.Namespace) -> str | None:
+    """The config file named by -c or LKM_CONFIG, if any."""
+    return getattr(args, "config", None) or os.environ.get("LKM_CONFIG")
+
+
 def config_path(args: argparse.Namespace) -> str:
-    path = getattr(args, "config", None) or os.environ.get("LKM_CONFIG")
+    path = configured_path(args)
     if not path:
         raise CliError("no configuration: pass -c FILE or set LKM_CONFIG", status=2)
     return str(path)

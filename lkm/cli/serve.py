@@ -10,14 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from lkm.cli import check
-from lkm.cli.common import DEFAULT_DEV_DIR, AddCommand, config_path
+from lkm.cli.common import DEFAULT_DEV_DIR, AddCommand, config_path, configured_path
 from lkm.config import load_settings
 from lkm.errors import CliError
-from lkm.keys import KeyState
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from lkm import devmode  # noqa: PLC0415
+    from lkm.lifecycle import active_keys  # noqa: PLC0415
     from lkm.logs import setup_logging  # noqa: PLC0415
     from lkm.sdnotify import Notifier  # noqa: PLC0415
     from lkm.server import LkmServer  # noqa: PLC0415
@@ -45,8 +45,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print("lkm serving: " + ", ".join(f"{n} {url}" for n, url in urls.items()), flush=True)
 
     def started(server: LkmServer) -> None:
-        active = [k.id for k in server.store.list_keys() if k.state is KeyState.ACTIVE] if server.store else []
-        serving({name: server.url(name) for name in server.listeners}, active[-1] if active else None)
+        active = active_keys(server.store) if server.store else []
+        serving({name: server.url(name) for name in server.listeners}, active[-1].id if active else None)
 
     try:
         if settings.limits.workers > 1:
@@ -108,11 +108,9 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    import os  # noqa: PLC0415
-
     from lkm.demo import dev_json_path, run_demo  # noqa: PLC0415
 
-    config = getattr(args, "config", None) or os.environ.get("LKM_CONFIG")
+    config = configured_path(args)
     return asyncio.run(run_demo(dev_json_path(Path(args.dev_json) if args.dev_json else None, config,
                                               Path(args.dev_dir))))
 
