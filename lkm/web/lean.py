@@ -24,7 +24,6 @@ import urllib.parse
 from lkm.auth import Actor
 from lkm.errors import HawkError, InvalidRequest, LkmError, MalformedHttp, PayloadTooLarge
 from lkm.keys import b64
-from lkm.metrics import OTHER_ROUTE
 from lkm.web.connections import GuardedSocket
 from lkm.web.platform import (
     HEALTH_PATH,
@@ -331,13 +330,15 @@ class LeanSite:
         started = time.perf_counter()
         wctx.observer.inflight(LISTENER, 1)
         path = request.path
-        route = handler.path if path == handler.path else HEALTH_PATH if path == HEALTH_PATH else OTHER_ROUTE
+        route = handler.route_of(path)
         status: int | str = 500
         actor: list[Actor] = []
         close = request.close
+        client = connection.client()  # once: for the audit record and the access log alike
         try:
             try:
-                status, answer, force_close = await self.dispatch(connection, request, request_id, route, actor)
+                status, answer, force_close = await self.dispatch(connection, request, request_id, route,
+                                                                  client=client, actor=actor)
                 close = close or force_close
             except LkmError as exc:
                 status, extra = platform_error_parts(exc)
@@ -356,10 +357,10 @@ class LeanSite:
         finally:
             finish_request(wctx.observer, LISTENER, request_id=request_id, route=route, status=status,
                            started=started, method=request.method, raw_path=request.target,
-                           client=connection.client, actor=actor[0] if actor else None)
+                           client=lambda: client, actor=actor[0] if actor else None)
 
-    async def dispatch(self, connection: LeanConnection, request: WireRequest, request_id: str, route: str,
-                       actor: list[Actor]) -> tuple[int, bytes, bool]:
+    async def dispatch(self, connection: LeanConnection, request: WireRequest, request_id: str, route: str, *,
+                       client: str | None, actor: list[Actor]) -> tuple[int, bytes, bool]:
         """(status, the whole answer, whether to close) for one request."""
         method = request.method
         if route == HEALTH_PATH:
@@ -374,7 +375,6 @@ class LeanSite:
         handler = self.handler
         headers = request.headers
         path, _, query = request.target.partition("?")
-        client = connection.client()
         try:
             verified = await handler.authenticate(method, path, query, headers.get("host"),
                                                   headers.get("authorization"))

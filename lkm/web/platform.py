@@ -86,6 +86,10 @@ class PlatformHandler:
         self.path = settings.path
         self._actors: dict[str, Actor] = {}  # by Hawk id: only ids that verified, so bounded by the credentials
 
+    def route_of(self, path: str) -> str:
+        """The route label of a request path: the decrypt path, the health path, or any other."""
+        return self.path if path == self.path else HEALTH_PATH if path == HEALTH_PATH else OTHER_ROUTE
+
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         wctx = self.wctx
         observer = wctx.observer
@@ -94,7 +98,7 @@ class PlatformHandler:
         observer.inflight(LISTENER, 1)
         method = request.method
         path = request.path
-        route = self.path if path == self.path else HEALTH_PATH if path == HEALTH_PATH else OTHER_ROUTE
+        route = self.route_of(path)
         request_started(request)
         status: int | str = 500
         try:
