@@ -52,22 +52,20 @@ async def metrics(request: web.Request) -> web.StreamResponse:
 
 
 def ops_app(wctx: WebContext, readiness: ReadinessView, render_metrics: MetricsRender | None) -> web.Application:
-    app = application(wctx, ListenerName.OPS)
+    return _with_ops_routes(application(wctx, ListenerName.OPS), readiness, render_metrics)
+
+
+def supervisor_ops_app(readiness: ReadinessView, render_metrics: MetricsRender) -> web.Application:
+    """The ops listener of a supervisor of several server processes: their combined readiness and metrics."""
+    return _with_ops_routes(web.Application(), readiness, render_metrics)
+
+
+def _with_ops_routes(app: web.Application, readiness: ReadinessView,
+                     render_metrics: MetricsRender | None) -> web.Application:
     app[READINESS] = readiness
     app.router.add_get(Route.HEALTHZ, healthz)
     app.router.add_get(Route.READYZ, readyz)
     if render_metrics is not None:
         app[METRICS_RENDER] = render_metrics
         app.router.add_get(Route.METRICS, metrics)
-    return app
-
-
-def supervisor_ops_app(readiness: ReadinessView, render_metrics: MetricsRender) -> web.Application:
-    """The ops listener of a supervisor of several server processes: their combined readiness and metrics."""
-    app = web.Application()
-    app[READINESS] = readiness
-    app[METRICS_RENDER] = render_metrics
-    app.router.add_get(Route.HEALTHZ, healthz)
-    app.router.add_get(Route.READYZ, readyz)
-    app.router.add_get(Route.METRICS, metrics)
     return app
