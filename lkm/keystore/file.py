@@ -83,8 +83,6 @@ class FileKeyStore(InProcessKeyStore):
     # --- master key ----------------------------------------------------------------------------------------
 
     def _master_key(self, passphrase: bytes, scrypt_n: int) -> bytes:
-        if not passphrase:
-            raise KeyStoreError("the key store passphrase is empty", transient=False)
         header_path = self.path / "keystore.json"
         with self._writer():
             if not header_path.exists():

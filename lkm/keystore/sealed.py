@@ -29,6 +29,7 @@ SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**15, 8, 1
 def new_header(header_format: str, passphrase: bytes, scrypt_n: int = SCRYPT_N) -> dict[str, Any]:
     """A fresh header for an empty store: random salt, and the check value sealed under the new key. `scrypt_n`
     is the cost a new store records (tests choose a cheap one explicitly; an existing store keeps its own)."""
+    _refuse_empty(passphrase)  # before anything is written under it, in every store
     params = ScryptParams.fresh(scrypt_n, SCRYPT_R, SCRYPT_P)
     return {"format": header_format, "version": 1, "kdf": params.to_doc(),
             "check": seal(AESGCM(params.derive(passphrase)), CHECK_PLAINTEXT, None)}
@@ -37,8 +38,7 @@ def new_header(header_format: str, passphrase: bytes, scrypt_n: int = SCRYPT_N) 
 def master_key(header: dict[str, Any], header_format: str, passphrase: bytes, where: str) -> bytes:
     """The key the header's check value opens under; KeyStoreError (permanent) for a wrong passphrase or a
     header that is not ours. `where` names the store in the message."""
-    if not passphrase:
-        raise KeyStoreError("the key store passphrase is empty", transient=False)
+    _refuse_empty(passphrase)
     try:
         if header.get("format") != header_format:
             raise ValueError("not an lkm key store header")
@@ -51,6 +51,11 @@ def master_key(header: dict[str, Any], header_format: str, passphrase: bytes, wh
     if not hmac.compare_digest(plain, CHECK_PLAINTEXT):
         raise KeyStoreError(f"wrong passphrase for the key store {where}", transient=False)
     return key
+
+
+def _refuse_empty(passphrase: bytes) -> None:
+    if not passphrase:
+        raise KeyStoreError("the key store passphrase is empty", transient=False)
 
 
 def rejection_secret(master: bytes) -> bytes:
