@@ -10,8 +10,8 @@ from typing import Any
 
 from lkm.audit.record import AuditAction
 from lkm.callerguard import frozen_list
-from lkm.cli.common import AddCommand, intended, open_store, print_json, settings_of
-from lkm.config import KeyStoreType, Settings
+from lkm.cli.common import AddCommand, cluster_store, intended, print_json, settings_of
+from lkm.config import Settings
 from lkm.errors import CliError
 from lkm.freeze import FreezeMode, FrozenList, new_entry
 
@@ -19,12 +19,8 @@ from lkm.freeze import FreezeMode, FrozenList, new_entry
 @contextlib.contextmanager
 def opened_list(settings: Settings) -> Iterator[FrozenList]:
     """The list every server of this configuration reads: the PostgreSQL store's table, else the file."""
-    store = open_store(settings) if settings.keystore.type is KeyStoreType.POSTGRESQL else None
-    try:
+    with cluster_store(settings) as store:
         yield frozen_list(settings, store)
-    finally:
-        if store is not None:
-            store.close()
 
 
 def cmd_freeze(args: argparse.Namespace) -> int:

@@ -13,7 +13,7 @@ from typing import Any
 
 from lkm.audit.record import AuditAction
 from lkm.changes import Applied, KeyChange
-from lkm.config import Settings, load_settings
+from lkm.config import KeyStoreType, Settings, load_settings
 from lkm.errors import CliError
 from lkm.events import Intent, audit_event
 from lkm.keys import KeyRecord, public_key_views
@@ -46,6 +46,18 @@ def open_store(settings: Settings) -> KeyStore:
     from lkm.keystore.open import open_keystore  # noqa: PLC0415 - keeps `lkm --help` fast
 
     return open_keystore(settings.keystore)
+
+
+@contextlib.contextmanager
+def cluster_store(settings: Settings) -> Iterator[KeyStore | None]:
+    """The key store opened when it is PostgreSQL (the database every replica shares: credentials, frozen
+    callers), else None; closed on the way out."""
+    store = open_store(settings) if settings.keystore.type is KeyStoreType.POSTGRESQL else None
+    try:
+        yield store
+    finally:
+        if store is not None:
+            store.close()
 
 
 def read_input(name: str) -> bytes:

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from lkm.audit.record import AuditAction
-from lkm.cli.common import AddCommand, intended, open_store, print_json, settings_of
-from lkm.config import KeyStoreType, Settings
+from lkm.cli.common import AddCommand, cluster_store, intended, print_json, settings_of
+from lkm.config import Settings
 from lkm.errors import CliError
 
 
@@ -17,16 +17,13 @@ from lkm.errors import CliError
 def shared_credentials(settings: Settings) -> Iterator[Any]:
     """The database's credentials (lkm.keystore.postgresql.hawk.ClusterHawk) when the key store is PostgreSQL,
     so every replica sees them; None for a file store (the credentials file is used)."""
-    if settings.keystore.type is not KeyStoreType.POSTGRESQL:
-        yield None
-        return
-    from lkm.keystore.postgresql.hawk import ClusterHawk  # noqa: PLC0415 - optional extra, loaded on demand
+    with cluster_store(settings) as store:
+        if store is None:
+            yield None
+            return
+        from lkm.keystore.postgresql.hawk import ClusterHawk  # noqa: PLC0415 - optional extra, loaded on demand
 
-    store = open_store(settings)
-    try:
         yield ClusterHawk.of(store, window_seconds=settings.platform.hawk.timestamp_skew_seconds)
-    finally:
-        store.close()
 
 
 def cmd_hawk_create(args: argparse.Namespace) -> int:
