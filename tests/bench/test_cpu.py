@@ -14,7 +14,7 @@ from lkm.threadnames import LOOP
 # A process whose main thread is named like a server's event loop and which starts a child; on a line on stdin
 # each burns `seconds` of CPU (thread CPU time, so a busy machine does not change it) in a thread named
 # lkm-burn-1, then says "done" and waits for the next line.
-BURNER = textwrap.dedent("""
+BURN = textwrap.dedent("""
     import subprocess, sys, threading, time
     from lkm.threadnames import name_this_thread
 
@@ -25,7 +25,9 @@ BURNER = textwrap.dedent("""
             pass
         burned.set()
         threading.Event().wait()  # stays, so that its CPU is its own (an exited thread's goes to the process)
-
+""")
+"""The start of a burning script: `burn(seconds, event)` for a thread's target."""
+BURNER = BURN + textwrap.dedent("""
     name_this_thread(sys.argv[1])
     child = None
     if sys.argv[2] == "parent":
@@ -74,16 +76,7 @@ def test_cpu_of_every_thread_of_every_process_is_counted_by_name(burner: subproc
 
 @pytest.mark.slow
 def test_busiest_thread_is_a_live_thread_that_burned() -> None:
-    script = textwrap.dedent("""
-        import sys, threading, time
-        from lkm.threadnames import name_this_thread
-        def burn(seconds, event):
-            name_this_thread()
-            until = time.thread_time() + seconds
-            while time.thread_time() < until:
-                pass
-            event.set()
-            threading.Event().wait()
+    script = BURN + textwrap.dedent("""
         events = [threading.Event(), threading.Event()]
         for n, (seconds, event) in enumerate(zip((0.3, 0.1), events)):
             threading.Thread(target=burn, args=(seconds, event), name=f"lkm-rsa-{n}", daemon=True).start()
