@@ -143,7 +143,7 @@ async def _load_and_compare(args: argparse.Namespace, report: dict[str, Any]) ->
         return
     # Raw and server alternate, so a neighbour's burst on a shared machine falls on both sides of the ratio.
     rounds = args.rounds or 1
-    raw_rates: list[float] = []
+    raws: list[dict[str, Any]] = []
     peaks: list[dict[str, Any]] = []
     floors: list[float] = []
     with raw_store(args, target) as store, _floor_target(args, target) as floor:
@@ -153,18 +153,18 @@ async def _load_and_compare(args: argparse.Namespace, report: dict[str, Any]) ->
             peak = await measure_server(target, plan, route=args.route, padding=args.padding,
                                         batch_size=args.batch_size, key=key, name=f"{args.route}{suffix}")
             report["runs"] += [raw, peak]
-            raw_rates.append(raw["keys_per_s"])
+            raws.append(raw)
             peaks.append(peak)
             if floor is not None:
                 floor_run = await measure_server(floor, plan, route="platform", padding=args.padding,
                                                  batch_size=1, key=key, name=f"floor{suffix}")
                 report["runs"].append(floor_run)
                 floors.append(floor_run["keys_per_s"])
+    raw_rates = [r["keys_per_s"] for r in raws]
     raw_rate = statistics.median(raw_rates)
     peak_rate = statistics.median(p["keys_per_s"] for p in peaks)
     if not raw_rate:
         return
-    raws = [r for r in report["runs"] if r["kind"] == "raw"]
     ratios = [p["keys_per_s"] / r for p, r in zip(peaks, raw_rates, strict=True) if r]
     report["comparison"] = {"raw_keys_per_s": raw_rate, "server_keys_per_s": peak_rate,
                             "server_over_raw": round(peak_rate / raw_rate, 3), "rounds": rounds,
