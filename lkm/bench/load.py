@@ -46,8 +46,12 @@ class LoadResult:
     connections: int = 0
     resumed: int = 0
     client_cpu: float = 0.0
-    server_cpu: float | None = None  # seconds, every process and thread of the server
     server_usage: CpuUsage | None = None
+
+    @property
+    def server_cpu(self) -> float | None:
+        """Seconds, every process and thread of the server (when it could be read)."""
+        return None if self.server_usage is None else self.server_usage.seconds
 
     @property
     def errors(self) -> int:
@@ -105,7 +109,6 @@ class _Run:
             end = server_snapshot(self.server_pid)
             if end is not None:
                 result.server_usage = usage(self._server0, end, cpus_allowed=cpus_allowed(self.server_pid))
-                result.server_cpu = result.server_usage.seconds
 
     def _take(self) -> int | None:
         """The next request number, or None once the run is over."""
