@@ -374,7 +374,7 @@ class LeanSite:
             return self.plain(405, "Method Not Allowed", request_id, {"Allow": "POST, OPTIONS"})
         handler = self.handler
         headers = request.headers
-        path, _, query = request.target.partition("?")
+        path, query = request.raw_path, request.query
         try:
             verified = await handler.authenticate(method, path, query, headers.get("host"),
                                                   headers.get("authorization"))

@@ -33,13 +33,13 @@ _STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in
 
 
 class WireRequest:
-    __slots__ = ("close", "headers", "length", "method", "path", "query", "target")
+    __slots__ = ("close", "headers", "length", "method", "path", "query", "raw_path", "target")
 
     def __init__(self, method: str, target: str, headers: dict[str, str], length: int, close: bool) -> None:
         self.method = method
         self.target = target
-        path, _, self.query = target.partition("?")
-        self.path = urllib.parse.unquote(path) if "%" in path else path
+        self.raw_path, _, self.query = target.partition("?")  # as sent: what Hawk's MAC covers
+        self.path = urllib.parse.unquote(self.raw_path) if "%" in self.raw_path else self.raw_path
         self.headers = headers
         self.length = length
         self.close = close
