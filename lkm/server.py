@@ -26,6 +26,7 @@ from lkm.config import KeyStoreType, ListenSettings, PlatformHttp, ReplayCheck, 
 from lkm.errors import KeyStoreError, LkmError
 from lkm.hawk import HawkVerifier, Verified
 from lkm.hawk_credentials import CredentialSource
+from lkm.idleloop import call_when_idle
 from lkm.keyadmin import KeyAdmin
 from lkm.keys import PADDINGS, Algorithm, KeyState, utcnow
 from lkm.keystore import KeyStore
@@ -121,15 +122,18 @@ class LkmServer:
         loop = asyncio.get_running_loop()
         self.store = await loop.run_in_executor(self._executor, open_keystore, settings.keystore)
         settings.audit.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.audit = AuditLog(settings.audit.path, max_bytes=settings.audit.max_bytes,
-                              keep_files=settings.audit.keep_files,
-                              on_failure=self.metrics.audit_failures.inc, on_written=self.metrics.audit_records.inc)
-        await self.audit.start()
         parallel = 1 if self._workers is None else settings.limits.worker_threads
         if settings.keystore.type == "pkcs11":  # at most one operation per HSM session runs at a time
             parallel = min(parallel, settings.keystore.pool_size)
         admission = Admission(self._workers, deadline_seconds=settings.limits.request_deadline_ms / 1000,
                               workers=parallel, on_shed=self._count_shed)
+        # Each admitted unwrap ends in an audit record: while one is under way, a busy audit writer waits for it.
+        self.audit = AuditLog(settings.audit.path, max_bytes=settings.audit.max_bytes,
+                              keep_files=settings.audit.keep_files,
+                              on_failure=self.metrics.audit_failures.inc, on_written=self.metrics.audit_records.inc,
+                              records_coming=lambda: admission.outstanding > 0)
+        call_when_idle(asyncio.get_running_loop(), self.audit.loop_idle)
+        await self.audit.start()
         self.service = KeyService(self.store, self.audit, self._executor,
                                   observer=self.observer,
                                   fail_closed=settings.audit.fail_closed, admission=admission,

@@ -22,6 +22,7 @@ from typing import Any
 
 from lkm.config import Settings, load_settings
 from lkm.errors import ConfigError, KeyStoreError, LkmError
+from lkm.idleloop import IdleAwareLoop
 from lkm.lifecycle import active_keys
 from lkm.logs import setup_logging
 from lkm.nonces import SharedNonceCache
@@ -111,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(args.config)
         log_writer = setup_logging(settings.logging.level, settings.logging.format)
         try:
-            asyncio.run(_run(args, settings))
+            with asyncio.Runner(loop_factory=IdleAwareLoop) as runner:
+                runner.run(_run(args, settings))
         finally:
             log_writer.stop()
     except (ConfigError, KeyStoreError, LkmError) as exc:  # as `lkm serve` reports them, with the worker's pid

@@ -13,6 +13,7 @@ from lkm.cli import check
 from lkm.cli.common import DEFAULT_DEV_DIR, AddCommand, config_path, configured_path
 from lkm.config import load_settings
 from lkm.errors import CliError
+from lkm.idleloop import IdleAwareLoop
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -55,7 +56,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             if supervisor.failed:
                 return 1
         else:
-            asyncio.run(serve_forever(settings, on_started=started, config_path=Path(path), notifier=notifier))
+            with asyncio.Runner(loop_factory=IdleAwareLoop) as runner:
+                runner.run(serve_forever(settings, on_started=started, config_path=Path(path), notifier=notifier))
     except OSError as exc:
         if exc.errno != errno.EADDRINUSE:
             raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import shutil
@@ -19,6 +20,7 @@ from lkm.audit import (
     verify_chain_files,
 )
 from lkm.config import AuditSettings
+from lkm.idleloop import IdleAwareLoop, call_when_idle
 from tests.audit.chain import event, lines_of
 
 
@@ -55,6 +57,74 @@ async def test_a_steady_trickle_of_records_shares_fsyncs(tmp_path: Path) -> None
         assert log.records_written == 120
         assert log.records_written / log.batch_count >= 2.5
     assert verify([path]).records == 120
+
+
+def test_a_busy_writer_stops_lingering_once_its_loop_runs_out_of_work(tmp_path: Path) -> None:
+    """Once the loop has nothing left to run and nothing is under way, no record can join the next write:
+    waiting out the linger would only hold the callers in flight."""
+    path = tmp_path / "audit.log"
+    coming = False
+    batches: list[int] = []
+
+    async def scenario() -> None:
+        nonlocal coming
+        log = AuditLog(path, records_coming=lambda: coming, linger_seconds=30.0, on_written=batches.append)
+        assert call_when_idle(asyncio.get_running_loop(), log.loop_idle)
+        async with log:
+            # Records that pile up behind a write in progress make the writer busy (it lingers next time).
+            holder = os.open(log.lock_path, os.O_RDWR | os.O_CREAT)
+            try:
+                fcntl.flock(holder, fcntl.LOCK_EX)
+                first = asyncio.ensure_future(log.record(event(1)))
+                await asyncio.sleep(0.2)  # the writer took the first record and waits for the lock
+                behind = [asyncio.ensure_future(log.record(event(i))) for i in (2, 3)]
+                await asyncio.sleep(0)
+            finally:
+                fcntl.flock(holder, fcntl.LOCK_UN)
+                os.close(holder)
+            # Busy, but the loop idles and nothing is under way: written at once, not after 30 s.
+            await asyncio.wait_for(asyncio.gather(first, *behind), 10)
+            assert batches == [1, 2]
+            # Busy, the loop idle, an operation under way: the record waits for the one still to come...
+            coming = True
+            lingering = asyncio.ensure_future(log.record(event(4)))
+            await asyncio.sleep(0.3)
+            assert not lingering.done()
+            # ...which joins it in one write; then the loop idles again, with nothing under way.
+            coming = False
+            await asyncio.wait_for(asyncio.gather(lingering, log.record(event(5))), 10)
+            assert batches == [1, 2, 2]
+            # A record while the loop still has work ready (the callbacks below) waits for that work.
+            last = asyncio.ensure_future(log.record(event(6)))
+            loop = asyncio.get_running_loop()
+            busy_until = time.monotonic() + 0.3
+
+            def keep_busy() -> None:
+                if time.monotonic() < busy_until:
+                    time.sleep(0.001)
+                    loop.call_soon(keep_busy)
+            keep_busy()
+            await asyncio.sleep(0.2)  # the loop sleeps only once keep_busy stops
+            assert not last.done()
+            await asyncio.wait_for(last, 10)
+            assert batches == [1, 2, 2, 1]
+
+    with asyncio.Runner(loop_factory=IdleAwareLoop) as runner:
+        runner.run(scenario())
+    assert verify([path]).records == 6
+
+
+async def test_without_an_idle_signal_a_busy_writer_lingers(tmp_path: Path) -> None:
+    """On a loop that cannot say it is idle, the writer cannot know that nothing more is coming."""
+    batches: list[int] = []
+    async with AuditLog(tmp_path / "audit.log", records_coming=lambda: False, linger_seconds=0.5,
+                        on_written=batches.append) as log:
+        assert not call_when_idle(asyncio.get_running_loop(), log.loop_idle)
+        await asyncio.gather(*(log.record(event(i)) for i in range(8)))
+        started = time.monotonic()
+        await log.record(event(9))
+        waited = time.monotonic() - started
+    assert sum(batches) == 9 and (batches[-1] == 1) and waited >= 0.4
 
 
 async def test_record_returns_only_after_its_line_is_fsynced_off_the_loop(
