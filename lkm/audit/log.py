@@ -159,8 +159,9 @@ class AuditLog(ChainAppender):
         with self._cond:
             if self._drained_at is None:
                 self._drained_at = time.monotonic()
-                if self._lingering:
-                    self._cond.notify()  # to time the grace from now
+            # Woken only when its wait may end: while an operation is under way its record is awaited anyway.
+            if self._lingering and not self._records_coming():
+                self._cond.notify()
 
     def _write_loop(self) -> None:
         """The writer thread: everything that queued while the previous write was in flight goes out in one
