@@ -395,19 +395,26 @@ class TokenWorker:
         return count
 
     def op_decrypt(self, key_id: str, ciphertext: bytes, algorithm_name: str) -> bytes:
+        """A token may give the handle of a destroyed object to a new one, so a cached handle is checked to be
+        this key's. PKCS#1 v1.5 checks before decrypting: another key's answer would pass as an implicit
+        rejection. OAEP checks only after a failure: another key fails OAEP's own integrity check (all but
+        certainly), which saves a token call (C_GetAttributeValue, about 45 µs on SoftHSM2) on every unwrap."""
         algorithm = Algorithm(algorithm_name)
         mechanism, param = self._mechanism(algorithm)
-        cka_id = key_id_bytes(key_id)
+        check_first = algorithm is Algorithm.RSA_PKCS1_V1_5
         for _ in range(2):
             key = self._private_key(key_id)
             try:
-                if key[self.A.ID] != cka_id:  # a token may reuse the handle of a destroyed object
-                    self.handles.pop(key_id, None)
+                if check_first and not self._is_key(key, key_id):
                     continue
                 return bytes(key.decrypt(ciphertext, mechanism=mechanism, mechanism_param=param))
             except (self.exc.ObjectHandleInvalid, self.exc.KeyHandleInvalid):
                 self.handles.pop(key_id, None)  # destroyed by another server, or the token went away: look again
-            except self._crypto_errors():
+            except self.exc.PKCS11Error as exc:
+                if not check_first and not self._is_key(key, key_id):
+                    continue  # the handle is another object's now: decrypt again with this key's
+                if not isinstance(exc, self._crypto_errors()):
+                    raise
                 if algorithm is Algorithm.RSA_PKCS1_V1_5:
                     # No extra token call here: valid and invalid padding must cost the same.
                     raise WorkerFailure(Fail.REJECTED) from None
@@ -415,3 +422,13 @@ class TokenWorker:
                 raise WorkerFailure(Fail.DECRYPT_FAILED) from None
         self.assert_token()
         raise WorkerFailure(Fail.MISSING, f"key {key_id}: its private key handle keeps going stale")
+
+    def _is_key(self, key: Any, key_id: str) -> bool:
+        """Whether a cached handle still names this key's private key; forgets it when not."""
+        try:
+            if key[self.A.ID] == key_id_bytes(key_id):
+                return True
+        except (self.exc.ObjectHandleInvalid, self.exc.KeyHandleInvalid, self.exc.AttributeTypeInvalid):
+            pass
+        self.handles.pop(key_id, None)
+        return False

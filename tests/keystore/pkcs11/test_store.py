@@ -193,6 +193,43 @@ def test_oaep_sha1_unwrap(pkcs11_store: Pkcs11KeyStore, generated: str) -> None:
     assert pkcs11_store.decrypt(generated, wrap(pkcs11_store, generated, secret), Algorithm.RSA_OAEP_SHA1) == secret
 
 
+# A token worker whose cached handle of one key names another key's object now (a token may reuse the handle
+# of a destroyed object), in a process of its own like the store's workers.
+REUSED_HANDLE = r"""
+import json, sys
+from lkm.errors import WorkerFailure
+from lkm.keystore.pkcs11.protocol import TokenConfig
+from lkm.keystore.pkcs11.worker import TokenWorker
+
+module, label, pin, key_id, other_id = sys.argv[1:6]
+worker = TokenWorker(TokenConfig(module=module, token_label=label, token_serial=None), pin)
+out = {}
+for algorithm in ("RSA-OAEP-SHA1", "RSA-PKCS1-V1_5"):
+    worker.handles[key_id] = worker._private_key(other_id)
+    ciphertext = bytes.fromhex(sys.stdin.readline())
+    try:
+        out[algorithm] = worker.op_decrypt(key_id, ciphertext, algorithm).hex()
+    except WorkerFailure as failure:
+        out[algorithm] = failure.kind.value
+    out[algorithm + " handle"] = worker.handles[key_id] is not worker.handles[other_id]
+print(json.dumps(out))
+"""
+
+
+def test_a_reused_handle_never_decrypts_with_another_key(pkcs11_store: Pkcs11KeyStore, module_token: SoftHsmToken,
+                                                         generated: str) -> None:
+    other = pkcs11_store.create_key(state=KeyState.ACTIVE, label="other").id
+    secrets = {"RSA-OAEP-SHA1": os.urandom(32), "RSA-PKCS1-V1_5": os.urandom(32)}
+    lines = "".join(wrap(pkcs11_store, generated, secret, Algorithm(name)).hex() + "\n"
+                    for name, secret in secrets.items())
+    done = subprocess.run([sys.executable, "-c", REUSED_HANDLE, str(module_token.module), module_token.label,
+                           module_token.pin().decode(), generated, other],
+                          input=lines, check=True, capture_output=True, text=True)
+    answers = json.loads(done.stdout)
+    assert answers == {"RSA-OAEP-SHA1": secrets["RSA-OAEP-SHA1"].hex(), "RSA-OAEP-SHA1 handle": True,
+                       "RSA-PKCS1-V1_5": secrets["RSA-PKCS1-V1_5"].hex(), "RSA-PKCS1-V1_5 handle": True}
+
+
 def test_raw_bench_loops_inside_the_sessions(pkcs11_store: Pkcs11KeyStore, generated: str) -> None:
     from lkm.bench.raw import run_raw
 
