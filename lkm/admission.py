@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 from lkm.config import RsaExecution
@@ -88,6 +88,7 @@ class Admission:
         self.outstanding = 0  # operations admitted and not finished; changed on the event loop only
         self.operation_seconds = INITIAL_OPERATION_SECONDS
         self.shed_count = 0
+        self._awaited = asyncio.Semaphore(workers)  # see run_awaited
 
     def expected_wait(self) -> float:
         """Seconds a newly admitted operation would wait for a worker."""
@@ -116,6 +117,24 @@ class Admission:
             return await self._submit(started, operations, func, *args)
         except _Late:
             raise self._shed(route) from None
+        finally:
+            self.outstanding -= operations
+
+    async def run_awaited(self, route: str, started: float, operations: int,
+                          func: Callable[[], Awaitable[T]]) -> T:
+        """As run(), for operations the event loop awaits (a store that StartsDecrypts): at most `workers` at
+        once, the others waiting in arrival order, and one that could start only past the deadline is refused."""
+        self._admit(route, started)
+        self.outstanding += operations
+        try:
+            async with self._awaited:
+                begin = self.clock()
+                if begin > started + self.deadline:
+                    raise self._shed(route)
+                try:
+                    return await func()
+                finally:
+                    self.observe(operations, self.clock() - begin)
         finally:
             self.outstanding -= operations
 

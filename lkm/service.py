@@ -31,6 +31,7 @@ from lkm.keys import CIPHERTEXT_BYTES, Algorithm, KeyRecord
 from lkm.keystore import (  # noqa: F401 - some re-exported
     UNWRAPPABLE_STATES,
     KeyStore,
+    StartsDecrypts,
     SyntheticAnswers,
     key_unusable,
     usable_record,
@@ -38,6 +39,7 @@ from lkm.keystore import (  # noqa: F401 - some re-exported
 from lkm.lifecycle import ChangeFacts
 from lkm.outcomes import KEY_KNOWN_OUTCOMES, unwrap_outcome
 from lkm.roles import Role
+from lkm.workers import WorkerThreads
 
 log = logging.getLogger("lkm.service")
 T = TypeVar("T")
@@ -154,6 +156,11 @@ class KeyService:
         self.fail_closed = fail_closed
         self.admission = admission
         self.denials = DenialLimiter()
+        # A store whose operation runs in other processes is awaited on the loop when there are worker threads
+        # to hand it to otherwise (not when the operations run inline, on the loop, by configuration).
+        self.awaited: tuple[StartsDecrypts, WorkerThreads] | None = None
+        if isinstance(store, StartsDecrypts) and admission is not None and admission.pool is not None:
+            self.awaited = (store, admission.pool)
 
     async def run(self, func: Callable[..., T], *args: Any) -> T:
         """Runs blocking key-store work in the worker pool, translating backend trouble to 503."""
@@ -232,6 +239,22 @@ class KeyService:
             if self.observer:
                 self.observer.keystore_op(self.store.backend, "decrypt", time.perf_counter() - started)
 
+    async def _unwrap_awaited(self, store: StartsDecrypts, threads: WorkerThreads, key_id: str, ciphertext: bytes,
+                              algorithm: Algorithm) -> bytes:
+        """One unwrap by a StartsDecrypts store, awaited on the loop; on a worker thread when it cannot start at
+        once (see start_decrypt)."""
+        started = time.perf_counter()
+        answer = store.start_decrypt(key_id, ciphertext, algorithm, UNWRAPPABLE_STATES)
+        if answer is None:
+            return await threads.run(self._unwrap_sync, key_id, ciphertext, algorithm)
+        try:
+            return await answer
+        except KeyStoreError as exc:
+            raise keystore_unavailable(exc) from None
+        finally:
+            if self.observer:
+                self.observer.keystore_op(self.store.backend, "decrypt", time.perf_counter() - started)
+
     async def unwrap(self, ctx: RequestContext, key_id: str, ciphertext: bytes, algorithm: Algorithm) -> bytes:
         started = time.perf_counter()
         error: BaseException | None = None
@@ -242,6 +265,10 @@ class KeyService:
                 raise _bad_length(len(ciphertext))
             if self.admission is None:
                 return await self.run(self._unwrap_in_store, key_id, ciphertext, algorithm)  # run() translates
+            if self.awaited is not None:
+                return await self.admission.run_awaited(
+                    ctx.route, started, 1,
+                    functools.partial(self._unwrap_awaited, *self.awaited, key_id, ciphertext, algorithm))
             return await self.admission.run(ctx.route, started, 1, self._unwrap_sync, key_id, ciphertext,
                                             algorithm)
         except BaseException as exc:
@@ -391,8 +418,13 @@ def in_store(func: Callable[..., T], *args: Any) -> T:
     try:
         return func(*args)
     except KeyStoreError as exc:
-        log.error("key store error: %s", exc)
-        raise Unavailable("key store unavailable", code="keystore_unavailable") from None
+        raise keystore_unavailable(exc) from None
+
+
+def keystore_unavailable(exc: KeyStoreError) -> Unavailable:
+    """What a caller learns of a KeyStoreError; the log has the cause."""
+    log.error("key store error: %s", exc)
+    return Unavailable("key store unavailable", code="keystore_unavailable")
 
 
 

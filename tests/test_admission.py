@@ -70,6 +70,44 @@ async def test_a_job_that_starts_too_late_is_dropped_unrun() -> None:
     assert admission.outstanding == 0 and admission.shed_count == 1
 
 
+async def test_awaited_operations_run_workers_at_a_time_in_order_and_late_ones_are_refused() -> None:
+    clock = Clock()
+    shed: list[str] = []
+    with threads(1) as pool:
+        admission = Admission(pool, workers=2, deadline_seconds=0.25, on_shed=shed.append, clock=clock)
+        running: list[int] = []
+        started: list[int] = []
+        gates = [asyncio.get_running_loop().create_future() for _ in range(4)]
+
+        async def operation(n: int) -> int:
+            running.append(n)
+            started.append(n)
+            try:
+                return await gates[n]
+            finally:
+                running.remove(n)
+
+        def job(n: int) -> Callable[[], asyncio.Future[int]]:
+            return lambda: asyncio.ensure_future(operation(n))
+
+        tasks = [asyncio.ensure_future(admission.run_awaited("platform", clock.now, 1, job(n))) for n in range(3)]
+        await asyncio.sleep(0.01)
+        assert started == [0, 1] and admission.outstanding == 3  # the third waits for one of two
+        gates[1].set_result(1)
+        await asyncio.sleep(0.01)
+        assert started == [0, 1, 2]
+        # One that waited past its deadline for its turn is refused unrun.
+        late = asyncio.ensure_future(admission.run_awaited("native", clock.now, 1, job(3)))
+        await asyncio.sleep(0.01)
+        clock.now += 0.3
+        gates[0].set_result(0)
+        with pytest.raises(Unavailable):
+            await late
+        gates[2].set_result(2)
+        assert await asyncio.gather(*tasks) == [0, 1, 2]
+    assert started == [0, 1, 2] and shed == ["native"] and admission.outstanding == 0
+
+
 async def test_moving_average_follows_the_operations() -> None:
     with threads(1) as pool:
         admission = Admission(pool, workers=1, deadline_seconds=1.0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Awaitable
 from typing import Protocol, runtime_checkable
 
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -149,12 +150,30 @@ def usable_record(store: KeyStore, key_id: str, algorithm: Algorithm,
                   states: frozenset[KeyState] = UNWRAPPABLE_STATES) -> KeyRecord:
     """The record of a key that may decrypt with `algorithm` now; KeyNotFound, KeyUnusable or
     UnsupportedAlgorithm otherwise, in that order, whoever asks (the service, or a store guarding itself)."""
-    record = store.get_key(key_id)
+    return check_usable(store, store.get_key(key_id), algorithm, states)
+
+
+def check_usable(store: KeyStore, record: KeyRecord, algorithm: Algorithm,
+                 states: frozenset[KeyState] = UNWRAPPABLE_STATES) -> KeyRecord:
+    """usable_record's checks, on a record already in hand."""
     if record.state not in states:
         raise key_unusable(record)
     if algorithm not in store.supported_algorithms():
         raise UnsupportedAlgorithm(f"this key store does not support {algorithm.value}")
     return record
+
+
+@runtime_checkable
+class StartsDecrypts(Protocol):
+    """A store whose private-key operation runs outside this process (an HSM's worker processes), so that a
+    server can await it on its event loop: no thread waits on the token, and none is woken to hand the answer
+    back (a hand-off costs both threads a wake-up and a context switch each way)."""
+
+    def start_decrypt(self, key_id: str, ciphertext: bytes, algorithm: Algorithm,
+                      states: frozenset[KeyState]) -> Awaitable[bytes] | None:
+        """Checks the key as usable_record(states) does, sends the operation and returns its answer to await.
+        None when that cannot be done at once without blocking (the key not in memory yet, no worker free, a
+        padding whose answer may need more token calls): the caller then calls decrypt() on a thread."""
 
 
 def check_ciphertext_length(ciphertext: bytes, key_bits: int) -> None:

@@ -8,6 +8,7 @@ the store down until the configuration is fixed: a real HSM locks a user after a
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import multiprocessing
@@ -202,21 +203,87 @@ class WorkerPool:
         log.info("HSM worker %d (pid %s) logged in to token %r", slot.index,
                  self.token_info.get("pid"), self.token_info.get("label"))
 
+    def send_nowait(self, op: Op, *args: Any) -> _Slot | None:
+        """Sends `op` to a worker that is idle and running, without waiting; its answer comes from `answer()`.
+        None when there is none (all busy, or one must be started first): the caller takes `call()` instead."""
+        if self._closed or self.fatal is not None:
+            return None
+        try:
+            slot = self._idle.get_nowait()
+        except queue.Empty:
+            return None
+        conn = slot.conn
+        if conn is None or slot.epoch != self._epoch:
+            self._idle.put(slot)
+            return None
+        try:
+            conn.send((op.value, args))
+        except (OSError, ValueError):
+            self._idle.put(slot)  # the worker is gone: call() on it starts another
+            return None
+        return slot
+
+    async def answer(self, slot: _Slot, op: Op) -> Any:
+        """Awaits on the event loop the answer of an `op` that send_nowait() gave `slot`, then checks the worker
+        back in. No thread waits: the loop watches the worker's pipe. A worker that does not answer within the
+        operation timeout, or whose caller gave up, is stopped (the next call starts another)."""
+        loop = asyncio.get_running_loop()
+        conn = slot.conn
+        answered: asyncio.Future[bool] = loop.create_future()
+
+        def settle(readable: bool) -> None:
+            if not answered.done():
+                answered.set_result(readable)
+
+        try:
+            if conn is None:
+                raise KeyStoreError("HSM worker is not running")
+            fd = conn.fileno()
+            loop.add_reader(fd, settle, True)
+            timer = loop.call_later(self.op_timeout, settle, False)
+            try:
+                readable = await answered
+            finally:
+                loop.remove_reader(fd)
+                timer.cancel()
+            if not readable:
+                self._stop(slot, graceful=False)
+                self._token_failed(slot, f"HSM worker {slot.index} did not answer {op} within "
+                                         f"{self.op_timeout:.0f} s")
+            return self._interpret(slot, op, self._receive(slot, op))
+        except asyncio.CancelledError:
+            self._stop(slot, graceful=False)  # its answer would be read by the next caller
+            raise
+        finally:
+            self._idle.put(slot)
+
+    def _receive(self, slot: _Slot, op: Op) -> Any:
+        conn = slot.conn
+        try:
+            if conn is None:
+                raise EOFError
+            return conn.recv()
+        except (EOFError, OSError, ValueError):
+            code = slot.process.exitcode if slot.process is not None else None
+            self._stop(slot, graceful=False)
+            self._failed_attempt()
+            raise KeyStoreError(f"HSM worker {slot.index} died during {op} (exit code {code})") from None
+
     def _roundtrip(self, slot: _Slot, op: Op, args: tuple[Any, ...], timeout: float) -> Any:
         conn = slot.conn
         if conn is None:
             raise KeyStoreError("HSM worker is not running")
         try:
             conn.send((op.value, args))
-            if not conn.poll(timeout):
-                self._stop(slot, graceful=False)
-                self._token_failed(slot, f"HSM worker {slot.index} did not answer {op} within {timeout:.0f} s")
-            reply = conn.recv()
-        except (EOFError, OSError, ValueError):
-            code = slot.process.exitcode if slot.process is not None else None
+            answered = conn.poll(timeout)
+        except (OSError, ValueError):
+            answered = True  # _receive reports the dead worker
+        if not answered:
             self._stop(slot, graceful=False)
-            self._failed_attempt()
-            raise KeyStoreError(f"HSM worker {slot.index} died during {op} (exit code {code})") from None
+            self._token_failed(slot, f"HSM worker {slot.index} did not answer {op} within {timeout:.0f} s")
+        return self._interpret(slot, op, self._receive(slot, op))
+
+    def _interpret(self, slot: _Slot, op: Op, reply: Any) -> Any:
         if reply[0] == OK:
             return reply[1]
         kind, text = Fail(reply[1]), reply[2]

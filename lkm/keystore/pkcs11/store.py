@@ -12,7 +12,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,7 +39,7 @@ from lkm.keys import (
     public_der_pkcs1,
     utcnow,
 )
-from lkm.keystore import HELD_STATES, check_ciphertext_length, synthetic_plaintext, usable_record
+from lkm.keystore import HELD_STATES, check_ciphertext_length, check_usable, synthetic_plaintext, usable_record
 from lkm.keystore.pkcs11.meta import BACKEND, doc_from_record, record_from_meta
 from lkm.keystore.pkcs11.pool import WorkerPool
 from lkm.keystore.pkcs11.protocol import (
@@ -259,6 +259,24 @@ class Pkcs11KeyStore:
             return self.synthetic_plaintext(record.id, ciphertext, PKCS1_PLAINTEXT_BYTES)
         return plaintext
 
+    def start_decrypt(self, key_id: str, ciphertext: bytes, algorithm: Algorithm,
+                      states: frozenset[KeyState]) -> Awaitable[bytes] | None:
+        """StartsDecrypts: the operation goes to an idle worker's pipe at once; the caller's event loop awaits
+        the answer. PKCS#1 v1.5 stays on decrypt(): a rejected padding's answer may need the secret's token call."""
+        record = self._records.get(key_id)
+        if record is None or algorithm is Algorithm.RSA_PKCS1_V1_5:
+            return None
+        check_usable(self, record, algorithm, states)
+        check_ciphertext_length(ciphertext, self._key_bits(record))
+        slot = self._pool.send_nowait(Op.DECRYPT, record.id, ciphertext, algorithm.value)
+        return None if slot is None else self._answer_of(slot, Op.DECRYPT)
+
+    async def _answer_of(self, slot: Any, op: Op) -> Any:
+        try:
+            return await self._pool.answer(slot, op)
+        except WorkerFailure as remote:
+            raise self._failure(op, remote) from None
+
     def synthetic_plaintext(self, key_id: str, ciphertext: bytes, length: int) -> bytes:
         secret = self._rejection_secret
         if secret is None:
@@ -323,22 +341,27 @@ class Pkcs11KeyStore:
         try:
             return self._pool.call(op, *args, timeout=timeout)
         except WorkerFailure as remote:
-            kind, text = remote.kind, remote.text
+            raise self._failure(op, remote) from None
+
+    @staticmethod
+    def _failure(op: Op, remote: WorkerFailure) -> Exception:
+        """The lkm error a worker's failure answer means."""
+        kind, text = remote.kind, remote.text
         if kind is Fail.NOT_FOUND:
-            raise KeyNotFound()
+            return KeyNotFound()
         if kind is Fail.DESTROYED:
-            raise KeyUnusable("key has been destroyed", code="key_destroyed")
+            return KeyUnusable("key has been destroyed", code="key_destroyed")
         if kind is Fail.DECRYPT_FAILED:
-            raise DecryptionFailed()
+            return DecryptionFailed()
         if kind is Fail.REJECTED:
-            raise _Rejected()
+            return _Rejected()
         if kind is Fail.CONFLICT:
-            raise Conflict(text, code="key_exists")
+            return Conflict(text, code="key_exists")
         if kind is Fail.ILLEGAL:
-            raise IllegalTransition(text)
+            return IllegalTransition(text)
         if kind is Fail.IMPORT_REFUSED:
-            raise Conflict(f"this key store cannot import the key: {text}", code="import_unsupported")
-        raise KeyStoreError(text or f"HSM error during {op.value}")
+            return Conflict(f"this key store cannot import the key: {text}", code="import_unsupported")
+        return KeyStoreError(text or f"HSM error during {op.value}")
 
 
 class _Rejected(Exception):

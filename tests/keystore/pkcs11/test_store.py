@@ -7,6 +7,7 @@ The behaviour shared with the file store (create, list, errors, vectors, ...) is
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -228,6 +229,58 @@ def test_a_reused_handle_never_decrypts_with_another_key(pkcs11_store: Pkcs11Key
     answers = json.loads(done.stdout)
     assert answers == {"RSA-OAEP-SHA1": secrets["RSA-OAEP-SHA1"].hex(), "RSA-OAEP-SHA1 handle": True,
                        "RSA-PKCS1-V1_5": secrets["RSA-PKCS1-V1_5"].hex(), "RSA-PKCS1-V1_5 handle": True}
+
+
+async def test_an_unwrap_is_awaited_on_the_loop_without_a_thread(pkcs11_store: Pkcs11KeyStore,
+                                                                 generated: str) -> None:
+    """start_decrypt sends to an idle worker's pipe and the loop awaits the answer; what it cannot start at once
+    is left to decrypt() (None)."""
+    from lkm.keystore import UNWRAPPABLE_STATES, StartsDecrypts
+
+    assert isinstance(pkcs11_store, StartsDecrypts)
+    pkcs11_store.get_key(generated)  # in memory
+    secrets = [os.urandom(32) for _ in range(6)]
+    calls_before = threading.active_count()
+    answers = [pkcs11_store.start_decrypt(generated, wrap(pkcs11_store, generated, secret), Algorithm.RSA_OAEP_SHA1,
+                                          UNWRAPPABLE_STATES) for secret in secrets]
+    # Two workers: two operations start, the rest would have to wait for one.
+    assert [answer is not None for answer in answers] == [True, True, False, False, False, False]
+    assert await asyncio.gather(*(a for a in answers if a is not None)) == secrets[:2]
+    assert threading.active_count() == calls_before  # no thread was started to wait on the token
+    broken = bytearray(wrap(pkcs11_store, generated, secrets[0]))
+    broken[-1] ^= 1
+    failing = pkcs11_store.start_decrypt(generated, bytes(broken), Algorithm.RSA_OAEP_SHA1, UNWRAPPABLE_STATES)
+    assert failing is not None
+    with pytest.raises(DecryptionFailed):
+        await failing
+    pkcs1 = wrap(pkcs11_store, generated, secrets[0], Algorithm.RSA_PKCS1_V1_5)
+    assert pkcs11_store.start_decrypt(generated, pkcs1, Algorithm.RSA_PKCS1_V1_5, UNWRAPPABLE_STATES) is None
+    assert pkcs11_store.start_decrypt(str(uuid.uuid4()), pkcs1, Algorithm.RSA_OAEP_SHA1, UNWRAPPABLE_STATES) is None
+    # The workers are back in the pool: the blocking path still works.
+    assert pkcs11_store.decrypt(generated, wrap(pkcs11_store, generated, secrets[1]),
+                                Algorithm.RSA_OAEP_SHA1) == secrets[1]
+
+
+async def test_a_worker_that_dies_under_an_awaited_unwrap_fails_it_and_is_replaced(
+        module_token: SoftHsmToken) -> None:
+    from lkm.keystore import UNWRAPPABLE_STATES
+
+    store = module_token.store(pool_size=1, retry_interval=0.0)
+    try:
+        key_id = store.create_key(state=KeyState.ACTIVE).id
+        (pid,) = store.worker_pids()
+        os.kill(pid, signal.SIGSTOP)  # the operation is sent, then its worker dies before answering
+        answer = store.start_decrypt(key_id, wrap(store, key_id, b"x" * 32), Algorithm.RSA_OAEP_SHA1,
+                                     UNWRAPPABLE_STATES)
+        assert answer is not None
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(KeyStoreError, match="died during decrypt"):
+            await answer
+        secret = os.urandom(32)
+        assert store.decrypt(key_id, wrap(store, key_id, secret), Algorithm.RSA_OAEP_SHA1) == secret
+        assert store.worker_pids() != [pid]
+    finally:
+        store.close()
 
 
 def test_raw_bench_loops_inside_the_sessions(pkcs11_store: Pkcs11KeyStore, generated: str) -> None:
