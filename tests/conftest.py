@@ -39,7 +39,12 @@ from lkm.hawk_credentials import load_credentials_file, mint_credential
 from lkm.keys import KeyRecord, KeyState, generate_private_key, load_public_pkcs1, new_key_id
 from lkm.keystore.file import FileKeyStore
 from lkm.server import LkmServer
+
+# Shared with every test module from here, once: a module that imported them again would get its own
+# session-scoped instances (a second SoftHSM2 directory exported as SOFTHSM2_CONF under the first one's tokens,
+# a second PostgreSQL cluster).
 from tests.hsm import module_token, pkcs11_store, softhsm_conf, softhsm_token  # noqa: F401 - shared fixtures
+from tests.pg import pg_cluster, pg_dsn  # noqa: F401 - shared fixtures
 
 VECTORS = json.loads((Path(__file__).parent / "vectors" / "genesys-sample.json").read_text()) \
     if (Path(__file__).parent / "vectors" / "genesys-sample.json").exists() else {"vectors": []}

@@ -5,7 +5,7 @@ is exported as SOFTHSM2_CONF for the whole session, so HSM worker processes, whi
 they are spawned, always see the same configuration. Tests tell tokens apart by label; a test that simulates a
 removed token moves that token's own directory away, leaving the others alone.
 
-Tests import the fixtures they use: `from tests.hsm import pkcs11_store, softhsm_token`.
+tests/conftest.py shares the fixtures with every test; a test module must not import them again (see there).
 Without softhsm2-util, HSM tests fail when CI is set (they must run there) and are skipped elsewhere.
 """
 

@@ -9,7 +9,7 @@ socket in its directory (for the tests' own administration) and on a free TCP po
 authentication (what lkm uses, as in production). PostgreSQL refuses to run as root, so under root (CI) the
 cluster runs as an unprivileged user (`lkmtest`, created when absent) via runuser.
 
-Tests import the fixtures they use: `from tests.pg import pg_cluster, pg_dsn`.
+tests/conftest.py shares the fixtures with every test; a test module must not import them again (see there).
 Without PostgreSQL's server binaries, these tests fail when CI is set (they must run there; tests/run installs
 them) and are skipped elsewhere.
 """

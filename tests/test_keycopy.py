@@ -13,12 +13,9 @@ import yaml
 from lkm.keys import PADDINGS, Algorithm, KeyRecord, KeyState
 from lkm.keystore.file import FileKeyStore
 from lkm.keystore.postgresql import PostgresKeyStore
-from tests import pg
 from tests.conftest import Pki, base_config, pooled_key
 from tests.lkmcli import lkm, lkm_here
 from tests.pg import PgCluster
-
-pg_cluster, pg_dsn = pg.pg_cluster, pg.pg_dsn  # the throwaway PostgreSQL's fixtures, used here
 
 PG_PASSPHRASE = "another horse battery staple"
 BACKUP_PASSPHRASE = "correct horse battery staple backup"

@@ -11,10 +11,10 @@ from lkm import backup, lifecycle
 from lkm.errors import KeyUnusable
 from lkm.keys import Algorithm, KeyState, utcnow
 from tests.conftest import OAEP_SHA1, wrap
-from tests.hsm import SoftHsmToken, softhsm_conf, softhsm_token  # noqa: F401 - fixtures
+from tests.hsm import SoftHsmToken
 
 
-def test_rotation_destruction_and_backup_on_an_hsm(softhsm_token: SoftHsmToken, tmp_path: Path) -> None:  # noqa: F811
+def test_rotation_destruction_and_backup_on_an_hsm(softhsm_token: SoftHsmToken, tmp_path: Path) -> None:
     store = softhsm_token.store()
     try:
         first = lifecycle.create_key(store, registration=False)

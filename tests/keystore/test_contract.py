@@ -43,8 +43,6 @@ from lkm.keys import (
 from lkm.keystore import KeyStore, RecordImporting, SyntheticAnswers
 from lkm.keystore.file import FileKeyStore
 from tests.conftest import pooled_key
-from tests.hsm import module_token, softhsm_conf  # noqa: F401 - fixtures
-from tests.pg import pg_cluster  # noqa: F401 - fixture
 
 VECTORS = json.loads((Path(__file__).parent.parent / "vectors" / "genesys-sample.json").read_text())["vectors"]
 # The sample's vectors carry no key ids: these are ours, fixed so that a failure names the same key every run.

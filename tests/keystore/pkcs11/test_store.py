@@ -3,8 +3,6 @@
 The behaviour shared with the file store (create, list, errors, vectors, ...) is in tests/keystore/test_contract.py.
 """
 
-# ruff: noqa: F811 - the fixtures imported from tests.hsm are used as test parameters
-
 from __future__ import annotations
 
 import asyncio
@@ -29,16 +27,7 @@ from lkm.errors import Conflict, DecryptionFailed, KeyStoreError, KeyUnusable, U
 from lkm.keys import PADDINGS, Algorithm, KeyState, load_private_key_any
 from lkm.keystore import KeyStore
 from lkm.keystore.pkcs11 import Pkcs11KeyStore
-from tests.hsm import (  # noqa: F401 - fixtures
-    MAKE_TOKEN,
-    SoftHsmToken,
-    create_token,
-    module_token,
-    pkcs11_store,
-    require_softhsm,
-    softhsm_conf,
-    softhsm_token,
-)
+from tests.hsm import MAKE_TOKEN, SoftHsmToken, create_token, require_softhsm
 
 pytestmark = pytest.mark.hsm
 
