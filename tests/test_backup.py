@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 
 from lkm import backup
-from lkm.keys import KeyState, load_private_key_any
+from lkm.keys import KeyState
 from lkm.keystore.file import FileKeyStore
-from tests.conftest import VECTORS, Pki, b64, base_config, start_server, wrap, write_config
+from tests.conftest import VECTORS, Pki, b64, base_config, start_server, vector_key, wrap, write_config
 from tests.lkmcli import lkm_here
 
 V0, V1 = "3f0c8c1e-6a55-4a4e-9a0e-2b8f2f1f6d11", "8d6c1f0a-2b3e-4c5d-8e9f-0a1b2c3d4e5f"
@@ -155,7 +155,7 @@ class MetadataOnly:
 @pytest.mark.slow
 def test_an_hsm_store_is_backed_up_as_metadata_only(tmp_path: Path) -> None:
     source = FileKeyStore(tmp_path / "hsm", b"pass phrase one")
-    key = load_private_key_any(VECTORS["vectors"][0]["private_key_pkcs1_der_b64"].encode())
+    key = vector_key(0)
     source.import_key(V0, key, state=KeyState.ACTIVE)
     hsm: Any = MetadataOnly(source)
     bundle = backup.create_backup(hsm, tmp_path / "meta.lkmbackup", PASSPHRASE.encode())

@@ -18,7 +18,7 @@ from lkm.keystore import (
     usable_record,
 )
 from lkm.keystore.file import FileKeyStore
-from tests.keystore.test_contract import vector_key
+from tests.conftest import vector_key
 
 
 @pytest.fixture(scope="module")

@@ -36,13 +36,12 @@ from lkm.keys import (
     ImportRejected,
     KeyRecord,
     KeyState,
-    load_private_key_any,
     public_der_pkcs1,
     public_pkcs1_b64,
 )
 from lkm.keystore import KeyStore, RecordImporting, SyntheticAnswers
 from lkm.keystore.file import FileKeyStore
-from tests.conftest import pooled_key
+from tests.conftest import pooled_key, vector_key
 from tests.hsm import module_token, softhsm_conf  # noqa: F401 - fixtures
 from tests.pg import pg_cluster  # noqa: F401 - fixture
 
@@ -102,11 +101,6 @@ def another(backend: Backend) -> Iterator[KeyStore]:
     store = backend.open_another()
     yield store
     store.close()
-
-
-def vector_key(name: str) -> rsa.RSAPrivateKey:
-    vector = next(v for v in VECTORS if v["name"] == name)
-    return load_private_key_any(vector["private_key_pkcs1_der_b64"].encode())
 
 
 def imported(store: KeyStore, name: str = "oaep-sha1") -> KeyRecord:

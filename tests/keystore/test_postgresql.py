@@ -22,8 +22,7 @@ from lkm.keystore.health import ReportsHealth, StoreStatus
 from lkm.keystore.postgresql import PostgresKeyStore
 from lkm.keystore.postgresql.hawk import ClusterHawk
 from lkm.keystore.postgresql.schema import CODE_VERSION, schema_version
-from tests.conftest import pooled_key
-from tests.keystore.test_contract import vector_key
+from tests.conftest import pooled_key, vector_key
 from tests.pg import PgCluster
 
 PASSPHRASE = b"correct horse battery staple"
