@@ -170,7 +170,9 @@ PASSPHRASE = "correct horse battery staple"
 
 
 # The scrypt cost of the stores the test servers use: every server start and CLI call derives the master key,
-# 80 ms at the production cost. Tests of the file store itself (FileKeyStore(path, passphrase)) keep that cost.
+# 80 ms at the production cost. A test that makes a store itself passes scrypt_n=TEST_SCRYPT_N (the file store,
+# PostgresKeyStore; tests.pg.seed_pg_store for a database servers then open) unless it is about the KDF or the
+# production cost: test_sealing, the wrong-passphrase tests, and the stores made from settings or by dev mode.
 TEST_SCRYPT_N = 2**10
 
 
