@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 
 from lkm import backup
-from lkm.keys import KeyState, load_private_key_any
+from lkm.keys import KeyState
 from lkm.keystore.file import FileKeyStore
-from tests.conftest import VECTORS, Pki, b64, base_config, start_server, wrap, write_config
+from tests.conftest import TEST_SCRYPT_N, VECTORS, Pki, b64, base_config, start_server, vector_key, wrap, write_config
 from tests.lkmcli import lkm_here
 
 V0, V1 = "3f0c8c1e-6a55-4a4e-9a0e-2b8f2f1f6d11", "8d6c1f0a-2b3e-4c5d-8e9f-0a1b2c3d4e5f"
@@ -131,7 +131,7 @@ def test_restore_never_overwrites_a_different_key(tmp_path: Path, certs: Pki, co
     assert result.returncode == 1
     assert f"{V0}: skipped (identical key already present)" in result.stdout
     assert f"{V1}: refused (a different key has this id in the store; left untouched)" in result.stdout
-    store = FileKeyStore(tmp_path / "other" / "keys", b"correct horse battery staple")
+    store = FileKeyStore(tmp_path / "other" / "keys", b"correct horse battery staple", scrypt_n=TEST_SCRYPT_N)
     try:
         assert store.get_key(V1).public_key_der == store.get_key(V0).public_key_der  # still the other key
     finally:
@@ -154,15 +154,15 @@ class MetadataOnly:
 
 @pytest.mark.slow
 def test_an_hsm_store_is_backed_up_as_metadata_only(tmp_path: Path) -> None:
-    source = FileKeyStore(tmp_path / "hsm", b"pass phrase one")
-    key = load_private_key_any(VECTORS["vectors"][0]["private_key_pkcs1_der_b64"].encode())
+    source = FileKeyStore(tmp_path / "hsm", b"pass phrase one", scrypt_n=TEST_SCRYPT_N)
+    key = vector_key(0)
     source.import_key(V0, key, state=KeyState.ACTIVE)
     hsm: Any = MetadataOnly(source)
     bundle = backup.create_backup(hsm, tmp_path / "meta.lkmbackup", PASSPHRASE.encode())
     assert not bundle.private_keys and [k.private_key for k in bundle.keys] == [None]
     read = backup.read_backup(tmp_path / "meta.lkmbackup", PASSPHRASE.encode())
     assert read.keys[0].record.id == V0 and read.backend == "pkcs11"
-    target = FileKeyStore(tmp_path / "target", b"pass phrase two")
+    target = FileKeyStore(tmp_path / "target", b"pass phrase two", scrypt_n=TEST_SCRYPT_N)
     [result] = backup.restore_backup(target, read)
     assert result.outcome == "not restored" and "HSM" in result.reason
     assert target.list_keys() == []

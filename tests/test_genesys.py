@@ -12,9 +12,9 @@ import pytest
 
 from lkm.config import load_settings
 from lkm.hawk import HawkCredential
-from lkm.keys import KeyRecord, KeyState, load_private_key_any, public_pkcs1_b64
+from lkm.keys import KeyRecord, KeyState, public_pkcs1_b64
 from lkm.keystore.file import FileKeyStore
-from tests.conftest import VECTORS, Pki, Running, b64, eventually, start_server, wrap
+from tests.conftest import Pki, Running, b64, eventually, start_server, vector_key, wrap
 from tests.lkmcli import lkm_here
 from tests.standin_platform import CONFIG_ID, StandinPlatform
 
@@ -24,7 +24,7 @@ PENDING_ID = "8d6c1f0a-2b3e-4c5d-8e9f-0a1b2c3d4e5f"
 
 def import_old_active(running: Running) -> KeyRecord:
     """The key the platform uses today; imported from the public test vectors, which costs no key generation."""
-    key = load_private_key_any(VECTORS["vectors"][0]["private_key_pkcs1_der_b64"].encode())
+    key = vector_key(0)
     record: KeyRecord = running.store.import_key(OLD_ID, key, state=KeyState.ACTIVE)
     return record
 
@@ -200,7 +200,7 @@ async def test_keys_left_pending_are_registered_at_start(
     assert settings.keystore.path is not None and settings.keystore.passphrase is not None
     store = FileKeyStore(settings.keystore.path, settings.keystore.passphrase.read_bytes())
     for index, (key_id, state) in enumerate(((OLD_ID, KeyState.ACTIVE), (PENDING_ID, KeyState.PENDING_ACTIVATION))):
-        key = load_private_key_any(VECTORS["vectors"][index]["private_key_pkcs1_der_b64"].encode())
+        key = vector_key(index)
         store.import_key(key_id, key, state=state)
     store.close()
     async with start_server(tmp_path, certs, config) as running:

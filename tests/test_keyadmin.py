@@ -17,9 +17,9 @@ import pytest
 
 from lkm.config import load_settings
 from lkm.hawk_credentials import mint_credential
-from lkm.keys import KeyRecord, KeyState, load_private_key_any, utcnow
+from lkm.keys import KeyRecord, KeyState, utcnow
 from lkm.keystore.file import FileKeyStore
-from tests.conftest import VECTORS, Pki, eventually, start_server
+from tests.conftest import Pki, eventually, start_server, vector_key
 
 OLD_ID = "3f0c8c1e-6a55-4a4e-9a0e-2b8f2f1f6d11"
 
@@ -31,7 +31,7 @@ def open_store(config: Path) -> FileKeyStore:
 
 
 def overdue_key(store: FileKeyStore, age: timedelta) -> KeyRecord:
-    key = load_private_key_any(VECTORS["vectors"][0]["private_key_pkcs1_der_b64"].encode())
+    key = vector_key(0)
     record = store.import_key(OLD_ID, key, state=KeyState.ACTIVE)
     return store.save_record(record.with_changes(created=utcnow() - age))
 

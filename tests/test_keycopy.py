@@ -13,7 +13,7 @@ import yaml
 from lkm.keys import PADDINGS, Algorithm, KeyRecord, KeyState
 from lkm.keystore.file import FileKeyStore
 from lkm.keystore.postgresql import PostgresKeyStore
-from tests.conftest import Pki, base_config, pooled_key
+from tests.conftest import TEST_SCRYPT_N, Pki, base_config, pooled_key
 from tests.lkmcli import lkm, lkm_here
 from tests.pg import PgCluster
 
@@ -50,7 +50,7 @@ def comparable(record: KeyRecord) -> tuple[object, ...]:
 @pytest.mark.slow
 def test_migrate_file_to_postgresql_and_back(tmp_path: Path, certs: Pki, pg_dsn: str) -> None:
     source_config = file_config(tmp_path, certs, "file")
-    source = FileKeyStore(tmp_path / "file" / "keys", b"correct horse battery staple")
+    source = FileKeyStore(tmp_path / "file" / "keys", b"correct horse battery staple", scrypt_n=TEST_SCRYPT_N)
     try:
         active = pooled_key(source, KeyState.ACTIVE, "current")
         retired = pooled_key(source, KeyState.RETIRED, "old")
@@ -83,7 +83,7 @@ def test_migrate_file_to_postgresql_and_back(tmp_path: Path, certs: Pki, pg_dsn:
     back_config = file_config(tmp_path, certs, "back")
     back = lkm_here("keys", "migrate", "-c", str(target_config), "--to", str(back_config))
     assert "4 copied" in back.stdout, back.stdout
-    returned = FileKeyStore(tmp_path / "back" / "keys", b"correct horse battery staple")
+    returned = FileKeyStore(tmp_path / "back" / "keys", b"correct horse battery staple", scrypt_n=TEST_SCRYPT_N)
     try:
         assert {r.id: comparable(r) for r in returned.list_keys()} == before
     finally:
@@ -93,11 +93,11 @@ def test_migrate_file_to_postgresql_and_back(tmp_path: Path, certs: Pki, pg_dsn:
 @pytest.mark.slow
 def test_migrate_refuses_a_different_key_under_the_same_id(tmp_path: Path, certs: Pki, pg_dsn: str) -> None:
     source_config = file_config(tmp_path, certs, "file")
-    source = FileKeyStore(tmp_path / "file" / "keys", b"correct horse battery staple")
+    source = FileKeyStore(tmp_path / "file" / "keys", b"correct horse battery staple", scrypt_n=TEST_SCRYPT_N)
     target = PostgresKeyStore(pg_dsn, PG_PASSPHRASE.encode(), listen=False)
     try:
         record = pooled_key(source, KeyState.ACTIVE)
-        other = FileKeyStore(tmp_path / "other", b"x" * 12)
+        other = FileKeyStore(tmp_path / "other", b"x" * 12, scrypt_n=TEST_SCRYPT_N)
         try:
             target.import_key(record.id, other.export_private_key(pooled_key(other, KeyState.ACTIVE).id),
                               state=KeyState.RETIRED)

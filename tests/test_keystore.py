@@ -18,12 +18,12 @@ from lkm.keystore import (
     usable_record,
 )
 from lkm.keystore.file import FileKeyStore
-from tests.keystore.test_contract import vector_key
+from tests.conftest import TEST_SCRYPT_N, vector_key
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> KeyStore:
-    return FileKeyStore(tmp_path_factory.mktemp("ks") / "ks", b"a passphrase for these tests")
+    return FileKeyStore(tmp_path_factory.mktemp("ks") / "ks", b"a passphrase for these tests", scrypt_n=TEST_SCRYPT_N)
 
 
 def _key_in(store: KeyStore, state: KeyState) -> str:

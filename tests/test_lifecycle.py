@@ -3,32 +3,25 @@
 from __future__ import annotations
 
 import base64
-import functools
 import itertools
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric import rsa
 
 from lkm import lifecycle
 from lkm.audit import AuditLog, utc_timestamp
 from lkm.errors import Conflict, IllegalTransition, InvalidRequest, KeyUnusable
-from lkm.keys import Algorithm, KeyRecord, KeyState, load_private_key_any, utcnow
+from lkm.keys import Algorithm, KeyRecord, KeyState, utcnow
 from lkm.keystore.file import FileKeyStore
-from tests.conftest import VECTORS
+from tests.conftest import TEST_SCRYPT_N, VECTORS, vector_key
 
 V0, V1 = "3f0c8c1e-6a55-4a4e-9a0e-2b8f2f1f6d11", "8d6c1f0a-2b3e-4c5d-8e9f-0a1b2c3d4e5f"
 
 
-@functools.cache
-def vector_key(index: int) -> rsa.RSAPrivateKey:
-    return load_private_key_any(VECTORS["vectors"][index]["private_key_pkcs1_der_b64"].encode())
-
-
 @pytest.fixture
 def store(tmp_path: Path) -> FileKeyStore:
-    return FileKeyStore(tmp_path / "keys", b"lifecycle test passphrase")
+    return FileKeyStore(tmp_path / "keys", b"lifecycle test passphrase", scrypt_n=TEST_SCRYPT_N)
 
 
 def add(store: FileKeyStore, index: int, state: KeyState) -> KeyRecord:

@@ -13,8 +13,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from lkm.keys import load_private_key_any, public_der_pkcs1
-from tests.conftest import VECTORS
+from lkm.keys import public_der_pkcs1
+from tests.conftest import VECTORS, vector_key
 from tests.lkmcli import lkm_here
 
 V0, V1 = "3f0c8c1e-6a55-4a4e-9a0e-2b8f2f1f6d11", "8d6c1f0a-2b3e-4c5d-8e9f-0a1b2c3d4e5f"
@@ -44,7 +44,7 @@ def listing(config: str) -> dict[str, str]:
 @pytest.mark.slow
 def test_csv_export_of_the_sample_table(tmp_path: Path, config_factory: Any) -> None:
     config = str(config_factory())
-    v0 = load_private_key_any(vector(0).encode())
+    v0 = vector_key(0)
     rows = [
         (V0, vector(0), public_b64(v0), "2019-05-01 10:00:00"),
         (V1.upper(), vector(1), "", "2020-05-01 10:00:00"),
@@ -83,7 +83,7 @@ def test_csv_export_of_the_sample_table(tmp_path: Path, config_factory: Any) -> 
 @pytest.mark.slow
 def test_json_export_and_existing_ids(tmp_path: Path, config_factory: Any) -> None:
     config = str(config_factory())
-    first = [{"id": V0, "privateKey": vector(0), "publicKey": public_b64(load_private_key_any(vector(0).encode())),
+    first = [{"id": V0, "privateKey": vector(0), "publicKey": public_b64(vector_key(0)),
               "dateCreated": 1556704800000}]
     export = tmp_path / "keypairs.json"
     export.write_text(json.dumps(first))

@@ -18,7 +18,7 @@ from lkm.keys import Algorithm, KeyState
 from lkm.keystore.file import FileKeyStore
 from lkm.roles import Role
 from lkm.service import KeyService, RequestContext, in_store
-from tests.conftest import Running, b64, wrap
+from tests.conftest import TEST_SCRYPT_N, Running, b64, wrap
 from tests.test_lifecycle import V0, VECTORS, add
 
 
@@ -38,7 +38,7 @@ def context(*roles: Role) -> RequestContext:
 
 @pytest.fixture
 def store(tmp_path: Path) -> FileKeyStore:
-    return FileKeyStore(tmp_path / "keys", b"service test passphrase")
+    return FileKeyStore(tmp_path / "keys", b"service test passphrase", scrypt_n=TEST_SCRYPT_N)
 
 
 @pytest.fixture

@@ -6,8 +6,11 @@ import asyncio
 import contextlib
 import json
 import os
+import queue
 import signal
 import socket
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -183,20 +186,43 @@ async def test_sigkill_under_load_leaves_a_complete_audit_trail(tmp_path: Path, 
     assert ok > 0 and len(unwrapped) >= ok  # every 200 has its record
 
 
-def notify_socket(tmp_path: Path) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(tmp_path / "notify.sock"))
-    sock.settimeout(30)
-    return sock
+class NotifySocket:
+    """Where the server's systemd notifications go, read as they come, as systemd does: a datagram socket holds
+    only 10 unread messages (net.unix.max_dgram_qlen), and the server drops one that finds it full. Read only
+    when the test looks, the watchdog's pings during a slow start filled it and READY=1 was lost (the test then
+    waited for it forever, its socket time-out reset by each ping)."""
 
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.messages: queue.Queue[list[str]] = queue.Queue()
+        self._closed = threading.Event()
+        self._reader = threading.Thread(target=self._read, name="notify-reader", daemon=True)
+        self._reader.start()
 
-def next_message(sock: socket.socket, wanted: str) -> list[str]:
-    while True:
-        lines = sock.recv(4096).decode().splitlines()
-        if wanted in lines:
-            return lines
+    def _read(self) -> None:
+        while not self._closed.is_set():
+            try:
+                self.messages.put(self.sock.recv(4096).decode().splitlines())
+            except TimeoutError:
+                continue
 
+    def next_message(self, wanted: str, within: float = 30.0) -> list[str]:
+        """The next message with the line `wanted`, after the messages before it."""
+        deadline = time.monotonic() + within
+        while True:
+            lines = self.messages.get(timeout=max(0.0, deadline - time.monotonic()))
+            if wanted in lines:
+                return lines
 
+    def __enter__(self) -> NotifySocket:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._closed.set()
+        self._reader.join()
+        self.sock.close()
 
 
 @pytest.mark.parametrize("workers", [1, WORKERS])
@@ -206,9 +232,10 @@ async def test_systemd_hears_ready_reloading_and_stopping_and_sighup_renews_cert
     config = write_config(tmp_path, base_config(tmp_path, certs, **{"limits.workers": workers}))
     credential, record = prepare(config)
     notify_env = {"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "400000"}
-    with notify_socket(tmp_path) as notify, ServeProcess(config, tmp_path / "serve.log", env=notify_env) as server:
-        assert "READY=1" in next_message(notify, "READY=1")
-        next_message(notify, "WATCHDOG=1")  # pinged every 0.2 s, half the timeout
+    with NotifySocket(tmp_path / "notify.sock") as notify, \
+            ServeProcess(config, tmp_path / "serve.log", env=notify_env) as server:
+        assert "READY=1" in notify.next_message("READY=1")
+        notify.next_message("WATCHDOG=1")  # pinged every 0.2 s, half the timeout
         old = await peer_serial(server.urls["platform"], certs.ca_file)
         async with aiohttp.ClientSession() as keep_alive:  # one connection, made before the renewal
             client = PlatformClient(keep_alive, server.urls["platform"] + "/key-management/v1/decrypt", credential,
@@ -217,15 +244,15 @@ async def test_systemd_hears_ready_reloading_and_stopping_and_sighup_renews_cert
             renewed = pki.issue(certs.ca, "localhost", server=True, dns=("localhost",), ips=("127.0.0.1",))
             renewed.write(certs.dir / "server.pem", certs.dir / "server-key.pem")
             server.signal(signal.SIGHUP)
-            reloading = next_message(notify, "RELOADING=1")
+            reloading = notify.next_message("RELOADING=1")
             assert any(line.startswith("MONOTONIC_USEC=") for line in reloading)
-            assert "STATUS=reloaded" in next_message(notify, "READY=1")
+            assert "STATUS=reloaded" in notify.next_message("READY=1")
             serials = {await peer_serial(server.urls["platform"], certs.ca_file) for _ in range(6)}
             assert serials == {renewed.cert.serial_number} and old not in serials
             assert (await client.decrypt(record.id, wrap(record, b"b" * 32))).status == 200
             assert len(keep_alive.connector._conns) == 1
         server.signal(signal.SIGTERM)
-        next_message(notify, "STOPPING=1")
+        notify.next_message("STOPPING=1")
 
 
 async def test_overload_is_shed_with_retry_after_and_counted_across_workers(

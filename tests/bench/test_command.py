@@ -43,7 +43,7 @@ async def test_bench_drives_each_route(running: Running, capsys: pytest.CaptureF
                                        padding: str) -> None:
     running.create_key()
     status, report = await _bench(capsys, *_target_args(running, route), "--route", route, "--padding", padding,
-                                  "--concurrency", "3", "--duration", "1", "--warmup", "0.2", "--batch-size", "5",
+                                  "--concurrency", "3", "--duration", "0.3", "--warmup", "0.1", "--batch-size", "5",
                                   "--verify-every", "1", "--json")
     assert status == 0
     assert report["lkm_bench"] == 1 and report["machine"]["cpus"] >= 1

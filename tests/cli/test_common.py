@@ -24,6 +24,7 @@ from lkm.config import load_settings
 from lkm.hawk_credentials import load_credentials_file
 from lkm.keys import KeyState
 from lkm.keystore.open import open_keystore
+from tests.conftest import seed_keystore
 from tests.lkmcli import LKM, lkm, lkm_here
 
 KILLS = int(os.environ.get("LKM_CRASH_KILLS", "6"))  # LKM_CRASH_KILLS=200 for a long hunt
@@ -128,12 +129,12 @@ def test_no_change_survives_a_crash_without_its_record(tmp_path: Path,
     fresh_settings = load_settings(fresh_config)
     fresh_keys = fresh_settings.keystore.path
     assert fresh_keys is not None
+    seed_keystore(fresh_keys)
     longest = timed(lambda: lkm("backup", "restore", str(bundle), "-c", str(fresh_config), env=env))
     for _ in range(KILLS):
         shutil.rmtree(fresh_keys)
         since = len(records(fresh_settings.audit.path))
-        fresh_keys.mkdir(mode=0o700)
-        (fresh_keys / "keys").mkdir(mode=0o700)
+        seed_keystore(fresh_keys)  # an empty store with the tests' scrypt cost, as every test server's
         kill_at_random(["backup", "restore", str(bundle), "-c", str(fresh_config)], longest, rng,
                        signature(fresh_keys / "keys"), env)
         store = open_keystore(fresh_settings.keystore)

@@ -36,13 +36,12 @@ from lkm.keys import (
     ImportRejected,
     KeyRecord,
     KeyState,
-    load_private_key_any,
     public_der_pkcs1,
     public_pkcs1_b64,
 )
 from lkm.keystore import KeyStore, RecordImporting, SyntheticAnswers
 from lkm.keystore.file import FileKeyStore
-from tests.conftest import pooled_key
+from tests.conftest import TEST_SCRYPT_N, pooled_key, vector_key
 
 VECTORS = json.loads((Path(__file__).parent.parent / "vectors" / "genesys-sample.json").read_text())["vectors"]
 # The sample's vectors carry no key ids: these are ours, fixed so that a failure names the same key every run.
@@ -68,7 +67,7 @@ def backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
         path = tmp_path_factory.mktemp("file-keystore") / "ks"
 
         def opener() -> KeyStore:
-            return FileKeyStore(path, b"passphrase")
+            return FileKeyStore(path, b"passphrase", scrypt_n=TEST_SCRYPT_N)
     elif request.param == "postgresql":
         from lkm.keystore.postgresql import PostgresKeyStore
 
@@ -78,7 +77,7 @@ def backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
         def opener() -> KeyStore:
             # No change listener: refresh() is the contract here, and a listener that heard a change first
             # would have applied it already (notifications are tested in tests/keystore/test_postgresql.py).
-            return PostgresKeyStore(dsn, b"passphrase", listen=False)
+            return PostgresKeyStore(dsn, b"passphrase", listen=False, scrypt_n=TEST_SCRYPT_N)
     else:
         token = request.getfixturevalue("module_token")
 
@@ -100,11 +99,6 @@ def another(backend: Backend) -> Iterator[KeyStore]:
     store = backend.open_another()
     yield store
     store.close()
-
-
-def vector_key(name: str) -> rsa.RSAPrivateKey:
-    vector = next(v for v in VECTORS if v["name"] == name)
-    return load_private_key_any(vector["private_key_pkcs1_der_b64"].encode())
 
 
 def imported(store: KeyStore, name: str = "oaep-sha1") -> KeyRecord:
@@ -150,7 +144,7 @@ def test_check_passes(backend: Backend, another: KeyStore, tmp_path: Path) -> No
     backend.store.check()
     broken: KeyStore
     if isinstance(another, FileKeyStore):
-        file_store = FileKeyStore(tmp_path / "ks", b"passphrase")
+        file_store = FileKeyStore(tmp_path / "ks", b"passphrase", scrypt_n=TEST_SCRYPT_N)
         file_store.check()
         file_store.keys_dir.rename(tmp_path / "keys-gone")
         broken = file_store
@@ -309,7 +303,7 @@ def test_concurrent_decrypts(backend: Backend, created: KeyRecord) -> None:
 def test_import_record_of_a_destroyed_key(backend: Backend, another: KeyStore, tmp_path: Path) -> None:
     if not isinstance(backend.store, RecordImporting):
         pytest.skip(f"the {backend.name} store keeps metadata in the token's objects; nothing to import")
-    source = FileKeyStore(tmp_path / "source", b"passphrase")
+    source = FileKeyStore(tmp_path / "source", b"passphrase", scrypt_n=TEST_SCRYPT_N)
     try:
         record = pooled_key(source, KeyState.PENDING_DESTRUCTION, "gone")
         destroyed = source.destroy_private(record.id)

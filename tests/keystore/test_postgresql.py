@@ -22,8 +22,7 @@ from lkm.keystore.health import ReportsHealth, StoreStatus
 from lkm.keystore.postgresql import PostgresKeyStore
 from lkm.keystore.postgresql.hawk import ClusterHawk
 from lkm.keystore.postgresql.schema import CODE_VERSION, schema_version
-from tests.conftest import pooled_key
-from tests.keystore.test_contract import vector_key
+from tests.conftest import TEST_SCRYPT_N, pooled_key, vector_key
 from tests.pg import PgCluster
 
 PASSPHRASE = b"correct horse battery staple"
@@ -35,7 +34,7 @@ def open_store(pg_dsn: str) -> Iterator[Callable[..., PostgresKeyStore]]:
     opened: list[PostgresKeyStore] = []
 
     def opener(**options: object) -> PostgresKeyStore:
-        store = PostgresKeyStore(pg_dsn, PASSPHRASE, **options)  # type: ignore[arg-type]
+        store = PostgresKeyStore(pg_dsn, PASSPHRASE, **{"scrypt_n": TEST_SCRYPT_N, **options})  # type: ignore[arg-type]
         opened.append(store)
         return store
 

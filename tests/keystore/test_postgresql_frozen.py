@@ -14,8 +14,9 @@ import yaml
 from lkm.freeze import FreezeMode, new_entry
 from lkm.keystore.postgresql import PostgresKeyStore
 from lkm.keystore.postgresql.frozen import ClusterFreezeList
-from tests.conftest import Pki, Running, base_config, start_server, wrap
+from tests.conftest import TEST_SCRYPT_N, Pki, Running, base_config, start_server, wrap
 from tests.lkmcli import lkm_here
+from tests.pg import seed_pg_store
 
 PASSPHRASE = "frozen horse battery staple"
 REFRESH_SECONDS = 2.0
@@ -45,6 +46,7 @@ async def seconds_until(check: object, within: float) -> float:
 
 @pytest.mark.slow
 async def test_a_freeze_reaches_every_server_on_the_database(tmp_path: Path, certs: Pki, pg_dsn: str) -> None:
+    seed_pg_store(pg_dsn, PASSPHRASE)
     configs = [replica_config(tmp_path / f"replica{i}", certs, pg_dsn) for i in (1, 2)]
     async with contextlib.AsyncExitStack() as stack:
         servers: list[Running] = [await stack.enter_async_context(start_server(c.parent, certs, c)) for c in configs]
@@ -93,7 +95,7 @@ async def test_a_freeze_reaches_every_server_on_the_database(tmp_path: Path, cer
 
 
 def test_the_list_survives_a_reopen_and_a_repeated_freeze_changes_nothing(pg_dsn: str) -> None:
-    store = PostgresKeyStore(pg_dsn, PASSPHRASE.encode(), listen=False)
+    store = PostgresKeyStore(pg_dsn, PASSPHRASE.encode(), listen=False, scrypt_n=TEST_SCRYPT_N)
     try:
         frozen = ClusterFreezeList(store)
         assert frozen.put(new_entry("caller-a", FreezeMode.STOP, "operator", "why"))

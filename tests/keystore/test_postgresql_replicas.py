@@ -25,7 +25,7 @@ from lkm.hawk import HawkCredential, sign_request
 from lkm.keys import Algorithm, KeyRecord, KeyState, format_time, new_key_id, utcnow
 from lkm.keystore.postgresql import PostgresKeyStore
 from lkm.lifecycle_safeguards import DESTRUCTION_SCHEDULED_AT, DISABLED_AT
-from tests.conftest import KEY_POOL, Pki, b64, base_config, wrap
+from tests.conftest import KEY_POOL, TEST_SCRYPT_N, Pki, b64, base_config, wrap
 from tests.lkmcli import lkm, lkm_here
 from tests.pg import PgCluster
 from tests.standin_platform import StandinPlatform
@@ -125,7 +125,7 @@ async def test_three_replicas_on_one_database(tmp_path: Path, certs: Pki, pg_dsn
     figures: dict[str, Any] = {}
 
     # An active key older than the rotation period: every replica finds the rotation due when it starts.
-    seed = PostgresKeyStore(pg_dsn, PASSPHRASE.encode(), listen=False)
+    seed = PostgresKeyStore(pg_dsn, PASSPHRASE.encode(), listen=False, scrypt_n=TEST_SCRYPT_N)
     try:
         old = seed.import_key(new_key_id(), KEY_POOL.take(), state=KeyState.ACTIVE, label="overdue")
         seed.save_record(old.with_changes(created=utcnow() - timedelta(hours=2)))
@@ -274,7 +274,7 @@ def test_two_machines_destroy_concurrently(tmp_path: Path, certs: Pki, pg_dsn: s
     dsn_file = tmp_path / "keystore.dsn"
     dsn_file.write_text(pg_dsn + "\n")
     machines = [replica_config(tmp_path, certs, dsn_file, i) for i in range(2)]
-    store = PostgresKeyStore(pg_dsn, PASSPHRASE.encode(), listen=False)
+    store = PostgresKeyStore(pg_dsn, PASSPHRASE.encode(), listen=False, scrypt_n=TEST_SCRYPT_N)
     try:
         doomed = _due_for_destruction(store)
         racers = [_cli("keys", "destroy", doomed.id, "-c", str(config)) for config in machines]
@@ -330,7 +330,7 @@ async def test_registration_runs_once_across_replicas(tmp_path: Path, certs: Pki
     configs = [replica_config(tmp_path, certs, dsn_file, index, {
         "genesys": standin.genesys_config(tmp_path / f"client{index}.secret"),
         "rotation": {"every": "1h"}, "limits.refresh_seconds": 1.0}) for index in range(3)]
-    seed = PostgresKeyStore(pg_dsn, PASSPHRASE.encode(), listen=False)
+    seed = PostgresKeyStore(pg_dsn, PASSPHRASE.encode(), listen=False, scrypt_n=TEST_SCRYPT_N)
     try:
         old = seed.import_key(new_key_id(), KEY_POOL.take(), state=KeyState.ACTIVE, label="overdue")
         seed.save_record(old.with_changes(created=utcnow() - timedelta(hours=2), registered=utcnow()))

@@ -20,9 +20,10 @@ from lkm.keys import KeyState
 from lkm.keystore.open import open_keystore
 from lkm.keystore.postgresql import PostgresKeyStore
 from lkm.keystore.postgresql.schema import CODE_VERSION
+from lkm.keystore.sealed import SCRYPT_N
 from tests.conftest import Pki, b64, eventually, pooled_key, start_server, wrap
 from tests.lkmcli import lkm_here
-from tests.pg import PgCluster
+from tests.pg import PgCluster, seed_pg_store
 
 
 def keystore_section(tmp_path: Path, dsn: str) -> dict[str, object]:
@@ -46,6 +47,9 @@ def test_settings_open_the_store(tmp_path: Path, pg_dsn: str, monkeypatch: pytes
         assert store.get_key(record.id) == record
     finally:
         store.close()
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:  # a store made from settings: the production cost
+        (header,) = conn.execute("SELECT value FROM lkm_meta WHERE name = 'kdf'").fetchone() or (None,)
+    assert header["kdf"]["n"] == SCRYPT_N
     for bad, setting in (({"dsn": pg_dsn}, "keystore.dsn"), ({"pool_min": 4, "pool_max": 2}, "keystore.pool_max"),
                          ({"connect_timeout": 0}, "keystore.connect_timeout")):
         with pytest.raises(ConfigError) as caught:
@@ -59,6 +63,7 @@ async def test_a_server_serves_through_a_database_outage(tmp_path: Path, certs: 
                                                          config_factory: Callable[..., Path],
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LKM_TEST_PG_PASSPHRASE", "correct horse battery staple")
+    seed_pg_store(pg_dsn, "correct horse battery staple")
     config = config_factory(keystore=keystore_section(tmp_path, pg_dsn))
     async with start_server(tmp_path, certs, config) as running:
         admin = running.native("admin")
@@ -102,6 +107,7 @@ async def test_hawk_changes_reach_a_running_server_through_the_notification(
     """`lkm hawk create/list/revoke` on the database (another process, as on another machine): the server
     accepts and then refuses the credential within a second, long before its refresh tick."""
     monkeypatch.setenv("LKM_TEST_PG_PASSPHRASE", "correct horse battery staple")
+    seed_pg_store(pg_dsn, "correct horse battery staple")
     config = config_factory(keystore=keystore_section(tmp_path, pg_dsn), **{"limits.refresh_seconds": 60.0})
     async with start_server(tmp_path, certs, config) as running:
         store = running.server.store

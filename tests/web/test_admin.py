@@ -9,8 +9,8 @@ from datetime import timedelta
 import pytest
 
 from lkm import lifecycle
-from lkm.keys import KeyState, load_private_key_any, public_pkcs1_b64, utcnow
-from tests.conftest import VECTORS, Running, b64, wrap
+from lkm.keys import KeyState, public_pkcs1_b64, utcnow
+from tests.conftest import VECTORS, Running, b64, vector_key, wrap
 
 V0 = "3f0c8c1e-6a55-4a4e-9a0e-2b8f2f1f6d11"
 
@@ -111,7 +111,7 @@ async def test_the_samples_admin_routes(running: Running) -> None:
 
 async def test_a_destroyed_key_says_destroyed_on_both_routes(running: Running) -> None:
     vector = VECTORS["vectors"][0]
-    running.store.import_key(V0, load_private_key_any(vector["private_key_pkcs1_der_b64"].encode()),
+    running.store.import_key(V0, vector_key(0),
                              state=KeyState.RETIRED)
     t0 = utcnow()
     lifecycle.disable(running.store, V0, now=t0)

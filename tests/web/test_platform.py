@@ -14,8 +14,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from lkm.hawk import HawkCredential, sign_request
 from lkm.hawk_credentials import mint_credential
-from lkm.keys import KeyState, load_private_key_any, public_pkcs1_b64
-from tests.conftest import OAEP_SHA1, PKCS1, VECTORS, Running, b64, wrap
+from lkm.keys import KeyState, public_pkcs1_b64
+from tests.conftest import OAEP_SHA1, PKCS1, VECTORS, Running, b64, vector_key, wrap
 
 DECRYPT = "/key-management/v1/decrypt"
 VECTOR_IDS = {"oaep-sha1": "3f0c8c1e-6a55-4a4e-9a0e-2b8f2f1f6d11", "pkcs1-v1_5": "8d6c1f0a-2b3e-4c5d-8e9f-0a1b2c3d4e5f"}
@@ -52,7 +52,7 @@ async def test_platform_plays_a_recording_end_to_end(running: Running) -> None:
 @pytest.mark.parametrize("vector", VECTORS["vectors"], ids=lambda v: v["name"])
 async def test_platform_sample_vectors(running: Running, vector: dict[str, str]) -> None:
     key_id = VECTOR_IDS[vector["name"]]
-    private_key = load_private_key_any(vector["private_key_pkcs1_der_b64"].encode())
+    private_key = vector_key(vector["name"])
     running.store.import_key(key_id, private_key, state=KeyState.RETIRED)
     reply = await running.platform().decrypt(key_id, base64.b64decode(vector["ciphertext_b64"]),
                                              pkcs1=vector["decryptType"] == "pkcs1")

@@ -55,8 +55,10 @@ class PostgresKeyStore(InProcessKeyStore):
     backend = "postgresql"
 
     def __init__(self, dsn: str, passphrase: bytes, *, pool_min: int = 1, pool_max: int = 4,
-                 connect_timeout: float = 5.0, listen: bool = True) -> None:
-        """Connects, migrates the schema, derives the master key and loads every key; raises KeyStoreError."""
+                 connect_timeout: float = 5.0, listen: bool = True, scrypt_n: int = sealed.SCRYPT_N) -> None:
+        """Connects, migrates the schema, derives the master key and loads every key; raises KeyStoreError.
+        `scrypt_n` is the scrypt cost written into the header of a NEW store, as for the file store (a database
+        that has its header keeps the cost recorded there)."""
         self._dsn = dsn
         self._connect_timeout = connect_timeout
         self._conn_kwargs: dict[str, Any] = {
@@ -83,7 +85,7 @@ class PostgresKeyStore(InProcessKeyStore):
             self._pool.open(wait=True, timeout=connect_timeout)
             with self.connection() as conn:
                 migrate(conn)
-                master = sealed.master_key(self._header(conn, passphrase), HEADER_FORMAT, passphrase,
+                master = sealed.master_key(self._header(conn, passphrase, scrypt_n), HEADER_FORMAT, passphrase,
                                            "in the PostgreSQL database")
                 self._aead = AESGCM(master)
                 self._rejection_secret = sealed.rejection_secret(master)
@@ -127,12 +129,12 @@ class PostgresKeyStore(InProcessKeyStore):
         self._mark_degraded(message)
         return KeyStoreError(message)
 
-    def _header(self, conn: psycopg.Connection[Any], passphrase: bytes) -> dict[str, Any]:
+    def _header(self, conn: psycopg.Connection[Any], passphrase: bytes, scrypt_n: int) -> dict[str, Any]:
         row = conn.execute("SELECT value FROM lkm_meta WHERE name = 'kdf'").fetchone()
         if row is None:
             # The first replica writes the header; a second one racing it keeps the winner's.
             conn.execute("INSERT INTO lkm_meta (name, value) VALUES ('kdf', %s) ON CONFLICT (name) DO NOTHING",
-                         (Jsonb(sealed.new_header(HEADER_FORMAT, passphrase)),))
+                         (Jsonb(sealed.new_header(HEADER_FORMAT, passphrase, scrypt_n)),))
             row = conn.execute("SELECT value FROM lkm_meta WHERE name = 'kdf'").fetchone()
         assert row is not None
         header: dict[str, Any] = row[0]

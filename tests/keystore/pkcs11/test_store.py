@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric import rsa
 
 from lkm.config import KeyStoreSettings, SecretRef
 from lkm.errors import Conflict, DecryptionFailed, KeyStoreError, KeyUnusable, UnsupportedAlgorithm
-from lkm.keys import PADDINGS, Algorithm, KeyState, load_private_key_any
+from lkm.keys import PADDINGS, Algorithm, KeyState
 from lkm.keystore import KeyStore
 from lkm.keystore.pkcs11 import Pkcs11KeyStore
+from tests.conftest import vector_key
 from tests.hsm import MAKE_TOKEN, SoftHsmToken, create_token, require_softhsm
 
 pytestmark = pytest.mark.hsm
@@ -83,10 +83,6 @@ def inspect_key(token: SoftHsmToken, key_id: str) -> dict[str, Any]:
     if os.environ.get("LKM_SHOW_ATTRIBUTES"):
         print(done.stdout)  # the attribute check, for the closing note
     return result
-
-
-def vector_key(name: str) -> rsa.RSAPrivateKey:
-    return load_private_key_any(VECTORS[name]["private_key_pkcs1_der_b64"].encode())
 
 
 def wrap(store: KeyStore, key_id: str, secret: bytes, algorithm: Algorithm = Algorithm.RSA_OAEP_SHA1) -> bytes:
