@@ -410,13 +410,25 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     long = [item for item in items if item.get_closest_marker("long") is not None]
     rest = [item for item in items if item.get_closest_marker("long") is None]
     workers = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    # The longest first, each to the worker with the fewest seconds so far (`long(seconds)`: about how long).
+    firsts_of: list[list[pytest.Item]] = [[] for _ in range(workers)]
+    loads = [0.0] * workers
+    for item in sorted(long, key=_long_seconds, reverse=True):
+        least = loads.index(min(loads))
+        firsts_of[least].append(item)
+        loads[least] += _long_seconds(item)
     ordered: list[pytest.Item] = []
     left = len(items)
     for worker in range(workers):
         share = left // (workers - worker)  # worksteal's first split: equal contiguous shares, in worker order
         left -= share
-        firsts = long[worker::workers]
+        firsts = firsts_of[worker]
         others = max(0, share - len(firsts))
         ordered += firsts + rest[:others]
         rest = rest[others:]
     items[:] = ordered + rest
+
+
+def _long_seconds(item: pytest.Item) -> float:
+    marker = item.get_closest_marker("long")
+    return float(marker.args[0]) if marker is not None and marker.args else 5.0

@@ -68,7 +68,7 @@ def dev_server(tmp_path: Path) -> Iterator[dict[str, object]]:
 
 
 @pytest.mark.slow
-@pytest.mark.long
+@pytest.mark.long(6)
 def test_dev_mode_on_softhsm(tmp_path: Path) -> None:
     from tests.hsm import require_softhsm
 

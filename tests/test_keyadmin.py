@@ -67,7 +67,7 @@ async def test_missed_rotation_happens_at_start_and_the_schedule_keeps_rotating(
 
 
 @pytest.mark.slow
-@pytest.mark.long
+@pytest.mark.long(5)
 def test_two_servers_sharing_a_store_rotate_once_per_period(tmp_path: Path,
                                                            config_factory: Callable[..., Path]) -> None:
     # Two servers of two worker processes each: four schedulers look at the same store.

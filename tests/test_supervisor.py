@@ -143,6 +143,7 @@ async def test_a_replayed_request_is_refused_whichever_worker_gets_it_and_cli_ch
         assert await poll(all_unauthorized, within=2.0)
 
 
+@pytest.mark.long(4)
 async def test_sigkill_under_load_leaves_a_complete_audit_trail(tmp_path: Path, certs: Pki,
                                                                config_factory: Callable[..., Path]) -> None:
     config = config_factory(**{"limits.workers": WORKERS})

@@ -19,7 +19,7 @@ from lkm.bench.suite import ONE_CORE, RAW_BESIDE_LOAD, RAW_ONE_CORE, summarize
 
 
 @pytest.mark.slow
-@pytest.mark.long
+@pytest.mark.long(11)
 def test_suite_runs_every_measurement_of_the_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     status = cli.main(["bench", "suite", "--dev-dir", str(tmp_path / "dev"), "--duration", "0.2", "--warmup", "0",
                        "--concurrency", "2", "--keys", "0", "--rounds", "1", "--json"])

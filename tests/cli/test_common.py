@@ -84,7 +84,7 @@ def temps(*directories: Path) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.long
+@pytest.mark.long(7)
 def test_no_change_survives_a_crash_without_its_record(tmp_path: Path,
                                                         config_factory: Callable[..., Path]) -> None:
     rng = random.Random(int(os.environ.get("LKM_CRASH_SEED", "14")))

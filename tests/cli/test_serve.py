@@ -18,7 +18,7 @@ LKM_SCRIPT = Path(sys.executable).parent / "lkm"
 
 
 @pytest.mark.slow
-@pytest.mark.long
+@pytest.mark.long(8)
 def test_banner_names_the_running_lkm_and_demo_follows_the_active_key(tmp_path: Path) -> None:
     dev_dir = tmp_path / "lkm-dev"
     proc = subprocess.Popen([str(LKM_SCRIPT), "serve", "--dev", "--dev-dir", str(dev_dir), "--dev-port-base", "0"],

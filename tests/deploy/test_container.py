@@ -27,7 +27,7 @@ def test_containerfile() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.long
+@pytest.mark.long(6)
 def test_containerfile_install_steps_in_a_fresh_venv(tmp_path: Path) -> None:
     """The image's build steps, run outside a container (no image registry can be reached to pull
     python:3.11-slim here): the same build context, `pip wheel` into a wheel directory, then an offline

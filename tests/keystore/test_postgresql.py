@@ -180,7 +180,7 @@ def test_destruction_is_judged_on_the_database_not_a_stale_view(
 # --- the database going away --------------------------------------------------------------------------------
 
 @pytest.mark.slow
-@pytest.mark.long
+@pytest.mark.long(8)
 def test_unwraps_go_on_while_the_database_is_down(open_store: Callable[..., PostgresKeyStore],
                                                   pg_cluster: PgCluster) -> None:
     store = open_store(connect_timeout=2)

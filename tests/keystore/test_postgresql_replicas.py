@@ -117,7 +117,7 @@ async def until(check: Any, within: float) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.long
+@pytest.mark.long(13)
 async def test_three_replicas_on_one_database(tmp_path: Path, certs: Pki, pg_dsn: str, pg_cluster: PgCluster) -> None:
     dsn_file = tmp_path / "keystore.dsn"
     dsn_file.write_text(pg_dsn + "\n")
@@ -266,6 +266,7 @@ def _finish(proc: subprocess.Popen[str]) -> tuple[int, str]:
     return proc.returncode, out + err
 
 
+@pytest.mark.long(5)
 @pytest.mark.slow
 def test_two_machines_destroy_concurrently(tmp_path: Path, certs: Pki, pg_dsn: str) -> None:
     """Two `lkm keys destroy` on two "machines" (own configuration, one database): exactly one erases the key,
@@ -319,7 +320,7 @@ def _audit(config: Path) -> list[dict[str, Any]]:
 # --- registration with the platform, once across replicas ------------------------------------------------------
 
 @pytest.mark.slow
-@pytest.mark.long
+@pytest.mark.long(7)
 async def test_registration_runs_once_across_replicas(tmp_path: Path, certs: Pki, pg_dsn: str) -> None:
     """Three replicas start together with keys pending activation and an overdue active key (so the scheduled
     rotation makes one more): the stand-in platform sees exactly one registration call per key."""

@@ -181,7 +181,7 @@ async def hold_slow_body(port: int, tls: ssl.SSLContext, source: str, head: byte
 
 
 @pytest.mark.slow
-@pytest.mark.long
+@pytest.mark.long(5)
 async def test_slow_bodies_against_few_descriptors_leave_unwraps_and_readyz_working(
         tmp_path: Path, certs: Pki) -> None:
     import json
@@ -320,7 +320,7 @@ async def hostile(port: int, tls: ssl.SSLContext, payload: bytes, source: str) -
 
 
 @pytest.mark.slow
-@pytest.mark.long
+@pytest.mark.long(11)
 async def test_resident_memory_returns_within_a_bound_after_a_hostile_flood(tmp_path: Path, certs: Pki) -> None:
     import random
 

@@ -367,6 +367,7 @@ def test_metadata_lives_on_the_token(pkcs11_store: Pkcs11KeyStore, module_token:
 
 # --- concurrency --------------------------------------------------------------------------------------------
 
+@pytest.mark.long(4)
 @pytest.mark.slow
 def test_concurrency_soak(pkcs11_store: Pkcs11KeyStore, generated: str) -> None:
     other = pkcs11_store.import_key(str(uuid.uuid4()), vector_key("oaep-sha1"), state=KeyState.ACTIVE).id
