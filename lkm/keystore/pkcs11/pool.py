@@ -235,6 +235,7 @@ class WorkerPool:
             if not answered.done():
                 answered.set_result(readable)
 
+        received = False
         try:
             if conn is None:
                 raise KeyStoreError("HSM worker is not running")
@@ -250,11 +251,14 @@ class WorkerPool:
                 self._stop(slot, graceful=False)
                 self._token_failed(slot, f"HSM worker {slot.index} did not answer {op} within "
                                          f"{self.op_timeout:.0f} s")
-            return self._interpret(slot, op, self._receive(slot, op))
-        except asyncio.CancelledError:
-            self._stop(slot, graceful=False)  # its answer would be read by the next caller
-            raise
+            reply = self._receive(slot, op)
+            received = True
+            return self._interpret(slot, op, reply)
         finally:
+            if not received:
+                # Cancelled, or failed before the answer was read: the next caller of this worker would read
+                # this answer as its own, so the worker goes (the next call starts another).
+                self._stop(slot, graceful=False)
             self._idle.put(slot)
 
     def _receive(self, slot: _Slot, op: Op) -> Any:

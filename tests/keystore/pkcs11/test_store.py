@@ -268,6 +268,30 @@ async def test_a_worker_that_dies_under_an_awaited_unwrap_fails_it_and_is_replac
         store.close()
 
 
+async def test_an_awaited_unwrap_given_up_never_answers_the_next_caller(module_token: SoftHsmToken) -> None:
+    """The answer to an operation whose caller went away must not be read as the next operation's answer."""
+    from lkm.keystore import UNWRAPPABLE_STATES
+
+    store = module_token.store(pool_size=1, retry_interval=0.0)
+    try:
+        key_id = store.create_key(state=KeyState.ACTIVE).id
+        first, second = os.urandom(32), os.urandom(32)
+        (pid,) = store.worker_pids()
+        os.kill(pid, signal.SIGSTOP)  # the first operation is sent and stays unanswered...
+        answer = store.start_decrypt(key_id, wrap(store, key_id, first), Algorithm.RSA_OAEP_SHA1,
+                                     UNWRAPPABLE_STATES)
+        assert answer is not None
+        pending = asyncio.ensure_future(answer)
+        await asyncio.sleep(0.05)
+        pending.cancel()  # ...until its caller gives up
+        os.kill(pid, signal.SIGCONT)
+        with pytest.raises(asyncio.CancelledError):
+            await pending
+        assert store.decrypt(key_id, wrap(store, key_id, second), Algorithm.RSA_OAEP_SHA1) == second
+    finally:
+        store.close()
+
+
 def test_raw_bench_loops_inside_the_sessions(pkcs11_store: Pkcs11KeyStore, generated: str) -> None:
     from lkm.bench.raw import run_raw
 
