@@ -128,13 +128,13 @@ class Admission:
         self.outstanding += operations
         try:
             async with self._awaited:
-                begin = self.clock()
-                if begin > started + self.deadline:
-                    raise self._shed(route)
+                begin = self._begin(started)
                 try:
                     return await func()
                 finally:
                     self.observe(operations, self.clock() - begin)
+        except _Late:
+            raise self._shed(route) from None
         finally:
             self.outstanding -= operations
 
@@ -171,18 +171,21 @@ class Admission:
         if self.clock() - started + self.expected_wait() > self.deadline:
             raise self._shed(route)
 
-    async def _submit(self, started: float, operations: int, func: Callable[..., T], *args: object) -> T:
-        deadline = started + self.deadline
-        clock = self.clock
+    def _begin(self, started: float) -> float:
+        """When an admitted operation starts; _Late (dropped unrun) if its request already waited past the
+        deadline."""
+        begin = self.clock()
+        if begin > started + self.deadline:
+            raise _Late()
+        return begin
 
+    async def _submit(self, started: float, operations: int, func: Callable[..., T], *args: object) -> T:
         def job() -> T:
-            begin = clock()
-            if begin > deadline:
-                raise _Late()
+            begin = self._begin(started)
             try:
                 return func(*args)
             finally:
-                self.observe(operations, clock() - begin)
+                self.observe(operations, self.clock() - begin)
 
         if self.pool is None:
             # Inline: first let every handler that is ready now reach this point (one trip round the loop, no
