@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from lkm.errors import KeyStoreError, WorkerFailure
 from lkm.keystore.pkcs11.entry import worker_main
@@ -248,9 +248,7 @@ class WorkerPool:
                 loop.remove_reader(fd)
                 timer.cancel()
             if not readable:
-                self._stop(slot, graceful=False)
-                self._token_failed(slot, f"HSM worker {slot.index} did not answer {op} within "
-                                         f"{self.op_timeout:.0f} s")
+                self._unanswered(slot, op, self.op_timeout)
             reply = self._receive(slot, op)
             received = True
             return self._interpret(slot, op, reply)
@@ -283,9 +281,13 @@ class WorkerPool:
         except (OSError, ValueError):
             answered = True  # _receive reports the dead worker
         if not answered:
-            self._stop(slot, graceful=False)
-            self._token_failed(slot, f"HSM worker {slot.index} did not answer {op} within {timeout:.0f} s")
+            self._unanswered(slot, op, timeout)
         return self._interpret(slot, op, self._receive(slot, op))
+
+    def _unanswered(self, slot: _Slot, op: Op, timeout: float) -> NoReturn:
+        """A worker stuck on an operation: stopped, and its generation retired as after a token failure."""
+        self._stop(slot, graceful=False)
+        self._token_failed(slot, f"HSM worker {slot.index} did not answer {op} within {timeout:.0f} s")
 
     def _interpret(self, slot: _Slot, op: Op, reply: Any) -> Any:
         if reply[0] == OK:
@@ -304,7 +306,7 @@ class WorkerPool:
             raise KeyStoreError(text, transient=False)
         raise WorkerFailure(kind, text)
 
-    def _token_failed(self, slot: _Slot, text: str) -> None:
+    def _token_failed(self, slot: _Slot, text: str) -> NoReturn:
         """Retires every worker of this generation: their library instances may all be stale."""
         with self._lock:
             if slot.epoch == self._epoch:
