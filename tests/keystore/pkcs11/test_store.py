@@ -24,7 +24,7 @@ import pytest
 from lkm.config import KeyStoreSettings, SecretRef
 from lkm.errors import Conflict, DecryptionFailed, KeyStoreError, KeyUnusable, UnsupportedAlgorithm
 from lkm.keys import PADDINGS, Algorithm, KeyState
-from lkm.keystore import KeyStore
+from lkm.keystore import UNWRAPPABLE_STATES, KeyStore, StartsDecrypts
 from lkm.keystore.pkcs11 import Pkcs11KeyStore
 from tests.conftest import vector_key
 from tests.hsm import MAKE_TOKEN, SoftHsmToken, create_token, require_softhsm
@@ -220,8 +220,6 @@ async def test_an_unwrap_is_awaited_on_the_loop_without_a_thread(pkcs11_store: P
                                                                  generated: str) -> None:
     """start_decrypt sends to an idle worker's pipe and the loop awaits the answer; what it cannot start at once
     is left to decrypt() (None)."""
-    from lkm.keystore import UNWRAPPABLE_STATES, StartsDecrypts
-
     assert isinstance(pkcs11_store, StartsDecrypts)
     pkcs11_store.get_key(generated)  # in memory
     secrets = [os.urandom(32) for _ in range(6)]
@@ -248,8 +246,6 @@ async def test_an_unwrap_is_awaited_on_the_loop_without_a_thread(pkcs11_store: P
 
 async def test_a_worker_that_dies_under_an_awaited_unwrap_fails_it_and_is_replaced(
         module_token: SoftHsmToken) -> None:
-    from lkm.keystore import UNWRAPPABLE_STATES
-
     store = module_token.store(pool_size=1, retry_interval=0.0)
     try:
         key_id = store.create_key(state=KeyState.ACTIVE).id
@@ -270,8 +266,6 @@ async def test_a_worker_that_dies_under_an_awaited_unwrap_fails_it_and_is_replac
 
 async def test_an_awaited_unwrap_given_up_never_answers_the_next_caller(module_token: SoftHsmToken) -> None:
     """The answer to an operation whose caller went away must not be read as the next operation's answer."""
-    from lkm.keystore import UNWRAPPABLE_STATES
-
     store = module_token.store(pool_size=1, retry_interval=0.0)
     try:
         key_id = store.create_key(state=KeyState.ACTIVE).id
