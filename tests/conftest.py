@@ -50,7 +50,6 @@ VECTORS = json.loads((Path(__file__).parent / "vectors" / "genesys-sample.json")
     if (Path(__file__).parent / "vectors" / "genesys-sample.json").exists() else {"vectors": []}
 
 
-
 @functools.cache
 def vector_key(which: int | str) -> rsa.RSAPrivateKey:
     """The private key of a platform sample vector (by index or name), read once per test process: reading a

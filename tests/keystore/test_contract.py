@@ -8,7 +8,6 @@ configured): tests skip on that capability, say so, and check that the store ref
 from __future__ import annotations
 
 import base64
-import json
 import os
 import threading
 import uuid
@@ -42,8 +41,9 @@ from lkm.keys import (
 from lkm.keystore import KeyStore, RecordImporting, SyntheticAnswers
 from lkm.keystore.file import FileKeyStore
 from tests.conftest import TEST_SCRYPT_N, pooled_key, vector_key
+from tests.conftest import VECTORS as SAMPLE
 
-VECTORS = json.loads((Path(__file__).parent.parent / "vectors" / "genesys-sample.json").read_text())["vectors"]
+VECTORS = SAMPLE["vectors"]
 # The sample's vectors carry no key ids: these are ours, fixed so that a failure names the same key every run.
 VECTOR_IDS = {"oaep-sha1": "3f0c8c1e-6a55-4a4e-9a0e-2b8f2f1f6d11",
               "pkcs1-v1_5": "9b2e4f7a-1c3d-4e5f-8a6b-7c8d9e0f1a2b"}

@@ -26,13 +26,13 @@ from lkm.errors import Conflict, DecryptionFailed, KeyStoreError, KeyUnusable, U
 from lkm.keys import PADDINGS, Algorithm, KeyState
 from lkm.keystore import UNWRAPPABLE_STATES, KeyStore, StartsDecrypts
 from lkm.keystore.pkcs11 import Pkcs11KeyStore
+from tests.conftest import VECTORS as SAMPLE
 from tests.conftest import vector_key
 from tests.hsm import MAKE_TOKEN, SoftHsmToken, create_token, require_softhsm
 
 pytestmark = pytest.mark.hsm
 
-VECTORS = {v["name"]: v for v in json.loads((Path(__file__).parents[2] / "vectors" / "genesys-sample.json")
-                                            .read_text())["vectors"]}
+VECTORS = {v["name"]: v for v in SAMPLE["vectors"]}
 
 # Reads a key's objects back from the token in a separate process (the test process never loads the library).
 INSPECT = r"""
