@@ -39,6 +39,7 @@ class ConnectionBoard:
         self.slot = slot
         self.counts[slot] = 0
         self._waiting_since: float | None = None
+        self._others_then = 0  # the other workers' open connections when the wait began
 
     @staticmethod
     def create(path: Path, slots: int) -> None:
@@ -77,8 +78,11 @@ class ConnectionBoard:
             self._waiting_since = None
             return False
         now = time.monotonic() if now is None else now
-        if self._waiting_since is None:
-            self._waiting_since = now
+        # More connections elsewhere than when this wait began: another worker took that connection, and this
+        # one is the next (a stopped worker's count never grows, so DEFER_SECONDS still bounds every wait).
+        others = sum(count for slot, count in enumerate(self.counts) if slot != self.slot and count > 0)
+        if self._waiting_since is None or others > self._others_then:
+            self._waiting_since, self._others_then = now, others
         if now - self._waiting_since < DEFER_SECONDS:
             return True
         self._waiting_since = None  # waited long enough: this worker takes it

@@ -21,6 +21,21 @@ from tests.test_supervisor import unwrap
 # --- the board ----------------------------------------------------------------------------------------------
 
 
+def test_a_connection_taken_by_another_worker_ends_the_wait_for_it(tmp_path: Path) -> None:
+    """The next connection, seconds later, is left to the less busy worker too: its wait starts afresh."""
+    path = tmp_path / "board"
+    ConnectionBoard.create(path, 2)
+    first, second = ConnectionBoard(path, 0), ConnectionBoard(path, 1)
+    try:
+        assert second.leave_to_another(3, now=10.0)  # the first has fewer: leave it to the first...
+        first.note(1)  # ...which takes it
+        assert second.leave_to_another(3, now=15.0)  # the next connection: a new wait, not a 5 s old one
+        assert not second.leave_to_another(3, now=15.0 + DEFER_SECONDS * 1.01)  # still bounded
+    finally:
+        first.close()
+        second.close()
+
+
 def test_a_worker_leaves_a_connection_to_one_with_fewer_for_a_bounded_time(tmp_path: Path) -> None:
     path = tmp_path / "board"
     ConnectionBoard.create(path, 3)
