@@ -47,7 +47,8 @@ class CallerGuard:
                  refresh_seconds: float = 2.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.frozen = frozen
         self.overrides = dict(overrides or {})
-        self.buckets = TokenBuckets(default, clock=clock)
+        self.default = default
+        self.buckets = TokenBuckets(clock=clock)
         self.breaker_settings = breaker
         self.breaker = VolumeBreaker(breaker, clock=clock) if breaker is not None else None
         self.observer = observer
@@ -59,7 +60,7 @@ class CallerGuard:
     def _rate(self, actor: Actor) -> Rate:
         rate = self._rates.get(actor.name)
         if rate is None:
-            rate = next((self.overrides[i] for i in caller_ids(actor) if i in self.overrides), self.buckets.default)
+            rate = next((self.overrides[i] for i in caller_ids(actor) if i in self.overrides), self.default)
             if len(self._rates) < 10_000:
                 self._rates[actor.name] = rate
         return rate

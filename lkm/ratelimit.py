@@ -22,10 +22,9 @@ class Rate:
 
 
 class TokenBuckets:
-    """`take(caller, n)`: 0.0 when admitted, else the seconds until `n` tokens will be there. Bounded LRU."""
+    """`take(caller, n, rate)`: 0.0 when admitted, else the seconds until `n` tokens will be there. Bounded LRU."""
 
-    def __init__(self, default: Rate, *, callers: int = 10_000, clock: Callable[[], float] = time.monotonic) -> None:
-        self.default = default
+    def __init__(self, *, callers: int = 10_000, clock: Callable[[], float] = time.monotonic) -> None:
         self.callers = callers
         self.clock = clock
         self._state: OrderedDict[str, tuple[float, float]] = OrderedDict()  # tokens, last refill
