@@ -252,10 +252,10 @@ class LkmServer:
             self._closers.append(runner.cleanup)
         observer = self.observer
         guard = ConnectionGuard(name, listen, on_refused=observer.connection_refused,
-                                on_open=observer.connections_open)
+                                on_open=observer.connections_open,
+                                board=self._board if name is ListenerName.PLATFORM else None)
         inherited = self._sockets.get(name)  # bound once by the supervisor and shared by every worker
-        sock = GuardedSocket.adopt(inherited, guard, self._board if name is ListenerName.PLATFORM else None) \
-            if inherited is not None else \
+        sock = GuardedSocket.adopt(inherited, guard) if inherited is not None else \
             GuardedSocket.listen_on(listen.host, listen.port, guard, backlog=1024)
         policy = ListenerPolicy(name, guard, listen.request_timeout_seconds, shape,
                                 on_timeout=observer.connection_timed_out, on_malformed=observer.malformed_request)

@@ -79,7 +79,8 @@ class ConnectionGuard:
 
     def __init__(self, listener: str, settings: ListenSettings,
                  on_refused: Callable[[str, RefusalReason], None],
-                 on_open: Callable[[str, int], None]) -> None:
+                 on_open: Callable[[str, int], None], board: ConnectionBoard | None = None) -> None:
+        """`board`: the open connections of every worker sharing this listener (lkm.web.balance), if any."""
         self.listener = listener
         self.settings = settings
         self.allowed = settings.allowed_networks
@@ -89,7 +90,7 @@ class ConnectionGuard:
         self._on_refused = on_refused
         self._on_open = on_open
         self.open = 0
-        self.board: ConnectionBoard | None = None  # shared with the other workers when there are several
+        self.board = board
         self._per_client: dict[str, int] = {}  # only peers with open connections: at most max_connections
 
     def admit(self, host: str) -> RefusalReason | None:
@@ -215,8 +216,7 @@ class GuardedSocket(socket.socket):
         return sock
 
     @classmethod
-    def adopt(cls, listening: socket.socket, guard: ConnectionGuard,
-              board: ConnectionBoard | None = None) -> GuardedSocket:
+    def adopt(cls, listening: socket.socket, guard: ConnectionGuard) -> GuardedSocket:
         """A socket bound and listening already (inherited from the supervisor), guarded from now on.
 
         Every worker process listens on it, so each takes one connection per turn of its event loop
@@ -224,12 +224,12 @@ class GuardedSocket(socket.socket):
         wake took a whole burst of new connections. Platform connections are kept alive for long, so that
         skew stayed: 16 connections opened together were served 3 to 1 by one of two workers, whose core
         was saturated while the other's idled. One at a time, the workers race for each connection, and a
-        worker busy with an RSA operation loses the race to an idle one. With a `board` (lkm.web.balance),
-        a worker also leaves each new connection, for a few milliseconds at most, to a worker with fewer."""
+        worker busy with an RSA operation loses the race to an idle one. With a board (the guard's; see
+        lkm.web.balance), a worker also leaves each new connection, for a few milliseconds at most, to a worker
+        with fewer."""
         _reserve_a_descriptor()
         sock = cls(listening.family, listening.type, listening.proto, fileno=listening.detach())
         sock.guard = guard
-        guard.board = board
         sock.one_per_round = True
         sock._taken = False
         sock.setblocking(False)
