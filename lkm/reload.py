@@ -16,10 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from lkm.auth import ClientPolicy
-from lkm.config import Settings, TLSSettings
+from lkm.config import Settings
 from lkm.hawk import HawkCredential
 from lkm.hawk_credentials import CredentialSource
-from lkm.tlsconf import server_context
+from lkm.tlsconf import tls_context
 from lkm.web.routes import ListenerName
 
 log = logging.getLogger("lkm.reload")
@@ -40,20 +40,6 @@ class SwappableContext:
 
     def swap(self, ctx: ssl.SSLContext) -> None:
         self.current = ctx
-
-
-def tls_context(settings: Settings, name: ListenerName) -> ssl.SSLContext | None:
-    """The listener's server context from `settings`; raises ConfigError for an unusable file."""
-    tls: TLSSettings | None
-    if name is ListenerName.PLATFORM:
-        tls = settings.platform.tls
-        mutual = False
-    else:
-        tls = settings.native.tls if settings.native is not None else None
-        mutual = True
-    if tls is None:
-        return None
-    return server_context(tls, require_client_cert=mutual, source=settings.source, setting=f"{name}.tls")
 
 
 def inline_credentials(settings: Settings) -> dict[str, HawkCredential]:

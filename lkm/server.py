@@ -37,9 +37,10 @@ from lkm.metrics import Metrics
 from lkm.nonces import NonceStore
 from lkm.observer import MetricsObserver
 from lkm.pki import load_cert_expiry
-from lkm.reload import Reloadable, SwappableContext, inline_credentials, tls_context
+from lkm.reload import Reloadable, SwappableContext, inline_credentials
 from lkm.service import KeyService
 from lkm.threadnames import name_this_thread
+from lkm.tlsconf import tls_context
 from lkm.web.admin import install_admin_routes
 from lkm.web.balance import ConnectionBoard
 from lkm.web.batch import install_batch_route

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import ssl
 
-from lkm.config import TLSSettings
+from lkm.config import Settings, TLSSettings
 from lkm.errors import ConfigError
+from lkm.web.routes import ListenerName
 
 # TLS 1.2 suites; TLS 1.3 suites are all AEAD and stay at OpenSSL's defaults.
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL:!MD5:!DSS:!SHA1"
@@ -33,3 +34,17 @@ def server_context(tls: TLSSettings, *, require_client_cert: bool, source: str, 
         ctx.verify_mode = ssl.CERT_REQUIRED
         ctx.verify_flags |= ssl.VERIFY_X509_STRICT
     return ctx
+
+
+def tls_context(settings: Settings, name: ListenerName) -> ssl.SSLContext | None:
+    """The listener's server context from `settings`; raises ConfigError for an unusable file."""
+    tls: TLSSettings | None
+    if name is ListenerName.PLATFORM:
+        tls = settings.platform.tls
+        mutual = False
+    else:
+        tls = settings.native.tls if settings.native is not None else None
+        mutual = True
+    if tls is None:
+        return None
+    return server_context(tls, require_client_cert=mutual, source=settings.source, setting=f"{name}.tls")

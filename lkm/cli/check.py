@@ -23,7 +23,7 @@ TEST_VALUE_BYTES = 32
 
 
 def _tls(settings: Settings) -> str:
-    from lkm.reload import tls_context  # noqa: PLC0415 - the contexts a server start and a reload would load
+    from lkm.tlsconf import tls_context  # noqa: PLC0415 - the contexts a server start and a reload would load
     from lkm.web.routes import ListenerName  # noqa: PLC0415
 
     done = [f"{name}.tls" for name in (ListenerName.PLATFORM, ListenerName.NATIVE)
