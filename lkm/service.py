@@ -427,7 +427,6 @@ def keystore_unavailable(exc: KeyStoreError) -> Unavailable:
     return Unavailable("key store unavailable", code="keystore_unavailable")
 
 
-
 def _bad_length(length: int) -> InvalidRequest:
     return InvalidRequest(f"wrapped key must be {CIPHERTEXT_BYTES} bytes (RSA-3072), got {length}",
                           code="invalid_ciphertext_length")

@@ -10,12 +10,15 @@ from __future__ import annotations
 import math
 import os
 import platform
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 from lkm import __version__
 from lkm.bench.cpu import projection, server_figures
 from lkm.bench.load import LoadPlan, LoadResult
 from lkm.bench.raw import RawResult
+
+T = TypeVar("T")
 
 REPORT_VERSION = 1
 
@@ -114,10 +117,17 @@ def cpu_comparisons(pairs: list[tuple[dict[str, Any], dict[str, Any]]], *, cores
     return [(c, server) for raw, server in pairs if (c := cpu_comparison(raw, server, cores=cores)) is not None]
 
 
-def median_by_efficiency(compared: list[Compared]) -> Compared:
-    """The round with the median efficiency (the lower middle of an even count)."""
-    ranked = sorted(compared, key=lambda cp: cp[0]["efficiency"])
+def lower_median(items: Iterable[T], key: Callable[[T], Any]) -> T:
+    """The item with the median `key`: an item that was measured, the lower middle of an even count."""
+    ranked = sorted(items, key=key)
+    if not ranked:
+        raise ValueError("no items to take the median of")
     return ranked[(len(ranked) - 1) // 2]
+
+
+def median_by_efficiency(compared: list[Compared]) -> Compared:
+    """The round with the median efficiency."""
+    return lower_median(compared, key=lambda cp: cp[0]["efficiency"])
 
 
 def _cell(value: Any, digits: int = 0) -> str:

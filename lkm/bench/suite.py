@@ -27,7 +27,7 @@ from typing import Any
 from lkm.bench.floor import floor_target
 from lkm.bench.load import LoadPlan
 from lkm.bench.measure import measure_raw, measure_server
-from lkm.bench.report import cpu_comparisons, median_by_efficiency, new_report
+from lkm.bench.report import cpu_comparisons, lower_median, median_by_efficiency, new_report
 from lkm.bench.requests import fetch_public_key
 from lkm.bench.spawn import busy_cores, dev_target, spawn_server
 from lkm.bench.startup import run_startup
@@ -144,8 +144,8 @@ async def _one_core_runs(dev_dir: Path, plan: LoadPlan, rounds: int) -> list[dic
 
 def _median_run(runs: list[dict[str, Any]], prefix: str) -> dict[str, Any] | None:
     """The run with the median rate among those named `prefix` (one per round)."""
-    matching = sorted((r for r in runs if r["name"].startswith(prefix)), key=lambda r: r["keys_per_s"])
-    return matching[(len(matching) - 1) // 2] if matching else None
+    matching = [r for r in runs if r["name"].startswith(prefix)]
+    return lower_median(matching, key=lambda r: r["keys_per_s"]) if matching else None
 
 
 def _find(runs: list[dict[str, Any]], prefix: str) -> dict[str, Any] | None:

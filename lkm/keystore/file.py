@@ -270,7 +270,6 @@ class FileKeyStore(InProcessKeyStore):
             return self._records[key_id]
 
 
-
 def _dump(doc: dict[str, Any]) -> bytes:
     return json.dumps(doc, indent=1, sort_keys=True).encode() + b"\n"
 

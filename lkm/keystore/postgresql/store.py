@@ -365,7 +365,6 @@ class PostgresKeyStore(InProcessKeyStore):
             self._private.clear()
 
 
-
 def _parse(raw: tuple[Any, ...]) -> _Row:
     key_id, doc, sealed, change = raw
     record = record_from_doc(doc, backend=PostgresKeyStore.backend)
