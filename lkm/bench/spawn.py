@@ -138,14 +138,14 @@ def dev_target(dev_dir: Path, spawned: Spawned) -> Target:
 
 
 @contextlib.contextmanager
-def busy_cores(cores: set[int]) -> Iterator[None]:
+def busy_cores(cores: set[int]) -> Iterator[list[int]]:
     """One interpreter spinning on each of `cores` meanwhile: the neighbour a server has while the load generator
     drives it. Cores that share a physical core or its caches can slow each other: on the 2-vCPU test machine
     one A/B/A run had the RSA operation at 732-765 µs of CPU beside an idle core and 807-844 µs beside a busy
     one, while the suite's rounds have also shown no difference; the suite reports both figures.
 
     The spinners are started through a shell that exits at once, so they are not this process's descendants
-    and its CPU figures leave them out."""
+    and its CPU figures leave them out. Yields their pids."""
     pids: list[int] = []
     try:
         for core in sorted(cores):
@@ -155,7 +155,7 @@ def busy_cores(cores: set[int]) -> Iterator[None]:
             pids.append(int(started.stdout.strip()))
             os.sched_setaffinity(pids[-1], {core})
         time.sleep(0.2)  # every spinner running before the measurement starts
-        yield
+        yield pids
     finally:
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
