@@ -194,8 +194,8 @@ def test_platform_vectors(backend: Backend, vector: dict[str, str]) -> None:
                                                                              .public_key())
     if algorithm not in backend.store.supported_algorithms():
         pytest.skip(f"the {backend.name} store does not offer {algorithm.value} in its default configuration "
-                    "(the PKCS#11 store refuses PKCS#1 v1.5 unless allow_pkcs1; test_pkcs11.py runs this "
-                    "vector with it enabled)")
+                    "(the PKCS#11 store refuses PKCS#1 v1.5 unless allow_pkcs1; "
+                    "tests/keystore/pkcs11/test_store.py runs this vector with it enabled)")
     plaintext = backend.store.decrypt(key_id, base64.b64decode(vector["ciphertext_b64"]), algorithm)
     assert plaintext == base64.b64decode(vector["plaintext_b64"])
 
