@@ -29,7 +29,7 @@ class CpuSnapshot:
     processes: dict[int, float]  # pid -> CPU seconds of the whole process (exited threads included), in ticks
     threads: dict[tuple[int, int], tuple[str, float]]  # (pid, tid) -> (name, CPU seconds, to the nanosecond)
     loops: frozenset[int]  # processes that run an event loop (a thread named lkm-loop)
-    thread_ticks: dict[int, float] = field(default_factory=dict)  # pid -> its live threads' CPU, in ticks
+    thread_ticks: dict[tuple[int, int], float] = field(default_factory=dict)  # (pid, tid) -> CPU, in ticks
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ def snapshot(root: int, *, skip_servers: bool = False) -> CpuSnapshot:
     processes: dict[int, float] = {}
     threads: dict[tuple[int, int], tuple[str, float]] = {}
     loops: set[int] = set()
-    thread_ticks: dict[int, float] = {}
+    thread_ticks: dict[tuple[int, int], float] = {}
     skipped: set[int] = set()
     for pid in process_tree(root):
         stat = _stat(PROC / str(pid) / "stat")
@@ -100,13 +100,13 @@ def snapshot(root: int, *, skip_servers: bool = False) -> CpuSnapshot:
             skipped.add(pid)
             continue
         found: dict[tuple[int, int], tuple[str, float]] = {}
-        ticks = 0.0
+        ticks: dict[tuple[int, int], float] = {}
         for task in _tasks(pid):
             task_stat = _stat(task / "stat")
             if task_stat is not None:
                 coarse = _cpu(task_stat[1])
-                ticks += coarse
                 exact = _exact_cpu(task)
+                ticks[(pid, int(task.name))] = coarse
                 found[(pid, int(task.name))] = (task_stat[0], coarse if exact is None else exact)
         is_loop = any(name == LOOP for name, _ in found.values())
         if skip_servers and pid != root and is_loop:
@@ -115,7 +115,7 @@ def snapshot(root: int, *, skip_servers: bool = False) -> CpuSnapshot:
         if is_loop:
             loops.add(pid)
         processes[pid] = _cpu(stat[1])
-        thread_ticks[pid] = ticks
+        thread_ticks.update(ticks)
         threads.update(found)
     return CpuSnapshot(processes, threads, frozenset(loops), thread_ticks)
 
@@ -137,9 +137,12 @@ def usage(before: CpuSnapshot, after: CpuSnapshot, *, cpus_allowed: int | None =
         by_kind[kind] = by_kind.get(kind, 0.0) + spent
         if spent > busiest:
             busiest, busiest_kind = spent, kind
-    # Threads that ended during the run: their CPU went to their process's total (counted in ticks).
-    exited = sum(max(0.0, (cpu - before.processes.get(pid, 0.0))
-                     - (after.thread_ticks.get(pid, 0.0) - before.thread_ticks.get(pid, 0.0)))
+    # Threads that ended during the run: their CPU went to their process's total (counted in ticks), beyond
+    # what its live threads spent since `before`. A thread live then and ended since counts from `before` on.
+    live: dict[int, float] = {}
+    for (pid, tid), ticks in after.thread_ticks.items():
+        live[pid] = live.get(pid, 0.0) + ticks - before.thread_ticks.get((pid, tid), 0.0)
+    exited = sum(max(0.0, cpu - before.processes.get(pid, 0.0) - live.get(pid, 0.0))
                  for pid, cpu in after.processes.items())
     if exited > 0.005:
         by_kind["(exited threads)"] = exited

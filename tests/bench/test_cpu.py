@@ -98,6 +98,42 @@ def test_busiest_thread_is_a_live_thread_that_burned() -> None:
     assert 280 <= float(figures["busiest_thread_us_per_unwrap"]) <= 400  # type: ignore[arg-type]
 
 
+@pytest.mark.slow
+def test_a_thread_that_ends_between_snapshots_counts_only_what_it_spent_between_them() -> None:
+    # Its CPU before the first snapshot is not in the window: counting its whole life inflated a raw run's CPU
+    # per operation by the warm-up whenever the worker thread ended before the second snapshot.
+    script = BURN + textwrap.dedent("""
+        def burn_and_end():
+            burn_for(0.3)
+            print("burned", flush=True)
+            sys.stdin.readline()
+            burn_for(0.2)
+
+        def burn_for(seconds):
+            until = time.thread_time() + seconds
+            while time.thread_time() < until:
+                pass
+
+        worker = threading.Thread(target=burn_and_end, name="lkm-burn-1")
+        worker.start()
+        worker.join()
+        print("ended", flush=True)
+        sys.stdin.read()
+    """)
+    with subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          text=True) as process:
+        assert process.stdin is not None and process.stdout is not None
+        assert process.stdout.readline() == "burned\n"
+        before = snapshot(process.pid)
+        process.stdin.write("go\n")
+        process.stdin.flush()
+        assert process.stdout.readline() == "ended\n"
+        spent = usage(before, snapshot(process.pid))
+        process.kill()
+    assert 0.18 <= spent.by_kind["(exited threads)"] <= 0.26
+    assert 0.18 <= spent.seconds <= 0.3
+
+
 def test_a_process_that_is_gone_has_an_empty_snapshot() -> None:
     process = subprocess.Popen([sys.executable, "-c", "pass"])
     process.wait()
