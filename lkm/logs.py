@@ -11,6 +11,7 @@ import threading
 import time
 from typing import Any
 
+from lkm.background import run_below_the_loop
 from lkm.threadnames import name_this_thread
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
@@ -97,6 +98,7 @@ class OffLoopHandler(logging.Handler):
 
     def _run(self) -> None:
         name_this_thread()
+        run_below_the_loop()
         while True:
             self._wake.wait(self.interval)
             self._wake.clear()

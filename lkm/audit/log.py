@@ -38,6 +38,7 @@ from typing import Any, Protocol
 from lkm.audit.appender import ChainAppender
 from lkm.audit.files import utc_now
 from lkm.audit.record import PreparedEvent, prepare
+from lkm.background import run_below_the_loop
 from lkm.errors import AuditWriteError
 from lkm.threadnames import name_this_thread
 
@@ -167,6 +168,7 @@ class AuditLog(ChainAppender):
         """The writer thread: everything that queued while the previous write was in flight goes out in one
         write and one fsync; the callers of a batch are resumed with one call into their event loop."""
         name_this_thread()
+        run_below_the_loop()
         busy = False  # the previous write carried several records, or records waited as it finished
         while True:
             with self._cond:
