@@ -27,6 +27,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from lkm.auth import ActorKind
 from lkm.keys import KeyState
+from lkm.metricwrites import DeferredWrites
 from lkm.outcomes import UnwrapOutcome
 from lkm.web.routes import ListenerName
 
@@ -155,6 +156,8 @@ class Metrics:
         # call, which costs more than the increment itself on the hot path. Label sets are closed (see above),
         # so this stays small; children are never removed from these collectors.
         self._hot: dict[tuple[object, ...], tuple[Any, ...]] = {}
+        # The per-request writes, in batches once a server attaches its event loop (lkm.metricwrites).
+        self.writes = DeferredWrites()
         r = self.registry
 
         # Unwraps: the product.
@@ -295,7 +298,9 @@ class Metrics:
     # --- exposition -----------------------------------------------------------------------------------
 
     def render(self) -> tuple[bytes, str]:
-        """The scrape body and its content type; clock-derived gauges are brought up to date first."""
+        """The scrape body and its content type; pending writes and clock-derived gauges are brought up to date
+        first."""
+        self.writes.flush()
         self._refresh_clock_gauges()
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
@@ -323,8 +328,8 @@ class Metrics:
             _check(outcome, UNWRAP_OUTCOMES, "outcome")
             children = self._hot[("unwrap", route, outcome, label)] = (self.unwraps.labels(route, label, outcome),
                                                                       self.unwrap_duration.labels(route))
-        children[0].inc()
-        children[1].observe(seconds)
+        self.writes.inc(children[0])
+        self.writes.observe(children[1], seconds)
 
     def observe_http(self, listener: str, route: str | None, method: str, status: int,
                      seconds: float) -> None:
@@ -338,8 +343,8 @@ class Metrics:
             children = self._hot[("http", listener, template, verb, status)] = (
                 self.http_requests.labels(listener, template, verb, str(status)),
                 self.http_duration.labels(listener, template))
-        children[0].inc()
-        children[1].observe(seconds)
+        self.writes.inc(children[0])
+        self.writes.observe(children[1], seconds)
 
     def auth_failed(self, method: str, reason: str) -> None:
         self.auth_failures.labels(_check(method, AUTH_METHODS, "method"),
@@ -350,7 +355,7 @@ class Metrics:
         if child is None:
             child = self._hot[("keystore", backend, operation)] = (self.keystore_duration.labels(
                 _check(backend, KEYSTORE_BACKENDS, "backend"), _check(operation, KEYSTORE_OPERATIONS, "operation")),)
-        child[0].observe(seconds)
+        self.writes.observe(child[0], seconds)
 
     def throttled(self, caller: str) -> None:
         self.rate_limited.labels(caller).inc()

@@ -33,7 +33,7 @@ class MetricsObserver(WebObserver):
                      seconds)
 
     def inflight(self, listener: str, delta: int) -> None:
-        self._inflight[listener].inc(delta)
+        self.metrics.writes.inc(self._inflight[listener], delta)
 
     def auth_failure(self, method: str, reason: str) -> None:
         self._safely(self.metrics.auth_failed, method, reason if reason in AUTH_REASONS else "malformed")

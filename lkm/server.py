@@ -134,6 +134,7 @@ class LkmServer:
                               on_failure=self.metrics.audit_failures.inc, on_written=self.metrics.audit_records.inc,
                               records_coming=lambda: admission.outstanding > 0)
         call_when_idle(asyncio.get_running_loop(), self.audit.loop_idle)
+        self.metrics.writes.attach(asyncio.get_running_loop())
         await self.audit.start()
         self.service = KeyService(self.store, self.audit, self._executor,
                                   observer=self.observer,
@@ -296,6 +297,7 @@ class LkmServer:
             self.store.close()
         if self._workers is not None:
             self._workers.close()
+        self.metrics.writes.detach()  # before the process ends: a supervisor adds up what its files hold
         self._executor.shutdown(wait=True, cancel_futures=True)
         self._admin_executor.shutdown(wait=True, cancel_futures=True)
         if self._nonce_executor is not None:
