@@ -33,7 +33,6 @@ from lkm.keys import (
     KeyState,
     check_transition,
     parse_key_id,
-    public_der_pkcs1,
     record_from_doc,
     record_to_doc,
     utcnow,
@@ -217,16 +216,11 @@ class FileKeyStore(InProcessKeyStore):
         doc["private_key"] = None if key is None else self.seal_private_key(record.id, key)
         return _dump(doc)
 
-    def _write_new(self, key_id: str, key: rsa.RSAPrivateKey, state: KeyState, label: str) -> KeyRecord | None:
-        now = utcnow()
-        record = KeyRecord(id=key_id, state=state, created=now, updated=now,
-                           public_key_der=public_der_pkcs1(key.public_key()), backend=self.backend, label=label)
-        if not fsutil.atomic_create(self._key_path(key_id), self.key_file_bytes(record, key)):
+    def _insert_new(self, record: KeyRecord, key: rsa.RSAPrivateKey) -> KeyRecord | None:
+        if not fsutil.atomic_create(self._key_path(record.id), self.key_file_bytes(record, key)):
             return None
-        self._load_file(self._key_path(key_id))
-        with self._lock:
-            self._private[key_id] = key
-        return self._records[key_id]
+        self._load_file(self._key_path(record.id))
+        return self._records[record.id]
 
     def import_record(self, record: KeyRecord) -> KeyRecord:
         """A destroyed key's record, copied from another store (lkm.keystore.RecordImporting)."""

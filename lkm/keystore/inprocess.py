@@ -31,6 +31,7 @@ from lkm.keys import (
     new_key_id,
     parse_key_id,
     public_der_pkcs1,
+    utcnow,
 )
 from lkm.keystore import same_key, sealed, synthetic_plaintext
 
@@ -99,8 +100,8 @@ class InProcessKeyStore(ABC):
         open under this store's key for this id."""
 
     @abstractmethod
-    def _write_new(self, key_id: str, key: rsa.RSAPrivateKey, state: KeyState, label: str) -> KeyRecord | None:
-        """Stores a new key under `key_id`; None when the id is taken."""
+    def _insert_new(self, record: KeyRecord, key: rsa.RSAPrivateKey) -> KeyRecord | None:
+        """Stores a new key, its private half sealed, unless its id is taken (then None); the record as stored."""
 
     def _writing(self) -> AbstractContextManager[Any]:
         """What a write of a new key runs inside (the file store: its cross-process lock)."""
@@ -158,6 +159,16 @@ class InProcessKeyStore(ABC):
         return self._private_key(key_id)
 
     # --- writing -------------------------------------------------------------------------------------------
+
+    def _write_new(self, key_id: str, key: rsa.RSAPrivateKey, state: KeyState, label: str) -> KeyRecord | None:
+        """Stores a new key under `key_id` and keeps its private half at hand; None when the id is taken."""
+        now = utcnow()
+        record = KeyRecord(id=key_id, state=state, created=now, updated=now,
+                           public_key_der=public_der_pkcs1(key.public_key()), backend=self.backend, label=label)
+        stored = self._insert_new(record, key)
+        if stored is not None:
+            self._keep_private(key_id, key)
+        return stored
 
     def create_key(self, *, state: KeyState, label: str = "", key_id: str | None = None) -> KeyRecord:
         key = generate_private_key()

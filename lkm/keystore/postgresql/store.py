@@ -27,7 +27,6 @@ from lkm.keys import (
     KeyState,
     check_transition,
     parse_key_id,
-    public_der_pkcs1,
     record_from_doc,
     record_to_doc,
     utcnow,
@@ -292,22 +291,14 @@ class PostgresKeyStore(InProcessKeyStore):
         finally:
             conn.close()  # ends the session, which releases the lock
 
-    def _write_new(self, key_id: str, key: rsa.RSAPrivateKey, state: KeyState, label: str) -> KeyRecord | None:
-        now = utcnow()
-        record = KeyRecord(id=key_id, state=state, created=now, updated=now,
-                           public_key_der=public_der_pkcs1(key.public_key()), backend=self.backend, label=label)
-        blob = self.seal(sealed.pkcs8(key), sealed.key_aad(key_id))
-        with self.writing(f"key:{key_id}") as conn:
+    def _insert_new(self, record: KeyRecord, key: rsa.RSAPrivateKey) -> KeyRecord | None:
+        blob = self.seal(sealed.pkcs8(key), sealed.key_aad(record.id))
+        with self.writing(f"key:{record.id}") as conn:
             raw = conn.execute("INSERT INTO lkm_keys (id, doc, private_key, change) "
                                "VALUES (%s, %s, %s, nextval('lkm_change_seq')) ON CONFLICT (id) DO NOTHING "
                                "RETURNING id, doc, private_key, change",
-                               (key_id, Jsonb(record_to_doc(record)), blob)).fetchone()
-        if raw is None:
-            return None
-        row = self._apply(_parse(raw))
-        with self._lock:
-            self._private[key_id] = key
-        return row.record
+                               (record.id, Jsonb(record_to_doc(record)), blob)).fetchone()
+        return None if raw is None else self._apply(_parse(raw)).record
 
     def import_record(self, record: KeyRecord) -> KeyRecord:
         """A destroyed key's record, copied from another store (lkm.keystore.RecordImporting)."""
