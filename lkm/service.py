@@ -177,11 +177,9 @@ class KeyService:
         if isinstance(error, LkmError):
             error.audited = True
         if bounded and intent is None and is_refusal(error):
-            suppressed = self.denials.admit(caller_key(ctx))
-            if suppressed is None:
+            written, extra = self._bounded(ctx, extra)
+            if not written:
                 return
-            if suppressed:
-                extra = {**(extra or {}), "suppressed_denials": suppressed}
         origin = ctx.audit_fields()  # a fresh dict: completed here, not copied
         origin["latency_ms"] = round((time.perf_counter() - started) * 1000, 3)
         if intent is not None:
@@ -190,13 +188,7 @@ class KeyService:
             event = audit_event(origin, action, key_id, outcome="ok" if error is None else "error",
                                 error_code=code or (None if error is None else error_code(error)),
                                 extra=extra)
-        try:
-            await self.audit.record(event)
-        except Exception as exc:
-            log.error("audit write failed: %s", exc)
-            if self.fail_closed and fail_closed:
-                raise Unavailable("audit trail unavailable; refusing to act unaudited",
-                                  code="audit_unavailable") from None
+        await self._record(event, fail_closed=self.fail_closed and fail_closed)
 
     async def audit_denial(self, ctx: RequestContext, action: AuditAction, error: LkmError,
                            key_id: str | None = None) -> None:
@@ -204,15 +196,28 @@ class KeyService:
         if error.audited:
             return
         error.audited = True
+        written, extra = self._bounded(ctx, None)
+        if written:
+            await self._record(audit_event(ctx.audit_fields(), action, key_id, outcome="denied",
+                                           error_code=error.code, extra=extra), fail_closed=False)
+
+    def _bounded(self, ctx: RequestContext, extra: dict[str, Any] | None) -> tuple[bool, dict[str, Any] | None]:
+        """Whether a refusal's record is written (a caller's flood of them is bounded), and its extra fields with
+        the count of the refusals left out since the caller's last record."""
         suppressed = self.denials.admit(caller_key(ctx))
         if suppressed is None:
-            return
-        event = audit_event(ctx.audit_fields(), action, key_id, outcome="denied", error_code=error.code,
-                            extra={"suppressed_denials": suppressed} if suppressed else None)
+            return False, extra
+        return True, {**(extra or {}), "suppressed_denials": suppressed} if suppressed else extra
+
+    async def _record(self, event: dict[str, Any], *, fail_closed: bool) -> None:
+        """Writes `event`; a failed write is logged and, when `fail_closed`, refuses the act."""
         try:
             await self.audit.record(event)
         except Exception as exc:
             log.error("audit write failed: %s", exc)
+            if fail_closed:
+                raise Unavailable("audit trail unavailable; refusing to act unaudited",
+                                  code="audit_unavailable") from None
 
     # --- unwrap --------------------------------------------------------------------------------------------
 
