@@ -265,14 +265,17 @@ class TokenWorker:
         from their next read on (the store reads it again at each refresh)."""
         A = self.A
         template = {A.CLASS: self.p11.ObjectClass.DATA, A.APPLICATION: META_APPLICATION, A.LABEL: SECRET_LABEL}
-        values = [bytes(obj[A.VALUE]) for obj in self.session.get_objects(template)]
-        values = [v for v in values if len(v) == SECRET_BYTES]
+
+        def read() -> list[bytes]:
+            found = (bytes(obj[A.VALUE]) for obj in self.session.get_objects(template))
+            return [value for value in found if len(value) == SECRET_BYTES]
+
+        values = read()
         if not values:
             self.assert_token()
             self.session.create_object({**template, A.TOKEN: True, A.PRIVATE: True,
                                         A.VALUE: secrets.token_bytes(SECRET_BYTES)})
-            values = [bytes(obj[A.VALUE]) for obj in self.session.get_objects(template)]
-            values = [v for v in values if len(v) == SECRET_BYTES]
+            values = read()  # another process may have made one at the same time: all take the smallest
         return min(values)
 
     def op_list(self) -> list[bytes]:
