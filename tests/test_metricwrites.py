@@ -41,6 +41,15 @@ def _exposition(metrics: Metrics) -> list[str]:
     return [line for line in body.decode().splitlines() if "_created" not in line]
 
 
+def _one_unwrap_pending() -> Metrics:
+    """Metrics batched on the running loop, with one unwrap counted and not written yet."""
+    metrics = Metrics()
+    assert metrics.writes.attach(asyncio.get_running_loop())
+    metrics.observe_unwrap("platform", "ok", 0.002, KEY)
+    assert _unwraps(metrics) == 0.0
+    return metrics
+
+
 def _unwraps(metrics: Metrics) -> float:
     return metrics.registry.get_sample_value(
         "lkm_unwraps_total", {"route": "platform", "key_id": KEY, "outcome": "ok"}) or 0.0
@@ -64,10 +73,7 @@ def test_batched_writes_scrape_exactly_as_direct_ones() -> None:
 
 def test_a_scrape_of_the_process_itself_writes_what_is_pending_first() -> None:
     async def scrape() -> None:
-        metrics = Metrics()
-        metrics.writes.attach(asyncio.get_running_loop())
-        metrics.observe_unwrap("platform", "ok", 0.002, KEY)
-        assert _unwraps(metrics) == 0.0
+        metrics = _one_unwrap_pending()
         assert f'lkm_unwraps_total{{key_id="{KEY}",outcome="ok",route="platform"}} 1.0' in _exposition(metrics)
 
     _on_idle_aware_loop(scrape)
@@ -75,9 +81,7 @@ def test_a_scrape_of_the_process_itself_writes_what_is_pending_first() -> None:
 
 def test_a_loop_that_never_runs_out_of_work_writes_within_the_flush_interval() -> None:
     async def busy() -> None:
-        metrics = Metrics()
-        metrics.writes.attach(asyncio.get_running_loop())
-        metrics.observe_unwrap("platform", "ok", 0.002, KEY)
+        metrics = _one_unwrap_pending()
         began = time.monotonic()
         while True:  # a task that is always ready again: the loop never waits, so it never runs out of work
             if _unwraps(metrics) or time.monotonic() - began >= 4 * FLUSH_SECONDS:
