@@ -331,6 +331,14 @@ class Metrics:
         self.writes.inc(children[0])
         self.writes.observe(children[1], seconds)
 
+    def observe_inflight(self, listener: str, delta: int) -> None:
+        """A request started (+1) or ended (-1) on `listener`."""
+        child = self._hot.get(("inflight", listener))
+        if child is None:
+            child = self._hot[("inflight", listener)] = (self.inflight.labels(_check(listener, LISTENERS,
+                                                                                      "listener")),)
+        self.writes.inc(child[0], delta)
+
     def observe_http(self, listener: str, route: str | None, method: str, status: int,
                      seconds: float) -> None:
         """route: the matched route template (e.g. '/v1/keys/{id}/unwrap'), None when nothing matched."""

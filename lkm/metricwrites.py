@@ -20,6 +20,7 @@ import asyncio
 import bisect
 import math
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 from lkm.idleloop import call_when_idle
@@ -28,6 +29,17 @@ __all__ = ["FLUSH_SECONDS", "DeferredWrites"]
 
 FLUSH_SECONDS = 0.25
 """The longest a count waits on a loop that never runs out of work."""
+
+
+class _Observed:
+    """A histogram's pending observations: their sum and their count per bucket."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * len(bounds)
+        self.total = 0.0
 
 
 class DeferredWrites:
@@ -39,7 +51,7 @@ class DeferredWrites:
     def __init__(self) -> None:
         self._thread: int | None = None  # the attached loop's thread: only its writes are deferred
         self._increments: dict[Any, float] = {}  # counter or gauge child -> amount
-        self._observations: dict[Any, tuple[list[float], list[int]]] = {}  # histogram child -> ([sum], buckets)
+        self._observations: dict[Any, _Observed] = {}  # histogram child -> what it has not been given yet
         self._timer: asyncio.TimerHandle | None = None
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> bool:
@@ -83,10 +95,10 @@ class DeferredWrites:
             if bounds is None or not hasattr(child, "_buckets") or not hasattr(child, "_sum"):
                 child.observe(value)  # a prometheus-client without these parts: no batching for histograms
                 return
-            pending = self._observations[child] = ([0.0], [0] * len(bounds))
-        pending[0][0] += value
+            pending = self._observations[child] = _Observed(bounds)
+        pending.total += value
         # The first bucket whose upper bound is at least the value, as Histogram.observe finds it.
-        pending[1][bisect.bisect_left(child._upper_bounds, value)] += 1
+        pending.counts[bisect.bisect_left(pending.bounds, value)] += 1
 
     def flush(self) -> None:
         """Writes everything pending; only on the attached loop's thread (elsewhere nothing is pending)."""
@@ -99,8 +111,8 @@ class DeferredWrites:
                     child.inc(amount)
         if self._observations:
             observations, self._observations = self._observations, {}
-            for child, (total, buckets) in observations.items():
-                child._sum.inc(total[0])
-                for index, count in enumerate(buckets):
+            for child, observed in observations.items():
+                child._sum.inc(observed.total)
+                for index, count in enumerate(observed.counts):
                     if count:
                         child._buckets[index].inc(count)

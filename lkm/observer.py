@@ -7,7 +7,6 @@ from typing import Any
 
 from lkm.metrics import AUTH_REASONS, OTHER_ROUTE, Metrics
 from lkm.web.plumbing import WebObserver
-from lkm.web.routes import ListenerName
 
 log = logging.getLogger("lkm.server")
 
@@ -20,7 +19,6 @@ class MetricsObserver(WebObserver):
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
-        self._inflight: dict[str, Any] = {name: metrics.inflight.labels(name) for name in ListenerName}
 
     def _safely(self, func: Any, *args: Any) -> None:
         try:
@@ -33,7 +31,7 @@ class MetricsObserver(WebObserver):
                      seconds)
 
     def inflight(self, listener: str, delta: int) -> None:
-        self.metrics.writes.inc(self._inflight[listener], delta)
+        self.metrics.observe_inflight(listener, delta)
 
     def auth_failure(self, method: str, reason: str) -> None:
         self._safely(self.metrics.auth_failed, method, reason if reason in AUTH_REASONS else "malformed")

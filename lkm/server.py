@@ -133,8 +133,8 @@ class LkmServer:
                               keep_files=settings.audit.keep_files,
                               on_failure=self.metrics.audit_failures.inc, on_written=self.metrics.audit_records.inc,
                               records_coming=lambda: admission.outstanding > 0)
-        call_when_idle(asyncio.get_running_loop(), self.audit.loop_idle)
-        self.metrics.writes.attach(asyncio.get_running_loop())
+        call_when_idle(loop, self.audit.loop_idle)
+        self.metrics.writes.attach(loop)
         await self.audit.start()
         self.service = KeyService(self.store, self.audit, self._executor,
                                   observer=self.observer,
