@@ -75,17 +75,12 @@ async def test_awaited_operations_run_workers_at_a_time_in_order_and_late_ones_a
     shed: list[str] = []
     with threads(1) as pool:
         admission = Admission(pool, workers=2, deadline_seconds=0.25, on_shed=shed.append, clock=clock)
-        running: list[int] = []
         started: list[int] = []
         gates = [asyncio.get_running_loop().create_future() for _ in range(4)]
 
         async def operation(n: int) -> int:
-            running.append(n)
             started.append(n)
-            try:
-                return await gates[n]
-            finally:
-                running.remove(n)
+            return await gates[n]
 
         def job(n: int) -> Callable[[], asyncio.Future[int]]:
             return lambda: asyncio.ensure_future(operation(n))

@@ -13,6 +13,7 @@ from lkm.audit import AuditLog
 from lkm.background import BACKGROUND_NICE_STEPS, MAX_NICE, run_below_the_loop
 from lkm.logs import OffLoopHandler
 from tests.audit.chain import event
+from tests.serveproc import wait_until
 
 
 def _nice_of_threads(name: str) -> set[int]:
@@ -56,10 +57,7 @@ def test_the_log_writer_runs_below_the_loop() -> None:
     writer = OffLoopHandler(logging.StreamHandler(stream), interval=0.01)
     try:
         writer.emit(logging.LogRecord("lkm.test", logging.WARNING, __file__, 1, "wakes the writer", (), None))
-        for _ in range(200):  # the writer names and lowers itself first, then writes
-            if "wakes the writer" in stream.getvalue():
-                break
-            threading.Event().wait(0.01)
+        wait_until(lambda: "wakes the writer" in stream.getvalue(), within=2.0)  # named and lowered first
         assert _nice_of_threads("lkm-log-writer") == {_expected()}
     finally:
         writer.stop()

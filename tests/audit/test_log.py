@@ -22,6 +22,7 @@ from lkm.audit import (
 from lkm.config import AuditSettings
 from lkm.idleloop import IdleAwareLoop, call_when_idle
 from tests.audit.chain import event, lines_of
+from tests.conftest import eventually
 
 
 def test_from_settings(tmp_path: Path) -> None:
@@ -76,7 +77,8 @@ def test_a_busy_writer_stops_lingering_once_its_loop_runs_out_of_work(tmp_path: 
             try:
                 fcntl.flock(holder, fcntl.LOCK_EX)
                 first = asyncio.ensure_future(log.record(event(1)))
-                await asyncio.sleep(0.2)  # the writer took the first record and waits for the lock
+                await asyncio.sleep(0)  # the record is pending...
+                await eventually(lambda: not log._pending, within=10)  # ...until the writer takes it to the lock
                 behind = [asyncio.ensure_future(log.record(event(i))) for i in (2, 3)]
                 await asyncio.sleep(0)
             finally:

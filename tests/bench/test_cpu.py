@@ -18,15 +18,18 @@ BURN = textwrap.dedent("""
     import subprocess, sys, threading, time
     from lkm.threadnames import name_this_thread
 
-    def burn(seconds, burned):
-        name_this_thread()
+    def burn_for(seconds):
         until = time.thread_time() + seconds
         while time.thread_time() < until:
             pass
+
+    def burn(seconds, burned):
+        name_this_thread()
+        burn_for(seconds)
         burned.set()
         threading.Event().wait()  # stays, so that its CPU is its own (an exited thread's goes to the process)
 """)
-"""The start of a burning script: `burn(seconds, event)` for a thread's target."""
+"""The start of a burning script: `burn(seconds, event)` for a thread's target, `burn_for(seconds)` inline."""
 BURNER = BURN + textwrap.dedent("""
     name_this_thread(sys.argv[1])
     child = None
@@ -108,11 +111,6 @@ def test_a_thread_that_ends_between_snapshots_counts_only_what_it_spent_between_
             print("burned", flush=True)
             sys.stdin.readline()
             burn_for(0.2)
-
-        def burn_for(seconds):
-            until = time.thread_time() + seconds
-            while time.thread_time() < until:
-                pass
 
         worker = threading.Thread(target=burn_and_end, name="lkm-burn-1")
         worker.start()

@@ -145,11 +145,7 @@ def test_no_change_survives_a_crash_without_its_record(tmp_path: Path,
         seed_keystore(fresh_keys)  # an empty store with the tests' scrypt cost, as every test server's
         kill_at_random(["backup", "restore", str(bundle), "-c", str(fresh_config)], longest, rng,
                        signature(fresh_keys / "keys"), env)
-        store = open_keystore(fresh_settings.keystore)
-        try:
-            restored = {k.id for k in store.list_keys()}
-        finally:
-            store.close()
+        restored = {k.id for k in _keys_in(fresh_settings)}
         recorded = key_ids_with_records([e for e in records(fresh_settings.audit.path)[since:]
                                          if e["action"] == "restore_key"])
         assert restored <= recorded, restored - recorded

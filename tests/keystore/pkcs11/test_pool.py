@@ -10,6 +10,7 @@ from pathlib import Path
 
 from tests.conftest import OAEP_SHA256, Pki, start_server, wrap
 from tests.hsm import SoftHsmToken
+from tests.test_supervisor import poll
 
 
 def hsm_config(factory: Callable[..., Path], token: SoftHsmToken, **overrides: object) -> Path:
@@ -60,12 +61,12 @@ async def test_platform_route_on_the_hsm_and_recovery(tmp_path: Path, certs: Pki
         assert reply.status == 200 and base64.b64decode(reply.body["body"]) == b"y" * 32
         # A background refresh that met the token half back waits out its retry delay (up to a second) before
         # the store reports itself healthy again; readiness follows within it.
-        for _ in range(30):
+
+        async def ready() -> bool:
             await running.server.update_readiness(force_canary=True)
-            if running.server.readiness.ready:
-                break
-            await asyncio.sleep(0.2)
-        assert running.server.readiness.ready
+            return running.server.readiness.ready
+
+        assert await poll(ready, within=6)
 
 
 async def test_concurrent_unwraps_through_the_server(tmp_path: Path, certs: Pki,
