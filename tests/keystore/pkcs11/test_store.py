@@ -204,7 +204,7 @@ print(json.dumps(out))
 
 def test_a_reused_handle_never_decrypts_with_another_key(pkcs11_store: Pkcs11KeyStore, module_token: SoftHsmToken,
                                                          generated: str) -> None:
-    other = pkcs11_store.create_key(state=KeyState.ACTIVE, label="other").id
+    other = pkcs11_store.import_key(str(uuid.uuid4()), vector_key("oaep-sha1"), state=KeyState.ACTIVE).id
     secrets = {"RSA-OAEP-SHA1": os.urandom(32), "RSA-PKCS1-V1_5": os.urandom(32)}
     lines = "".join(wrap(pkcs11_store, generated, secret, Algorithm(name)).hex() + "\n"
                     for name, secret in secrets.items())
@@ -248,7 +248,7 @@ async def test_a_worker_that_dies_under_an_awaited_unwrap_fails_it_and_is_replac
         module_token: SoftHsmToken) -> None:
     store = module_token.store(pool_size=1, retry_interval=0.0)
     try:
-        key_id = store.create_key(state=KeyState.ACTIVE).id
+        key_id = store.import_key(str(uuid.uuid4()), vector_key("oaep-sha1"), state=KeyState.ACTIVE).id
         (pid,) = store.worker_pids()
         os.kill(pid, signal.SIGSTOP)  # the operation is sent, then its worker dies before answering
         answer = store.start_decrypt(key_id, wrap(store, key_id, b"x" * 32), Algorithm.RSA_OAEP_SHA1,
@@ -268,7 +268,7 @@ async def test_an_awaited_unwrap_given_up_never_answers_the_next_caller(module_t
     """The answer to an operation whose caller went away must not be read as the next operation's answer."""
     store = module_token.store(pool_size=1, retry_interval=0.0)
     try:
-        key_id = store.create_key(state=KeyState.ACTIVE).id
+        key_id = store.import_key(str(uuid.uuid4()), vector_key("oaep-sha1"), state=KeyState.ACTIVE).id
         first, second = os.urandom(32), os.urandom(32)
         (pid,) = store.worker_pids()
         os.kill(pid, signal.SIGSTOP)  # the first operation is sent and stays unanswered...
