@@ -10,6 +10,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -46,17 +47,19 @@ async def test_concurrent_records_are_group_committed(tmp_path: Path) -> None:
 
 
 async def test_a_steady_trickle_of_records_shares_fsyncs(tmp_path: Path) -> None:
-    """Records arriving one by one while the writer is busy (an unwrap at a time) are written several per fsync."""
+    """Closed-loop callers, each sending its next request once its record is durable, with each request's
+    private-key operation on the loop: their records are written several per fsync, not one by one."""
     path = tmp_path / "audit.log"
+
+    async def caller(who: int) -> None:
+        for i in range(30):
+            time.sleep(0.0005)  # this request's private-key operation, inline on the loop
+            await log.record(event(who * 100 + i))
+
     async with AuditLog(path) as log:
-        pending = []
-        for i in range(120):
-            pending.append(asyncio.ensure_future(log.record(event(i))))
-            await asyncio.sleep(0)  # the record is queued
-            time.sleep(0.0005)  # the loop busy with the next request's private-key operation
-        await asyncio.gather(*pending)
+        await asyncio.gather(*(caller(who) for who in range(4)))
         assert log.records_written == 120
-        assert log.records_written / log.batch_count >= 2.5
+        assert log.records_written / log.batch_count >= 3
     assert verify([path]).records == 120
 
 
@@ -241,3 +244,79 @@ async def test_recovery_after_the_directory_comes_back(tmp_path: Path) -> None:
         assert log.last_error == error  # kept for diagnosis
     res = verify([path])
     assert res.ok and res.records == 1
+
+
+async def test_the_loop_writes_and_the_writer_fsyncs_with_the_chain_locked_throughout(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between the loop's write and the writer's fsync the records are not durable: no other writer may chain
+    onto them, so the lock is held until the fsync is done."""
+    path = tmp_path / "audit.log"
+    real_write, real_fsync = os.write, os.fsync
+    writers: set[str] = set()
+    lock_free_during_fsync: list[bool] = []
+
+    def write_spy(fd: int, data: Any) -> int:
+        if os.path.exists(path) and os.path.samestat(os.fstat(fd), path.stat()):
+            writers.add(threading.current_thread().name)
+        return real_write(fd, data)
+
+    def fsync_spy(fd: int) -> None:
+        if os.path.samestat(os.fstat(fd), path.stat()):
+            probe = os.open(log.lock_path, os.O_RDWR)
+            try:
+                fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                lock_free_during_fsync.append(True)
+                fcntl.flock(probe, fcntl.LOCK_UN)
+            except BlockingIOError:
+                lock_free_during_fsync.append(False)
+            finally:
+                os.close(probe)
+        real_fsync(fd)
+
+    async with AuditLog(path) as log:
+        await log.record(event(0))  # a new file: written whole by the writer thread
+        monkeypatch.setattr(os, "write", write_spy)
+        monkeypatch.setattr(os, "fsync", fsync_spy)
+        await asyncio.gather(*(log.record(event(i)) for i in range(1, 40)))
+    assert writers == {threading.current_thread().name}
+    assert lock_free_during_fsync and not any(lock_free_during_fsync)
+    assert verify([path]).records == 40
+
+
+async def test_a_failed_fsync_takes_the_batch_back_and_the_chain_goes_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "audit.log"
+    real_fsync = os.fsync
+    failures: list[int] = []
+
+    def failing_fsync(fd: int) -> None:
+        if os.path.samestat(os.fstat(fd), path.stat()):
+            raise OSError(5, "Input/output error")
+        real_fsync(fd)
+
+    async with AuditLog(path, on_failure=lambda: failures.append(1)) as log:
+        await log.record(event(1))
+        size = path.stat().st_size
+        monkeypatch.setattr(os, "fsync", failing_fsync)
+        results = await asyncio.gather(*(log.record(event(i)) for i in range(2, 6)), return_exceptions=True)
+        assert results and all(isinstance(r, AuditWriteError) for r in results), results
+        assert path.stat().st_size == size  # nothing of the failed batches stays in the file
+        assert not log.healthy and failures
+        monkeypatch.undo()
+        await log.record(event(6))
+        assert log.healthy
+    res = verify([path])
+    assert res.ok and res.records == 2
+
+
+async def test_a_torn_tail_left_by_another_writer_is_repaired_off_the_loop(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    async with AuditLog(path) as log:
+        await log.record(event(1))
+        await log.record(event(2))
+        with path.open("ab") as f:  # another process died mid-write, holding the lock
+            f.write(b'{"seq":3,"half a rec')
+        await log.record(event(3))
+        await asyncio.gather(*(log.record(event(i)) for i in range(4, 10)))
+    res = verify([path])
+    assert res.ok and res.records == 9
