@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-# One encoder for every call: json.dumps with these options builds a new JSONEncoder each time.
-_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+from lkm.jsontext import one_shot_encoder
+
+_encode = one_shot_encoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 def canonical_text(obj: Any) -> str:
     """canonical_json before its UTF-8 encoding."""
-    return _ENCODER.encode(obj)
+    return _encode(obj)
 
 
 def canonical_json(obj: Any) -> bytes:
     """Sorted keys, no spaces, UTF-8, no NaN: equal documents give equal bytes."""
-    return _ENCODER.encode(obj).encode("utf-8")
+    return _encode(obj).encode("utf-8")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import copy
-import json
 import logging
 import sys
 import threading
@@ -12,13 +11,13 @@ import time
 from typing import Any
 
 from lkm.background import run_below_the_loop
+from lkm.jsontext import one_shot_encoder
 from lkm.threadnames import name_this_thread
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
 
-# json.dumps with options builds a new encoder per call; a log line is formatted with this one.
-_JSON = json.JSONEncoder(default=str, separators=(",", ":"))
+_json_line = one_shot_encoder(default=str, separators=(",", ":"))
 
 
 class SecondCachedFormatter(logging.Formatter):
@@ -50,7 +49,7 @@ class JsonFormatter(SecondCachedFormatter):
                 data[key] = value
         if record.exc_info:
             data["exception"] = self.formatException(record.exc_info)
-        return _JSON.encode(data)
+        return _json_line(data)
 
 
 class TextFormatter(SecondCachedFormatter):
