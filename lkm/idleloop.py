@@ -7,9 +7,8 @@ requests of a closed-loop caller, waiting. Only the loop itself knows it has run
 selector without a timeout while callbacks are ready, and with one when it would otherwise sleep.
 
 `IdleAwareLoop` polls once without waiting before such a sleep; when that finds nothing, it calls its idle
-callbacks and then sleeps. The loop has already chosen how long to sleep by then, so a callback that schedules
-something sooner returns how soon, and the sleep is cut to that. A busy loop never pays for it (it never
-sleeps); an idle one pays one extra `epoll_wait` per wake-up.
+callbacks and then sleeps. A busy loop never pays for it (it never sleeps); an idle one pays one extra
+`epoll_wait` per wake-up.
 """
 
 from __future__ import annotations
@@ -18,17 +17,13 @@ import asyncio
 import selectors
 from collections.abc import Callable
 
-__all__ = ["IdleAwareLoop", "IdleCallback", "call_when_idle"]
-
-IdleCallback = Callable[[], float | None]
-"""Runs on the loop's thread as it is about to sleep; returns how soon it needs the loop awake, in seconds, if it
-scheduled something (call_later) that the sleep would otherwise overrun, else None."""
+__all__ = ["IdleAwareLoop", "call_when_idle"]
 
 
 class _IdleSignallingSelector(selectors.DefaultSelector):
     def __init__(self) -> None:
         super().__init__()
-        self.idle_callbacks: list[IdleCallback] = []
+        self.idle_callbacks: list[Callable[[], None]] = []
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
         if self.idle_callbacks and (timeout is None or timeout > 0):
@@ -36,9 +31,7 @@ class _IdleSignallingSelector(selectors.DefaultSelector):
             if ready:
                 return ready
             for callback in self.idle_callbacks:
-                within = callback()
-                if within is not None and (timeout is None or within < timeout):
-                    timeout = max(within, 0.0)
+                callback()
         result: list[tuple[selectors.SelectorKey, int]] = super().select(timeout)
         return result
 
@@ -51,11 +44,11 @@ class IdleAwareLoop(asyncio.SelectorEventLoop):
         self._idle_selector = _IdleSignallingSelector()
         super().__init__(self._idle_selector)
 
-    def call_when_idle(self, callback: IdleCallback) -> None:
+    def call_when_idle(self, callback: Callable[[], None]) -> None:
         self._idle_selector.idle_callbacks.append(callback)
 
 
-def call_when_idle(loop: asyncio.AbstractEventLoop, callback: IdleCallback) -> bool:
+def call_when_idle(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> bool:
     """Registers `callback` if `loop` can tell when it is idle; False (and nothing registered) otherwise."""
     if isinstance(loop, IdleAwareLoop):
         loop.call_when_idle(callback)
