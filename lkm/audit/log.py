@@ -59,6 +59,8 @@ measured on one core at peak, 91-96 µs with 5 ms, 60-70 µs with 10 ms, 47-57 �
 of that saving while a request's added wait stays a small part of the 50 ms p99 budget."""
 LINGER_RECORDS = 16
 """A batch this large is written at once, without waiting out the linger."""
+
+
 class _AuditSettings(Protocol):
     """What from_settings reads (lkm.config.AuditSettings); a protocol keeps this module free of config."""
 

@@ -309,8 +309,17 @@ async def test_a_failed_fsync_takes_the_batch_back_and_the_chain_goes_on(
     assert res.ok and res.records == 2
 
 
-async def test_a_torn_tail_left_by_another_writer_is_repaired_off_the_loop(tmp_path: Path) -> None:
+async def test_a_torn_tail_left_by_another_writer_is_repaired_off_the_loop(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "audit.log"
+    real_ftruncate = os.ftruncate
+    repaired_on: list[str] = []
+
+    def spy(fd: int, length: int) -> None:
+        repaired_on.append(threading.current_thread().name)
+        real_ftruncate(fd, length)
+
+    monkeypatch.setattr(os, "ftruncate", spy)
     async with AuditLog(path) as log:
         await log.record(event(1))
         await log.record(event(2))
@@ -318,5 +327,25 @@ async def test_a_torn_tail_left_by_another_writer_is_repaired_off_the_loop(tmp_p
             f.write(b'{"seq":3,"half a rec')
         await log.record(event(3))
         await asyncio.gather(*(log.record(event(i)) for i in range(4, 10)))
+    assert repaired_on == ["lkm-audit"]  # the repair fsyncs: never on the loop
     res = verify([path])
     assert res.ok and res.records == 9
+
+
+def test_records_come_from_the_loop_the_log_started_on(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path / "audit.log")
+
+    async def first() -> None:
+        await log.start()
+        await log.record(event(1))
+
+    async def elsewhere() -> None:
+        with pytest.raises(AuditWriteError, match="event loop it was started on"):
+            await log.record(event(2))
+
+    with asyncio.Runner() as runner:
+        runner.run(first())
+        with asyncio.Runner() as other:
+            other.run(elsewhere())
+        runner.run(log.close())
+    assert verify([tmp_path / "audit.log"]).records == 1
