@@ -15,7 +15,7 @@ from lkm.keystore.file import FileKeyStore
 from lkm.keystore.postgresql import PostgresKeyStore
 from tests.conftest import TEST_SCRYPT_N, Pki, base_config, pooled_key
 from tests.lkmcli import lkm, lkm_here
-from tests.pg import PgCluster
+from tests.pg import PgCluster, seed_pg_store
 
 PG_PASSPHRASE = "another horse battery staple"
 BACKUP_PASSPHRASE = "correct horse battery staple backup"
@@ -61,6 +61,7 @@ def test_migrate_file_to_postgresql_and_back(tmp_path: Path, certs: Pki, pg_dsn:
         before = {r.id: comparable(r) for r in source.list_keys()}
     finally:
         source.close()
+    seed_pg_store(pg_dsn, PG_PASSPHRASE)
     target_config = pg_config(tmp_path, certs, pg_dsn)
 
     first = lkm("keys", "migrate", "-c", str(source_config), "--to", str(target_config))
@@ -94,7 +95,7 @@ def test_migrate_file_to_postgresql_and_back(tmp_path: Path, certs: Pki, pg_dsn:
 def test_migrate_refuses_a_different_key_under_the_same_id(tmp_path: Path, certs: Pki, pg_dsn: str) -> None:
     source_config = file_config(tmp_path, certs, "file")
     source = FileKeyStore(tmp_path / "file" / "keys", b"correct horse battery staple", scrypt_n=TEST_SCRYPT_N)
-    target = PostgresKeyStore(pg_dsn, PG_PASSPHRASE.encode(), listen=False)
+    target = PostgresKeyStore(pg_dsn, PG_PASSPHRASE.encode(), listen=False, scrypt_n=TEST_SCRYPT_N)
     try:
         record = pooled_key(source, KeyState.ACTIVE)
         other = FileKeyStore(tmp_path / "other", b"x" * 12, scrypt_n=TEST_SCRYPT_N)
@@ -114,6 +115,7 @@ def test_migrate_refuses_a_different_key_under_the_same_id(tmp_path: Path, certs
 @pytest.mark.slow
 def test_backup_create_verify_restore_on_postgresql(tmp_path: Path, certs: Pki, pg_dsn: str,
                                                     pg_cluster: PgCluster) -> None:
+    seed_pg_store(pg_dsn, PG_PASSPHRASE)
     config = pg_config(tmp_path, certs, pg_dsn)
     created = lkm_here("keys", "create", "-c", str(config), "--json")
     assert created.returncode == 0
@@ -123,6 +125,7 @@ def test_backup_create_verify_restore_on_postgresql(tmp_path: Path, certs: Pki, 
     assert "OK, whole and decryptable" in lkm_here("backup", "verify", bundle, env=env).stdout
     # Into a second, empty database: the key comes back and unwraps there.
     fresh_dsn = pg_cluster.dsn(pg_cluster.create_database())
+    seed_pg_store(fresh_dsn, PG_PASSPHRASE)
     restored = lkm_here("backup", "restore", "-c", str(pg_config(tmp_path, certs, fresh_dsn, "fresh")), bundle, env=env)
     assert "1 restored" in restored.stdout, restored.stdout
     store = PostgresKeyStore(fresh_dsn, PG_PASSPHRASE.encode(), listen=False)

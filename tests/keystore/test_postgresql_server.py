@@ -144,9 +144,9 @@ async def test_hawk_changes_reach_a_running_server_through_the_notification(
 def test_check_config_refuses_a_newer_schema(tmp_path: Path, pg_dsn: str, config_factory: Callable[..., Path],
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LKM_TEST_PG_PASSPHRASE", "correct horse battery staple")
+    seed_pg_store(pg_dsn, "correct horse battery staple")  # schema at CODE_VERSION
     config = config_factory(keystore=keystore_section(tmp_path, pg_dsn))
     assert lkm_here("check-config", "-c", str(config)).returncode == 0
-    PostgresKeyStore(pg_dsn, b"correct horse battery staple", listen=False).close()  # schema at CODE_VERSION
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         conn.execute("UPDATE lkm_schema_version SET version = %s", (CODE_VERSION + 1,))
     refused = lkm_here("check-config", "-c", str(config), check=False)
