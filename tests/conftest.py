@@ -20,7 +20,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from lkm.client import NativeClient, PlatformClient, client_ssl_context
 from lkm.config import load_settings
 from lkm.hawk import HawkCredential
 from lkm.hawk_credentials import load_credentials_file, mint_credential
+from lkm.idleloop import IdleAwareLoop
 from lkm.keys import KeyRecord, KeyState, generate_private_key, load_private_key_any, load_public_pkcs1, new_key_id
 from lkm.keystore.file import FileKeyStore
 from lkm.server import LkmServer
@@ -292,6 +293,13 @@ async def eventually(check: Callable[[], Any], within: float = 15.0) -> Any:
         if result or time.monotonic() > deadline:
             return result
         await asyncio.sleep(0.05)
+
+
+def run_on_idle_aware_loop(scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Runs `scenario` on the event loop the server runs on, which can say when it is idle (pytest-aiohttp's
+    loops cannot: what the server does with that signal is tested on this one)."""
+    with asyncio.Runner(loop_factory=IdleAwareLoop) as runner:
+        runner.run(scenario())
 
 
 def wrap(record: KeyRecord, secret: bytes, pad: padding.AsymmetricPadding = OAEP_SHA1) -> bytes:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import socket
 
-from lkm.idleloop import IdleAwareLoop, call_when_idle
+from lkm.idleloop import call_when_idle
+from tests.conftest import run_on_idle_aware_loop
 
 
 def test_idle_callbacks_run_only_when_the_loop_runs_out_of_work() -> None:
@@ -46,8 +47,7 @@ def test_idle_callbacks_run_only_when_the_loop_runs_out_of_work() -> None:
             await writer.wait_closed()
         assert idle_calls and set(idle_calls) == {200}
 
-    with asyncio.Runner(loop_factory=IdleAwareLoop) as runner:
-        runner.run(scenario())
+    run_on_idle_aware_loop(scenario)
 
 
 async def test_another_loop_takes_no_idle_callback() -> None:

@@ -6,22 +6,15 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable, Coroutine
-from typing import Any
 
-from lkm.idleloop import IdleAwareLoop
 from lkm.metrics import LATENCY_BUCKETS, Metrics
 from lkm.metricwrites import FLUSH_SECONDS
 from lkm.observer import MetricsObserver
+from tests.conftest import run_on_idle_aware_loop
 
 KEY = "0b6f4b64-6a4f-4f83-9d0e-2b7f8e9c1a55"
 # Every bucket of the latency histogram, values exactly on its bounds, and one past the last.
 VALUES = [*LATENCY_BUCKETS, *(b * 0.9 for b in LATENCY_BUCKETS), 7.5, 0.0]
-
-
-def _on_idle_aware_loop(test: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    with asyncio.Runner(loop_factory=IdleAwareLoop) as runner:
-        runner.run(test())
 
 
 def _requests(metrics: Metrics) -> None:
@@ -68,7 +61,7 @@ def test_batched_writes_scrape_exactly_as_direct_ones() -> None:
         assert _unwraps(metrics) == _unwraps(direct) > 0
         assert _exposition(metrics) == _exposition(direct)
 
-    _on_idle_aware_loop(batched)
+    run_on_idle_aware_loop(batched)
 
 
 def test_a_scrape_of_the_process_itself_writes_what_is_pending_first() -> None:
@@ -76,7 +69,7 @@ def test_a_scrape_of_the_process_itself_writes_what_is_pending_first() -> None:
         metrics = _one_unwrap_pending()
         assert f'lkm_unwraps_total{{key_id="{KEY}",outcome="ok",route="platform"}} 1.0' in _exposition(metrics)
 
-    _on_idle_aware_loop(scrape)
+    run_on_idle_aware_loop(scrape)
 
 
 def test_a_loop_that_never_runs_out_of_work_writes_within_the_flush_interval() -> None:
@@ -90,7 +83,7 @@ def test_a_loop_that_never_runs_out_of_work_writes_within_the_flush_interval() -
         assert _unwraps(metrics) == 1.0
         assert FLUSH_SECONDS * 0.9 <= time.monotonic() - began < 4 * FLUSH_SECONDS
 
-    _on_idle_aware_loop(busy)
+    run_on_idle_aware_loop(busy)
 
 
 def test_writes_from_other_threads_and_after_detach_go_straight_through() -> None:
@@ -107,7 +100,7 @@ def test_writes_from_other_threads_and_after_detach_go_straight_through() -> Non
         metrics.observe_unwrap("platform", "ok", 0.002, KEY)
         assert _unwraps(metrics) == 3.0
 
-    _on_idle_aware_loop(threads)
+    run_on_idle_aware_loop(threads)
 
 
 def test_nothing_is_held_back_on_a_loop_that_cannot_say_when_it_is_idle() -> None:

@@ -21,9 +21,9 @@ from lkm.audit import (
     verify_chain_files,
 )
 from lkm.config import AuditSettings
-from lkm.idleloop import IdleAwareLoop, call_when_idle
+from lkm.idleloop import call_when_idle
 from tests.audit.chain import event, lines_of
-from tests.conftest import eventually
+from tests.conftest import eventually, run_on_idle_aware_loop
 
 
 def test_from_settings(tmp_path: Path) -> None:
@@ -114,8 +114,7 @@ def test_a_busy_writer_stops_lingering_once_its_loop_runs_out_of_work(tmp_path: 
             await asyncio.wait_for(last, 10)
             assert batches == [1, 2, 2, 1]
 
-    with asyncio.Runner(loop_factory=IdleAwareLoop) as runner:
-        runner.run(scenario())
+    run_on_idle_aware_loop(scenario)
     assert verify([path]).records == 6
 
 

@@ -24,9 +24,14 @@ from tests.conftest import TEST_SCRYPT_N, pooled_key, wrap
 PASS = b"correct horse battery staple"
 
 
+def open_store(directory: Path) -> FileKeyStore:
+    """The store in `directory` (made if absent) with the tests' passphrase and scrypt cost."""
+    return FileKeyStore(directory, PASS, scrypt_n=TEST_SCRYPT_N)
+
+
 @pytest.mark.slow
 def test_private_key_is_sealed_at_rest(tmp_path: Path) -> None:
-    store = FileKeyStore(tmp_path / "ks", PASS, scrypt_n=TEST_SCRYPT_N)
+    store = open_store(tmp_path / "ks")
     record = store.create_key(state=KeyState.ACTIVE)
     raw = (tmp_path / "ks" / "keys" / f"{record.id}.json").read_text()
     doc = json.loads(raw)
@@ -46,15 +51,15 @@ def test_wrong_passphrase_is_a_clear_error(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", [0o755, 0o770, 0o707])
 def test_refuses_a_directory_others_can_enter(tmp_path: Path, mode: int) -> None:
-    FileKeyStore(tmp_path / "ks", PASS, scrypt_n=TEST_SCRYPT_N)
+    open_store(tmp_path / "ks")
     os.chmod(tmp_path / "ks", mode)
     with pytest.raises(KeyStoreError, match="expected no access for group or others"):
-        FileKeyStore(tmp_path / "ks", PASS, scrypt_n=TEST_SCRYPT_N)
+        open_store(tmp_path / "ks")
 
 
 @pytest.mark.slow
 def test_key_file_under_another_name_does_not_open(tmp_path: Path) -> None:
-    store = FileKeyStore(tmp_path / "ks", PASS, scrypt_n=TEST_SCRYPT_N)
+    store = open_store(tmp_path / "ks")
     record = pooled_key(store, KeyState.ACTIVE)
     keys = tmp_path / "ks" / "keys"
     doc = json.loads((keys / f"{record.id}.json").read_text())
@@ -62,16 +67,16 @@ def test_key_file_under_another_name_does_not_open(tmp_path: Path) -> None:
     doc["id"] = other
     (keys / f"{other}.json").write_text(json.dumps(doc))
     os.chmod(keys / f"{other}.json", 0o600)
-    fresh = FileKeyStore(tmp_path / "ks", PASS, scrypt_n=TEST_SCRYPT_N)
+    fresh = open_store(tmp_path / "ks")
     with pytest.raises(KeyStoreError, match="does not open"):
         fresh.decrypt(other, wrap(record, b"x" * 32), Algorithm.RSA_OAEP_SHA1)
 
 
 @pytest.mark.slow
 def test_private_keys_load_lazily(tmp_path: Path) -> None:
-    store = FileKeyStore(tmp_path / "ks", PASS, scrypt_n=TEST_SCRYPT_N)
+    store = open_store(tmp_path / "ks")
     records = [pooled_key(store, KeyState.RETIRED) for _ in range(3)]
-    fresh = FileKeyStore(tmp_path / "ks", PASS, scrypt_n=TEST_SCRYPT_N)
+    fresh = open_store(tmp_path / "ks")
     assert len(fresh.list_keys()) == 3
     assert fresh._private == {}  # nothing decrypted at start-up
     assert fresh.decrypt(records[1].id, wrap(records[1], b"l" * 32), Algorithm.RSA_OAEP_SHA1) == b"l" * 32
@@ -79,17 +84,17 @@ def test_private_keys_load_lazily(tmp_path: Path) -> None:
 
 
 def test_leftover_temp_files_are_ignored(tmp_path: Path) -> None:
-    store = FileKeyStore(tmp_path / "ks", PASS, scrypt_n=TEST_SCRYPT_N)
+    store = open_store(tmp_path / "ks")
     record = pooled_key(store, KeyState.ACTIVE)
     (tmp_path / "ks" / "keys" / f".{record.id}.json.tmp-abc").write_text('{"torn')
-    fresh = FileKeyStore(tmp_path / "ks", PASS, scrypt_n=TEST_SCRYPT_N)
+    fresh = open_store(tmp_path / "ks")
     assert [r.id for r in fresh.list_keys()] == [record.id]
 
 
 @pytest.mark.slow
 def test_refresh_sees_other_writers(tmp_path: Path) -> None:
-    server_view = FileKeyStore(tmp_path / "ks", PASS, scrypt_n=TEST_SCRYPT_N)
-    cli_view = FileKeyStore(tmp_path / "ks", PASS, scrypt_n=TEST_SCRYPT_N)
+    server_view = open_store(tmp_path / "ks")
+    cli_view = open_store(tmp_path / "ks")
     record = pooled_key(cli_view, KeyState.ACTIVE)
     assert server_view.refresh() is True
     assert server_view.get_key(record.id).state is KeyState.ACTIVE
@@ -116,7 +121,7 @@ while True:
 def test_killed_writer_leaves_only_whole_keys(tmp_path: Path) -> None:
     """SIGKILL a process in the middle of creating and updating keys: every key file left is whole."""
     path = tmp_path / "ks"
-    FileKeyStore(path, PASS, scrypt_n=TEST_SCRYPT_N)
+    open_store(path)
     proc = subprocess.Popen([sys.executable, "-c", CREATE_LOOP, str(path)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
     deadline = time.monotonic() + 60
@@ -125,7 +130,7 @@ def test_killed_writer_leaves_only_whole_keys(tmp_path: Path) -> None:
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     proc.stdout.close()
-    store = FileKeyStore(path, PASS, scrypt_n=TEST_SCRYPT_N)
+    store = open_store(path)
     records = store.list_keys()
     assert records, "the writer made no key in time"
     for record in records:
@@ -138,8 +143,8 @@ def test_killed_writer_leaves_only_whole_keys(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_a_bad_file_does_not_hide_other_changes(tmp_path: Path) -> None:
-    server_view = FileKeyStore(tmp_path / "ks", PASS, scrypt_n=TEST_SCRYPT_N)
-    cli_view = FileKeyStore(tmp_path / "ks", PASS, scrypt_n=TEST_SCRYPT_N)
+    server_view = open_store(tmp_path / "ks")
+    cli_view = open_store(tmp_path / "ks")
     record = pooled_key(cli_view, KeyState.RETIRED)
     server_view.refresh()
     (tmp_path / "ks" / "keys" / "stray.json").write_text("{not json")
@@ -153,9 +158,9 @@ def test_a_bad_file_does_not_hide_other_changes(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_uppercase_ids_are_the_same_key(tmp_path: Path) -> None:
-    store = FileKeyStore(tmp_path / "ks", PASS, scrypt_n=TEST_SCRYPT_N)
+    store = open_store(tmp_path / "ks")
     record = pooled_key(store, KeyState.ACTIVE)
-    fresh = FileKeyStore(tmp_path / "ks", PASS, scrypt_n=TEST_SCRYPT_N)
+    fresh = open_store(tmp_path / "ks")
     assert fresh.get_key(record.id.upper()).id == record.id
     assert fresh.decrypt(record.id.upper(), wrap(record, b"u" * 32), Algorithm.RSA_OAEP_SHA1) == b"u" * 32
 
@@ -163,7 +168,7 @@ def test_uppercase_ids_are_the_same_key(tmp_path: Path) -> None:
 def test_pkcs1_is_offered_only_with_implicit_rejection(tmp_path: Path) -> None:
     from lkm.keystore.inprocess import implicit_rejection
 
-    store = FileKeyStore(tmp_path / "ks", PASS, scrypt_n=TEST_SCRYPT_N)
+    store = open_store(tmp_path / "ks")
     assert (Algorithm.RSA_PKCS1_V1_5 in store.supported_algorithms()) == implicit_rejection()
     # The OpenSSL inside this project's cryptography (3.2 or later) has it; the platform route relies on it.
     assert implicit_rejection() is True
