@@ -5,8 +5,9 @@ kernel lets a woken writer preempt the loop, often in the middle of a private-ke
 peak that was 0.8 preemptions of the loop per unwrap, each a switch there and back and a cold cache for the
 operation it interrupted. Ten nice steps below the loop, a writer that wakes waits for the loop to block or
 for its time slice to end. It still gets about a tenth of a core the loop keeps busy (scheduler weights 110
-against 1,024), twice what the audit writer needs at peak (about 45 µs of CPU per unwrap of about 1,000), and
-the whole core whenever the loop waits, which it does once every request in flight waits for its record.
+against 1,024), several times what the writers need at peak (the audit writer, which only fsyncs, about 15 µs
+of CPU per unwrap of about 900; the log writer about 9), and the whole core whenever the loop waits, which it
+does once every request in flight waits for its record.
 
 Measured on one core at peak, alternating with the loop's priority over four rounds: 15-20 µs less CPU per
 unwrap, and a lower p99.

@@ -121,24 +121,16 @@ class ChainAppender:
                 lock_fd = self._lock_fd if self._lock_fd >= 0 else self._open_lock()
                 fcntl.flock(lock_fd, fcntl.LOCK_EX)
                 try:
-                    head = self._current_head()
-                    lines: list[bytes] = []
-                    for body in bodies:
-                        line, head = seal(body, head)
-                        lines.append(line)
+                    lines, head = _seal_all(bodies, self._current_head())
                     self._write_lines(lines)
                     self._head = head
                 finally:
                     fcntl.flock(lock_fd, fcntl.LOCK_UN)
             except Exception as exc:
-                # What is on disk is unknown now: the next append must read the head afresh.
-                self._head = None
-                self._state = None
-                self._close_files()
-                self._note_failure(exc)
-                if isinstance(exc, AuditWriteError):
+                failure = self._failed(exc)
+                if failure is exc:
                     raise
-                raise AuditWriteError(f"audit write to {self.path} failed: {exc}") from exc
+                raise failure from exc
             finally:
                 if not keep_open:
                     self._close_files()
@@ -152,7 +144,7 @@ class ChainAppender:
         """
         if not self._io_lock.acquire(blocking=False):
             return None
-        locked = written = False
+        written = False
         size = 0
         try:
             lock_fd = self._lock_fd if self._lock_fd >= 0 else self._open_lock()
@@ -161,26 +153,17 @@ class ChainAppender:
             except BlockingIOError:  # another writer holds the chain
                 self._io_lock.release()
                 return None
-            locked = True
             head = self._current_head(torn="wait")
-            if self._fd < 0:
-                self._fd = self._open_current()
-                size = os.fstat(self._fd).st_size
-            else:
-                assert self._state is not None
-                size = self._state[2]
+            fd, size = self._current_file()
             if size == 0:
                 raise _MustWait  # a new file: its directory entry must be made durable too
-            lines: list[bytes] = []
-            for body in bodies:
-                line, head = seal(body, head)
-                lines.append(line)
+            lines, head = _seal_all(bodies, head)
             data = b"".join(lines)
             if 0 < self.max_bytes < size + len(data):
                 raise _MustWait
             written = True
-            write_all(self._fd, data)
-            return WrittenBatch(self._fd, lock_fd, size, head, len(bodies))
+            write_all(fd, data)
+            return WrittenBatch(fd, lock_fd, size, head, len(bodies))
         except _MustWait:  # nothing written, and what is cached still holds
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             self._io_lock.release()
@@ -190,12 +173,7 @@ class ChainAppender:
             if written:  # take back what part of the batch reached the file
                 with contextlib.suppress(OSError):
                     os.ftruncate(self._fd, size)
-            self._head = None
-            self._state = None
-            if locked:
-                with contextlib.suppress(OSError):
-                    fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-            self._close_files()
+            self._forget()  # closing the lock file releases the flock too
             self._io_lock.release()
             return None
 
@@ -210,19 +188,28 @@ class ChainAppender:
             except Exception as exc:
                 with contextlib.suppress(OSError):
                     os.ftruncate(batch.fd, batch.size_before)
-                self._head = None
-                self._state = None
-                with contextlib.suppress(OSError):
-                    fcntl.flock(batch.lock_fd, fcntl.LOCK_UN)
-                self._close_files()
-                self._note_failure(exc)
-                raise AuditWriteError(f"audit write to {self.path} failed: {exc}") from exc
+                raise self._failed(exc) from exc  # the lock goes with its file
             self._state = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
             self._head = batch.head
             fcntl.flock(batch.lock_fd, fcntl.LOCK_UN)
         finally:
             self._io_lock.release()
         self._count_written(batch.records)
+
+    def _forget(self) -> None:
+        """What is on disk is unknown now: the next append reads the head afresh, from files it opens again.
+        Closing the lock file releases its flock."""
+        self._head = None
+        self._state = None
+        self._close_files()
+
+    def _failed(self, exc: BaseException) -> AuditWriteError:
+        """A failed append, forgotten and reported: the error its caller raises."""
+        self._forget()
+        self._note_failure(exc)
+        if isinstance(exc, AuditWriteError):
+            return exc
+        return AuditWriteError(f"audit write to {self.path} failed: {exc}")
 
     def _count_written(self, records: int) -> None:
         self.healthy = True
@@ -310,13 +297,16 @@ class ChainAppender:
     def _open_current(self) -> int:
         return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
-    def _write_lines(self, lines: list[bytes]) -> None:
+    def _current_file(self) -> tuple[int, int]:
+        """The current audit file, open, and its size; after `_current_head`, under both locks."""
         if self._fd >= 0:  # kept open only while _state describes it (_current_head closes it otherwise)
             assert self._state is not None
-            fd, size = self._fd, self._state[2]
-        else:
-            fd = self._fd = self._open_current()
-            size = os.fstat(fd).st_size
+            return self._fd, self._state[2]
+        self._fd = self._open_current()
+        return self._fd, os.fstat(self._fd).st_size
+
+    def _write_lines(self, lines: list[bytes]) -> None:
+        fd, size = self._current_file()
         fresh = size == 0  # its directory entry may not be durable yet
         chunk: list[bytes] = []
         chunk_len = 0
@@ -352,3 +342,12 @@ class ChainAppender:
                 os.ftruncate(fd, size_before)
             raise
         self.fsync_count += 1
+
+
+def _seal_all(bodies: Sequence[PreparedEvent], head: Head) -> tuple[list[bytes], Head]:
+    """The lines of `bodies` chained after `head`, and the head they leave."""
+    lines: list[bytes] = []
+    for body in bodies:
+        line, head = seal(body, head)
+        lines.append(line)
+    return lines, head

@@ -171,13 +171,9 @@ class AuditLog(ChainAppender):
         if loop is not self._loop:
             raise AuditWriteError("audit log records come from the event loop it was started on")
         future: asyncio.Future[None] = loop.create_future()
-        pending = self._pending
-        pending.append((body, future))
+        self._pending.append((body, future))
         if not self._in_flight:  # otherwise the batch in flight, once done, decides when this one goes
-            if not self._busy or len(pending) >= LINGER_RECORDS:
-                self._commit()
-            elif self._linger is None:
-                self._linger = loop.call_later(self._linger_seconds, self._commit)
+            self._next_batch()
         await future
 
     def loop_idle(self) -> None:
@@ -185,6 +181,14 @@ class AuditLog(ChainAppender):
         on its way is written now."""
         if self._linger is not None and not self._records_coming():
             self._commit()
+
+    def _next_batch(self) -> None:
+        """On the loop, with records pending and none in flight: writes them now, or lingers for more."""
+        if not self._busy or self._closing or len(self._pending) >= LINGER_RECORDS:
+            self._commit()
+        elif self._linger is None:
+            assert self._loop is not None
+            self._linger = self._loop.call_later(self._linger_seconds, self._commit)
 
     def _commit(self) -> None:
         """On the loop: sends what is pending as one batch, written here if that cannot wait."""
@@ -220,14 +224,9 @@ class AuditLog(ChainAppender):
         """On the loop: the callers of a batch learn its fate; what piled up meanwhile goes next."""
         _settle([future for _, future in batch], error)
         self._in_flight = False
-        pending = self._pending
-        self._busy = len(batch) > 1 or bool(pending)
-        if pending:
-            if self._closing or len(pending) >= LINGER_RECORDS:
-                self._commit()
-            elif self._linger is None:
-                assert self._loop is not None
-                self._linger = self._loop.call_later(self._linger_seconds, self._commit)
+        self._busy = len(batch) > 1 or bool(self._pending)
+        if self._pending:
+            self._next_batch()
         else:
             flushed, self._flushed = self._flushed, []
             for waiter in flushed:
