@@ -13,6 +13,7 @@ import base64
 import datetime as dt
 import fcntl
 import functools
+import inspect
 import itertools
 import json
 import os
@@ -286,10 +287,13 @@ class Running:
 
 
 async def eventually(check: Callable[[], Any], within: float = 15.0) -> Any:
-    """Polls `check` until it returns something true or `within` seconds pass; returns its last result."""
+    """Polls `check` (a function or a coroutine function) until it returns something true or `within` seconds
+    pass; returns its last result."""
     deadline = time.monotonic() + within
     while True:
         result = check()
+        if inspect.isawaitable(result):
+            result = await result
         if result or time.monotonic() > deadline:
             return result
         await asyncio.sleep(0.05)

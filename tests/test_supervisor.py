@@ -23,7 +23,7 @@ from lkm.client import PlatformClient, client_ssl_context
 from lkm.config import load_settings
 from lkm.hawk import HawkCredential, sign_request
 from lkm.keys import KeyRecord
-from tests.conftest import Pki, b64, base_config, wrap, write_config
+from tests.conftest import Pki, b64, base_config, eventually, wrap, write_config
 from tests.lkmcli import lkm_here
 from tests.serveproc import ServeProcess, peer_serial, prepare
 
@@ -76,12 +76,12 @@ async def test_workers_serve_together_and_a_dead_one_is_replaced(tmp_path: Path,
             status, body = await get_json(server.urls["ops"] + "/readyz")
             return status == 503 and not body["checks"]["workers"]["ok"]
 
-        assert await poll(not_ready)
+        assert await eventually(not_ready, within=20.0)
 
         async def ready_again() -> bool:
             return (await get_json(server.urls["ops"] + "/readyz"))[0] == 200
 
-        assert await poll(ready_again)
+        assert await eventually(ready_again, within=20.0)
         assert victim not in server.workers() and len(server.workers()) == WORKERS
         assert "killed by SIGKILL" in server.log_text()
         assert await unwrap(server, certs, credential, record) == 200
@@ -90,16 +90,6 @@ async def test_workers_serve_together_and_a_dead_one_is_replaced(tmp_path: Path,
         workers = server.workers()
     assert server.proc.returncode == 0
     assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
-
-
-async def poll(check: Callable[[], Any], within: float = 20.0) -> bool:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while loop.time() < deadline:
-        if await check():
-            return True
-        await asyncio.sleep(0.05)
-    return False
 
 
 async def test_a_replayed_request_is_refused_whichever_worker_gets_it_and_cli_changes_reach_every_worker(
@@ -132,7 +122,7 @@ async def test_a_replayed_request_is_refused_whichever_worker_gets_it_and_cli_ch
             statuses = await asyncio.gather(*(unwrap(server, certs, credential, record) for _ in range(8)))
             return all(status != 200 for status in statuses)
 
-        assert await poll(all_refused, within=2.0)  # refresh_seconds is 0.2
+        assert await eventually(all_refused, within=2.0)  # refresh_seconds is 0.2
         lkm_here("keys", "enable", record.id, "-c", str(config))
         lkm_here("hawk", "revoke", credential.id, "-c", str(config))
 
@@ -140,7 +130,7 @@ async def test_a_replayed_request_is_refused_whichever_worker_gets_it_and_cli_ch
             statuses = await asyncio.gather(*(unwrap(server, certs, credential, record) for _ in range(8)))
             return statuses == [401] * 8
 
-        assert await poll(all_unauthorized, within=2.0)
+        assert await eventually(all_unauthorized, within=2.0)
 
 
 @pytest.mark.long(4)
@@ -164,10 +154,10 @@ async def test_sigkill_under_load_leaves_a_complete_audit_trail(tmp_path: Path, 
             async def check() -> bool:
                 return ok >= count
             return check
-        assert await poll(served(24))  # under load: unwraps answered and in flight on both workers
+        assert await eventually(served(24), within=20.0)  # under load: unwraps answered and in flight on both workers
         os.kill(server.workers()[0], signal.SIGKILL)
         killed_at = ok
-        assert await poll(served(killed_at + 24))  # and the load goes on through the other worker
+        assert await eventually(served(killed_at + 24), within=20.0)  # and the load goes on through the other worker
         stop.set()
         await asyncio.gather(*clients)
     audit = load_settings(config).audit.path

@@ -26,6 +26,11 @@ from tests.audit.chain import event, lines_of
 from tests.conftest import eventually, run_on_idle_aware_loop
 
 
+def is_file(fd: int, path: Path) -> bool:
+    """Whether `fd` is open on the file at `path` (for spies on os calls that take a descriptor)."""
+    return path.exists() and os.path.samestat(os.fstat(fd), path.stat())
+
+
 def test_from_settings(tmp_path: Path) -> None:
     settings = AuditSettings(path=tmp_path / "a.log", fail_closed=False, max_bytes=1234, keep_files=3)
     log = AuditLog.from_settings(settings)
@@ -141,7 +146,7 @@ async def test_record_returns_only_after_its_line_is_fsynced_off_the_loop(
 
     def spy(fd: int) -> None:
         real_fsync(fd)
-        if os.path.samestat(os.fstat(fd), path.stat()):
+        if is_file(fd, path):
             synced.append(os.fstat(fd).st_size)
             threads.add(threading.current_thread().name)
 
@@ -255,12 +260,12 @@ async def test_the_loop_writes_and_the_writer_fsyncs_with_the_chain_locked_throu
     lock_free_during_fsync: list[bool] = []
 
     def write_spy(fd: int, data: Any) -> int:
-        if os.path.exists(path) and os.path.samestat(os.fstat(fd), path.stat()):
+        if is_file(fd, path):
             writers.add(threading.current_thread().name)
         return real_write(fd, data)
 
     def fsync_spy(fd: int) -> None:
-        if os.path.samestat(os.fstat(fd), path.stat()):
+        if is_file(fd, path):
             probe = os.open(log.lock_path, os.O_RDWR)
             try:
                 fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -289,7 +294,7 @@ async def test_a_failed_fsync_takes_the_batch_back_and_the_chain_goes_on(
     failures: list[int] = []
 
     def failing_fsync(fd: int) -> None:
-        if os.path.samestat(os.fstat(fd), path.stat()):
+        if is_file(fd, path):
             raise OSError(5, "Input/output error")
         real_fsync(fd)
 

@@ -8,9 +8,8 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.conftest import OAEP_SHA256, Pki, start_server, wrap
+from tests.conftest import OAEP_SHA256, Pki, eventually, start_server, wrap
 from tests.hsm import SoftHsmToken
-from tests.test_supervisor import poll
 
 
 def hsm_config(factory: Callable[..., Path], token: SoftHsmToken, **overrides: object) -> Path:
@@ -66,7 +65,7 @@ async def test_platform_route_on_the_hsm_and_recovery(tmp_path: Path, certs: Pki
             await running.server.update_readiness(force_canary=True)
             return running.server.readiness.ready
 
-        assert await poll(ready, within=6)
+        assert await eventually(ready, within=6)
 
 
 async def test_concurrent_unwraps_through_the_server(tmp_path: Path, certs: Pki,
