@@ -31,6 +31,13 @@ _SCHEME_RE = re.compile(r"[ \t\r\n]*([A-Za-z0-9_]+)(?:[ \t\r\n]+(.*))?", re.DOTA
 _ATTR_RE = re.compile(_WS + r'([A-Za-z]+)' + _WS + '=' + _WS + r'"([\x20\x21\x23-\x5b\x5d-\x7e]*)"' + _WS)
 _VALUE_RE = re.compile(r"[\x20\x21\x23-\x5b\x5d-\x7e]+")
 _TS_RE = re.compile(r"[0-9]{1,15}")
+# The header as the platform (and sign_request) writes it: attributes in this order, ", " between them. One
+# match parses it; any other spelling takes the general parser, which gives the same attributes for this form.
+_V = r'([\x20\x21\x23-\x5b\x5d-\x7e]+)'
+_CANONICAL_RE = re.compile(r'Hawk id="' + _V + '", ts="' + _V + '", nonce="' + _V + '"(?:, hash="' + _V
+                           + r'")?(?:, ext="([\x20\x21\x23-\x5b\x5d-\x7e]*)")?, mac="' + _V + '"')
+_HOST_CACHE_SIZE = 16  # Host header values a verifier remembers parsed (any caller may send any value)
+_MAC_CACHE_SIZE = 32  # pre-keyed HMACs kept by a verifier: a few live credentials and the dummy key
 _HOST_RE = re.compile(r"[ \t]*(\[[0-9A-Za-z:.%]+\]|[^:\[\]\s/@\\]+)(?::([0-9]{1,5}))?[ \t]*")
 
 @dataclass(frozen=True)
@@ -48,6 +55,20 @@ def parse_authorization(value: str) -> dict[str, str]:
         raise HawkError(HawkReason.MISSING)
     if len(value) > _MAX_HEADER_CHARS:
         raise HawkError(HawkReason.MALFORMED, "Header too long")
+    canonical = _CANONICAL_RE.fullmatch(value)
+    if canonical is None:
+        return _parse_any_form(value)
+    id_, ts, nonce, hash_, ext, mac = canonical.groups()
+    attributes = {"id": id_, "ts": ts, "nonce": nonce, "mac": mac}
+    if hash_ is not None:
+        attributes["hash"] = hash_
+    if ext is not None:
+        attributes["ext"] = ext
+    return attributes
+
+
+def _parse_any_form(value: str) -> dict[str, str]:
+    """parse_authorization for any order of attributes and any whitespace Hawk allows."""
     match = _SCHEME_RE.fullmatch(value)
     if match is None or match.group(1).lower() != "hawk" or not (match.group(2) or "").strip():
         raise HawkError(HawkReason.MALFORMED, "Bad header format")
@@ -165,6 +186,21 @@ class HawkVerifier:
         # Several server processes pass one shared store; alone, a process keeps its nonces in memory.
         self.nonce_cache: NonceStore = nonce_cache or NonceCache(nonce_cache_size, skew_seconds)
         self._dummy_key = secrets.token_urlsafe(32)
+        # Every request of a caller names the same Host: its parse, by header value, with the settings it used.
+        self._hosts: dict[str, tuple[tuple[str | None, int | None, int], tuple[str, int]]] = {}
+        self._keyed: dict[str, hmac.HMAC] = {}  # by key: an HMAC past its key schedule, copied for each request
+
+    def _mac(self, key: str, normalized: str) -> bytes:
+        """calculate_mac's value, ASCII-encoded, from a copy of an HMAC already keyed: each request skips the
+        key schedule (two SHA-256 blocks) and the digest lookup. Bounded: revoked keys do not pile up."""
+        keyed = self._keyed.get(key)
+        if keyed is None:
+            if len(self._keyed) >= _MAC_CACHE_SIZE:
+                self._keyed.clear()
+            keyed = self._keyed[key] = hmac.new(key.encode("utf-8"), digestmod=hashlib.sha256)
+        mac = keyed.copy()
+        mac.update(normalized.encode("utf-8"))
+        return base64.b64encode(mac.digest())
 
     def verify(self, *, method: str, path: str, query: str, host_header: str | None, public_host: str | None,
                public_port: int | None, default_port: int, authorization: str | None,
@@ -209,7 +245,7 @@ class HawkVerifier:
             normalized = normalized_string(ts_text, attrs["nonce"], method, resource, host, port,
                                            attrs.get("hash"), attrs.get("ext"), attrs.get("app"),
                                            attrs.get("dlg"))
-            matched |= hmac.compare_digest(calculate_mac(key, normalized).encode("ascii"), given)
+            matched |= hmac.compare_digest(self._mac(key, normalized), given)
         if credential is None:
             raise HawkError(HawkReason.UNKNOWN_ID)
         if not usable:
@@ -234,13 +270,19 @@ class HawkVerifier:
             if not hmac.compare_digest(expected, claimed_hash.encode("ascii")):
                 raise HawkError(HawkReason.BAD_HASH)
 
-    @staticmethod
-    def _host_port(host_header: str | None, public_host: str | None, public_port: int | None,
+    def _host_port(self, host_header: str | None, public_host: str | None, public_port: int | None,
                    default_port: int) -> tuple[str, int]:
         if public_host is not None and public_port is not None:
             return public_host, public_port
         if host_header is None or not host_header.strip():
             raise HawkError(HawkReason.MALFORMED, "Missing Host header")
+        known = self._hosts.get(host_header)
+        if known is not None and known[0] == (public_host, public_port, default_port):
+            return known[1]
         host, port = _split_host(host_header)
-        return (public_host if public_host is not None else host,
-                public_port if public_port is not None else (port if port is not None else default_port))
+        found = (public_host if public_host is not None else host,
+                 public_port if public_port is not None else (port if port is not None else default_port))
+        if len(self._hosts) >= _HOST_CACHE_SIZE:
+            self._hosts.clear()
+        self._hosts[host_header] = ((public_host, public_port, default_port), found)
+        return found

@@ -107,6 +107,33 @@ def test_parse_authorization_accepts_whitespace() -> None:
                                           "ext": ""}
 
 
+@pytest.mark.parametrize("value", [
+    VECTOR_HEADER,
+    f'Hawk id="123456", ts="{TS}", nonce="{NONCE}", hash="{HASH}", mac="{MAC_NO_EXT}"',
+    f'Hawk id="123456", ts="{TS}", nonce="{NONCE}", ext="", mac="{MAC_NO_EXT}"',
+    f'Hawk id="123456", ts="{TS}", nonce="{NONCE}", mac="{MAC_NO_EXT}"',
+    f'Hawk id="a b", ts="x", nonce="{NONCE}", mac="{MAC_NO_EXT}"',  # checked later, as in any other form
+])
+def test_the_platform_form_parses_as_any_form_would(value: str) -> None:
+    assert parse_authorization(value) == hawk._parse_any_form(value)
+    assert parse_authorization(value.replace(", ", ",  ")) == hawk._parse_any_form(value)  # the general way
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    (f'Hawk id="1", ts="{TS}", nonce="n", mac="m", mac="m"', "Duplicate attribute: mac"),
+    (f'Hawk id="1", ts="{TS}", nonce="n", hash="", mac="m"', "Bad attribute value: hash"),
+    (f'Hawk id="1", ts="{TS}", nonce="n", app="a", mac="m"', None),  # another order: the general parser
+    (f'Hawk id="1", ts="{TS}", mac="m"', "Missing attributes: nonce"),
+    (f'Hawk id="1", ts="{TS}", nonce="n\\", mac="m"', "Bad header format"),
+])
+def test_near_platform_forms_get_the_general_answer(value: str, message: str | None) -> None:
+    if message is None:
+        assert parse_authorization(value) == hawk._parse_any_form(value)
+        return
+    with pytest.raises(HawkError, match=re.escape(message)):
+        parse_authorization(value)
+
+
 # --- verification -------------------------------------------------------------------------------------------
 
 def test_verifies_contract_vectors() -> None:
@@ -118,14 +145,14 @@ def test_verifies_contract_vectors() -> None:
 def test_unknown_id_indistinguishable_and_still_computes_mac(monkeypatch: pytest.MonkeyPatch) -> None:
     header = signed(HawkCredential("nobody", CRED.key))
     calls: list[str] = []
-    real = hawk.calculate_mac
+    v = make_verifier()
+    real = v._mac
 
-    def counting(key: str, normalized: str) -> str:
+    def counting(key: str, normalized: str) -> bytes:
         calls.append(key)
         return real(key, normalized)
 
-    monkeypatch.setattr(hawk, "calculate_mac", counting)
-    v = make_verifier()
+    monkeypatch.setattr(v, "_mac", counting)
     with pytest.raises(HawkError) as unknown:
         verify(v, header, query="a=1")
     assert unknown.value.reason == "unknown_id"
@@ -260,8 +287,8 @@ def test_mac_over_path_or_path_and_query(monkeypatch: pytest.MonkeyPatch) -> Non
 
     header = signed(nonce="e")
     calls: list[str] = []
-    real = hawk.calculate_mac
-    monkeypatch.setattr(hawk, "calculate_mac", lambda k, n: calls.append(n) or real(k, n))
+    real = v._mac
+    monkeypatch.setattr(v, "_mac", lambda k, n: calls.append(n) or real(k, n))
     assert verify(v, header, query=query) is CRED
     assert len(calls) == 2  # no early exit after the first candidate matched
 
@@ -311,3 +338,31 @@ def test_secrets_stay_out_of_repr_and_messages() -> None:
     with pytest.raises(HawkError) as info:
         verify(v, signed())
     assert CRED.key not in str(info.value)
+
+
+def test_a_changed_key_is_used_at_once_and_remembered_keys_stay_few() -> None:
+    table = {CRED.id: CRED}
+    v = HawkVerifier(table.get, skew_seconds=300, replay_check=False, nonce_cache_size=10, clock=lambda: TS)
+    assert verify(v, signed()) is CRED
+    rotated = HawkCredential(CRED.id, "a-new-shared-key")
+    table[CRED.id] = rotated
+    assert reason_of(v, signed()) == "bad_mac"
+    assert verify(v, signed(rotated)) is rotated
+    for n in range(100):
+        table[CRED.id] = HawkCredential(CRED.id, f"key-{n}")
+        assert verify(v, signed(table[CRED.id])) is table[CRED.id]
+    assert len(v._keyed) <= hawk._MAC_CACHE_SIZE
+
+
+def test_remembered_host_follows_the_settings_it_was_parsed_with() -> None:
+    v = make_verifier(replay=False)
+    assert verify(v, signed(), host_header="example.net") is CRED
+    assert verify(v, signed(port=8443), host_header="example.net", default_port=8443) is CRED
+    assert reason_of(v, signed(port=8443), host_header="example.net") == "bad_mac"
+    assert verify(v, signed(host="public.example", port=9443), host_header="example.net",
+                  public_host="public.example", public_port=9443) is CRED
+    assert verify(v, signed(host="public.example"), host_header="example.net", public_host="public.example") is CRED
+    for n in range(100):
+        assert verify(v, signed(host=f"h{n}.example"), host_header=f"h{n}.example") is CRED
+    assert len(v._hosts) <= hawk._HOST_CACHE_SIZE
+    assert reason_of(v, signed(), host_header="a:b") == "malformed"
