@@ -178,6 +178,8 @@ class _Refused(Exception):
 
 
 _PLAIN: Final = (str, int, float, type(None))
+_ALLOWED_NAMES: set[str] = set()  # field names already checked against FORBIDDEN_FIELDS (lkm's own, a few dozen)
+_ALLOWED_NAMES_MAX: Final = 4096  # past this, names are checked each time: the set never grows without bound
 
 
 def _snapshot(obj: dict[Any, Any] | Mapping[str, Any]) -> dict[str, Any]:
@@ -186,8 +188,11 @@ def _snapshot(obj: dict[Any, Any] | Mapping[str, Any]) -> dict[str, Any]:
     Anything else (a forbidden name, a list, an int enum, NaN, an unknown type) raises _Refused."""
     copy: dict[str, Any] = {}
     for name, value in obj.items():
-        if type(name) is not str or name.lower() in FORBIDDEN_FIELDS:
-            raise _Refused
+        if type(name) is not str or name not in _ALLOWED_NAMES:
+            if type(name) is not str or name.lower() in FORBIDDEN_FIELDS:
+                raise _Refused
+            if len(_ALLOWED_NAMES) < _ALLOWED_NAMES_MAX:
+                _ALLOWED_NAMES.add(name)
         kind = type(value)
         if kind in _PLAIN:
             if kind is float and not math.isfinite(value):  # NaN and infinities are not JSON
@@ -218,9 +223,9 @@ def prepare(event: Mapping[str, Any]) -> PreparedEvent:
             # Name the field, never its value: the value is what must not leak.
             raise ValueError(f"audit events must not carry key material or payloads: field {forbidden!r}") from None
         body = json.loads(canonical_json(dict(event)))
-    reserved = sorted(RESERVED_FIELDS & set(body))
-    if reserved:
-        raise ValueError(f"audit event fields {reserved} are set by the audit chain itself")
+    if not RESERVED_FIELDS.isdisjoint(body):
+        raise ValueError(f"audit event fields {sorted(RESERVED_FIELDS & set(body))} are set by the audit chain "
+                         "itself")
     body.setdefault("time", utc_timestamp())
     return PreparedEvent(body)
 

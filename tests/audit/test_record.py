@@ -18,6 +18,7 @@ from lkm.audit import (
     AuditLog,
     AuditOutcome,
     local_actor,
+    record,
     verify,
     verify_chain_files,
 )
@@ -86,6 +87,17 @@ def test_forbidden_field_list_and_key_id_allowed(tmp_path: Path) -> None:
     log = AuditLog(tmp_path / "audit.log")
     log.record_sync({"key_id": "kek-1", "actor": {"hawk_id": "h1"}})
     assert verify([tmp_path / "audit.log"]).records == 1
+
+
+def test_names_checked_once_are_remembered_within_bounds_and_never_unforbid() -> None:
+    for n in range(record._ALLOWED_NAMES_MAX + 100):
+        prepare({f"field_{n}": n})
+    assert len(record._ALLOWED_NAMES) <= record._ALLOWED_NAMES_MAX
+    assert prepare({"route": "x", "nested": {"route": "y"}})["nested"] == {"route": "y"}
+    for name in ("key", "Key", "PLAINTEXT"):
+        with pytest.raises(ValueError, match="must not carry"):
+            prepare({"action": "x", "details": {name: "v"}})
+    assert name.lower() not in record._ALLOWED_NAMES
 
 
 @pytest.mark.parametrize("field", ["seq", "prev", "hash"])
