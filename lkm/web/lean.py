@@ -309,8 +309,9 @@ class LeanSite:
         for connection in list(self.connections):
             if connection.request is None and connection.transport is not None:
                 connection.transport.close()
-        if self.inflight:
-            await asyncio.wait(list(self.inflight), timeout=DRAIN_SECONDS)
+        pending = [task for task in self.inflight if not task.done()]  # one cancelled before it ran never left
+        if pending:
+            await asyncio.wait(pending, timeout=DRAIN_SECONDS)
         for connection in list(self.connections):
             if connection.transport is not None:
                 connection.transport.abort()
@@ -319,8 +320,7 @@ class LeanSite:
 
     def started(self, connection: LeanConnection, request: WireRequest) -> None:
         task = self.loop.create_task(self.serve(connection, request))
-        self.inflight.add(task)
-        task.add_done_callback(self.inflight.discard)
+        self.inflight.add(task)  # serve() takes it out as it ends: no done-callback round trip per request
 
     async def serve(self, connection: LeanConnection, request: WireRequest) -> None:
         """One request from its head to its answer: finished (metrics, access log) whatever happens."""
@@ -355,6 +355,7 @@ class LeanSite:
                 answer = response_bytes(500, JSON, error_body(500, INTERNAL[1]), request_id)
             connection.finish(answer, close=close)
         finally:
+            self.inflight.discard(asyncio.current_task(self.loop))  # given its loop: no getpid() system call
             finish_request(wctx.observer, LISTENER, request_id=request_id, route=route, status=status,
                            started=started, method=request.method, raw_path=request.target,
                            client=lambda: client, actor=actor[0] if actor else None)

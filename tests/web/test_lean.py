@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
+import os
 
 from lkm.client import client_ssl_context
 from lkm.hawk import sign_request
@@ -56,6 +58,7 @@ async def test_keep_alive_serves_several_requests_on_one_connection(running: Run
         ids.add(reply.headers["x-request-id"])
     writer.close()
     assert len(ids) == 4
+    assert not running.server.listeners["platform"].site.inflight  # each request left as it ended
 
 
 async def test_a_pipelined_request_waits_for_the_first_answer(running: Running) -> None:
@@ -98,3 +101,22 @@ async def test_transfer_codings_other_than_chunked_are_refused(running: Running)
         reply = await exchange(port, tls, raw + b"{}")
         assert reply.status == 411 and reply.headers["connection"] == "close"
         assert reply.json() == {"message": "only chunked or Content-Length bodies are accepted", "status": 411}
+
+
+async def test_stopping_lets_a_request_in_flight_finish(running: Running) -> None:
+    port, reader, writer = await open_platform(running)
+    lock = os.open(f"{running.server.settings.audit.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another writer holds the trail: the request waits for its record
+        writer.write(decrypt_request(running, port, b"f" * 32))
+        await writer.drain()
+        await asyncio.sleep(0.3)
+        stopping = asyncio.create_task(running.server.stop())
+        await asyncio.sleep(0.3)
+        assert not stopping.done()
+    finally:
+        os.close(lock)  # releases the flock
+    reply = await read_reply(reader)
+    assert reply.status == 200 and reply.json() == {"body": b64(b"f" * 32)}
+    assert reply.headers["connection"] == "close"
+    await asyncio.wait_for(stopping, 10)
