@@ -114,6 +114,9 @@ class Admission:
         self._admit(route, started)
         self.outstanding += operations
         try:
+            if self.pool is None:  # as _submit does, without its coroutine: every unwrap comes this way
+                await asyncio.sleep(0)
+                return self._run_now(started, operations, func, *args)
             return await self._submit(started, operations, func, *args)
         except _Late:
             raise self._shed(route) from None
@@ -180,17 +183,19 @@ class Admission:
         return begin
 
     async def _submit(self, started: float, operations: int, func: Callable[..., T], *args: object) -> T:
-        def job() -> T:
-            begin = self._begin(started)
-            try:
-                return func(*args)
-            finally:
-                self.observe(operations, self.clock() - begin)
-
         if self.pool is None:
             # Inline: first let every handler that is ready now reach this point (one trip round the loop, no
             # thread involved), so that each one's arrival counts in `outstanding` and its deadline runs from
             # before the operations queued ahead of it; then the operation, on this thread.
             await asyncio.sleep(0)
-            return job()
-        return await self.pool.run(job)
+            return self._run_now(started, operations, func, *args)
+        return await self.pool.run(self._run_now, started, operations, func, *args)
+
+    def _run_now(self, started: float, operations: int, func: Callable[..., T], *args: object) -> T:
+        """The operation on the calling thread, unless its request is already past the deadline (_Late); its
+        time feeds the moving average."""
+        begin = self._begin(started)
+        try:
+            return func(*args)
+        finally:
+            self.observe(operations, self.clock() - begin)

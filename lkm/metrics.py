@@ -339,7 +339,7 @@ class Metrics:
                                                                                       "listener")),)
         self.writes.inc(child[0], delta)
 
-    def observe_http(self, listener: str, route: str | None, method: str, status: int,
+    def observe_http(self, listener: str, route: str | None, method: str, status: int | str,
                      seconds: float) -> None:
         """route: the matched route template (e.g. '/v1/keys/{id}/unwrap'), None when nothing matched."""
         # Keyed on the label values, not the raw request: a client's invented method names share one entry.
