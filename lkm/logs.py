@@ -26,30 +26,58 @@ class SecondCachedFormatter(logging.Formatter):
     _second: tuple[int, str | None, str] = (-1, None, "")  # the second, its datefmt and its text
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        second = int(record.created)
-        cached, cached_fmt, text = self._second
-        if second != cached or datefmt != cached_fmt:
-            text = time.strftime(datefmt or self.default_time_format, self.converter(second))
-            self._second = (second, datefmt, text)
+        text = self._second_text(record.created, datefmt)
         if datefmt or not self.default_msec_format:
             return text
         return self.default_msec_format % (text, record.msecs)
 
+    def _second_text(self, created: float, datefmt: str | None) -> str:
+        second = int(created)
+        cached, cached_fmt, text = self._second
+        if second != cached or datefmt != cached_fmt:
+            text = time.strftime(datefmt or self.default_time_format, self.converter(second))
+            self._second = (second, datefmt, text)
+        return text
+
 
 class JsonFormatter(SecondCachedFormatter):
     def format(self, record: logging.LogRecord) -> str:
-        data: dict[str, Any] = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
+        data = self._opening(record.created, record.msecs, record.levelname, record.name, record.getMessage())
         for key, value in record.__dict__.items():
             if key not in _STANDARD and not key.startswith("_"):
                 data[key] = value
         if record.exc_info:
             data["exception"] = self.formatException(record.exc_info)
         return _json_line(data)
+
+    def format_fields(self, line: DirectLine) -> str:
+        """What format() gives for the record `line` stands for: the same keys, values and order."""
+        data = self._opening(line.created, line.msecs, logging.getLevelName(line.levelno), line.name, line.msg)
+        data.update(line.fields)
+        return _json_line(data)
+
+    def _opening(self, created: float, msecs: float, levelname: str, name: str, message: str) -> dict[str, Any]:
+        return {
+            "time": self._second_text(created, "%Y-%m-%dT%H:%M:%S") + f".{int(msecs):03d}Z",
+            "level": levelname.lower(),
+            "logger": name,
+            "message": message,
+        }
+
+
+class DirectLine:
+    """A log line handed to the writer without a LogRecord (see `direct_writer`): what its record would hold
+    beyond the constant fields. Its `fields` must not use a LogRecord attribute's name, as `extra` must not."""
+
+    __slots__ = ("created", "fields", "levelno", "msecs", "msg", "name")
+
+    def __init__(self, name: str, levelno: int, msg: str, fields: dict[str, Any]) -> None:
+        self.name = name
+        self.levelno = levelno
+        self.msg = msg
+        self.fields = fields
+        self.created = now = time.time()
+        self.msecs = int((now - int(now)) * 1000) + 0.0  # as LogRecord computes it
 
 
 class TextFormatter(SecondCachedFormatter):
@@ -76,7 +104,7 @@ class OffLoopHandler(logging.Handler):
         self.interval = interval
         self.capacity = capacity
         self.dropped = 0
-        self._pending: collections.deque[logging.LogRecord] = collections.deque()
+        self._pending: collections.deque[logging.LogRecord | DirectLine] = collections.deque()
         self._wake = threading.Event()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="lkm-log-writer", daemon=True)
@@ -105,15 +133,29 @@ class OffLoopHandler(logging.Handler):
             if self._stopping and not self._pending:
                 return
 
+    def emit_direct(self, line: DirectLine) -> None:
+        """Queues a line that `direct_writer` found would reach this handler alone, as a record, untouched."""
+        if len(self._pending) >= self.capacity:
+            self.dropped += 1
+            return
+        self._pending.append(line)
+
     def _write_pending(self) -> None:
         target = self.target
         lines: list[str] = []
         while self._pending:
             record = self._pending.popleft()
             try:
-                lines.append(target.format(record))
+                if isinstance(record, DirectLine):
+                    assert isinstance(target.formatter, JsonFormatter)  # direct_writer's condition
+                    lines.append(target.formatter.format_fields(record))
+                else:
+                    lines.append(target.format(record))
             except Exception:  # a record that cannot be formatted must not stop the writer
-                self.handleError(record)
+                if isinstance(record, DirectLine):
+                    self.dropped += 1
+                else:
+                    self.handleError(record)
         if not lines:
             return
         stream = getattr(target, "stream", None)
@@ -161,6 +203,29 @@ class RecordTemplates(threading.local):
         attributes["relativeCreated"] = (now - started) * 1000
         attributes.update(extra)
         return record
+
+
+def direct_writer(logger: logging.Logger, level: int) -> OffLoopHandler | None:
+    """The handler that would be the only one to see a record of `logger` at `level` (which the caller found
+    enabled), with no filter to change it and a JSON formatter: `setup_logging`'s, as the server runs. Then a
+    `DirectLine` may stand in for the record, and the record's making and dispatch are skipped. Anything else
+    (a handler added anywhere on the way, a filter, another format, a test capturing records): None.
+    """
+    if logger.disabled or logger.filters:
+        return None
+    node = logger
+    while node.parent is not None:  # up to the root: no handler on the way, and every level propagates
+        if node.handlers or not node.propagate:
+            return None
+        node = node.parent
+    handlers = node.handlers
+    if len(handlers) != 1:
+        return None
+    handler = handlers[0]
+    if (type(handler) is not OffLoopHandler or handler.filters or level < handler.level
+            or type(handler.target.formatter) is not JsonFormatter):
+        return None
+    return handler
 
 
 def setup_logging(level: str = "info", fmt: str = "json") -> OffLoopHandler:

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from lkm.logs import JsonFormatter, OffLoopHandler, RecordTemplates, TextFormatter, setup_logging
+from lkm.logs import (
+    DirectLine,
+    JsonFormatter,
+    OffLoopHandler,
+    RecordTemplates,
+    TextFormatter,
+    direct_writer,
+    setup_logging,
+)
+from lkm.web.plumbing import WebObserver, finish_request
 
 
 def _record(msg: str = "request", **extra: object) -> logging.LogRecord:
@@ -152,3 +163,84 @@ def test_times_formatted_once_a_second_read_as_logging_formats_them(datefmt: str
         record = _record()
         record.created, record.msecs = created, int(created % 1 * 1000) + 0.0
         assert ours.formatTime(record, datefmt) == stock.formatTime(record, datefmt)
+
+
+@contextlib.contextmanager
+def server_set_up() -> Iterator[OffLoopHandler]:
+    """The logging set-up a server process makes (JSON, one off-loop handler on the root), undone afterwards.
+    Made inside a test's body: pytest adds its own capturing handler to the root for each phase of a test."""
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    writer = setup_logging("info", "json")
+    try:
+        yield writer
+    finally:
+        writer.stop()
+        root.handlers[:], level = saved
+        root.setLevel(level)
+
+
+def test_a_direct_line_is_formatted_as_its_record_would_be() -> None:
+    fields = {"request_id": "abc", "status": 200, "path": "/a\nb", "latency_ms": 1.5, "client": None}
+    line = DirectLine("lkm.access", logging.INFO, "request", dict(fields))
+    record = RecordTemplates(__file__).record(logging.getLogger("lkm.access"), logging.INFO, "request", dict(fields))
+    record.created, record.msecs = line.created, line.msecs
+    for formatter in (JsonFormatter(), JsonFormatter()):
+        formatter.converter = time.gmtime
+        assert formatter.format_fields(line) == formatter.format(record)
+    assert list(json.loads(JsonFormatter().format_fields(line)))[:5] == ["time", "level", "logger", "message",
+                                                                          "request_id"]
+
+
+def test_the_access_line_goes_direct_under_the_server_set_up(capsys: pytest.CaptureFixture[str]) -> None:
+    access = logging.getLogger("lkm.access")
+    with server_set_up() as server_logging:
+        assert direct_writer(access, logging.INFO) is server_logging
+        direct: list[DirectLine] = []
+        real = server_logging.emit_direct
+        server_logging.emit_direct = lambda line: direct.append(line) or real(line)  # type: ignore[method-assign]
+        finish_request(WebObserver(), "platform", request_id="r1", route="/d", status=200,
+                       started=time.perf_counter(), method="POST", raw_path="/d?x=1", client=lambda: "10.0.0.1",
+                       actor=None)
+    assert [line.fields["request_id"] for line in direct] == ["r1"]
+    (line,) = [json.loads(text) for text in capsys.readouterr().err.splitlines()]
+    assert {k: v for k, v in line.items() if k not in ("time", "latency_ms")} == {
+        "level": "info", "logger": "lkm.access", "message": "request", "request_id": "r1", "listener": "platform",
+        "method": "POST", "route": "/d", "path": "/d", "status": 200, "client": "10.0.0.1", "actor": None}
+
+
+def test_anything_that_could_see_or_change_the_record_turns_the_direct_line_off() -> None:
+    with server_set_up() as server_logging:
+        check_every_change_turns_it_off(server_logging)
+
+
+def check_every_change_turns_it_off(server_logging: OffLoopHandler) -> None:
+    access, lkm, root = logging.getLogger("lkm.access"), logging.getLogger("lkm"), logging.getLogger()
+    extra_handler = logging.NullHandler()
+    changes: list[tuple[Callable[[], None], Callable[[], None]]] = [
+        (lambda: access.addHandler(extra_handler), lambda: access.removeHandler(extra_handler)),
+        (lambda: lkm.addHandler(extra_handler), lambda: lkm.removeHandler(extra_handler)),
+        (lambda: root.addHandler(extra_handler), lambda: root.removeHandler(extra_handler)),
+        (lambda: access.addFilter(lambda r: True), access.filters.clear),
+        (lambda: server_logging.addFilter(lambda r: True), server_logging.filters.clear),
+        (lambda: setattr(lkm, "propagate", False), lambda: setattr(lkm, "propagate", True)),
+        (lambda: setattr(access, "disabled", True), lambda: setattr(access, "disabled", False)),
+        (lambda: server_logging.setLevel(logging.WARNING), lambda: server_logging.setLevel(logging.NOTSET)),
+        (lambda: server_logging.target.setFormatter(TextFormatter()),
+         lambda: server_logging.target.setFormatter(JsonFormatter())),
+    ]
+    for change, undo in changes:
+        change()
+        try:
+            assert direct_writer(access, logging.INFO) is None
+        finally:
+            undo()
+        assert direct_writer(access, logging.INFO) is server_logging
+
+
+def test_a_test_capturing_records_still_sees_the_access_record(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="lkm.access")
+    finish_request(WebObserver(), "platform", request_id="r2", route="/d", status=404, started=time.perf_counter(),
+                   method="GET", raw_path="/d", client=lambda: None, actor=None)
+    (record,) = [r for r in caplog.records if r.name == "lkm.access"]
+    assert record.request_id == "r2" and record.status == 404  # type: ignore[attr-defined]

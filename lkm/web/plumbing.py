@@ -24,7 +24,7 @@ from aiohttp.typedefs import Handler, Middleware
 from lkm.auth import Actor
 from lkm.errors import InvalidRequest, LkmError, PayloadTooLarge
 from lkm.keys import KeyRecord, public_key_views
-from lkm.logs import RecordTemplates
+from lkm.logs import DirectLine, RecordTemplates, direct_writer
 from lkm.metrics import OTHER_ROUTE
 from lkm.service import KeyService, RequestContext
 from lkm.web.protocol import body_read, client_of, lost_request_status, request_ended, request_started
@@ -184,11 +184,14 @@ def finish_request(observer: WebObserver, listener: str, *, request_id: str, rou
     observer.inflight(listener, -1)
     observer.request_done(listener, route, method, status, elapsed)
     if access_log.isEnabledFor(logging.INFO):
-        # A record + handle is what info() does, minus the stack walk that finds the caller's line.
-        access_log.handle(_access_records.record(access_log, logging.INFO, "request", {
-            "request_id": request_id, "listener": listener, "method": method, "route": route,
-            "path": cut_path(raw_path), "status": status, "latency_ms": round(elapsed * 1000, 3),
-            "client": client(), "actor": getattr(actor, "name", None)}))
+        fields = {"request_id": request_id, "listener": listener, "method": method, "route": route,
+                  "path": cut_path(raw_path), "status": status, "latency_ms": round(elapsed * 1000, 3),
+                  "client": client(), "actor": getattr(actor, "name", None)}
+        writer = direct_writer(access_log, logging.INFO)
+        if writer is not None:  # the server's own set-up: the line, without a record to make and dispatch
+            writer.emit_direct(DirectLine(access_log.name, logging.INFO, "request", fields))
+        else:  # a record + handle is what info() does, minus the stack walk that finds the caller's line
+            access_log.handle(_access_records.record(access_log, logging.INFO, "request", fields))
 
 
 MAX_LOGGED_PATH = 256
