@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import copy
 import logging
+import re
 import sys
 import threading
 import time
@@ -18,18 +19,30 @@ _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"mess
 
 
 _json_line = one_shot_encoder(default=str, separators=(",", ":"))
+_PERCENT_FIELD = re.compile(r"%\((\w+)\)")
+_LINE_FIELDS = frozenset({"asctime", "levelname", "name", "message"})  # what a DirectLine's record holds to format
 
 
 class SecondCachedFormatter(logging.Formatter):
-    """formatTime from the text of the current second, made once per second instead of once per record."""
+    """formatTime from the text of the current second, made once per second instead of once per record.
+
+    `formats_fields`: whether `format_fields(line)` gives exactly what `format` gives for the record a
+    `DirectLine` stands for (see `direct_writer`)."""
 
     _second: tuple[int, str | None, str] = (-1, None, "")  # the second, its datefmt and its text
+    formats_fields = False
+
+    def format_fields(self, line: DirectLine) -> str:
+        raise NotImplementedError
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        text = self._second_text(record.created, datefmt)
+        return self._time_text(record.created, record.msecs, datefmt)
+
+    def _time_text(self, created: float, msecs: float, datefmt: str | None) -> str:
+        text = self._second_text(created, datefmt)
         if datefmt or not self.default_msec_format:
             return text
-        return self.default_msec_format % (text, record.msecs)
+        return self.default_msec_format % (text, msecs)
 
     def _second_text(self, created: float, datefmt: str | None) -> str:
         second = int(created)
@@ -41,6 +54,8 @@ class SecondCachedFormatter(logging.Formatter):
 
 
 class JsonFormatter(SecondCachedFormatter):
+    formats_fields = True
+
     def format(self, record: logging.LogRecord) -> str:
         data = self._opening(record.created, record.msecs, record.levelname, record.name, record.getMessage())
         for key, value in record.__dict__.items():
@@ -53,7 +68,9 @@ class JsonFormatter(SecondCachedFormatter):
     def format_fields(self, line: DirectLine) -> str:
         """What format() gives for the record `line` stands for: the same keys, values and order."""
         data = self._opening(line.created, line.msecs, logging.getLevelName(line.levelno), line.name, line.msg)
-        data.update(line.fields)
+        for key, value in line.fields.items():
+            if not key.startswith("_"):
+                data[key] = value
         return _json_line(data)
 
     def _opening(self, created: float, msecs: float, levelname: str, name: str, message: str) -> dict[str, Any]:
@@ -81,10 +98,24 @@ class DirectLine:
 
 
 class TextFormatter(SecondCachedFormatter):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # A line is formatted without its record when the format names nothing else a line holds.
+        style = self._style
+        self.formats_fields = (type(style) is logging.PercentStyle
+                               and set(_PERCENT_FIELD.findall(self._fmt or "")) <= _LINE_FIELDS)
+
     def format(self, record: logging.LogRecord) -> str:
         base = super().format(record)
         extras = {k: v for k, v in record.__dict__.items() if k not in _STANDARD and not k.startswith("_")}
         return base + ("" if not extras else " " + " ".join(f"{k}={v}" for k, v in extras.items()))
+
+    def format_fields(self, line: DirectLine) -> str:
+        values = {"levelname": logging.getLevelName(line.levelno), "name": line.name, "message": line.msg}
+        if self.usesTime():
+            values["asctime"] = self._time_text(line.created, line.msecs, self.datefmt)
+        extras = [f"{k}={v}" for k, v in line.fields.items() if not k.startswith("_")]
+        return (self._fmt or "%(message)s") % values + ("" if not extras else " " + " ".join(extras))
 
 
 class OffLoopHandler(logging.Handler):
@@ -147,7 +178,7 @@ class OffLoopHandler(logging.Handler):
             record = self._pending.popleft()
             try:
                 if isinstance(record, DirectLine):
-                    assert isinstance(target.formatter, JsonFormatter)  # direct_writer's condition
+                    assert isinstance(target.formatter, SecondCachedFormatter)  # direct_writer's condition
                     lines.append(target.formatter.format_fields(record))
                 else:
                     lines.append(target.format(record))
@@ -207,9 +238,10 @@ class RecordTemplates(threading.local):
 
 def direct_writer(logger: logging.Logger, level: int) -> OffLoopHandler | None:
     """The handler that would be the only one to see a record of `logger` at `level` (which the caller found
-    enabled), with no filter to change it and a JSON formatter: `setup_logging`'s, as the server runs. Then a
-    `DirectLine` may stand in for the record, and the record's making and dispatch are skipped. Anything else
-    (a handler added anywhere on the way, a filter, another format, a test capturing records): None.
+    enabled), with no filter to change it and a formatter that `formats_fields`: `setup_logging`'s, as the
+    server runs, in either format. Then a `DirectLine` may stand in for the record, and the record's making
+    and dispatch are skipped. Anything else (a handler added anywhere on the way, a filter, a format naming
+    other record attributes, a test capturing records): None.
     """
     if logger.disabled or logger.filters:
         return None
@@ -222,8 +254,10 @@ def direct_writer(logger: logging.Logger, level: int) -> OffLoopHandler | None:
     if len(handlers) != 1:
         return None
     handler = handlers[0]
-    if (type(handler) is not OffLoopHandler or handler.filters or level < handler.level
-            or type(handler.target.formatter) is not JsonFormatter):
+    if type(handler) is not OffLoopHandler or handler.filters or level < handler.level:
+        return None
+    formatter = handler.target.formatter
+    if not isinstance(formatter, SecondCachedFormatter) or not formatter.formats_fields:
         return None
     return handler
 

@@ -17,6 +17,7 @@ from lkm.logs import (
     JsonFormatter,
     OffLoopHandler,
     RecordTemplates,
+    SecondCachedFormatter,
     TextFormatter,
     direct_writer,
     setup_logging,
@@ -180,16 +181,36 @@ def server_set_up() -> Iterator[OffLoopHandler]:
         root.setLevel(level)
 
 
-def test_a_direct_line_is_formatted_as_its_record_would_be() -> None:
-    fields = {"request_id": "abc", "status": 200, "path": "/a\nb", "latency_ms": 1.5, "client": None}
+@pytest.mark.parametrize("formatter", [
+    JsonFormatter(),
+    TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"),  # setup_logging's
+    TextFormatter("%(message)s at %(asctime)s", datefmt="%H:%M"),
+    TextFormatter(),
+], ids=["json", "text", "text-datefmt", "text-bare"])
+def test_a_direct_line_is_formatted_as_its_record_would_be(formatter: SecondCachedFormatter) -> None:
+    assert formatter.formats_fields
+    fields = {"request_id": "abc", "status": 200, "path": "/a\nb", "latency_ms": 1.5, "client": None, "_x": 1}
     line = DirectLine("lkm.access", logging.INFO, "request", dict(fields))
     record = RecordTemplates(__file__).record(logging.getLogger("lkm.access"), logging.INFO, "request", dict(fields))
     record.created, record.msecs = line.created, line.msecs
-    for formatter in (JsonFormatter(), JsonFormatter()):
-        formatter.converter = time.gmtime
+    for _ in range(2):  # the second time from the cached second
         assert formatter.format_fields(line) == formatter.format(record)
-    assert list(json.loads(JsonFormatter().format_fields(line)))[:5] == ["time", "level", "logger", "message",
-                                                                          "request_id"]
+
+
+def test_the_json_line_opens_with_its_constant_fields() -> None:
+    line = DirectLine("lkm.access", logging.INFO, "request", {"request_id": "abc"})
+    assert list(json.loads(JsonFormatter().format_fields(line))) == ["time", "level", "logger", "message",
+                                                                      "request_id"]
+
+
+@pytest.mark.parametrize("formatter", [
+    TextFormatter("%(process)d %(message)s"),
+    TextFormatter("{asctime} {message}", style="{"),
+    TextFormatter("%(message)s %(host)s", defaults={"host": "h"}),
+], ids=["another-attribute", "brace-style", "a-default"])
+def test_a_text_format_naming_more_than_a_line_holds_is_not_formatted_directly(
+        formatter: SecondCachedFormatter) -> None:
+    assert not formatter.formats_fields
 
 
 def test_the_access_line_goes_direct_under_the_server_set_up(capsys: pytest.CaptureFixture[str]) -> None:
@@ -226,7 +247,9 @@ def check_every_change_turns_it_off(server_logging: OffLoopHandler) -> None:
         (lambda: setattr(lkm, "propagate", False), lambda: setattr(lkm, "propagate", True)),
         (lambda: setattr(access, "disabled", True), lambda: setattr(access, "disabled", False)),
         (lambda: server_logging.setLevel(logging.WARNING), lambda: server_logging.setLevel(logging.NOTSET)),
-        (lambda: server_logging.target.setFormatter(TextFormatter()),
+        (lambda: server_logging.target.setFormatter(TextFormatter("%(process)d %(message)s")),
+         lambda: server_logging.target.setFormatter(JsonFormatter())),
+        (lambda: server_logging.target.setFormatter(logging.Formatter()),
          lambda: server_logging.target.setFormatter(JsonFormatter())),
     ]
     for change, undo in changes:
