@@ -9,6 +9,7 @@ import re
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from lkm.background import run_below_the_loop
@@ -106,16 +107,18 @@ class TextFormatter(SecondCachedFormatter):
                                and set(_PERCENT_FIELD.findall(self._fmt or "")) <= _LINE_FIELDS)
 
     def format(self, record: logging.LogRecord) -> str:
-        base = super().format(record)
-        extras = {k: v for k, v in record.__dict__.items() if k not in _STANDARD and not k.startswith("_")}
-        return base + ("" if not extras else " " + " ".join(f"{k}={v}" for k, v in extras.items()))
+        return super().format(record) + _pairs((k, v) for k, v in record.__dict__.items() if k not in _STANDARD)
 
     def format_fields(self, line: DirectLine) -> str:
         values = {"levelname": logging.getLevelName(line.levelno), "name": line.name, "message": line.msg}
         if self.usesTime():
             values["asctime"] = self._time_text(line.created, line.msecs, self.datefmt)
-        extras = [f"{k}={v}" for k, v in line.fields.items() if not k.startswith("_")]
-        return (self._fmt or "%(message)s") % values + ("" if not extras else " " + " ".join(extras))
+        return (self._fmt or "%(message)s") % values + _pairs(line.fields.items())
+
+
+def _pairs(fields: Iterable[tuple[str, Any]]) -> str:
+    """A text line's extra fields, " k=v" each, leaving out private ones (a leading underscore)."""
+    return "".join(f" {k}={v}" for k, v in fields if not k.startswith("_"))
 
 
 class OffLoopHandler(logging.Handler):
