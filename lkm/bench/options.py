@@ -32,7 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     load.add_argument("--route", choices=("platform", "native", "batch"), default="platform")
     load.add_argument("--padding", choices=PADDING_NAMES, default="oaep-sha1")
     load.add_argument("--concurrency", type=int, default=16,
-                      help="connections, each with one request in flight (default: %(default)s)")
+                      help="connections, each with one request in flight (default: %(default)s); suite: for "
+                           "each server process")
     load.add_argument("--duration", type=float, default=10.0, help="seconds measured (default: %(default)s)")
     load.add_argument("--requests", type=int, help="measure this many requests instead of a duration")
     load.add_argument("--warmup", type=float, default=2.0, help="seconds before measuring (default: %(default)s)")

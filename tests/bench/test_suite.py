@@ -33,6 +33,9 @@ def test_suite_runs_every_measurement_of_the_table(tmp_path: Path, capsys: pytes
     assert "platform at 80% of peak" in names and "batch of 100" in names and "native, new connection, resumed" in names
     served = [run for run in report["runs"] if run["kind"] == "server"]
     assert all(run["errors"]["mismatch"] == 0 and run["requests"] > 0 for run in served), served
+    # --concurrency is per server process: the peak's server runs one process per CPU
+    assert {run["name"]: run["concurrency"] for run in served if run["name"] in (peak, ONE_CORE)} == \
+        ({peak: 2 * cpus, ONE_CORE: 2} if cpus > 1 else {peak: 2})
     closed_loop = [run for run in served if run["name"] in (peak, "floor (leanest Python endpoint)", ONE_CORE)]
     assert len(closed_loop) == (3 if cpus > 1 else 2), names
     assert all(run["errors"]["total"] == 0 for run in closed_loop), closed_loop
