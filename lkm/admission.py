@@ -114,10 +114,13 @@ class Admission:
         self._admit(route, started)
         self.outstanding += operations
         try:
-            if self.pool is None:  # as _submit does, without its coroutine: every unwrap comes this way
+            if self.pool is None:
+                # Inline: first let every handler that is ready now reach this point (one trip round the loop,
+                # no thread involved), so that each one's arrival counts in `outstanding` and its deadline runs
+                # from before the operations queued ahead of it; then the operation, on this thread.
                 await asyncio.sleep(0)
                 return self._run_now(started, operations, func, *args)
-            return await self._submit(started, operations, func, *args)
+            return await self.pool.run(self._run_now, started, operations, func, *args)
         except _Late:
             raise self._shed(route) from None
         finally:
@@ -152,8 +155,13 @@ class Admission:
         total = sum(operations for operations, _ in chunks)
         self.outstanding += total
         try:
-            outcomes = await asyncio.gather(*(self._submit(started, operations, func)
-                                              for operations, func in chunks), return_exceptions=True)
+            if self.pool is None:  # inline as in run(): one trip round the loop, then the chunks in order
+                await asyncio.sleep(0)
+                outcomes: list[T | BaseException] = [self._run_or_late(started, operations, func)
+                                                     for operations, func in chunks]
+            else:
+                outcomes = await asyncio.gather(*(self.pool.run(self._run_now, started, operations, func)
+                                                  for operations, func in chunks), return_exceptions=True)
         finally:
             self.outstanding -= total
         results: list[T | Unavailable] = []
@@ -182,14 +190,12 @@ class Admission:
             raise _Late()
         return begin
 
-    async def _submit(self, started: float, operations: int, func: Callable[..., T], *args: object) -> T:
-        if self.pool is None:
-            # Inline: first let every handler that is ready now reach this point (one trip round the loop, no
-            # thread involved), so that each one's arrival counts in `outstanding` and its deadline runs from
-            # before the operations queued ahead of it; then the operation, on this thread.
-            await asyncio.sleep(0)
-            return self._run_now(started, operations, func, *args)
-        return await self.pool.run(self._run_now, started, operations, func, *args)
+    def _run_or_late(self, started: float, operations: int, func: Callable[[], T]) -> T | _Late:
+        """A chunk inline: its result, or the _Late it raised (the other chunks still run)."""
+        try:
+            return self._run_now(started, operations, func)
+        except _Late as late:
+            return late
 
     def _run_now(self, started: float, operations: int, func: Callable[..., T], *args: object) -> T:
         """The operation on the calling thread, unless its request is already past the deadline (_Late); its

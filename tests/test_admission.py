@@ -111,19 +111,24 @@ async def test_moving_average_follows_the_operations() -> None:
     assert admission.operation_seconds == pytest.approx(0.001, rel=0.01)
 
 
-async def test_chunks_are_admitted_whole_and_late_chunks_fail_alone() -> None:
+@pytest.mark.parametrize("inline", [False, True], ids=["threads", "inline"])
+async def test_chunks_are_admitted_whole_and_late_chunks_fail_alone(inline: bool) -> None:
     clock = Clock()
+    ran_on: list[int] = []
+
+    def slow_chunk() -> list[str]:
+        ran_on.append(threading.get_ident())
+        clock.now += 1.0  # the next chunk starts a second after the request arrived
+        return ["a", "b"]
+
     with threads(1) as pool:
-        admission = Admission(pool, workers=2, deadline_seconds=0.25, clock=clock)
-
-        def slow_chunk() -> list[str]:
-            clock.now += 1.0  # the next chunk starts a second after the request arrived
-            return ["a", "b"]
-
-        results = await admission.run_chunks("batch", clock.now, [(2, slow_chunk), (1, lambda: ["c"])])
+        admission = Admission(None if inline else pool, workers=2, deadline_seconds=0.25, clock=clock)
+        results = await admission.run_chunks("batch", clock.now,
+                                             [(2, slow_chunk), (1, lambda: ["c"]), (1, slow_chunk)])
     assert results[0] == ["a", "b"]
-    assert isinstance(results[1], Unavailable) and results[1].code == "overloaded"
-    assert admission.shed_count == 1 and admission.outstanding == 0
+    assert all(isinstance(r, Unavailable) and r.code == "overloaded" for r in results[1:]), results
+    assert admission.shed_count == 1 and admission.outstanding == 0  # one request shed, however many chunks
+    assert (ran_on == [threading.get_ident()]) is inline  # inline: on the loop's thread; late chunks never run
 
 
 @pytest.fixture(params=["threads", "inline"])
