@@ -37,7 +37,7 @@ _V = r'([\x20\x21\x23-\x5b\x5d-\x7e]+)'
 _CANONICAL_RE = re.compile(r'Hawk id="' + _V + '", ts="' + _V + '", nonce="' + _V + '"(?:, hash="' + _V
                            + r'")?(?:, ext="([\x20\x21\x23-\x5b\x5d-\x7e]*)")?, mac="' + _V + '"')
 _HOST_CACHE_SIZE = 16  # Host header values a verifier remembers parsed (any caller may send any value)
-_MAC_CACHE_SIZE = 32  # pre-keyed HMACs kept by a verifier: a few live credentials and the dummy key
+_MAC_CACHE_SIZE = 32  # pre-keyed HMACs kept: a few live credentials, verifiers' dummy keys, a client's key
 _HOST_RE = re.compile(r"[ \t]*(\[[0-9A-Za-z:.%]+\]|[^:\[\]\s/@\\]+)(?::([0-9]{1,5}))?[ \t]*")
 
 @dataclass(frozen=True)
@@ -113,9 +113,25 @@ def normalized_string(  # noqa: PLR0917 - positional, in the order the spec list
     return text
 
 
+_keyed_hmacs: dict[str, hmac.HMAC] = {}  # by key: an HMAC past its key schedule, copied for each MAC
+
+
+def _keyed_mac(key: str, normalized: str) -> bytes:
+    """Bytes, so the verifier compares them without a decode per request. From a copy of an HMAC already keyed:
+    each MAC skips the key schedule (two SHA-256 blocks) and the digest lookup. Bounded: revoked keys and the
+    dummy keys of discarded verifiers do not pile up."""
+    keyed = _keyed_hmacs.get(key)
+    if keyed is None:
+        if len(_keyed_hmacs) >= _MAC_CACHE_SIZE:
+            _keyed_hmacs.clear()
+        keyed = _keyed_hmacs[key] = hmac.new(key.encode("utf-8"), digestmod=hashlib.sha256)
+    mac = keyed.copy()
+    mac.update(normalized.encode("utf-8"))
+    return base64.b64encode(mac.digest())
+
+
 def calculate_mac(key: str, normalized: str) -> str:
-    digest = hmac.new(key.encode("utf-8"), normalized.encode("utf-8"), hashlib.sha256).digest()
-    return base64.b64encode(digest).decode("ascii")
+    return _keyed_mac(key, normalized).decode("ascii")
 
 
 def timestamp_mac(key: str, ts: int) -> str:
@@ -188,19 +204,6 @@ class HawkVerifier:
         self._dummy_key = secrets.token_urlsafe(32)
         # Every request of a caller names the same Host: its parse, by header value, with the settings it used.
         self._hosts: dict[str, tuple[tuple[str | None, int | None, int], tuple[str, int]]] = {}
-        self._keyed: dict[str, hmac.HMAC] = {}  # by key: an HMAC past its key schedule, copied for each request
-
-    def _mac(self, key: str, normalized: str) -> bytes:
-        """calculate_mac's value, ASCII-encoded, from a copy of an HMAC already keyed: each request skips the
-        key schedule (two SHA-256 blocks) and the digest lookup. Bounded: revoked keys do not pile up."""
-        keyed = self._keyed.get(key)
-        if keyed is None:
-            if len(self._keyed) >= _MAC_CACHE_SIZE:
-                self._keyed.clear()
-            keyed = self._keyed[key] = hmac.new(key.encode("utf-8"), digestmod=hashlib.sha256)
-        mac = keyed.copy()
-        mac.update(normalized.encode("utf-8"))
-        return base64.b64encode(mac.digest())
 
     def verify(self, *, method: str, path: str, query: str, host_header: str | None, public_host: str | None,
                public_port: int | None, default_port: int, authorization: str | None,
@@ -245,7 +248,7 @@ class HawkVerifier:
             normalized = normalized_string(ts_text, attrs["nonce"], method, resource, host, port,
                                            attrs.get("hash"), attrs.get("ext"), attrs.get("app"),
                                            attrs.get("dlg"))
-            matched |= hmac.compare_digest(self._mac(key, normalized), given)
+            matched |= hmac.compare_digest(_keyed_mac(key, normalized), given)
         if credential is None:
             raise HawkError(HawkReason.UNKNOWN_ID)
         if not usable:

@@ -146,13 +146,13 @@ def test_unknown_id_indistinguishable_and_still_computes_mac(monkeypatch: pytest
     header = signed(HawkCredential("nobody", CRED.key))
     calls: list[str] = []
     v = make_verifier()
-    real = v._mac
+    real = hawk._keyed_mac
 
     def counting(key: str, normalized: str) -> bytes:
         calls.append(key)
         return real(key, normalized)
 
-    monkeypatch.setattr(v, "_mac", counting)
+    monkeypatch.setattr(hawk, "_keyed_mac", counting)
     with pytest.raises(HawkError) as unknown:
         verify(v, header, query="a=1")
     assert unknown.value.reason == "unknown_id"
@@ -287,8 +287,8 @@ def test_mac_over_path_or_path_and_query(monkeypatch: pytest.MonkeyPatch) -> Non
 
     header = signed(nonce="e")
     calls: list[str] = []
-    real = v._mac
-    monkeypatch.setattr(v, "_mac", lambda k, n: calls.append(n) or real(k, n))
+    real = hawk._keyed_mac
+    monkeypatch.setattr(hawk, "_keyed_mac", lambda k, n: calls.append(n) or real(k, n))
     assert verify(v, header, query=query) is CRED
     assert len(calls) == 2  # no early exit after the first candidate matched
 
@@ -351,7 +351,7 @@ def test_a_changed_key_is_used_at_once_and_remembered_keys_stay_few() -> None:
     for n in range(100):
         table[CRED.id] = HawkCredential(CRED.id, f"key-{n}")
         assert verify(v, signed(table[CRED.id])) is table[CRED.id]
-    assert len(v._keyed) <= hawk._MAC_CACHE_SIZE
+    assert len(hawk._keyed_hmacs) <= hawk._MAC_CACHE_SIZE
 
 
 def test_remembered_host_follows_the_settings_it_was_parsed_with() -> None:
