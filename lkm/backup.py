@@ -191,18 +191,25 @@ def _check_payload(path: Path, header: dict[str, Any], payload: dict[str, Any]) 
 # --- restore -----------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class RestoreResult:
+class KeyResult:
+    """What became of one key put into a store. A restore and a copy between stores (lkm.keycopy, which is this
+    restore fed from the source store) report in this one shape, so that their lines cannot drift apart."""
+
     key_id: str
-    outcome: str  # "restored" | "skipped" | "refused" | "not restored"
+    outcome: str  # restore: "restored" | "skipped" | "refused" | "not restored"; copy: lkm.keycopy.CopyResult
     reason: str = ""
-    state: str = ""
+    state: str = ""  # the key's state in the store, as restored or found identical; "" when it was not taken
 
     def line(self) -> str:
-        return f"{self.key_id}: {self.outcome}" + (f" ({self.reason})" if self.reason else "")
+        return f"{self.key_id}: {self.outcome}" + "".join(f" ({note})" for note in self.notes())
+
+    def notes(self) -> list[str]:
+        """Apart from line() so that a copy can add its proof without restating how a line is written."""
+        return [self.reason] if self.reason else []
 
 
 def restore_backup(store: KeyStore, bundle: Bundle, *,
-                   before: Callable[[str], None] | None = None) -> list[RestoreResult]:
+                   before: Callable[[str], None] | None = None) -> list[KeyResult]:
     """Restores each key on its own; `before(key_id)` is called just before a key goes into the store (to
     announce it durably, so that a crash cannot leave a restored key without a record)."""
     results = []
@@ -212,24 +219,24 @@ def restore_backup(store: KeyStore, bundle: Bundle, *,
     return results
 
 
-def _restore_one(store: KeyStore, item: BundleKey, before: Callable[[str], None] | None) -> RestoreResult:
+def _restore_one(store: KeyStore, item: BundleKey, before: Callable[[str], None] | None) -> KeyResult:
     record = item.record
     present = {k.id: k for k in store.list_keys()}
     existing = present.get(record.id)
     if existing is not None:
         if existing.public_key_der == record.public_key_der:
-            return RestoreResult(record.id, "skipped", "identical key already present", existing.state.value)
-        return RestoreResult(record.id, "refused", "a different key has this id in the store; left untouched")
+            return KeyResult(record.id, "skipped", "identical key already present", existing.state.value)
+        return KeyResult(record.id, "refused", "a different key has this id in the store; left untouched")
     if item.private_key is None and record.state is KeyState.DESTROYED and isinstance(store, RecordImporting):
         try:
             store.import_record(record)  # the record only: ids, dates and the fact of destruction travel too
         except LkmError as exc:
-            return RestoreResult(record.id, "refused", exc.message)
-        return RestoreResult(record.id, "restored", "destroyed: record only", record.state.value)
+            return KeyResult(record.id, "refused", exc.message)
+        return KeyResult(record.id, "restored", "destroyed: record only", record.state.value)
     if item.private_key is None:
         why = "destroyed: nothing to restore" if record.state is KeyState.DESTROYED else \
             "the bundle holds no private key (restore the HSM from its own backup)"
-        return RestoreResult(record.id, "not restored", why)
+        return KeyResult(record.id, "not restored", why)
     state = record.state
     note = ""
     if state is KeyState.ACTIVE and any(k.state is KeyState.ACTIVE for k in present.values()):
@@ -241,5 +248,5 @@ def _restore_one(store: KeyStore, item: BundleKey, before: Callable[[str], None]
         store.save_record(imported.with_changes(created=record.created, registered=record.registered,
                                                 destroy_after=record.destroy_after, extra=record.extra))
     except LkmError as exc:
-        return RestoreResult(record.id, "refused", exc.message)
-    return RestoreResult(record.id, "restored", note, state.value)
+        return KeyResult(record.id, "refused", exc.message)
+    return KeyResult(record.id, "restored", note, state.value)

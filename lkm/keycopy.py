@@ -23,16 +23,14 @@ PROBE_ALGORITHM = Algorithm.RSA_OAEP_SHA1  # offered by every store
 
 
 @dataclass(frozen=True)
-class CopyResult:
-    key_id: str
-    outcome: str  # "copied" | "present" | "refused" | "not copied"
-    reason: str = ""
-    state: str = ""
+class CopyResult(backup.KeyResult):
+    """A restore's result with the copy's own words for its outcome ("copied" | "present" | "refused" |
+    "not copied") and the one thing a restore cannot know: whether the key proved itself on the target."""
+
     verified: bool = False  # a test unwrap on the target gave back what was wrapped
 
-    def line(self) -> str:
-        check = " (unwrap verified)" if self.verified else ""
-        return f"{self.key_id}: {self.outcome}{check}" + (f" ({self.reason})" if self.reason else "")
+    def notes(self) -> list[str]:
+        return (["unwrap verified"] if self.verified else []) + super().notes()
 
 
 _OUTCOMES = {"restored": "copied", "skipped": "present", "refused": "refused", "not restored": "not copied"}
