@@ -25,11 +25,20 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)
+class ThreadCpu:
+    """One thread's counters, read together: the exact figure is what its job is charged; the coarse one is on
+    the same scale as its process's total, so that what exited threads spent is the difference of the two."""
+
+    name: str
+    cpu_seconds: float  # to the nanosecond where schedstat can be read, else `ticks`
+    ticks: float  # CPU seconds from stat's clock ticks
+
+
+@dataclass(frozen=True)
 class CpuSnapshot:
     processes: dict[int, float]  # pid -> CPU seconds of the whole process (exited threads included), in ticks
-    threads: dict[tuple[int, int], tuple[str, float]]  # (pid, tid) -> (name, CPU seconds, to the nanosecond)
+    threads: dict[tuple[int, int], ThreadCpu]  # (pid, tid) -> that thread's counters
     loops: frozenset[int]  # processes that run an event loop (a thread named lkm-loop)
-    thread_ticks: dict[tuple[int, int], float] = field(default_factory=dict)  # (pid, tid) -> CPU, in ticks
 
 
 @dataclass(frozen=True)
@@ -88,9 +97,8 @@ def snapshot(root: int, *, skip_servers: bool = False) -> CpuSnapshot:
     """The CPU counters of `root`'s process tree. With `skip_servers`, descendants that run an event loop (a
     server or the floor started by the benchmark) are left out with their own descendants."""
     processes: dict[int, float] = {}
-    threads: dict[tuple[int, int], tuple[str, float]] = {}
+    threads: dict[tuple[int, int], ThreadCpu] = {}
     loops: set[int] = set()
-    thread_ticks: dict[tuple[int, int], float] = {}
     skipped: set[int] = set()
     for pid in process_tree(root):
         stat = _stat(PROC / str(pid) / "stat")
@@ -99,25 +107,22 @@ def snapshot(root: int, *, skip_servers: bool = False) -> CpuSnapshot:
         if int(stat[1][1]) in skipped:  # a descendant of a server left out
             skipped.add(pid)
             continue
-        found: dict[tuple[int, int], tuple[str, float]] = {}
-        ticks: dict[tuple[int, int], float] = {}
+        found: dict[tuple[int, int], ThreadCpu] = {}
         for task in _tasks(pid):
             task_stat = _stat(task / "stat")
             if task_stat is not None:
                 coarse = _cpu(task_stat[1])
                 exact = _exact_cpu(task)
-                ticks[(pid, int(task.name))] = coarse
-                found[(pid, int(task.name))] = (task_stat[0], coarse if exact is None else exact)
-        is_loop = any(name == LOOP for name, _ in found.values())
+                found[(pid, int(task.name))] = ThreadCpu(task_stat[0], coarse if exact is None else exact, coarse)
+        is_loop = any(thread.name == LOOP for thread in found.values())
         if skip_servers and pid != root and is_loop:
             skipped.add(pid)
             continue
         if is_loop:
             loops.add(pid)
         processes[pid] = _cpu(stat[1])
-        thread_ticks.update(ticks)
         threads.update(found)
-    return CpuSnapshot(processes, threads, frozenset(loops), thread_ticks)
+    return CpuSnapshot(processes, threads, frozenset(loops))
 
 
 def _tasks(pid: int) -> Iterable[Path]:
@@ -131,17 +136,19 @@ def usage(before: CpuSnapshot, after: CpuSnapshot, *, cpus_allowed: int | None =
     """What was spent between the snapshots by the processes and threads of `after` (new ones count in full)."""
     by_kind: dict[str, float] = {}
     busiest, busiest_kind = 0.0, ""
-    for key, (name, cpu) in after.threads.items():
-        spent = cpu - before.threads.get(key, (name, 0.0))[1]
-        kind = thread_kind(name)
+    for key, thread in after.threads.items():
+        earlier = before.threads.get(key)
+        spent = thread.cpu_seconds - (earlier.cpu_seconds if earlier is not None else 0.0)
+        kind = thread_kind(thread.name)
         by_kind[kind] = by_kind.get(kind, 0.0) + spent
         if spent > busiest:
             busiest, busiest_kind = spent, kind
     # Threads that ended during the run: their CPU went to their process's total (counted in ticks), beyond
     # what its live threads spent since `before`. A thread live then and ended since counts from `before` on.
     live: dict[int, float] = {}
-    for (pid, tid), ticks in after.thread_ticks.items():
-        live[pid] = live.get(pid, 0.0) + ticks - before.thread_ticks.get((pid, tid), 0.0)
+    for (pid, tid), thread in after.threads.items():
+        earlier = before.threads.get((pid, tid))
+        live[pid] = live.get(pid, 0.0) + thread.ticks - (earlier.ticks if earlier is not None else 0.0)
     exited = sum(max(0.0, cpu - before.processes.get(pid, 0.0) - live.get(pid, 0.0))
                  for pid, cpu in after.processes.items())
     if exited > 0.005:
