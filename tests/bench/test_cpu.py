@@ -128,8 +128,10 @@ def test_a_thread_that_ends_between_snapshots_counts_only_what_it_spent_between_
         assert process.stdout.readline() == "ended\n"
         spent = usage(before, snapshot(process.pid))
         process.kill()
-    assert 0.18 <= spent.by_kind["(exited threads)"] <= 0.26
-    assert 0.18 <= spent.seconds <= 0.3
+    # An exited thread's CPU comes from the process's clock ticks (10 ms each, sampled): a few ticks either way
+    # on a busy machine, far from the 0.5 s of its whole life.
+    assert 0.15 <= spent.by_kind["(exited threads)"] <= 0.3
+    assert 0.15 <= spent.seconds <= 0.35
 
 
 def test_a_process_that_is_gone_has_an_empty_snapshot() -> None:
