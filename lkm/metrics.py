@@ -5,7 +5,9 @@ operations listener's `/metrics`. prometheus_client is imported by this module o
 
 Label values are closed sets (the tuples below) or key ids of keys that exist in the store; request ids, raw
 paths, user ids and unknown key ids never become labels. The `observe_*`/`set_*` helpers enforce that and
-are what the rest of lkm calls; the collectors stay public attributes for the rare direct use.
+are what the rest of lkm calls; the collectors stay public attributes for the rare direct use. The per-request
+helpers (`observe_*`, `auth_failed`) log and drop a value outside its set, since metrics must never fail a
+request; the others raise.
 
 With several server processes, prometheus-client's multiprocess mode (PROMETHEUS_MULTIPROC_DIR, set by the
 supervisor before a worker starts) has each process write its values to files, and the supervisor's
@@ -15,6 +17,7 @@ supervisor before a worker starts) has each process write its values to files, a
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import platform
 import time
@@ -32,6 +35,7 @@ from lkm.outcomes import UnwrapOutcome
 from lkm.web.routes import ListenerName
 
 _MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+log = logging.getLogger("lkm.server")
 
 
 def render_processes(directory: str) -> tuple[bytes, str]:
@@ -142,6 +146,18 @@ def _check(value: str, allowed: tuple[str, ...], label: str) -> str:
     if value not in allowed:
         raise ValueError(f"metrics label {label}={value!r} is not one of {', '.join(allowed)}")
     return str(value)
+
+
+def _accepted(value: str, allowed: tuple[str, ...], label: str) -> bool:
+    """`_check` for the per-request helpers, which must never fail a request: a refusal is logged instead, and
+    the write dropped. It is called only where a label set is first met (a cache miss), so it costs the cache
+    hits nothing; a refused set is never cached, so each recurrence is logged too."""
+    try:
+        _check(value, allowed, label)
+    except ValueError as exc:
+        log.warning("metric not recorded: %s", exc)
+        return False
+    return True
 
 
 class Metrics:
@@ -324,8 +340,8 @@ class Metrics:
         label = NO_KEY if key_id is None or outcome == UnwrapOutcome.KEY_NOT_FOUND else key_id
         children = self._hot.get(("unwrap", route, outcome, label))
         if children is None:
-            _check(route, UNWRAP_ROUTES, "route")
-            _check(outcome, UNWRAP_OUTCOMES, "outcome")
+            if not (_accepted(route, UNWRAP_ROUTES, "route") and _accepted(outcome, UNWRAP_OUTCOMES, "outcome")):
+                return
             children = self._hot[("unwrap", route, outcome, label)] = (self.unwraps.labels(route, label, outcome),
                                                                       self.unwrap_duration.labels(route))
         self.writes.inc(children[0])
@@ -347,7 +363,8 @@ class Metrics:
         verb = method if method in HTTP_METHODS else method.upper() if method.upper() in HTTP_METHODS else "other"
         children = self._hot.get(("http", listener, template, verb, status))
         if children is None:
-            _check(listener, LISTENERS, "listener")
+            if not _accepted(listener, LISTENERS, "listener"):
+                return
             children = self._hot[("http", listener, template, verb, status)] = (
                 self.http_requests.labels(listener, template, verb, str(status)),
                 self.http_duration.labels(listener, template))
@@ -355,14 +372,20 @@ class Metrics:
         self.writes.observe(children[1], seconds)
 
     def auth_failed(self, method: str, reason: str) -> None:
-        self.auth_failures.labels(_check(method, AUTH_METHODS, "method"),
-                                  _check(reason, AUTH_REASONS, "reason")).inc()
+        child = self._hot.get(("auth", method, reason))
+        if child is None:
+            if not (_accepted(method, AUTH_METHODS, "method") and _accepted(reason, AUTH_REASONS, "reason")):
+                return
+            child = self._hot[("auth", method, reason)] = (self.auth_failures.labels(method, reason),)
+        child[0].inc()
 
     def observe_keystore(self, backend: str, operation: str, seconds: float) -> None:
         child = self._hot.get(("keystore", backend, operation))
         if child is None:
-            child = self._hot[("keystore", backend, operation)] = (self.keystore_duration.labels(
-                _check(backend, KEYSTORE_BACKENDS, "backend"), _check(operation, KEYSTORE_OPERATIONS, "operation")),)
+            if not (_accepted(backend, KEYSTORE_BACKENDS, "backend")
+                    and _accepted(operation, KEYSTORE_OPERATIONS, "operation")):
+                return
+            child = self._hot[("keystore", backend, operation)] = (self.keystore_duration.labels(backend, operation),)
         self.writes.observe(child[0], seconds)
 
     def throttled(self, caller: str) -> None:

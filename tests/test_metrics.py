@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+import logging
+
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from lkm.metrics import KEY_STATES, READINESS_CHECKS, Metrics
+from lkm.observer import MetricsObserver
 
 REQUIRED_FAMILIES = {
     "lkm_unwraps": "counter",
@@ -84,15 +87,28 @@ def test_unknown_key_ids_never_become_labels() -> None:
     assert key_ids == {"none"}
 
 
-def test_closed_label_sets_are_enforced() -> None:
+def test_closed_label_sets_are_enforced_and_a_refusal_never_fails_a_request(
+        caplog: pytest.LogCaptureFixture) -> None:
     m = Metrics()
-    with pytest.raises(ValueError, match="outcome"):
-        m.observe_unwrap("platform", "weird", 0.001)
-    with pytest.raises(ValueError, match="route"):
-        m.observe_unwrap("/key-management/v1/decrypt", "ok", 0.001)
-    with pytest.raises(ValueError, match="reason"):
+    observer = MetricsObserver(m)
+    caplog.set_level(logging.WARNING, logger="lkm.server")
+    for _ in range(2):  # a refused label set is not cached: every write to it is refused and logged again
+        observer.request_done("nowhere", "/v1/keys", "GET", 200, 0.01)
+        observer.auth_failure("carrier-pigeon", "bad_mac")
         m.auth_failed("hawk", "because")
-    with pytest.raises(ValueError, match="unknown key states"):
+        observer.unwrap_done("platform", None, "weird", 0.001)
+        observer.unwrap_done("/key-management/v1/decrypt", None, "ok", 0.001)
+        observer.keystore_op("floppy", "decrypt", 0.001)
+        observer.keystore_op("file", "defrag", 0.001)
+    refusals = [r.getMessage() for r in caplog.records if r.name == "lkm.server" and r.levelno == logging.WARNING]
+    labels = ["listener='nowhere'", "method='carrier-pigeon'", "reason='because'", "outcome='weird'",
+              "route='/key-management/v1/decrypt'", "backend='floppy'", "operation='defrag'"]
+    assert len(refusals) == 2 * len(labels)
+    for label, refusal in zip(labels * 2, refusals, strict=True):
+        assert refusal.startswith(f"metric not recorded: metrics label {label} is not one of "), refusal
+    refused = {"nowhere", "carrier-pigeon", "because", "weird", "/key-management/v1/decrypt", "floppy", "defrag"}
+    assert not [sample for sample in scrape(m) if refused & set(sample.labels.values())]
+    with pytest.raises(ValueError, match="unknown key states"):  # state, not requests: a bug here should fail
         m.set_key_states({"lost": 1})
 
 

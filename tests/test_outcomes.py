@@ -35,7 +35,10 @@ from lkm.outcomes import KEY_KNOWN_OUTCOMES, UnwrapOutcome, unwrap_outcome
 def test_each_error_has_its_label(error: BaseException | None, label: str) -> None:
     outcome = unwrap_outcome(error)
     assert outcome == label and isinstance(outcome, UnwrapOutcome)
-    Metrics().observe_unwrap("native", outcome, 0.001)  # metrics accept every label the service can produce
+    metrics = Metrics()
+    metrics.observe_unwrap("native", outcome, 0.001)  # metrics accept every label the service can produce
+    assert metrics.registry.get_sample_value(
+        "lkm_unwraps_total", {"route": "native", "key_id": "none", "outcome": outcome}) == 1
 
 
 def test_metrics_accept_exactly_the_outcomes() -> None:
