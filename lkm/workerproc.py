@@ -47,6 +47,7 @@ def _arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--nonces", help="the shared Hawk nonce table")
     parser.add_argument("--board", help="the shared board of open platform connections (lkm.web.balance)")
     parser.add_argument("--slot", type=int, default=0, help="this worker's slot on the board")
+    parser.add_argument("--cpu", type=int, help="the CPU this worker keeps to (limits.pin_workers)")
     return parser.parse_args(argv)
 
 
@@ -106,10 +107,20 @@ async def _run(args: argparse.Namespace, settings: Settings) -> None:
                         on_reloaded=lambda error: control.send(WorkerEvent.RELOADED, error=error))
 
 
+def _keep_to(cpu: int) -> None:
+    """Pins this process to `cpu`; a CPU taken away since the supervisor counted them leaves it unpinned."""
+    try:
+        os.sched_setaffinity(0, {cpu})
+    except OSError as exc:
+        print(f"lkm: worker {os.getpid()}: not pinned to CPU {cpu}: {exc}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _arguments(sys.argv[1:] if argv is None else argv)
     try:
-        settings = load_settings(args.config)
+        settings = load_settings(args.config)  # first: its defaults count the CPUs of the whole server
+        if args.cpu is not None:
+            _keep_to(args.cpu)  # before any thread starts, so that every thread inherits it
         log_writer = setup_logging(settings.logging.level, settings.logging.format)
         try:
             with asyncio.Runner(loop_factory=IdleAwareLoop) as runner:

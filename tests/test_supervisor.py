@@ -92,6 +92,62 @@ async def test_workers_serve_together_and_a_dead_one_is_replaced(tmp_path: Path,
     assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
 
 
+def threads_cpus(pid: int) -> list[set[int]]:
+    """The CPUs each thread of process `pid` may run on."""
+    return [os.sched_getaffinity(int(tid)) for tid in os.listdir(f"/proc/{pid}/task")]
+
+
+def started_on(cpus: set[int], config: Path, log: Path) -> ServeProcess:
+    """`lkm serve` started as under `taskset`: it may use `cpus` only."""
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        return ServeProcess(config, log)
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+@pytest.mark.long(8)
+async def test_each_worker_keeps_to_a_cpu_of_its_own_when_there_is_one_per_cpu(
+        tmp_path: Path, config_factory: Callable[..., Path]) -> None:
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("a single CPU: no workers to keep apart")
+    two = set(cpus[-2:])
+    prepare(config_factory())
+    # Pinning off (False: YAML's unquoted off), or not one worker per CPU: the kernel places them.
+    for pin, workers in ((False, 2), ("auto", 3)):
+        config = config_factory(**{"limits.workers": workers, "limits.pin_workers": pin})
+        with started_on(two, config, tmp_path / f"serve-{pin}-{workers}.log") as server:
+            assert len(server.workers()) == workers
+            assert all(threads == two for pid in server.workers() for threads in threads_cpus(pid)), pin
+    config = config_factory(**{"limits.workers": 2, "logging.level": "info"})  # pin_workers: auto
+    with started_on(two, config, tmp_path / "serve.log") as server:
+        kept = {}
+        for pid in server.workers():
+            threads = threads_cpus(pid)
+            assert len(threads) > 3 and all(cpus == threads[0] and len(cpus) == 1 for cpus in threads), threads
+            kept[pid] = next(iter(threads[0]))
+        assert set(kept.values()) == two  # one worker on each
+
+        def announced() -> list[dict[str, Any]]:
+            lines = [json.loads(line) for line in server.log_text().splitlines() if '"lkm serving"' in line]
+            return [line for line in lines if line.get("worker_cpus") == sorted(two)]
+
+        assert await eventually(announced, within=5.0)
+
+        victim = server.workers()[0]
+        os.kill(victim, signal.SIGKILL)
+
+        def replaced() -> bool:
+            return victim not in server.workers() and len(server.workers()) == 2
+
+        assert await eventually(replaced, within=20.0)
+        newcomer = next(pid for pid in server.workers() if pid not in kept)
+        assert await eventually(lambda: len(threads_cpus(newcomer)) > 3, within=20.0)
+        assert all(threads == {kept[victim]} for threads in threads_cpus(newcomer))  # its slot's CPU
+
+
 async def test_a_replayed_request_is_refused_whichever_worker_gets_it_and_cli_changes_reach_every_worker(
         tmp_path: Path, certs: Pki, config_factory: Callable[..., Path]) -> None:
     """Two guarantees across the workers of one server: a replay is refused by whichever worker gets it, then

@@ -262,11 +262,19 @@ def read_limits(sec: Section, keystore: settings.KeyStoreSettings) -> settings.L
         refresh_seconds=sec.number("refresh_seconds", 2.0, minimum=0.1),
         rsa_execution=sec.choice("rsa_execution", settings.RsaExecution, settings.RsaExecution.AUTO),
         workers=sec.integer("workers", len(os.sched_getaffinity(0)), minimum=1, maximum=256),
+        pin_workers=_pin_workers(sec),
         **_rate_limits(sec.section("rate_limits")),
         breaker=_breaker(sec.section("breaker")),
     )
     sec.done()
     return result
+
+
+def _pin_workers(sec: Section) -> settings.PinWorkers:
+    """auto (default) or off; YAML reads an unquoted off as false, and true as well means auto."""
+    if sec.has("pin_workers") and isinstance(value := sec.raw("pin_workers"), bool):
+        return settings.PinWorkers.AUTO if value else settings.PinWorkers.OFF
+    return sec.choice("pin_workers", settings.PinWorkers, settings.PinWorkers.AUTO)
 
 
 def _rate(sec: Section, default: Rate) -> Rate:

@@ -39,6 +39,13 @@ class RsaExecution(enum.StrEnum):
     THREADS = "threads"  # on worker threads (limits.worker_threads)
 
 
+class PinWorkers(enum.StrEnum):
+    """Whether each worker process keeps to a CPU of its own (limits.pin_workers)."""
+
+    AUTO = "auto"  # when the server runs exactly one worker per CPU it may use
+    OFF = "off"  # the kernel places every worker on any of those CPUs
+
+
 class PlatformHttp(enum.StrEnum):
     """Which HTTP/1.1 implementation serves the platform listener (platform.http)."""
 
@@ -184,6 +191,7 @@ class LimitsSettings:
     refresh_seconds: float
     rsa_execution: RsaExecution = RsaExecution.AUTO
     workers: int = 1  # server processes, each with its own event loop, all serving every listener
+    pin_workers: PinWorkers = PinWorkers.AUTO
     rate: Rate = DEFAULT_RATE  # unwraps per caller per process (limits.rate_limits)
     rate_overrides: tuple[tuple[str, Rate], ...] = ()  # by Hawk id or client rule name
     breaker: BreakerSettings | None = DEFAULT_BREAKER  # None: off

@@ -14,6 +14,7 @@ from lkm.config import (
     KeyStoreType,
     LogFormat,
     LogLevel,
+    PinWorkers,
     ReplayCheck,
     RsaExecution,
     load_settings,
@@ -51,6 +52,7 @@ def genesys(**changes: Any) -> dict[str, Any]:
     ({"platform.hawk.replay_check": "everywhere"}, "platform.hawk.replay_check", "one of off, local, cluster"),
     ({"platform.hawk.replay_check": "cluster"}, "platform.hawk.replay_check", "needs keystore.type postgresql"),
     ({"surprise": {"a": 1}}, "surprise", "no such setting"),
+    ({"limits.pin_workers": "always"}, "limits.pin_workers", "one of auto, off"),
     ({"platform.pkcs1_data_key_length": 48}, "platform.pkcs1_data_key_length", "<= 32"),
     ({"platform.pkcs1_data_key_length": "on"}, "platform.pkcs1_data_key_length", "an integer"),
 ])
@@ -85,6 +87,15 @@ def test_replay_check_takes_its_names_and_the_older_true_false(config_factory: C
                                                                written: object, meant: ReplayCheck) -> None:
     overrides = {} if written is None else {"platform.hawk.replay_check": written}
     assert load_settings(config_factory(**overrides)).platform.hawk.replay_check is meant
+
+
+@pytest.mark.parametrize(("written", "meant"), [(None, PinWorkers.AUTO), ("auto", PinWorkers.AUTO),
+                                                ("off", PinWorkers.OFF), (False, PinWorkers.OFF),
+                                                (True, PinWorkers.AUTO)])
+def test_pin_workers_takes_its_names_and_yaml_booleans(config_factory: Callable[..., Path], written: object,
+                                                       meant: PinWorkers) -> None:
+    overrides = {} if written is None else {"limits.pin_workers": written}
+    assert load_settings(config_factory(**overrides)).limits.pin_workers is meant
 
 
 def test_native_only_server_needs_no_platform_settings(tmp_path: Path, config_factory: Callable[..., Path]) -> None:
