@@ -94,10 +94,14 @@ class Section:
             raise self.error(key, f"a non-empty string, got {value!r}")
         return value
 
-    def choice(self, key: str, kind: type[E], default: E | _Missing = _MISSING) -> E:
-        """A string from a closed vocabulary, as its enum member."""
+    def choice(self, key: str, kind: type[E], default: E | _Missing = _MISSING, *,
+               booleans: tuple[E, E] | None = None) -> E:
+        """A string from a closed vocabulary, as its enum member. `booleans` (for true, for false) also takes
+        what YAML reads as a boolean: an unquoted `off` is false, and some settings were booleans once."""
         if self._absent(key):
             return self._default(key, default)
+        if booleans is not None and isinstance(raw := self._data[key], bool):
+            return booleans[0] if raw else booleans[1]
         value = self.string(key)
         try:
             return kind(value)

@@ -115,12 +115,8 @@ def _module_env(env: Section) -> tuple[tuple[str, str], ...]:
 
 def _replay_check(sec: Section) -> settings.ReplayCheck:
     """local (default) or cluster; true and false, the older forms, mean local and off."""
-    if not sec.has("replay_check"):
-        return settings.ReplayCheck.LOCAL
-    value = sec.raw("replay_check")
-    if isinstance(value, bool):
-        return settings.ReplayCheck.LOCAL if value else settings.ReplayCheck.OFF
-    return sec.choice("replay_check", settings.ReplayCheck)
+    check = settings.ReplayCheck
+    return sec.choice("replay_check", check, check.LOCAL, booleans=(check.LOCAL, check.OFF))
 
 
 def read_hawk(sec: Section, keystore: settings.KeyStoreSettings) -> settings.HawkSettings:
@@ -262,19 +258,13 @@ def read_limits(sec: Section, keystore: settings.KeyStoreSettings) -> settings.L
         refresh_seconds=sec.number("refresh_seconds", 2.0, minimum=0.1),
         rsa_execution=sec.choice("rsa_execution", settings.RsaExecution, settings.RsaExecution.AUTO),
         workers=sec.integer("workers", len(os.sched_getaffinity(0)), minimum=1, maximum=256),
-        pin_workers=_pin_workers(sec),
+        pin_workers=sec.choice("pin_workers", settings.PinWorkers, settings.PinWorkers.AUTO,
+                               booleans=(settings.PinWorkers.AUTO, settings.PinWorkers.OFF)),
         **_rate_limits(sec.section("rate_limits")),
         breaker=_breaker(sec.section("breaker")),
     )
     sec.done()
     return result
-
-
-def _pin_workers(sec: Section) -> settings.PinWorkers:
-    """auto (default) or off; YAML reads an unquoted off as false, and true as well means auto."""
-    if sec.has("pin_workers") and isinstance(value := sec.raw("pin_workers"), bool):
-        return settings.PinWorkers.AUTO if value else settings.PinWorkers.OFF
-    return sec.choice("pin_workers", settings.PinWorkers, settings.PinWorkers.AUTO)
 
 
 def _rate(sec: Section, default: Rate) -> Rate:
