@@ -241,7 +241,7 @@ class Supervisor:
             self.on_serving(dict(self.urls), next((s.active_key for s in self.slots if s.active_key), None))
         self.notifier.ready(f"serving with {len(self.slots)} worker processes")
         log.info("lkm serving", extra={"workers": len(self.slots), "listeners": self._shown_urls(),
-                                       "worker_cpus": "shared" if self.cpus is None else self.cpus})
+                                       "worker_cpus": self.cpus})  # null: the kernel places them
 
     def _shown_urls(self) -> dict[str, str]:
         return {str(name): url for name, url in self.urls.items()}

@@ -97,6 +97,11 @@ def threads_cpus(pid: int) -> list[set[int]]:
     return [os.sched_getaffinity(int(tid)) for tid in os.listdir(f"/proc/{pid}/task")]
 
 
+def serving_lines(server: ServeProcess) -> list[dict[str, Any]]:
+    """The server's "lkm serving" log lines, parsed."""
+    return [json.loads(line) for line in server.log_text().splitlines() if '"lkm serving"' in line]
+
+
 def started_on(cpus: set[int], config: Path, log: Path) -> ServeProcess:
     """`lkm serve` started as under `taskset`: it may use `cpus` only."""
     before = os.sched_getaffinity(0)
@@ -117,10 +122,11 @@ async def test_each_worker_keeps_to_a_cpu_of_its_own_when_there_is_one_per_cpu(
     prepare(config_factory())
     # Pinning off (False: YAML's unquoted off), or not one worker per CPU: the kernel places them.
     for pin, workers in ((False, 2), ("auto", 3)):
-        config = config_factory(**{"limits.workers": workers, "limits.pin_workers": pin})
+        config = config_factory(**{"limits.workers": workers, "limits.pin_workers": pin, "logging.level": "info"})
         with started_on(two, config, tmp_path / f"serve-{pin}-{workers}.log") as server:
             assert len(server.workers()) == workers
             assert all(threads == two for pid in server.workers() for threads in threads_cpus(pid)), pin
+            assert await eventually(lambda: [line["worker_cpus"] for line in serving_lines(server)] == [None])
     config = config_factory(**{"limits.workers": 2, "logging.level": "info"})  # pin_workers: auto
     with started_on(two, config, tmp_path / "serve.log") as server:
         kept = {}
@@ -130,11 +136,8 @@ async def test_each_worker_keeps_to_a_cpu_of_its_own_when_there_is_one_per_cpu(
             kept[pid] = next(iter(threads[0]))
         assert set(kept.values()) == two  # one worker on each
 
-        def announced() -> list[dict[str, Any]]:
-            lines = [json.loads(line) for line in server.log_text().splitlines() if '"lkm serving"' in line]
-            return [line for line in lines if line.get("worker_cpus") == sorted(two)]
-
-        assert await eventually(announced, within=5.0)
+        assert await eventually(lambda: [line["worker_cpus"] for line in serving_lines(server)] == [sorted(two)],
+                                within=5.0)
 
         victim = server.workers()[0]
         os.kill(victim, signal.SIGKILL)

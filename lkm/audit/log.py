@@ -106,6 +106,7 @@ class AuditLog(ChainAppender):
         self._linger_seconds = linger_seconds
         # Everything below is the loop's own, touched on its thread only.
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0  # the thread the loop runs on
         self._pending: list[tuple[PreparedEvent, asyncio.Future[None]]] = []
         self._in_flight = False  # a batch is with the writer thread; the next waits for it
         self._busy = False  # the last write carried several records, or records waited as it finished
@@ -129,6 +130,7 @@ class AuditLog(ChainAppender):
         if self._thread is not None:
             return
         self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         # A thread of its own: audit fsyncs must neither block the loop nor queue behind other blocking work.
         self._thread = threading.Thread(target=self._write_loop, name="lkm-audit", daemon=True)
         self._thread.start()
@@ -167,8 +169,9 @@ class AuditLog(ChainAppender):
             raise AuditWriteError("audit log is closed")
         if self._thread is None:
             await self.start()
-        loop = asyncio.get_running_loop()
-        if loop is not self._loop:
+        loop = self._loop
+        # The loop it started on, running here: asyncio.get_running_loop() would cost a getpid() system call.
+        if loop is None or threading.get_ident() != self._loop_thread or not loop.is_running():
             raise AuditWriteError("audit log records come from the event loop it was started on")
         future: asyncio.Future[None] = loop.create_future()
         self._pending.append((body, future))

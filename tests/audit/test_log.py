@@ -339,13 +339,14 @@ async def test_a_torn_tail_left_by_another_writer_is_repaired_off_the_loop(
 def test_records_come_from_the_loop_the_log_started_on(tmp_path: Path) -> None:
     log = AuditLog(tmp_path / "audit.log")
 
-    async def first() -> None:
-        await log.start()
-        await log.record(event(1))
-
     async def elsewhere() -> None:
         with pytest.raises(AuditWriteError, match="event loop it was started on"):
             await log.record(event(2))
+
+    async def first() -> None:
+        await log.start()
+        await log.record(event(1))
+        await asyncio.to_thread(asyncio.run, elsewhere())  # another thread's loop, while this one runs
 
     with asyncio.Runner() as runner:
         runner.run(first())
