@@ -15,6 +15,7 @@ are not yet durable, and a failed fsync can still be taken back.
 from __future__ import annotations
 
 import contextlib
+import enum
 import fcntl
 import json
 import logging
@@ -31,7 +32,7 @@ from lkm.audit.record import GENESIS, Head, PreparedEvent, seal, sha256_hex
 from lkm.errors import AuditWriteError
 from lkm.fsutil import fsync_dir, write_all
 
-__all__ = ["ChainAppender", "WrittenBatch"]
+__all__ = ["ChainAppender", "ChainBusy", "WrittenBatch"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,12 @@ class WrittenBatch:
     size_before: int
     head: Head  # the chain's end once the batch is durable
     records: int
+
+
+class ChainBusy(enum.Enum):
+    """What `write_without_waiting` gives back when another writer holds the chain: nothing was written."""
+
+    LOCKED = "another writer holds the chain"
 
 
 class _MustWait(Exception):
@@ -136,11 +143,12 @@ class ChainAppender:
                     self._close_files()
         self._count_written(len(bodies))
 
-    def write_without_waiting(self, bodies: Sequence[PreparedEvent]) -> WrittenBatch | None:
+    def write_without_waiting(self, bodies: Sequence[PreparedEvent]) -> WrittenBatch | ChainBusy | None:
         """Seals and writes `bodies` (no fsync) if that needs no wait: both locks free, the head known or readable,
         the file neither new nor due to rotate. Otherwise, and on any error, it leaves the file as it was and
-        returns None: the caller then hands the batch to `append`, which waits, repairs and reports failures.
-        On success the locks stay held: the caller must pass the batch to `finish_written`.
+        returns ChainBusy.LOCKED when another writer (another process) holds the chain, which it soon gives
+        back, else None; the caller may try again, or hand the batch to `append`, which waits, repairs and
+        reports failures. On success the locks stay held: the caller must pass the batch to `finish_written`.
         """
         if not self._io_lock.acquire(blocking=False):
             return None
@@ -152,7 +160,7 @@ class ChainAppender:
                 fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:  # another writer holds the chain
                 self._io_lock.release()
-                return None
+                return ChainBusy.LOCKED
             head = self._current_head(torn="wait")
             fd, size = self._current_file()
             if size == 0:

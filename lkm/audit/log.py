@@ -9,8 +9,10 @@ the event loop, and written with one write() into the page cache when that canno
 both locks free, no rotation due). The thread is handed the batch with its locks held, fsyncs it, releases the
 locks, and resumes the batch's callers with one call into the loop. A thread that sealed and wrote as well took
 the GIL back, behind the loop, after each of its system calls: measured on one core, moving that work to the
-loop cut the audit trail's CPU per unwrap by about 17 µs. Whatever would wait (a lock another writer holds, a
-rotation, a torn tail to repair, an error) goes to the thread as the whole append, as the CLI does it.
+loop cut the audit trail's CPU per unwrap by about 17 µs. Whatever would wait (a rotation, a torn tail to
+repair, an error) goes to the thread as the whole append, as the CLI does it. So does a chain another process
+holds, but only after the loop has tried again for `CHAIN_BUSY_SECONDS`: the other process holds it for its
+fsync, a few hundred µs, and with two worker processes one batch in seven found it held.
 
 On a busy server the log also lingers: when its previous write carried several records or records were already
 waiting as it finished, it waits up to `LINGER_SECONDS` (or until `LINGER_RECORDS` are pending) before the next
@@ -41,7 +43,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol
 
-from lkm.audit.appender import ChainAppender, WrittenBatch
+from lkm.audit.appender import ChainAppender, ChainBusy, WrittenBatch
 from lkm.audit.files import utc_now
 from lkm.audit.record import PreparedEvent, prepare
 from lkm.background import run_below_the_loop
@@ -59,6 +61,11 @@ measured on one core at peak, 91-96 µs with 5 ms, 60-70 µs with 10 ms, 47-57 �
 of that saving while a request's added wait stays a small part of the 50 ms p99 budget."""
 LINGER_RECORDS = 16
 """A batch this large is written at once, without waiting out the linger."""
+
+CHAIN_BUSY_RETRY_SECONDS = 0.00025
+CHAIN_BUSY_SECONDS = 0.003
+"""While another process holds the chain (for its batch's fsync, a few hundred µs), the loop tries again this
+often, for this long, before the writer thread takes the batch and waits for the lock itself."""
 
 
 class _AuditSettings(Protocol):
@@ -110,7 +117,8 @@ class AuditLog(ChainAppender):
         self._pending: list[tuple[PreparedEvent, asyncio.Future[None]]] = []
         self._in_flight = False  # a batch is with the writer thread; the next waits for it
         self._busy = False  # the last write carried several records, or records waited as it finished
-        self._linger: asyncio.TimerHandle | None = None  # ends the current linger
+        self._linger: asyncio.TimerHandle | None = None  # ends the current linger, or tries a busy chain again
+        self._busy_since: float | None = None  # loop time the chain was first found busy, for the pending batch
         self._flushed: list[asyncio.Future[None]] = []  # close() waiting for the last batch
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -200,9 +208,24 @@ class AuditLog(ChainAppender):
             self._linger = None
         if self._in_flight or not self._pending:
             return
+        written = self.write_without_waiting([body for body, _ in self._pending])
+        if written is ChainBusy.LOCKED:
+            # Another process holds the chain until its batch is fsynced. This batch waits for it here, where
+            # a try costs one flock call, and gathers what comes meanwhile; handed to the writer thread, it
+            # would wait as long, then be sealed and written there, the thread taking the GIL back behind the
+            # loop after each system call (about three times the CPU of a batch the loop wrote).
+            assert self._loop is not None
+            now = self._loop.time()
+            if self._busy_since is None:
+                self._busy_since = now
+            if not self._closing and now - self._busy_since < CHAIN_BUSY_SECONDS:
+                self._linger = self._loop.call_later(CHAIN_BUSY_RETRY_SECONDS, self._commit)
+                return
+            written = None
+        self._busy_since = None
         batch, self._pending = self._pending, []
         self._in_flight = True
-        self._jobs.put(_Job(batch, self.write_without_waiting([body for body, _ in batch])))
+        self._jobs.put(_Job(batch, written))
 
     def _write_loop(self) -> None:
         """The writer thread: fsyncs the batches the loop wrote and appends the rest; the callers of a batch

@@ -20,6 +20,7 @@ from lkm.audit import (
     verify,
     verify_chain_files,
 )
+from lkm.audit import log as log_module
 from lkm.config import AuditSettings
 from lkm.idleloop import call_when_idle
 from tests.audit.chain import event, lines_of
@@ -285,6 +286,44 @@ async def test_the_loop_writes_and_the_writer_fsyncs_with_the_chain_locked_throu
     assert writers == {threading.current_thread().name}
     assert lock_free_during_fsync and not any(lock_free_during_fsync)
     assert verify([path]).records == 40
+
+
+@pytest.mark.parametrize(("held_for", "patience"), [(0.001, 10.0), (0.2, 0.002)])
+async def test_a_batch_that_finds_the_chain_held_by_another_process_waits_for_it_on_the_loop_a_while(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, held_for: float, patience: float) -> None:
+    """Another writer holds the chain while it fsyncs. Held for less than CHAIN_BUSY_SECONDS (`patience`), the
+    loop tries again and writes the batch itself once the chain is free; held longer, the writer thread takes the
+    batch and waits for the lock. Either way every record is durable before its caller resumes."""
+    monkeypatch.setattr(log_module, "CHAIN_BUSY_SECONDS", patience)
+    path = tmp_path / "audit.log"
+    real_write = os.write
+    writers: set[str] = set()
+
+    def write_spy(fd: int, data: Any) -> int:
+        if is_file(fd, path):
+            writers.add(threading.current_thread().name)
+        return real_write(fd, data)
+
+    async with AuditLog(path) as log:
+        await log.record(event(0))  # a new file: written whole by the writer thread
+        other = os.open(log.lock_path, os.O_RDWR)  # its own open file: its flock excludes the log's
+        try:
+            fcntl.flock(other, fcntl.LOCK_EX)
+            monkeypatch.setattr(os, "write", write_spy)
+            released: list[bool] = []
+
+            def release() -> None:
+                released.append(True)
+                fcntl.flock(other, fcntl.LOCK_UN)
+
+            asyncio.get_running_loop().call_later(held_for, release)
+            await asyncio.gather(*(log.record(event(i)) for i in range(1, 9)))
+            assert released  # nobody resumed while the chain was held
+        finally:
+            os.close(other)
+    waited_on_the_loop = held_for < patience
+    assert writers == ({threading.current_thread().name} if waited_on_the_loop else {"lkm-audit"})
+    assert verify([path]).records == 9
 
 
 async def test_a_failed_fsync_takes_the_batch_back_and_the_chain_goes_on(
