@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -126,6 +128,10 @@ def test_a_thread_that_ends_between_snapshots_counts_only_what_it_spent_between_
         process.stdin.write("go\n")
         process.stdin.flush()
         assert process.stdout.readline() == "ended\n"
+        # join() returns once the thread's Python code is done, a moment before the kernel lets the thread go.
+        deadline = time.monotonic() + 5.0
+        while len(os.listdir(f"/proc/{process.pid}/task")) > 1 and time.monotonic() < deadline:
+            time.sleep(0.005)
         spent = usage(before, snapshot(process.pid))
         process.kill()
     # An exited thread's CPU comes from the process's clock ticks (10 ms each, sampled): a few ticks either way
