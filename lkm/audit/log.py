@@ -12,7 +12,9 @@ the GIL back, behind the loop, after each of its system calls: measured on one c
 loop cut the audit trail's CPU per unwrap by about 17 µs. Whatever would wait (a rotation, a torn tail to
 repair, an error) goes to the thread as the whole append, as the CLI does it. So does a chain another process
 holds, but only after the loop has tried again for `CHAIN_BUSY_SECONDS`: the other process holds it for its
-fsync, a few hundred µs, and with two worker processes one batch in seven found it held.
+fsync, a few hundred µs, and with two worker processes one batch in seven found it held. Waiting on the loop
+costs a timer and a flock call per try, and the batch gathers what comes meanwhile; the thread would wait as
+long, then seal and write as well, at about three times the CPU of a batch the loop wrote.
 
 On a busy server the log also lingers: when its previous write carried several records or records were already
 waiting as it finished, it waits up to `LINGER_SECONDS` (or until `LINGER_RECORDS` are pending) before the next
@@ -209,11 +211,7 @@ class AuditLog(ChainAppender):
         if self._in_flight or not self._pending:
             return
         written = self.write_without_waiting([body for body, _ in self._pending])
-        if written is ChainBusy.LOCKED:
-            # Another process holds the chain until its batch is fsynced. This batch waits for it here, where
-            # a try costs one flock call, and gathers what comes meanwhile; handed to the writer thread, it
-            # would wait as long, then be sealed and written there, the thread taking the GIL back behind the
-            # loop after each system call (about three times the CPU of a batch the loop wrote).
+        if written is ChainBusy.LOCKED:  # another process's fsync: wait for it here a while (module docstring)
             assert self._loop is not None
             now = self._loop.time()
             if self._busy_since is None:
