@@ -3,8 +3,10 @@
 A snapshot reads /proc/PID/stat and /proc/PID/task/*/stat of a process and of all its descendants (a server's
 worker processes, a PKCS#11 store's token workers). The difference of two snapshots is the CPU spent between
 them: in total (per process, which also counts threads that exited meanwhile) and per thread, grouped by the
-thread's job (its name without a counter, see lkm.threadnames). CPU time is what holds on a shared or busy
-machine: wall-clock rates move with the neighbours, the CPU an operation costs does not.
+thread's job (its name without a counter, see lkm.threadnames). CPU time holds far better than a rate on a shared
+or busy machine, where the neighbours take whole slices of wall-clock time; but what they do to the caches
+moves even the CPU an operation costs, which is why the suite compares the server with the raw operation in
+alternating slices of a second (lkm.bench.measure).
 
 From those, per unwrap: the server's CPU, each job's share, the busiest single thread (a thread can use one core
 at most, so it caps one process), the efficiency against the raw private-key operation of the same run, and a
@@ -14,7 +16,7 @@ projection of the rate on a machine with more cores.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -158,6 +160,21 @@ def usage(before: CpuSnapshot, after: CpuSnapshot, *, cpus_allowed: int | None =
     return CpuUsage(seconds=total, by_kind=dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
                     busiest_seconds=busiest, busiest_kind=busiest_kind, processes=processes,
                     one_per_core=cpus_allowed is not None and processes >= cpus_allowed)
+
+
+def combined_usage(parts: Sequence[CpuUsage]) -> CpuUsage:
+    """The CPU of a run measured in slices, as one. The busiest thread is each slice's busiest, added up: the
+    same thread (the event loop) in practice, and never less than the busiest single thread's real share."""
+    by_kind: dict[str, float] = {}
+    for part in parts:
+        for kind, spent in part.by_kind.items():
+            by_kind[kind] = by_kind.get(kind, 0.0) + spent
+    busiest = max(parts, key=lambda part: part.busiest_seconds)
+    return CpuUsage(seconds=sum(part.seconds for part in parts),
+                    by_kind=dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
+                    busiest_seconds=sum(part.busiest_seconds for part in parts), busiest_kind=busiest.busiest_kind,
+                    processes=max(part.processes for part in parts),
+                    one_per_core=all(part.one_per_core for part in parts))
 
 
 def cpus_allowed(pid: int) -> int | None:

@@ -12,9 +12,10 @@ import asyncio
 import ssl
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from lkm.bench.cpu import CpuSnapshot, CpuUsage, cpus_allowed, snapshot, usage
+from lkm.bench.cpu import CpuSnapshot, CpuUsage, combined_usage, cpus_allowed, snapshot, usage
 from lkm.bench.http import Connection, ResumingContext
 from lkm.bench.requests import RequestSource
 from lkm.errors import ProtocolError
@@ -56,6 +57,25 @@ class LoadResult:
     @property
     def errors(self) -> int:
         return sum(self.by_status.values()) + self.connection_errors + self.mismatches
+
+
+def combined_load(parts: Sequence[LoadResult]) -> LoadResult:
+    """Slices of one load run, as one: every request and second of each, and the server's CPU over them all."""
+    usages = [part.server_usage for part in parts]
+    total = LoadResult(server_usage=None if None in usages else combined_usage([u for u in usages if u]))
+    for part in parts:
+        total.seconds += part.seconds
+        total.ok += part.ok
+        total.keys += part.keys
+        total.latencies.extend(part.latencies)
+        total.by_status.update(part.by_status)
+        total.connection_errors += part.connection_errors
+        total.mismatches += part.mismatches
+        total.verified += part.verified
+        total.connections += part.connections
+        total.resumed += part.resumed
+        total.client_cpu += part.client_cpu
+    return total
 
 
 def server_snapshot(pid: int) -> CpuSnapshot | None:

@@ -18,7 +18,7 @@ import secrets
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +44,14 @@ class RawResult:
     @property
     def ops_per_second(self) -> float:
         return self.operations / self.seconds if self.seconds > 0 else 0.0
+
+
+def combined_raw(parts: Sequence[RawResult]) -> RawResult:
+    """Slices of one raw measurement, as one: their operations over their seconds and CPU."""
+    cpu = [part.cpu_seconds for part in parts]
+    return RawResult(threads=parts[0].threads, seconds=sum(part.seconds for part in parts),
+                     operations=sum(part.operations for part in parts),
+                     cpu_seconds=None if None in cpu else sum(c for c in cpu if c is not None))
 
 
 def pick_key(store: KeyStore, key_id: str | None) -> str:

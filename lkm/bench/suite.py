@@ -1,17 +1,18 @@
 """`lkm bench suite`: every figure of the README's Performance table, in one run, against servers it starts.
 
 Runs in order, against a server with one worker thread per CPU (the default): the raw private-key rate on all
-CPUs, that server's peak on the platform route and the floor (`lkm.bench.floor`, the leanest Python endpoint
-that unwraps, on the same key store and certificate), alternating for `rounds` rounds so that the ratios come
-from medians; the raw rate on one thread; then, against the same server, 80% of its median peak for latency,
-the native route, batches, and a new TLS connection per request on both routes (with and without session
-resumption); then a server with a single worker thread; then a server pinned to one core (so that its RSA runs
-on the event loop, as it does with one process per core) against the raw operation on one thread, with the
-load generator on the other cores: the CPU per unwrap and the efficiency (against raw beside idle cores, and
-for reference against raw on the server's core while the other cores are busy, as they are while the generator
-drives the server); and the start-up benchmark. Servers
-use the dev environment's config (made if missing) with only ports and worker threads changed, so they log and audit as
-a real one does.
+CPUs and that server's peak on the platform route, alternating in slices of about a second
+(`lkm.bench.measure.measure_in_slices`), then the floor (`lkm.bench.floor`, the leanest Python endpoint that
+unwraps, on the same key store and certificate), for `rounds` rounds so that the ratios come from medians; the
+raw rate on one thread; then, against the same server, 80% of its median peak for latency, the native route,
+batches, and a new TLS connection per request on both routes (with and without session resumption); then a
+server with a single worker thread; then a server pinned to one core (so that its RSA runs on the event loop,
+as it does with one process per core), with the load generator on the other cores, against the raw operation on
+one thread on the server's core, again in alternating slices: the CPU per unwrap and the efficiency (against
+raw on that core while the others idle, and for reference against raw there while the other cores are busy, as
+they are while the generator drives the server); and the start-up benchmark. Servers use the dev
+environment's config (made if missing) with only ports and worker threads changed, so they log and audit as a
+real one does.
 
 Connections are counted per server process (`--concurrency`, default 16): the server on every core gets 16 for
 each of its processes, as the one-core server gets 16 for its one. Spread over two processes, 16 gave each
@@ -32,7 +33,7 @@ from typing import Any
 
 from lkm.bench.floor import floor_target
 from lkm.bench.load import LoadPlan
-from lkm.bench.measure import measure_raw, measure_server
+from lkm.bench.measure import measure_in_slices, measure_raw, measure_server
 from lkm.bench.report import cpu_comparisons, lower_median, median_by_efficiency, new_report
 from lkm.bench.requests import fetch_public_key
 from lkm.bench.spawn import busy_cores, dev_target, spawn_server
@@ -41,7 +42,7 @@ from lkm.bench.startup import run_startup
 LATENCY_FRACTION = 0.8
 BATCH_SIZE = 100
 ONE_CORE = "platform (1 process on 1 core, RSA inline)"
-RAW_ONE_CORE = "raw 1 thread, generator's cores"
+RAW_ONE_CORE = "raw 1 thread on the server's core, in slices"
 RAW_BESIDE_LOAD = "raw 1 thread, server's core, generator's cores busy"
 
 
@@ -52,8 +53,9 @@ def _platform_name(workers: int) -> str:
 
 async def _server_runs(dev_dir: Path, workers: int, plan: LoadPlan, *,
                        rounds: int | None = None) -> list[dict[str, Any]]:
-    """With `rounds`: raw, server peak and floor alternating `rounds` times (so a neighbour's burst falls on all
-    three), then the rest of the table against the same server. Without: the server's peak once."""
+    """With `rounds`: raw and the server's peak in alternating slices, then the floor, `rounds` times (so a
+    neighbour's burst falls on all three), then the rest of the table against the same server. Without: the
+    server's peak once."""
     from lkm.config import load_settings  # noqa: PLC0415
     from lkm.keystore.open import open_keystore  # noqa: PLC0415
 
@@ -72,11 +74,10 @@ async def _server_runs(dev_dir: Path, workers: int, plan: LoadPlan, *,
                 floor_target(config, target) as floor:
             for round_ in range(1, rounds + 1):
                 tag = f" #{round_}" if rounds > 1 else ""
-                runs.append(measure_raw(store, key[0], "oaep-sha1", threads=cpus, duration=plan.duration or 10.0,
-                                        name=f"raw {cpus} threads{tag}"))
-                peak = await measure_server(target, plan, route="platform", padding="oaep-sha1", batch_size=1,
-                                            name=f"{_platform_name(workers)}{tag}", key=key)
-                runs.append(peak)
+                raw, peak = await measure_in_slices(store, target, plan, key=key, threads=cpus,
+                                                    raw_name=f"raw {cpus} threads{tag}",
+                                                    server_name=f"{_platform_name(workers)}{tag}")
+                runs += [raw, peak]
                 peaks.append(peak)
                 runs.append(await measure_server(floor, plan, route="platform", padding="oaep-sha1",
                                                  batch_size=1, name=f"floor (leanest Python endpoint){tag}",
@@ -111,8 +112,9 @@ def _pinned_cores() -> tuple[set[int], set[int]] | None:
 
 
 async def _one_core_runs(dev_dir: Path, plan: LoadPlan, rounds: int) -> list[dict[str, Any]]:
-    """One server process on a core of its own (so RSA runs inline, as with one process per core) against the
-    raw operation on one thread, alternating; the load generator and raw run on the other cores meanwhile."""
+    """One server process on a core of its own (so RSA runs inline, as with one process per core), with the load
+    generator on the other cores, against the raw operation on one thread on the server's core, in alternating
+    slices; then raw there again beside busy cores, for reference."""
     from lkm.config import load_settings  # noqa: PLC0415
     from lkm.keystore.open import open_keystore  # noqa: PLC0415
 
@@ -131,9 +133,11 @@ async def _one_core_runs(dev_dir: Path, plan: LoadPlan, rounds: int) -> list[dic
             with contextlib.closing(open_keystore(load_settings(config).keystore)) as store:
                 for round_ in range(1, rounds + 1):
                     tag = f" #{round_}" if rounds > 1 else ""
-                    runs.append(measure_raw(store, key[0], "oaep-sha1", threads=1,
-                                            duration=plan.duration or 10.0, name=f"{RAW_ONE_CORE}{tag}"))
-                    # The same operation where and as the server does it: on its core, the others busy.
+                    raw, served = await measure_in_slices(store, target, plan, key=key, threads=1,
+                                                          raw_name=f"{RAW_ONE_CORE}{tag}",
+                                                          server_name=f"{ONE_CORE}{tag}", raw_cpus=server_core)
+                    runs.append(raw)
+                    # For reference, the same operation on the server's core with the others busy, in one piece.
                     os.sched_setaffinity(0, server_core)
                     try:
                         with busy_cores(own):
@@ -141,8 +145,7 @@ async def _one_core_runs(dev_dir: Path, plan: LoadPlan, rounds: int) -> list[dic
                                                     duration=plan.duration or 10.0, name=f"{RAW_BESIDE_LOAD}{tag}"))
                     finally:
                         os.sched_setaffinity(0, own)
-                    runs.append(await measure_server(target, plan, route="platform", padding="oaep-sha1",
-                                                     batch_size=1, name=f"{ONE_CORE}{tag}", key=key))
+                    runs.append(served)
         finally:
             os.sched_setaffinity(0, before)
     return runs
@@ -186,8 +189,8 @@ def summarize(report: dict[str, Any], *, project_cores: int = 16) -> dict[str, A
         summary["server_over_raw_without_client"] = round(peak["keys_per_s"] / (raw["keys_per_s"] * left), 3)
     # CPU per unwrap: the server on a core of its own (what one process per core does) when there was one,
     # else the server on every core; against the raw operation's CPU of the same rounds.
-    # The yardstick is the raw operation beside idle cores, as every earlier figure was measured. Raw on the
-    # server's core beside busy cores is shown too: a busy neighbour can slow the RSA operation itself.
+    # The yardstick is the raw operation on the server's core beside idle cores, in slices between the server's.
+    # Raw there beside busy cores is shown too: a busy neighbour can slow the RSA operation itself.
     beside = [r for r in runs if r["name"].startswith(RAW_BESIDE_LOAD)]
     idle = [r for r in runs if r["name"].startswith(RAW_ONE_CORE)]
     served = [p for p in runs if p["name"].startswith(ONE_CORE)]

@@ -50,10 +50,11 @@ def test_suite_runs_every_measurement_of_the_table(tmp_path: Path, capsys: pytes
     if cpus > 1:
         assert summary["cpu_run"].startswith("platform (1 process on 1 core, RSA inline)")
         assert "lkm-rsa" not in measured["threads_us_per_unwrap"]  # inline: no worker threads
-        # The yardstick: raw beside idle cores; raw on the server's core beside busy ones is shown too.
-        idle = [run for run in report["runs"] if run["name"].startswith("raw 1 thread, generator's cores")]
-        beside = [run for run in report["runs"] if run["name"].startswith("raw 1 thread, server's core, ")]
-        assert len(idle) == len(beside) == 1
+        # The yardstick: raw on the server's core beside idle ones, in slices between the server's; raw there
+        # beside busy cores is shown too.
+        idle = [run for run in report["runs"] if run["name"].startswith(RAW_ONE_CORE)]
+        beside = [run for run in report["runs"] if run["name"].startswith(RAW_BESIDE_LOAD)]
+        assert len(idle) == len(beside) == 1 and idle[0]["slices"] == measured["slices"] == 1
         assert summary["raw_cpu_us_per_operation"] in [run["cpu_us_per_operation"] for run in idle]
         assert summary["efficiency_against_raw_beside_busy_cores"] > 0 and summary["raw_cpu_us_beside_busy_cores"] > 0
 
