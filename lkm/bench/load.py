@@ -3,7 +3,8 @@
 Closed loop by default (each worker sends its next request when the previous answer arrives: the peak rate).
 With a rate, requests are scheduled at fixed intervals and latency counts from the scheduled time, so a server
 that falls behind is charged for the wait (no coordinated omission). A warm-up phase opens the connections and
-warms the server's caches; nothing from it is recorded.
+warms the server's caches; then every answer that arrives between the two snapshots of the server's CPU counts,
+sent before the first or not (see `_Run._counting`).
 """
 
 from __future__ import annotations
@@ -108,10 +109,12 @@ class _Run:
         self._cpu0 = 0.0
         self._server0: CpuSnapshot | None = None
         self._measuring = False
+        self._started_at = 0.0
         self._stopped_at = 0.0
 
     def _start_measuring(self) -> None:
         self._measuring = True
+        self._started_at = time.perf_counter()
         self._cpu0 = time.process_time()
         self._server0 = server_snapshot(self.server_pid) if self.server_pid else None
 
@@ -123,12 +126,20 @@ class _Run:
         self.finished = True
         self._stopped_at = time.perf_counter()
         result = self.result
-        result.seconds = self._stopped_at - max(self.measure_from, self.rate_origin)
+        result.seconds = self._stopped_at - self._started_at
         result.client_cpu = time.process_time() - self._cpu0
         if self._server0 is not None and self.server_pid:
             end = server_snapshot(self.server_pid)
             if end is not None:
                 result.server_usage = usage(self._server0, end, cpus_allowed=cpus_allowed(self.server_pid))
+
+    def _counting(self) -> bool:
+        """Whether an answer (or error) that arrives now counts: between the two snapshots of the server's CPU,
+        whenever its request was sent. A request sent before the first snapshot and answered after it spent
+        part of its CPU inside the window, as one still in flight at the second snapshot did; leaving out the
+        first kind but not the second charged the window with a full round of requests it did not count: with
+        16 connections, 16 unwraps fewer in a one-second slice of 300 (5%)."""
+        return self._measuring and not self.finished
 
     def _take(self) -> int | None:
         """The next request number, or None once the run is over."""
@@ -175,7 +186,7 @@ class _Run:
                         self.live.add(conn)
                     response = await conn.exchange(request)
                 except (OSError, ProtocolError, TimeoutError, ssl.SSLError):
-                    if begin >= self.measure_from and not self.finished:
+                    if self._counting():
                         result.connection_errors += 1
                     if conn is not None:
                         self._retire(conn)
@@ -187,7 +198,7 @@ class _Run:
                 if not response.keep_alive or plan.new_connections:
                     self._retire(conn)
                     conn = None
-                if begin < self.measure_from or self.finished:
+                if not self._counting():
                     continue
                 self.recorded += 1
                 if response.status != 200:
