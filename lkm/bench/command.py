@@ -3,7 +3,7 @@
     lkm bench                       load a running server (targets from lkm-dev/dev.json, or --url etc.)
     lkm bench --raw                 the key store's private-key operation in process, no server
     lkm bench --compare             raw, then the server, then the server at 80% of its peak; prints server/raw
-    lkm bench --compare --rounds 3  raw and server alternating three times; the ratio of the medians
+    lkm bench --compare --rounds 3  three rounds of raw and server in alternating slices; the ratio of the medians
     lkm bench --compare --floor     also the leanest Python endpoint that unwraps: what lkm's own work costs
     lkm bench startup --keys 5000   start-up time, memory per 1,000 keys, latency against the number of keys
     lkm bench suite                 everything above against servers it starts itself (the README's table)
@@ -16,6 +16,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import os
 import statistics
 import sys
 from collections.abc import Iterator
@@ -23,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from lkm.bench.load import LoadPlan
-from lkm.bench.measure import measure_raw, measure_server
+from lkm.bench.measure import measure_in_slices, measure_raw, measure_server
 from lkm.bench.options import DEFAULT_DEV_JSON
-from lkm.bench.raw import temporary_store
+from lkm.bench.raw import pick_key, temporary_store
 from lkm.bench.report import cpu_comparisons, median_by_efficiency, new_report, render_table
 from lkm.bench.requests import (
     Target,
@@ -141,7 +142,8 @@ async def _load_and_compare(args: argparse.Namespace, report: dict[str, Any]) ->
             report["runs"].append(raw)
             _add_cpu_comparison(report, [(raw, run)], args.project_cores)
         return
-    # Raw and server alternate, so a neighbour's burst on a shared machine falls on both sides of the ratio.
+    # Raw and server alternate, in slices within each round, so that a neighbour's burst on a shared machine
+    # falls on both sides of the ratio (lkm.bench.measure).
     rounds = args.rounds or 1
     raws: list[dict[str, Any]] = []
     peaks: list[dict[str, Any]] = []
@@ -149,9 +151,7 @@ async def _load_and_compare(args: argparse.Namespace, report: dict[str, Any]) ->
     with raw_store(args, target) as store, _floor_target(args, target) as floor:
         for round_ in range(1, rounds + 1):
             suffix = f"#{round_}" if rounds > 1 else ""
-            raw = _measure_raw_for(store, key[0], args, name=f"raw{suffix}")
-            peak = await measure_server(target, plan, route=args.route, padding=args.padding,
-                                        batch_size=args.batch_size, key=key, name=f"{args.route}{suffix}")
+            raw, peak = await _raw_and_server(store, target, plan, key, args, suffix=suffix)
             report["runs"] += [raw, peak]
             raws.append(raw)
             peaks.append(peak)
@@ -225,11 +225,43 @@ def _floor_target(args: argparse.Namespace, target: Target) -> Iterator[Target |
         yield floor
 
 
+def _raw_key(store: KeyStore, key_id: str | None) -> str | None:
+    """The server's own key when the store holds it (same key, same cost), else None: the store's newest."""
+    return key_id if key_id and key_id in {k.id for k in store.list_keys()} else None
+
+
 def _measure_raw_for(store: KeyStore, key_id: str | None, args: argparse.Namespace,
                      name: str = "raw") -> dict[str, Any]:
-    """Raw on the server's own key when the store holds it (same key, same cost), else on its newest key."""
-    key_id = key_id if key_id and key_id in {k.id for k in store.list_keys()} else None
-    return measure_raw(store, key_id, args.padding, threads=args.threads, duration=args.duration, name=name)
+    return measure_raw(store, _raw_key(store, key_id), args.padding, threads=args.threads, duration=args.duration,
+                       name=name)
+
+
+async def _raw_and_server(store: KeyStore, target: Target, plan: LoadPlan, key: tuple[str, bytes],
+                          args: argparse.Namespace, *, suffix: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One round of --compare: raw and the server in alternating slices; one after the other with --requests
+    (a count of requests does not split by time)."""
+    if plan.requests is not None:
+        raw = _measure_raw_for(store, key[0], args, name=f"raw{suffix}")
+        return raw, await measure_server(target, plan, route=args.route, padding=args.padding,
+                                         batch_size=args.batch_size, key=key, name=f"{args.route}{suffix}")
+    return await measure_in_slices(store, target, plan, key=key, threads=args.threads, raw_name=f"raw{suffix}",
+                                   server_name=f"{args.route}{suffix}", route=args.route, padding=args.padding,
+                                   batch_size=args.batch_size, raw_key_id=pick_key(store, _raw_key(store, key[0])),
+                                   raw_cpus=server_cpus(target.server_pid))
+
+
+def server_cpus(pid: int | None) -> set[int] | None:
+    """The CPUs a server on this host is confined to, when that is not where this process runs (`taskset -c 1
+    lkm serve`, `taskset -c 0 lkm bench`): raw then runs there too, on the cores whose speed the server had;
+    None otherwise. Neighbours slow one virtual CPU and not another, so raw on the load generator's core
+    measures a different machine."""
+    if pid is None:
+        return None
+    try:
+        theirs = os.sched_getaffinity(pid)
+    except OSError:
+        return None
+    return theirs if theirs != os.sched_getaffinity(0) else None
 
 
 def run(args: argparse.Namespace) -> int:

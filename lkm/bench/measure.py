@@ -75,18 +75,20 @@ def measure_raw(store: KeyStore, key_id: str | None, padding: str, *, threads: i
 
 
 async def measure_in_slices(store: KeyStore, target: Target, plan: LoadPlan, *, key: tuple[str, bytes],
-                            threads: int, raw_name: str, server_name: str, padding: str = "oaep-sha1",
+                            threads: int, raw_name: str, server_name: str, route: str = "platform",
+                            padding: str = "oaep-sha1", batch_size: int = 1, raw_key_id: str | None = None,
                             raw_cpus: set[int] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The raw operation on `threads` threads and the server on the platform route, alternating in slices of
-    about `SLICE_SECONDS` over `plan.duration` each: (raw entry, server entry), each adding up its slices.
+    """The raw operation on `threads` threads and the server, alternating in slices of about `SLICE_SECONDS`
+    over `plan.duration` each: (raw entry, server entry), each adding up its slices.
 
-    `raw_cpus`: the CPUs the raw slices run on (the server's own, for a server on one core); the load runs on
-    the CPUs this process had before. The first server slice warms up for `plan.warmup`, the others only for
-    `SLICE_WARMUP_SECONDS`, to open their connections again.
+    Raw runs on `raw_key_id` (default: the server's key `key`, which `store` must hold), on `raw_cpus` (the
+    server's own, for a server on one core); the load runs on the CPUs this process had before. The first server
+    slice warms up for `plan.warmup`, the others only for `SLICE_WARMUP_SECONDS`, to open their connections
+    again.
     """
     duration = plan.duration or 10.0
     slices = max(1, round(duration / SLICE_SECONDS))
-    key_id = pick_key(store, key[0])
+    key_id = raw_key_id or pick_key(store, key[0])
     raws: list[RawResult] = []
     loads: list[LoadResult] = []
     for index in range(slices):
@@ -101,11 +103,12 @@ async def measure_in_slices(store: KeyStore, target: Target, plan: LoadPlan, *, 
         warmup = plan.warmup if index == 0 else min(plan.warmup, SLICE_WARMUP_SECONDS)
         # A source per slice: a run numbers its requests from 0, and a source signs request n with the same
         # Hawk nonce each time, which the server rightly refuses as a replay.
-        source = request_source(target, "platform", padding, key, batch_size=1)
+        source = request_source(target, route, padding, key, batch_size=batch_size)
         context = target.context(client_certificate=source.client_certificate)
         loads.append(await run_load(source, dataclasses.replace(plan, duration=duration / slices, warmup=warmup),
                                     context, target.server_pid))
     raw = raw_entry(raw_name, combined_raw(raws), padding=padding)
-    served = load_entry(server_name, combined_load(loads), plan, route="platform", padding=padding)
+    served = load_entry(server_name, combined_load(loads), plan, route=route, padding=padding,
+                        batch_size=batch_size if route == "batch" else 1)
     raw["slices"] = served["slices"] = slices
     return raw, served

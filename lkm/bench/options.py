@@ -51,9 +51,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     modes.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                        help="threads for --raw (default: the number of CPUs, %(default)s)")
     modes.add_argument("--rounds", type=int, default=None,
-                       help="with --compare (default 1) and suite (default 3): alternate raw and server this many "
-                            "times and compare the medians (on a shared or virtual machine, neighbours' load "
-                            "moves single runs by 10%% or more)")
+                       help="with --compare (default 1) and suite (default 3): measure raw and server this many "
+                            "times and compare the medians; within a round they alternate in slices of about a "
+                            "second (on a shared or virtual machine, neighbours' load moves single runs by 10%% "
+                            "or more)")
     modes.add_argument("--floor", action="store_true",
                        help="with --compare: also measure the leanest Python endpoint that unwraps (no "
                             "authentication, audit, metrics or logs) on the server's key store, each round")

@@ -79,6 +79,7 @@ async def test_bench_compare_reports_the_ratio(running: Running, capsys: pytest.
     assert status == 0
     raw, peak, paced = report["runs"]
     assert raw["kind"] == "raw" and raw["threads"] == 1 and raw["keys_per_s"] > 0
+    assert raw["slices"] == peak["slices"] == 1  # half a second: one slice each
     assert peak["errors"]["total"] == 0 and paced["errors"]["total"] == 0 and paced["rate"] > 0
     comparison = report["comparison"]
     assert comparison["server_over_raw"] == pytest.approx(peak["keys_per_s"] / raw["keys_per_s"], abs=0.01)
@@ -104,6 +105,21 @@ async def test_bench_compare_rounds_alternate_and_take_medians(running: Running,
     assert comparison["rounds"] == 3 and len(comparison["round_ratios"]) == 3
     assert all(run["errors"]["total"] == 0 for run in report["runs"] if run["kind"] == "server")
     assert "medians of 3 alternating rounds" in render_table(report)
+
+
+@pytest.mark.slow
+async def test_bench_compare_alternates_raw_and_server_in_slices(running: Running,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """Two seconds of each: two one-second slices, the server's connections opened anew for the second."""
+    record = running.create_key()
+    status, report = await _bench(capsys, *_target_args(running, "platform"), "-c", str(running.config_path),
+                                  "--key-id", record.id, "--compare", "--threads", "1", "--concurrency", "2",
+                                  "--duration", "2", "--warmup", "0.1", "--latency-at", "0", "--json")
+    assert status == 0
+    raw, peak = report["runs"]
+    assert raw["slices"] == peak["slices"] == 2 and peak["connections"] == 2 * 2
+    assert raw["seconds"] == pytest.approx(2.0) and peak["seconds"] == pytest.approx(2.0, abs=0.3)
+    assert peak["errors"]["total"] == 0 and raw["operations"] > 0
 
 
 @pytest.mark.slow
@@ -134,3 +150,25 @@ def test_raw_on_a_temporary_store(capsys: pytest.CaptureFixture[str]) -> None:
 def test_bench_without_a_target_says_what_to_pass(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["bench", "--dev-json", str(tmp_path / "missing.json")]) == 2
     assert "lkm serve --dev" in capsys.readouterr().err
+
+
+def test_raw_runs_on_the_cpus_a_server_is_confined_to() -> None:
+    """A server kept to other CPUs than the benchmark's (taskset): raw runs on the server's; else where it is."""
+    import os
+    import subprocess
+    import sys
+
+    from lkm.bench.command import server_cpus
+
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("needs two CPUs")
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert server_cpus(child.pid) is None  # the same CPUs as this process: nothing to move to
+        os.sched_setaffinity(child.pid, {cpus[-1]})
+        assert server_cpus(child.pid) == {cpus[-1]}
+    finally:
+        child.kill()
+        child.wait()
+    assert server_cpus(child.pid) is None and server_cpus(None) is None  # gone, or not on this host
