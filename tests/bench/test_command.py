@@ -87,15 +87,20 @@ async def test_bench_compare_reports_the_ratio(running: Running, capsys: pytest.
     assert "server/raw" in render_table(report)
 
 
+async def _compare_on_one_thread(running: Running, capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, Any]:
+    """`lkm bench --compare` on the platform route of a new key: raw on one thread, 2 connections, no latency run."""
+    record = running.create_key()
+    status, report = await _bench(capsys, *_target_args(running, "platform"), "-c", str(running.config_path),
+                                  "--key-id", record.id, "--compare", "--threads", "1", "--concurrency", "2",
+                                  "--latency-at", "0", "--json", *args)
+    assert status == 0
+    return report
+
+
 @pytest.mark.slow
 async def test_bench_compare_rounds_alternate_and_take_medians(running: Running,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
-    record = running.create_key()
-    status, report = await _bench(capsys, *_target_args(running, "platform"), "-c", str(running.config_path),
-                                  "--key-id", record.id, "--compare", "--rounds", "3", "--threads", "1",
-                                  "--concurrency", "2", "--duration", "0.3", "--warmup", "0", "--latency-at", "0",
-                                  "--json")
-    assert status == 0
+    report = await _compare_on_one_thread(running, capsys, "--rounds", "3", "--duration", "0.3", "--warmup", "0")
     names = [run["name"] for run in report["runs"]]
     assert names == ["raw#1", "platform#1", "raw#2", "platform#2", "raw#3", "platform#3"]
     comparison = report["comparison"]
@@ -111,11 +116,7 @@ async def test_bench_compare_rounds_alternate_and_take_medians(running: Running,
 async def test_bench_compare_alternates_raw_and_server_in_slices(running: Running,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
     """Two seconds of each: two one-second slices, the server's connections opened anew for the second."""
-    record = running.create_key()
-    status, report = await _bench(capsys, *_target_args(running, "platform"), "-c", str(running.config_path),
-                                  "--key-id", record.id, "--compare", "--threads", "1", "--concurrency", "2",
-                                  "--duration", "2", "--warmup", "0.1", "--latency-at", "0", "--json")
-    assert status == 0
+    report = await _compare_on_one_thread(running, capsys, "--duration", "2", "--warmup", "0.1")
     raw, peak = report["runs"]
     assert raw["slices"] == peak["slices"] == 2 and peak["connections"] == 2 * 2
     assert raw["seconds"] == pytest.approx(2.0) and peak["seconds"] == pytest.approx(2.0, abs=0.3)
@@ -125,12 +126,7 @@ async def test_bench_compare_alternates_raw_and_server_in_slices(running: Runnin
 @pytest.mark.slow
 async def test_bench_floor_is_measured_on_the_servers_own_store(running: Running,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
-    record = running.create_key()
-    status, report = await _bench(capsys, *_target_args(running, "platform"), "-c", str(running.config_path),
-                                  "--key-id", record.id, "--compare", "--floor", "--threads", "1",
-                                  "--concurrency", "2", "--duration", "0.3", "--warmup", "0", "--latency-at", "0",
-                                  "--json")
-    assert status == 0
+    report = await _compare_on_one_thread(running, capsys, "--floor", "--duration", "0.3", "--warmup", "0")
     raw, peak, floor = report["runs"]
     assert floor["name"] == "floor" and floor["requests"] > 0
     assert floor["errors"]["total"] == 0 and floor["errors"]["mismatch"] == 0  # it really unwrapped
