@@ -24,16 +24,17 @@ from lkm.threadnames import LOOP, thread_kind
 
 PROC = Path("/proc")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+ROUNDING_SECONDS = 2 / CLOCK_TICKS + 0.005
+"""How far a process's CPU total in /proc/PID/stat (user and system time, each cut down to a whole tick) can be
+off its threads' exact times, read a moment later (when a scheduler tick falls between, a few ms more)."""
 
 
 @dataclass(frozen=True)
 class ThreadCpu:
-    """One thread's counters, read together: the exact figure is what its job is charged; the coarse one is on
-    the same scale as its process's total, so that what exited threads spent is the difference of the two."""
+    """One thread's name and CPU time, to the nanosecond where schedstat can be read, else in clock ticks."""
 
     name: str
-    cpu_seconds: float  # to the nanosecond where schedstat can be read, else `ticks`
-    ticks: float  # CPU seconds from stat's clock ticks
+    cpu_seconds: float
 
 
 @dataclass(frozen=True)
@@ -113,9 +114,8 @@ def snapshot(root: int, *, skip_servers: bool = False) -> CpuSnapshot:
         for task in _tasks(pid):
             task_stat = _stat(task / "stat")
             if task_stat is not None:
-                coarse = _cpu(task_stat[1])
                 exact = _exact_cpu(task)
-                found[(pid, int(task.name))] = ThreadCpu(task_stat[0], coarse if exact is None else exact, coarse)
+                found[(pid, int(task.name))] = ThreadCpu(task_stat[0], _cpu(task_stat[1]) if exact is None else exact)
         is_loop = any(thread.name == LOOP for thread in found.values())
         if skip_servers and pid != root and is_loop:
             skipped.add(pid)
@@ -145,15 +145,19 @@ def usage(before: CpuSnapshot, after: CpuSnapshot, *, cpus_allowed: int | None =
         by_kind[kind] = by_kind.get(kind, 0.0) + spent
         if spent > busiest:
             busiest, busiest_kind = spent, kind
-    # Threads that ended during the run: their CPU went to their process's total (counted in ticks), beyond
-    # what its live threads spent since `before`. A thread live then and ended since counts from `before` on.
+    # Threads that ended during the run: their CPU went to their process's total, beyond what its live threads
+    # spent since `before`. A thread live then and ended since counts from `before` on. The process's total
+    # comes in clock ticks, each of its two parts cut down to a whole tick at each snapshot, so a gap of up to
+    # two ticks either way is rounding, not a thread: counting every positive gap (and dropping the negative
+    # ones) charged a server whose threads all lived with 15 µs per unwrap of "exited threads" in one-second
+    # slices. A gap beyond `ROUNDING_SECONDS` counts in full.
     live: dict[int, float] = {}
     for (pid, tid), thread in after.threads.items():
         earlier = before.threads.get((pid, tid))
-        live[pid] = live.get(pid, 0.0) + thread.ticks - (earlier.ticks if earlier is not None else 0.0)
-    exited = sum(max(0.0, cpu - before.processes.get(pid, 0.0) - live.get(pid, 0.0))
-                 for pid, cpu in after.processes.items())
-    if exited > 0.005:
+        live[pid] = live.get(pid, 0.0) + thread.cpu_seconds - (earlier.cpu_seconds if earlier is not None else 0.0)
+    gaps = (cpu - before.processes.get(pid, 0.0) - live.get(pid, 0.0) for pid, cpu in after.processes.items())
+    exited = sum(gap for gap in gaps if gap > ROUNDING_SECONDS)
+    if exited > 0:
         by_kind["(exited threads)"] = exited
     total = sum(by_kind.values())
     processes = max(len(after.loops), 1)

@@ -140,6 +140,30 @@ def test_a_thread_that_ends_between_snapshots_counts_only_what_it_spent_between_
     assert 0.15 <= spent.seconds <= 0.35
 
 
+def test_threads_that_all_live_leave_nothing_to_exited_threads() -> None:
+    """Three threads burning all along, measured over thirty short windows: the process's total (in whole clock
+    ticks) never differs from its live threads' exact times by more than rounding, so no window finds CPU of an
+    exited thread. Comparing it with the threads' own tick counts and keeping every positive gap found some in
+    most windows."""
+    script = BURN + textwrap.dedent("""
+        for _ in range(3):
+            threading.Thread(target=burn_for, args=(60.0,), daemon=True).start()
+        print("burning", flush=True)
+        sys.stdin.read()
+    """)
+    with subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          text=True) as process:
+        assert process.stdout is not None and process.stdout.readline() == "burning\n"
+        windows = []
+        for _ in range(30):
+            before = snapshot(process.pid)
+            time.sleep(0.03)
+            windows.append(usage(before, snapshot(process.pid)))
+        process.kill()
+    assert all(window.seconds > 0 for window in windows)
+    assert [window.by_kind for window in windows if "(exited threads)" in window.by_kind] == []
+
+
 def test_a_process_that_is_gone_has_an_empty_snapshot() -> None:
     process = subprocess.Popen([sys.executable, "-c", "pass"])
     process.wait()
