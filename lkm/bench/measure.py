@@ -13,10 +13,13 @@ falls on both: ten of twelve one-second pairs read 0.74 to 0.79 in a trial, and 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+from collections.abc import Iterator
 from typing import Any
 
+from lkm.bench.cpu import snapshot, thread_dirs
 from lkm.bench.load import LoadPlan, LoadResult, combined_load, run_load
 from lkm.bench.raw import RawResult, combined_raw, pick_key, run_raw
 from lkm.bench.report import load_entry, raw_entry
@@ -74,6 +77,29 @@ def measure_raw(store: KeyStore, key_id: str | None, padding: str, *, threads: i
     return raw_entry(name, result, padding=padding)
 
 
+@contextlib.contextmanager
+def kept_to(cpus: set[int] | None) -> Iterator[None]:
+    """Meanwhile, this thread (and the threads it starts) and every thread of this process's other descendants
+    but a server and its own (a PKCS#11 store's token workers, which do a raw operation's work) on `cpus`; as
+    before afterwards. Nothing moves without `cpus`."""
+    if not cpus:
+        yield
+        return
+    tasks = [0] + [int(task.name) for pid in snapshot(os.getpid(), skip_servers=True).processes
+                   if pid != os.getpid() for task in thread_dirs(pid)]
+    before: dict[int, set[int]] = {}
+    try:
+        for task in tasks:
+            with contextlib.suppress(OSError):  # a thread that has just ended
+                before[task] = os.sched_getaffinity(task)
+                os.sched_setaffinity(task, cpus)
+        yield
+    finally:
+        for task, mask in before.items():
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(task, mask)
+
+
 async def measure_in_slices(store: KeyStore, target: Target, plan: LoadPlan, *, key: tuple[str, bytes],
                             threads: int, raw_name: str, server_name: str, route: str = "platform",
                             padding: str = "oaep-sha1", batch_size: int = 1, raw_key_id: str | None = None,
@@ -92,14 +118,9 @@ async def measure_in_slices(store: KeyStore, target: Target, plan: LoadPlan, *, 
     raws: list[RawResult] = []
     loads: list[LoadResult] = []
     for index in range(slices):
-        own = os.sched_getaffinity(0)
-        if raw_cpus:
-            os.sched_setaffinity(0, raw_cpus)
-        try:
+        with kept_to(raw_cpus):
             raws.append(run_raw(store, key_id, PADDINGS[padding], threads=threads, duration=duration / slices,
                                 warmup=RAW_SLICE_WARMUP_SECONDS))
-        finally:
-            os.sched_setaffinity(0, own)
         warmup = plan.warmup if index == 0 else min(plan.warmup, SLICE_WARMUP_SECONDS)
         # A source per slice: a run numbers its requests from 0, and a source signs request n with the same
         # Hawk nonce each time, which the server rightly refuses as a replay.

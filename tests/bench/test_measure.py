@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections import Counter
 from typing import Any
 
@@ -53,6 +54,47 @@ def test_load_slices_add_up_with_every_latency() -> None:
     assert both.server_cpu == 2.0
     assert first.latencies == [0.1, 0.3]  # the slices themselves are left as they were
     assert combined_load([first, LoadResult(seconds=1.0)]).server_usage is None  # one slice without: unknown
+
+
+def test_raw_runs_with_its_store_workers_on_the_cpus_given_and_a_server_stays() -> None:
+    """A child that is not a server (as a PKCS#11 store's token worker) moves, every thread of it, with this
+    thread; a child that runs an event loop (a server the benchmark started) does not; all as before after."""
+    import subprocess
+    import sys
+
+    from lkm.threadnames import LOOP
+
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("needs two CPUs")
+    worker_script = "import threading, time; threading.Thread(target=time.sleep, args=(30,)).start(); time.sleep(30)"
+    server_script = ("import sys, time; from lkm.threadnames import name_this_thread; name_this_thread(sys.argv[1]); "
+                     "print('ready', flush=True); time.sleep(30)")
+    worker = subprocess.Popen([sys.executable, "-c", worker_script])
+    server = subprocess.Popen([sys.executable, "-c", server_script, LOOP], stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None and server.stdout.readline() == "ready\n"
+        deadline = time.monotonic() + 5
+        while len(os.listdir(f"/proc/{worker.pid}/task")) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        everywhere = os.sched_getaffinity(0)
+
+        def masks(pid: int) -> set[frozenset[int]]:
+            return {frozenset(os.sched_getaffinity(int(tid))) for tid in os.listdir(f"/proc/{pid}/task")}
+
+        with measure.kept_to({cpus[-1]}):
+            assert os.sched_getaffinity(0) == {cpus[-1]}
+            assert masks(worker.pid) == {frozenset({cpus[-1]})}  # both of its threads
+            assert masks(server.pid) == {frozenset(everywhere)}
+        assert os.sched_getaffinity(0) == everywhere and masks(worker.pid) == {frozenset(everywhere)}
+        with measure.kept_to(None):
+            assert os.sched_getaffinity(0) == everywhere
+    finally:
+        for child in (worker, server):
+            child.kill()
+            child.wait()
+        if server.stdout is not None:
+            server.stdout.close()
 
 
 @pytest.mark.slow
