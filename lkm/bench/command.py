@@ -225,9 +225,9 @@ def _floor_target(args: argparse.Namespace, target: Target) -> Iterator[Target |
         yield floor
 
 
-def _raw_key(store: KeyStore, key_id: str | None) -> str | None:
-    """The server's own key when the store holds it (same key, same cost), else None: the store's newest."""
-    return key_id if key_id and key_id in {k.id for k in store.list_keys()} else None
+def _raw_key(store: KeyStore, key_id: str | None) -> str:
+    """The server's own key when the store holds it (same key, same cost), else the store's newest."""
+    return pick_key(store, key_id if key_id and key_id in {k.id for k in store.list_keys()} else None)
 
 
 def _measure_raw_for(store: KeyStore, key_id: str | None, args: argparse.Namespace,
@@ -246,7 +246,7 @@ async def _raw_and_server(store: KeyStore, target: Target, plan: LoadPlan, key: 
                                          batch_size=args.batch_size, key=key, name=f"{args.route}{suffix}")
     return await measure_in_slices(store, target, plan, key=key, threads=args.threads, raw_name=f"raw{suffix}",
                                    server_name=f"{args.route}{suffix}", route=args.route, padding=args.padding,
-                                   batch_size=args.batch_size, raw_key_id=pick_key(store, _raw_key(store, key[0])),
+                                   batch_size=args.batch_size, raw_key_id=_raw_key(store, key[0]),
                                    raw_cpus=server_cpus(target.server_pid))
 
 

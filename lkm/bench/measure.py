@@ -115,6 +115,8 @@ async def measure_in_slices(store: KeyStore, target: Target, plan: LoadPlan, *, 
     duration = plan.duration or 10.0
     slices = max(1, round(duration / SLICE_SECONDS))
     key_id = raw_key_id or pick_key(store, key[0])
+    source = request_source(target, route, padding, key, batch_size=batch_size)  # its data keys wrapped once
+    context = target.context(client_certificate=source.client_certificate)
     raws: list[RawResult] = []
     loads: list[LoadResult] = []
     for index in range(slices):
@@ -122,10 +124,6 @@ async def measure_in_slices(store: KeyStore, target: Target, plan: LoadPlan, *, 
             raws.append(run_raw(store, key_id, PADDINGS[padding], threads=threads, duration=duration / slices,
                                 warmup=RAW_SLICE_WARMUP_SECONDS))
         warmup = plan.warmup if index == 0 else min(plan.warmup, SLICE_WARMUP_SECONDS)
-        # A source per slice: a run numbers its requests from 0, and a source signs request n with the same
-        # Hawk nonce each time, which the server rightly refuses as a replay.
-        source = request_source(target, route, padding, key, batch_size=batch_size)
-        context = target.context(client_certificate=source.client_certificate)
         loads.append(await run_load(source, dataclasses.replace(plan, duration=duration / slices, warmup=warmup),
                                     context, target.server_pid))
     raw = raw_entry(raw_name, combined_raw(raws), padding=padding)

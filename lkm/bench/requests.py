@@ -8,6 +8,7 @@ Hawk header each (timestamp and nonce), which costs one HMAC: the payload hash i
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import os
 import secrets
@@ -184,7 +185,11 @@ class PlatformRequests:
             resource += ("&" if "?" in resource else "?") + "decryptType=pkcs1"
         self.resource = resource
         self.host = self.endpoint.host.lower()
+        # A nonce per request built, not per request number: a run numbers its requests from 0, and a source used
+        # for several runs (the slices of lkm.bench.measure) would otherwise sign the same nonce again, which the
+        # server rightly refuses as a replay.
         self.nonce_prefix = secrets.token_hex(4)
+        self._nonces = itertools.count()
         self.bodies = [json.dumps({"keypairId": pool.key_id, "body": b64(c)}).encode() for c in pool.ciphertexts]
         self.hashes = [payload_hash("application/json", body) for body in self.bodies]
         self.heads = [_head("POST", self.endpoint, resource, len(body)).encode() for body in self.bodies]
@@ -193,7 +198,7 @@ class PlatformRequests:
     def build(self, n: int, close: bool) -> tuple[bytes, int]:
         index = n % len(self.bodies)
         ts = str(int(time.time()))
-        nonce = f"{self.nonce_prefix}{n:x}"
+        nonce = f"{self.nonce_prefix}{next(self._nonces):x}"
         hash_ = self.hashes[index]
         mac = calculate_mac(self.credential.key, normalized_string(ts, nonce, "POST", self.resource, self.host,
                                                                    self.endpoint.port, hash_, None))

@@ -33,7 +33,7 @@ from typing import Any
 
 from lkm.bench.floor import floor_target
 from lkm.bench.load import LoadPlan
-from lkm.bench.measure import measure_in_slices, measure_raw, measure_server
+from lkm.bench.measure import kept_to, measure_in_slices, measure_raw, measure_server
 from lkm.bench.report import cpu_comparisons, lower_median, median_by_efficiency, new_report
 from lkm.bench.requests import fetch_public_key
 from lkm.bench.spawn import busy_cores, dev_target, spawn_server
@@ -138,13 +138,9 @@ async def _one_core_runs(dev_dir: Path, plan: LoadPlan, rounds: int) -> list[dic
                                                           server_name=f"{ONE_CORE}{tag}", raw_cpus=server_core)
                     runs.append(raw)
                     # For reference, the same operation on the server's core with the others busy, in one piece.
-                    os.sched_setaffinity(0, server_core)
-                    try:
-                        with busy_cores(own):
-                            runs.append(measure_raw(store, key[0], "oaep-sha1", threads=1,
-                                                    duration=plan.duration or 10.0, name=f"{RAW_BESIDE_LOAD}{tag}"))
-                    finally:
-                        os.sched_setaffinity(0, own)
+                    with kept_to(server_core), busy_cores(own):
+                        runs.append(measure_raw(store, key[0], "oaep-sha1", threads=1,
+                                                duration=plan.duration or 10.0, name=f"{RAW_BESIDE_LOAD}{tag}"))
                     runs.append(served)
         finally:
             os.sched_setaffinity(0, before)
