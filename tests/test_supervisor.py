@@ -307,16 +307,39 @@ async def test_systemd_hears_ready_reloading_and_stopping_and_sighup_renews_cert
 
 async def test_overload_is_shed_with_retry_after_and_counted_across_workers(
         tmp_path: Path, certs: Pki, config_factory: Callable[..., Path]) -> None:
+    """The burst rides on connections opened before it (96 TLS handshakes arriving with it would be most of the
+    work). Which requests the deadline admits depends on how busy the host is: a slow or crowded one can miss it
+    for all 96 (the in-process admission tests check the admitted still succeed); so this test asks for shedding
+    and for counts that add up over the processes, and for a 200 once the burst is over."""
+    burst = 96
     config = config_factory(**{"limits.workers": WORKERS, "limits.worker_threads": 1,
                                "limits.request_deadline_ms": 10})
     credential, record = prepare(config)
     with ServeProcess(config, tmp_path / "serve.log") as server:
-        async with fresh_session() as session:
+        connector = aiohttp.TCPConnector(limit=burst)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            ssl_context = client_ssl_context(certs.ca_file)
+            health = server.urls["platform"] + "/key-management/v1/health"
+
+            async def health_check() -> int:
+                async with session.get(health, ssl=ssl_context) as response:
+                    await response.read()
+                    return response.status
+
+            assert await asyncio.gather(*(health_check() for _ in range(burst))) == [200] * burst
+            assert sum(len(idle) for idle in connector._conns.values()) == burst
             client = PlatformClient(session, server.urls["platform"] + "/key-management/v1/decrypt", credential,
-                                    client_ssl_context(certs.ca_file))
-            replies = await asyncio.gather(*(client.decrypt(record.id, wrap(record, b"s" * 32)) for _ in range(96)))
+                                    ssl_context)
+            replies = await asyncio.gather(*(client.decrypt(record.id, wrap(record, b"s" * 32))
+                                             for _ in range(burst)))
+            assert sum(len(idle) for idle in connector._conns.values()) == burst  # no new connection
+            later: list[int] = []  # one at a time: a crowded host may still preempt one past 10 ms
+            while 200 not in later and len(later) < 5:
+                later.append((await client.decrypt(record.id, wrap(record, b"t" * 32))).status)
         statuses = [reply.status for reply in replies]
-        assert set(statuses) == {200, 503}, statuses
+        assert 503 in statuses and set(statuses) <= {200, 503}, statuses
+        assert later[-1] == 200, later
+        statuses += later
         assert all(reply.headers["Retry-After"] == "1" for reply in replies if reply.status == 503)
         _, text = await get_json(server.urls["ops"] + "/metrics")
         assert metric(text, "lkm_requests_shed_total") == statuses.count(503)
