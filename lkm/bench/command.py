@@ -16,13 +16,13 @@ import asyncio
 import base64
 import contextlib
 import json
-import os
 import statistics
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from lkm.bench.cpu import affinity
 from lkm.bench.load import LoadPlan
 from lkm.bench.measure import measure_in_slices, measure_raw, measure_server
 from lkm.bench.options import DEFAULT_DEV_JSON
@@ -255,13 +255,8 @@ def server_cpus(pid: int | None) -> set[int] | None:
     lkm serve`, `taskset -c 0 lkm bench`): raw then runs there too, on the cores whose speed the server had;
     None otherwise. Neighbours slow one virtual CPU and not another, so raw on the load generator's core
     measures a different machine."""
-    if pid is None:
-        return None
-    try:
-        theirs = os.sched_getaffinity(pid)
-    except OSError:
-        return None
-    return theirs if theirs != os.sched_getaffinity(0) else None
+    theirs = None if pid is None else affinity(pid)
+    return theirs if theirs is not None and theirs != affinity(0) else None
 
 
 def run(args: argparse.Namespace) -> int:

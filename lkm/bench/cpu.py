@@ -182,12 +182,18 @@ def combined_usage(parts: Sequence[CpuUsage]) -> CpuUsage:
                     one_per_core=all(part.one_per_core for part in parts))
 
 
-def cpus_allowed(pid: int) -> int | None:
-    """How many CPUs a process may run on (its affinity), or None if it cannot be asked."""
+def affinity(pid: int) -> set[int] | None:
+    """The CPUs a process may run on, or None if it cannot be asked (it has exited)."""
     try:
-        return len(os.sched_getaffinity(pid))
+        return os.sched_getaffinity(pid)
     except OSError:
         return None
+
+
+def cpus_allowed(pid: int) -> int | None:
+    """How many CPUs a process may run on, or None if it cannot be asked."""
+    cpus = affinity(pid)
+    return None if cpus is None else len(cpus)
 
 
 def projection(*, server_us: float, busiest_us: float, processes: int, one_per_core: bool, raw_us: float,
