@@ -2,13 +2,10 @@
 
 Shared by `lkm bench`, `lkm bench startup` and `lkm bench suite`, which import it (never each other).
 
-Why slices: on a shared virtual machine the neighbours move even the CPU that one RSA operation costs, and in
-runs of seconds. On the 2-vCPU test host, one raw RSA-3072 operation took 2,040 to 2,980 µs of CPU from one
-half-second to the next, holding each level for seconds; a raw run of 5 s and a server run of 5 s after it then
-compared two different machines, and one suite's three rounds read efficiencies of 0.64, 0.76 and 0.93.
-`measure_in_slices` alternates the two every second or so and adds each side up, so that a neighbour's burst
-falls on both: ten of twelve one-second pairs read 0.74 to 0.79 in a trial, and the next suite's rounds 0.752,
-0.775 and 0.775.
+Why slices: on a shared virtual machine the neighbours move even the CPU that one RSA operation costs, and
+hold each level for seconds; a raw run of 5 s and a server run of 5 s after it then compare two different
+machines. `measure_in_slices` alternates the two every second or so and adds each side up, so that a
+neighbour's burst falls on both (the README's "Why slices" has the figures).
 """
 
 from __future__ import annotations
