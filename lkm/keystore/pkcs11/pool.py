@@ -28,6 +28,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("lkm.keystore.pkcs11")
 
+START_ATTEMPTS = 3
+"""Attempts to reach the token at start-up before the store starts unavailable (and retries later)."""
+START_RETRY_SECONDS = 0.2
+
 
 class _Slot:
     """One worker position in the pool; its process is replaced when it fails."""
@@ -62,7 +66,26 @@ class WorkerPool:
     # --- life cycle ------------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Spawns every worker at once; raises KeyStoreError (transient when the token is merely away)."""
+        """Spawns every worker at once; raises KeyStoreError (transient when the token is merely away).
+
+        A transient failure is tried again a few times at once: SoftHSM2's file store, opened by several
+        processes together (two server processes, each with its sessions), now and then answers one of them
+        NoSuchToken or GeneralError for a token that is there (4 of 120 processes in a trial of four at a
+        time). Without the retries that server process started without its store and answered 503 until the
+        next attempt a `retry_interval` later.
+        """
+        for attempt in range(1, START_ATTEMPTS + 1):
+            try:
+                self._start_once()
+                return
+            except KeyStoreError as exc:
+                if not exc.transient or attempt == START_ATTEMPTS:
+                    raise
+                log.info("HSM not available at start-up, attempt %d of %d (%s); trying again", attempt,
+                         START_ATTEMPTS, exc)
+                time.sleep(START_RETRY_SECONDS)
+
+    def _start_once(self) -> None:
         slots = [self._idle.get() for _ in self._slots]
         try:
             self._last_failure = float("-inf")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -494,6 +495,40 @@ def test_token_absent_at_start_then_created(softhsm_conf: tuple[Path, Path]) -> 
         wait_until(lambda: serves(store))
         assert Algorithm.RSA_OAEP_SHA1 in store.supported_algorithms()
         assert store.refresh() is False and store.list_keys() == []
+    finally:
+        store.close()
+
+
+@pytest.mark.slow
+def test_a_token_missed_by_the_first_start_attempt_is_found_by_the_next(softhsm_conf: tuple[Path, Path]) -> None:
+    """SoftHSM2 opened by several processes at once now and then answers NoSuchToken for a token that is there;
+    here the token appears just after the first attempt failed, and the store starts available."""
+    conf, module = softhsm_conf
+    label = f"soon-{uuid.uuid4().hex[:8]}"
+    pin = "soon-pin-1234"
+    attempts: list[str] = []
+
+    class CreateOnFirstFailure(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage().startswith("HSM not available at start-up, attempt"):
+                attempts.append(record.getMessage())
+                if len(attempts) == 1:
+                    create_token(conf, module, label=label, pin=pin)
+
+    handler = CreateOnFirstFailure(logging.INFO)
+    logger = logging.getLogger("lkm.keystore.pkcs11")
+    logger.addHandler(handler)
+    previous_level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        store = Pkcs11KeyStore(module, token_label=label, pin=pin.encode(), retry_interval=60, pool_size=1)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous_level)
+    try:
+        assert len(attempts) == 1 and "attempt 1 of 3" in attempts[0], attempts
+        store.check()  # no wait for the retry interval (a minute here): available from the start
+        assert store.list_keys() == []
     finally:
         store.close()
 
