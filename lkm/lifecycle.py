@@ -31,7 +31,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from lkm.errors import IllegalTransition, InvalidRequest
+from lkm.errors import IllegalTransition, InvalidRequest, KeyStoreError
 from lkm.keys import (
     TRANSITIONS,
     KeyRecord,
@@ -75,6 +75,16 @@ REGISTRATION_LEASE = "registration_lease"
 
 def active_keys(store: KeyStore) -> list[KeyRecord]:
     return [k for k in store.list_keys() if k.state is KeyState.ACTIVE]
+
+
+def newest_active_id(store: KeyStore) -> str | None:
+    """The newest active key, for a start-up message: None when there is none, or when the store cannot say yet
+    (an HSM away since start-up)."""
+    try:
+        active = active_keys(store)
+    except KeyStoreError:
+        return None
+    return active[-1].id if active else None
 
 
 def public_key_sha256(record: KeyRecord) -> str:

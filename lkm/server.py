@@ -343,7 +343,10 @@ class LkmServer:
 
     def _update_key_gauges(self) -> None:
         assert self.store is not None
-        keys = self.store.list_keys()
+        try:
+            keys = self.store.list_keys()
+        except KeyStoreError:
+            return  # an HSM away since start-up: the gauges wait for its keys (the failed refresh is logged)
         self.metrics.set_key_states(Counter(k.state.value for k in keys))
         active = [k for k in keys if k.state is KeyState.ACTIVE]
         newest = max(active, key=lambda k: k.created) if active else None

@@ -23,7 +23,7 @@ from typing import Any
 from lkm.config import Settings, load_settings
 from lkm.errors import ConfigError, KeyStoreError, LkmError
 from lkm.idleloop import IdleAwareLoop
-from lkm.lifecycle import active_keys
+from lkm.lifecycle import newest_active_id
 from lkm.logs import setup_logging
 from lkm.nonces import SharedNonceCache
 from lkm.server import LkmServer
@@ -99,8 +99,8 @@ async def _run(args: argparse.Namespace, settings: Settings) -> None:
     control.watch(stop)
 
     def started(running: LkmServer) -> None:
-        active = active_keys(running.store) if running.store is not None else []
-        control.send(WorkerEvent.STARTED, active_key=active[-1].id if active else None,
+        control.send(WorkerEvent.STARTED,
+                     active_key=newest_active_id(running.store) if running.store is not None else None,
                      **_readiness(running.readiness))
 
     await serve_forever(settings, server=server, on_started=started, config_path=config_path, stop=stop,

@@ -18,7 +18,7 @@ from lkm.idleloop import IdleAwareLoop
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from lkm import devmode  # noqa: PLC0415
-    from lkm.lifecycle import active_keys  # noqa: PLC0415
+    from lkm.lifecycle import newest_active_id  # noqa: PLC0415
     from lkm.logs import setup_logging  # noqa: PLC0415
     from lkm.sdnotify import Notifier  # noqa: PLC0415
     from lkm.server import LkmServer  # noqa: PLC0415
@@ -46,8 +46,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print("lkm serving: " + ", ".join(f"{n} {url}" for n, url in urls.items()), flush=True)
 
     def started(server: LkmServer) -> None:
-        active = active_keys(server.store) if server.store else []
-        serving({name: server.url(name) for name in server.listeners}, active[-1].id if active else None)
+        serving({name: server.url(name) for name in server.listeners},
+                newest_active_id(server.store) if server.store else None)
 
     try:
         if settings.limits.workers > 1:

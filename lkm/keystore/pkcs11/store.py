@@ -76,6 +76,7 @@ class Pkcs11KeyStore:
         self.allow_pkcs1 = allow_pkcs1
         self.allow_import = allow_import
         self._records: dict[str, KeyRecord] = {}
+        self._listed = False  # the token's keys read once: until then _records says nothing (see list_keys)
         self._written: set[str] = set()  # ids this store wrote since the last refresh began
         self._refresh_lock = threading.Lock()  # _written belongs to one refresh at a time
         self._sizes: dict[str, int] = {}
@@ -164,6 +165,10 @@ class Pkcs11KeyStore:
     # --- reading ---------------------------------------------------------------------------------------------
 
     def list_keys(self) -> list[KeyRecord]:
+        if not self._listed:
+            # A token away since start-up has not been read: an empty list would tell an operator that the keys
+            # are gone, and the rotation schedule that one is due.
+            raise KeyStoreError("HSM not available: the token's keys have not been read yet")
         with self._lock:
             records = list(self._records.values())
         return sorted(records, key=lambda r: (r.created, r.id))
@@ -210,6 +215,7 @@ class Pkcs11KeyStore:
                 self._records = records
                 for gone in set(self._sizes) - set(records):
                     self._sizes.pop(gone, None)
+            self._listed = True
         return changed
 
     def _remember(self, value: bytes) -> KeyRecord:
@@ -226,6 +232,8 @@ class Pkcs11KeyStore:
         self._call(Op.CHECK)
         if self._probed is None:
             self._probe()
+        if not self._listed:  # ready only once the keys are known
+            self.refresh()
 
     def worker_pids(self) -> list[int]:
         """Process ids of the live HSM workers (diagnostics, tests)."""

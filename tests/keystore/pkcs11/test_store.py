@@ -491,6 +491,9 @@ def test_token_absent_at_start_then_created(softhsm_conf: tuple[Path, Path]) -> 
         with pytest.raises(KeyStoreError) as caught:
             store.check()
         assert caught.value.transient
+        with pytest.raises(KeyStoreError) as caught:  # not "no keys": nobody has read them yet
+            store.list_keys()
+        assert caught.value.transient
         create_token(conf, module, label=label, pin=pin)
         wait_until(lambda: serves(store))
         assert Algorithm.RSA_OAEP_SHA1 in store.supported_algorithms()
