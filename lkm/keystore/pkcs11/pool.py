@@ -70,7 +70,7 @@ class WorkerPool:
 
         A transient failure is tried again a few times at once: SoftHSM2's file store, opened by several
         processes together (two server processes, each with its sessions), now and then answers one of them
-        NoSuchToken or GeneralError for a token that is there (4 of 120 processes in a trial of four at a
+        NoSuchToken or GeneralError for a token that is there (6 of 120 processes in a trial of four at a
         time). Without the retries that server process started without its store and answered 503 until the
         next attempt a `retry_interval` later.
         """
