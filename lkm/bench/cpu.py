@@ -111,7 +111,7 @@ def snapshot(root: int, *, skip_servers: bool = False) -> CpuSnapshot:
             skipped.add(pid)
             continue
         found: dict[tuple[int, int], ThreadCpu] = {}
-        for task in thread_dirs(pid):
+        for task in _tasks(pid):
             task_stat = _stat(task / "stat")
             if task_stat is not None:
                 exact = _exact_cpu(task)
@@ -127,7 +127,7 @@ def snapshot(root: int, *, skip_servers: bool = False) -> CpuSnapshot:
     return CpuSnapshot(processes, threads, frozenset(loops))
 
 
-def thread_dirs(pid: int) -> Iterable[Path]:
+def _tasks(pid: int) -> Iterable[Path]:
     """/proc/PID/task/TID of each thread of a process; none once it is gone."""
     try:
         return list((PROC / str(pid) / "task").iterdir())

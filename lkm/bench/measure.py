@@ -16,7 +16,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from lkm.bench.cpu import snapshot, thread_dirs
+from lkm.bench.cpu import snapshot
 from lkm.bench.load import LoadPlan, LoadResult, combined_load, run_load
 from lkm.bench.raw import RawResult, combined_raw, pick_key, run_raw
 from lkm.bench.report import load_entry, raw_entry
@@ -82,8 +82,8 @@ def kept_to(cpus: set[int] | None) -> Iterator[None]:
     if not cpus:
         yield
         return
-    tasks = [0] + [int(task.name) for pid in snapshot(os.getpid(), skip_servers=True).processes
-                   if pid != os.getpid() for task in thread_dirs(pid)]
+    own = os.getpid()
+    tasks = [0] + [tid for pid, tid in snapshot(own, skip_servers=True).threads if pid != own]
     before: dict[int, set[int]] = {}
     try:
         for task in tasks:

@@ -97,31 +97,25 @@ async def test_a_token_away_since_start_up_lists_no_keys_until_it_is_read(tmp_pa
     away = tmp_path / "token-away"  # out of SoftHSM2's token directory, which it scans whole
     softhsm_token.token_dir.rename(away)
     try:
-        running_server = start_server(tmp_path, certs, hsm_config(config_factory, softhsm_token))
-        running = await running_server.__aenter__()
-    except BaseException:
-        away.rename(softhsm_token.token_dir)
-        raise
-    try:
-        native = running.native("admin")
-        listing = await native.request("GET", "/v1/keys")
-        assert listing.status == 503 and listing.body["error"]["code"] == "keystore_unavailable", listing.body
-        await running.server.update_readiness(force_canary=True)
-        assert not running.server.readiness.ready
-        assert running.server.readiness.checks["keystore"][0] is False
-        away.rename(softhsm_token.token_dir)
-
-        async def listed() -> bool:
-            reply = await native.request("GET", "/v1/keys")
-            return reply.status == 200 and [k["id"] for k in reply.body["keys"]] == [key_id]
-
-        async def ready() -> bool:
+        async with start_server(tmp_path, certs, hsm_config(config_factory, softhsm_token)) as running:
+            native = running.native("admin")
+            listing = await native.request("GET", "/v1/keys")
+            assert listing.status == 503 and listing.body["error"]["code"] == "keystore_unavailable", listing.body
             await running.server.update_readiness(force_canary=True)
-            return running.server.readiness.ready
+            assert not running.server.readiness.ready
+            assert running.server.readiness.checks["keystore"][0] is False
+            away.rename(softhsm_token.token_dir)
 
-        assert await eventually(listed, within=10)
-        assert await eventually(ready, within=6)
+            async def listed() -> bool:
+                reply = await native.request("GET", "/v1/keys")
+                return reply.status == 200 and [k["id"] for k in reply.body["keys"]] == [key_id]
+
+            async def ready() -> bool:
+                await running.server.update_readiness(force_canary=True)
+                return running.server.readiness.ready
+
+            assert await eventually(listed, within=10)
+            assert await eventually(ready, within=6)
     finally:
         if away.exists():
             away.rename(softhsm_token.token_dir)
-        await running_server.__aexit__(None, None, None)
